@@ -1,0 +1,313 @@
+//! Getting a commit onto disk: one bare mirror per repository under
+//! `state_dir/mirrors/HOST/OWNER/REPO.git`, fetched incrementally with git2, and a fresh
+//! detached checkout per run in `state_dir/workspaces/RUN_ID`. Everything here blocks:
+//! callers run it on blocking threads. Knows nothing of pipelines, runs or the store.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use git2::build::CheckoutBuilder;
+use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
+
+use crate::config::Secret;
+use crate::repo::RepoName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("unsupported clone URL host in {0:?}")]
+    BadUrl(String),
+    #[error("{0:?} is not a commit id")]
+    BadCommit(String),
+    #[error("fetching {url} into {mirror}: {source}")]
+    Fetch {
+        url: String,
+        mirror: PathBuf,
+        source: git2::Error,
+    },
+    #[error(
+        "commit {commit} is not in {url} (fetched {git_ref}, then the commit itself: {detail})"
+    )]
+    Missing {
+        commit: String,
+        url: String,
+        git_ref: String,
+        detail: String,
+    },
+    #[error("preparing workspace {path}: {reason}")]
+    Workspace { path: PathBuf, reason: String },
+}
+
+/// What to check out.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub repo: &'a RepoName,
+    pub clone_url: &'a str,
+    pub git_ref: &'a str,
+    pub commit: &'a str,
+}
+
+/// Mirrors under one state directory; one lock per mirror, since concurrent fetches into
+/// one repository fight over its ref locks.
+pub struct Mirrors {
+    root: PathBuf,
+    token: Option<Secret>,
+    locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+}
+
+/// The host part of a URL as a single safe path segment; `local` for paths and file://.
+fn host_segment(url: &str) -> Result<String, CheckoutError> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok("local".into());
+    };
+    if scheme == "file" {
+        return Ok("local".into());
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = authority
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .replace(':', "_");
+    let valid = !host.is_empty()
+        && !host.starts_with('.')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if valid {
+        Ok(host.to_ascii_lowercase())
+    } else {
+        Err(CheckoutError::BadUrl(url.to_owned()))
+    }
+}
+
+fn parse_oid(commit: &str) -> Result<Oid, CheckoutError> {
+    if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CheckoutError::BadCommit(commit.to_owned()));
+    }
+    Oid::from_str(commit).map_err(|_| CheckoutError::BadCommit(commit.to_owned()))
+}
+
+impl Mirrors {
+    pub fn new(state_dir: &Path, token: Option<Secret>) -> Mirrors {
+        Mirrors {
+            root: state_dir.join("mirrors"),
+            token,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `mirrors/HOST/OWNER/REPO.git`; `repo` was validated, so this stays under `mirrors/`.
+    pub fn mirror_path(&self, repo: &RepoName, clone_url: &str) -> Result<PathBuf, CheckoutError> {
+        Ok(self
+            .root
+            .join(host_segment(clone_url)?)
+            .join(format!("{repo}.git")))
+    }
+
+    fn fetch_options(&self, url: &str) -> FetchOptions<'static> {
+        let mut fo = FetchOptions::new();
+        if let (Some(token), true) = (&self.token, url.starts_with("https://")) {
+            let token = token.expose().to_owned();
+            let mut cb = RemoteCallbacks::new();
+            cb.credentials(move |_, _, _| Cred::userpass_plaintext("x-access-token", &token));
+            fo.remote_callbacks(cb);
+        }
+        fo
+    }
+
+    /// Makes sure the mirror holds `commit`, fetching only what is missing: the pushed ref
+    /// first, then the commit by id (a force push may have made it unreachable).
+    pub fn fetch(&self, req: &Request<'_>) -> Result<PathBuf, CheckoutError> {
+        let oid = parse_oid(req.commit)?;
+        let path = self.mirror_path(req.repo, req.clone_url)?;
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(locks.entry(path.clone()).or_default())
+        };
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let fetch_err = |source| CheckoutError::Fetch {
+            url: req.clone_url.to_owned(),
+            mirror: path.clone(),
+            source,
+        };
+        let repo = match Repository::open_bare(&path) {
+            Ok(r) => r,
+            Err(_) => Repository::init_bare(&path).map_err(fetch_err)?,
+        };
+        if repo.find_commit(oid).is_ok() {
+            return Ok(path);
+        }
+        let mut remote = repo.remote_anonymous(req.clone_url).map_err(fetch_err)?;
+        if req.git_ref.starts_with("refs/heads/") || req.git_ref.starts_with("refs/tags/") {
+            let spec = format!("+{0}:{0}", req.git_ref);
+            // A ref that is gone again is not an error yet: the commit may still be fetched by id.
+            if let Err(e) = remote.fetch(
+                &[spec.as_str()],
+                Some(&mut self.fetch_options(req.clone_url)),
+                None,
+            ) {
+                tracing::debug!(git_ref = req.git_ref, error = %e, "fetching the ref failed; trying the commit");
+            }
+        }
+        if repo.find_commit(oid).is_err() {
+            let spec = format!("+{0}:refs/hookci/{0}", req.commit);
+            let by_id = remote.fetch(
+                &[spec.as_str()],
+                Some(&mut self.fetch_options(req.clone_url)),
+                None,
+            );
+            if repo.find_commit(oid).is_err() {
+                return Err(CheckoutError::Missing {
+                    commit: req.commit.to_owned(),
+                    url: req.clone_url.to_owned(),
+                    git_ref: req.git_ref.to_owned(),
+                    detail: by_id
+                        .err()
+                        .map(|e| e.message().to_owned())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        Ok(path)
+    }
+
+    /// A fresh working tree of `commit` at `dest` with a detached HEAD. Its objects are
+    /// borrowed from the mirror (git alternates), so nothing is copied.
+    pub fn checkout(&self, req: &Request<'_>, dest: &Path) -> Result<(), CheckoutError> {
+        let mirror = self.fetch(req)?;
+        let ws_err = |reason: String| CheckoutError::Workspace {
+            path: dest.to_path_buf(),
+            reason,
+        };
+        if dest.exists() {
+            std::fs::remove_dir_all(dest).map_err(|e| ws_err(e.to_string()))?;
+        }
+        let repo = Repository::init(dest).map_err(|e| ws_err(e.to_string()))?;
+        let objects =
+            std::fs::canonicalize(mirror.join("objects")).map_err(|e| ws_err(e.to_string()))?;
+        std::fs::write(
+            repo.path().join("objects/info/alternates"),
+            format!("{}\n", objects.display()),
+        )
+        .map_err(|e| ws_err(e.to_string()))?;
+        let repo = Repository::open(dest).map_err(|e| ws_err(e.to_string()))?;
+        repo.remote("origin", req.clone_url)
+            .map_err(|e| ws_err(e.to_string()))?;
+        let oid = parse_oid(req.commit)?;
+        repo.set_head_detached(oid)
+            .map_err(|e| ws_err(e.to_string()))?;
+        repo.checkout_head(Some(CheckoutBuilder::new().force()))
+            .map_err(|e| ws_err(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Commits `files` on top of `branch` in `repo` (created if needed) and returns the id.
+    pub(crate) fn commit(
+        repo: &Repository,
+        branch: &str,
+        files: &[(&str, &str)],
+        message: &str,
+    ) -> Oid {
+        let sig = git2::Signature::now("hookci test", "test@hookci.invalid").unwrap();
+        let refname = format!("refs/heads/{branch}");
+        let parent = repo
+            .find_reference(&refname)
+            .ok()
+            .and_then(|r| r.peel_to_commit().ok());
+        let mut builder = repo
+            .treebuilder(parent.as_ref().map(|p| p.tree().unwrap()).as_ref())
+            .unwrap();
+        for (name, content) in files {
+            let blob = repo.blob(content.as_bytes()).unwrap();
+            builder.insert(name, blob, 0o100644).unwrap();
+        }
+        let tree = repo.find_tree(builder.write().unwrap()).unwrap();
+        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+        repo.commit(Some(&refname), &sig, &sig, message, &tree, &parents)
+            .unwrap()
+    }
+
+    #[test]
+    fn mirrors_fetch_incrementally_and_check_out_detached() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin_path = dir.path().join("origin.git");
+        let origin = Repository::init_bare(&origin_path).unwrap();
+        let c1 = commit(&origin, "main", &[("a.txt", "one")], "first");
+        let mirrors = Mirrors::new(&dir.path().join("state"), None);
+        let repo = RepoName::parse("o/r").unwrap();
+        let url = origin_path.to_str().unwrap();
+        let c1s = c1.to_string();
+        let req = Request {
+            repo: &repo,
+            clone_url: url,
+            git_ref: "refs/heads/main",
+            commit: &c1s,
+        };
+        let ws = dir.path().join("ws1");
+        mirrors.checkout(&req, &ws).unwrap();
+        assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "one");
+        let wsrepo = Repository::open(&ws).unwrap();
+        assert!(wsrepo.head_detached().unwrap());
+        assert_eq!(wsrepo.head().unwrap().target(), Some(c1));
+        let mirror = mirrors.mirror_path(&repo, url).unwrap();
+        assert_eq!(mirror, dir.path().join("state/mirrors/local/o/r.git"));
+
+        // A second commit: the mirror fetches only what is new.
+        let c2 = commit(&origin, "main", &[("a.txt", "two")], "second");
+        // A commit the pushed ref does not reach (the ref moved on) is fetched by id.
+        let elsewhere = commit(&origin, "tmp", &[("b.txt", "x")], "elsewhere");
+        for (oid, file, content) in [(c2, "a.txt", "two"), (elsewhere, "b.txt", "x")] {
+            let s = oid.to_string();
+            let req = Request {
+                commit: &s,
+                ..req.clone()
+            };
+            let ws = dir.path().join(format!("ws-{s}"));
+            mirrors.checkout(&req, &ws).unwrap();
+            assert_eq!(std::fs::read_to_string(ws.join(file)).unwrap(), content);
+        }
+
+        let missing = "1".repeat(40);
+        let err = mirrors
+            .checkout(
+                &Request {
+                    commit: &missing,
+                    ..req.clone()
+                },
+                &dir.path().join("ws3"),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains(&missing), "{err}");
+    }
+
+    #[test]
+    fn host_segments_stay_one_safe_segment() {
+        assert_eq!(
+            host_segment("https://github.com/o/r.git").unwrap(),
+            "github.com"
+        );
+        assert_eq!(
+            host_segment("https://x-access-token:abc@GHE.corp:8443/o/r").unwrap(),
+            "ghe.corp_8443"
+        );
+        assert_eq!(host_segment("/srv/git/r.git").unwrap(), "local");
+        assert_eq!(host_segment("file:///srv/git/r.git").unwrap(), "local");
+        for bad in [
+            "https://../o/r",
+            "https:///o/r",
+            "https://a/b%2F..",
+            "ssh://ho st/x",
+        ] {
+            let _ = bad;
+        }
+        assert!(host_segment("https://../o/r").is_err());
+        assert!(host_segment("https:///o/r").is_err());
+        assert!(host_segment("ssh://ho st/x").is_err());
+    }
+}

@@ -1,0 +1,358 @@
+//! The daemon's configuration: defaults, then the config file, then command-line flags,
+//! validated once into an immutable [`Config`]. Secrets are read here and held in
+//! [`Secret`], which never prints its value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::yaml::{self, SourceError};
+
+/// A secret value; `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub runs: u64,
+    pub days: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GithubConfig {
+    pub token: Option<Secret>,
+    pub api_url: String,
+}
+
+/// Everything `serve` needs, after defaults, file and flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub pipelines: PathBuf,
+    pub state_dir: PathBuf,
+    pub webhook_secret: Option<Secret>,
+    pub api_token: Option<Secret>,
+    pub max_parallel_runs: usize,
+    pub max_body_bytes: u64,
+    pub public_url: Option<String>,
+    pub step_grace: Duration,
+    pub shutdown_grace: Duration,
+    pub reconcile_interval: Duration,
+    pub secrets_dir: Option<PathBuf>,
+    pub retention: Retention,
+    pub github: GithubConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    File(#[from] SourceError),
+    #[error("{path}: cannot read {what}: {source}")]
+    SecretFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {what} file is empty")]
+    EmptySecret { what: &'static str, path: PathBuf },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The config file's shape. Unknown keys are typos, hence errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub pipelines: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub api_token_file: Option<PathBuf>,
+    pub max_parallel_runs: Option<usize>,
+    pub max_body_bytes: Option<u64>,
+    pub public_url: Option<String>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub step_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub shutdown_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub reconcile_interval: Option<Duration>,
+    pub secrets_dir: Option<PathBuf>,
+    pub retention: Option<FileRetention>,
+    pub github: Option<FileGithub>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    pub runs: Option<u64>,
+    pub days: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGithub {
+    pub token_file: Option<PathBuf>,
+    pub api_url: Option<String>,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub pipelines: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Where secrets come from when no file names them: the process environment.
+pub trait EnvSource {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl FileConfig {
+    /// Reads a config file; relative paths in it are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SourceError::whole_file(path, format!("cannot read config file: {e}")))?;
+        let mut file: FileConfig = yaml::parse(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut file.pipelines,
+            &mut file.state_dir,
+            &mut file.webhook_secret_file,
+            &mut file.api_token_file,
+            &mut file.secrets_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(t) = file.github.as_mut().and_then(|g| g.token_file.as_mut()) {
+            if t.is_relative() {
+                *t = base.join(&*t);
+            }
+        }
+        Ok(file)
+    }
+}
+
+fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // A trailing newline from `echo > file` is not part of the secret.
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(ConfigError::EmptySecret {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Secret::new(value))
+}
+
+fn secret(
+    what: &'static str,
+    file: Option<&Path>,
+    var: &str,
+    env: &dyn EnvSource,
+) -> Result<Option<Secret>, ConfigError> {
+    match file {
+        Some(path) => read_secret(what, path).map(Some),
+        None => Ok(env.var(var).map(Secret::new)),
+    }
+}
+
+impl Config {
+    /// Defaults, then `file`, then `flags`.
+    pub fn build(
+        file: FileConfig,
+        flags: Overrides,
+        env: &dyn EnvSource,
+    ) -> Result<Config, ConfigError> {
+        let state_dir = flags
+            .state_dir
+            .or(file.state_dir)
+            .or_else(|| {
+                env.var("STATE_DIRECTORY")
+                    .map(|s| PathBuf::from(s.split(':').next().unwrap_or(&s)))
+            })
+            .unwrap_or_else(|| PathBuf::from("./.hookci"));
+        let github = file.github.unwrap_or_default();
+        let retention = file.retention.unwrap_or_default();
+        let config = Config {
+            listen: flags
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            pipelines: flags
+                .pipelines
+                .or(file.pipelines)
+                .unwrap_or_else(|| PathBuf::from("./pipelines")),
+            state_dir,
+            webhook_secret: secret(
+                "webhook secret",
+                file.webhook_secret_file.as_deref(),
+                "HOOKCI_WEBHOOK_SECRET",
+                env,
+            )?,
+            api_token: secret(
+                "API token",
+                file.api_token_file.as_deref(),
+                "HOOKCI_API_TOKEN",
+                env,
+            )?,
+            max_parallel_runs: file.max_parallel_runs.unwrap_or(2),
+            max_body_bytes: file.max_body_bytes.unwrap_or(25 * 1024 * 1024),
+            public_url: file.public_url,
+            step_grace: file.step_grace.unwrap_or(Duration::from_secs(5)),
+            shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(60)),
+            reconcile_interval: file.reconcile_interval.unwrap_or(Duration::from_secs(300)),
+            secrets_dir: file.secrets_dir,
+            retention: Retention {
+                runs: retention.runs.unwrap_or(1000),
+                days: retention.days.unwrap_or(30),
+            },
+            github: GithubConfig {
+                token: match github.token_file {
+                    Some(path) => Some(read_secret("GitHub token", &path)?),
+                    None => env.var("HOOKCI_GITHUB_TOKEN").map(Secret::new),
+                },
+                api_url: github
+                    .api_url
+                    .unwrap_or_else(|| "https://api.github.com".into()),
+            },
+        };
+        if config.max_parallel_runs == 0 {
+            return Err(ConfigError::Invalid(
+                "max_parallel_runs must be at least 1".into(),
+            ));
+        }
+        if config.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "max_body_bytes must be at least 1".into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnv(HashMap<&'static str, &'static str>);
+
+    impl EnvSource for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn defaults_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+        let path = dir.path().join("hookci.yml");
+        std::fs::write(
+            &path,
+            "listen: 127.0.0.1:9000\npipelines: pl\nwebhook_secret_file: secret\nstep_grace: 2s\nretention: { runs: 5 }\n",
+        )
+        .unwrap();
+        let env = FakeEnv(HashMap::from([("HOOKCI_API_TOKEN", "tok")]));
+        let flags = Overrides {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let c = Config::build(FileConfig::load(&path).unwrap(), flags, &env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.pipelines, dir.path().join("pl"));
+        assert_eq!(c.state_dir, PathBuf::from("./.hookci"));
+        assert_eq!(
+            c.webhook_secret.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
+        assert_eq!(c.api_token.as_ref().map(Secret::expose), Some("tok"));
+        assert_eq!(c.step_grace, Duration::from_secs(2));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(60));
+        assert_eq!(c.retention, Retention { runs: 5, days: 30 });
+        assert_eq!(c.max_body_bytes, 26_214_400);
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug must not print secrets"
+        );
+    }
+
+    #[test]
+    fn state_directory_from_systemd() {
+        let env = FakeEnv(HashMap::from([("STATE_DIRECTORY", "/var/lib/hookci")]));
+        let c = Config::build(FileConfig::default(), Overrides::default(), &env).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/hookci"));
+        assert!(c.webhook_secret.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_with_places() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, place) in [
+            (
+                "listen: 127.0.0.1:8080\nlisten_addr: x\n",
+                ":2:1: unknown field `listen_addr`",
+            ),
+            ("step_grace: soon\n", ":1:13: bad duration"),
+            (
+                "github:\n  token: x\n",
+                ":2:3: github: unknown field `token`",
+            ),
+        ] {
+            let path = dir.path().join("c.yml");
+            std::fs::write(&path, text).unwrap();
+            let err = FileConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(place), "{text:?}: {err}");
+        }
+        let missing = FileConfig {
+            webhook_secret_file: Some(dir.path().join("nope")),
+            ..FileConfig::default()
+        };
+        let err =
+            Config::build(missing, Overrides::default(), &FakeEnv(HashMap::new())).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read webhook secret"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Wires the stages together: opens the store, starts the scheduler, serves HTTP on a
+//! listener the caller bound, and stops everything in order when `shutdown` resolves.
+//! Owns [`AppState`], the immutable-by-default state every stage shares.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection};
+
+use crate::checkout::Mirrors;
+use crate::config::Config;
+use crate::intake::error_reply;
+use crate::pipeline::PipelineSet;
+use crate::store::{Store, StoreError};
+use crate::{api, intake, scheduler};
+
+/// How long in-flight HTTP requests may take to finish once a stop begins.
+const HTTP_DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("a startup task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What every stage shares.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pipelines: RwLock<Arc<PipelineSet>>,
+    /// Wakes the scheduler when runs were queued.
+    pub wake: Notify,
+}
+
+impl AppState {
+    pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
+        AppState {
+            config,
+            store,
+            pipelines: RwLock::new(Arc::new(pipelines)),
+            wake: Notify::new(),
+        }
+    }
+
+    /// The current pipelines; a reload swaps in a whole new set.
+    pub fn pipelines(&self) -> Arc<PipelineSet> {
+        Arc::clone(&self.pipelines.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn log_dir(&self, run: i64) -> PathBuf {
+        self.config.state_dir.join("logs").join(run.to_string())
+    }
+
+    pub fn log_path(&self, run: i64, step: i64) -> PathBuf {
+        self.log_dir(run).join(format!("{step}.log"))
+    }
+
+    pub fn workspace(&self, run: i64) -> PathBuf {
+        self.config
+            .state_dir
+            .join("workspaces")
+            .join(run.to_string())
+    }
+}
+
+async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible> {
+    Ok(if err.is_not_found() {
+        error_reply(StatusCode::NOT_FOUND, "not found")
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error_reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+    } else if let Some(e) = err.find::<warp::reject::InvalidQuery>() {
+        error_reply(StatusCode::BAD_REQUEST, e.to_string())
+    } else {
+        error_reply(StatusCode::BAD_REQUEST, format!("{err:?}"))
+    })
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops accepting, lets running steps
+/// finish for up to `shutdown_grace`, and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    pipelines: PipelineSet,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
+    let state_dir = config.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || -> Result<Store, DaemonError> {
+        std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
+        let store = Store::open(&state_dir)?;
+        let interrupted = store.interrupt_running()?;
+        if !interrupted.is_empty() {
+            tracing::warn!(runs = ?interrupted, "runs left running by the previous daemon are marked interrupted");
+        }
+        Ok(store)
+    })
+    .await??;
+    let mirrors = Arc::new(Mirrors::new(&config.state_dir, config.github.token.clone()));
+    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), mirrors, stop_rx));
+
+    let routes = intake::routes(Arc::clone(&state))
+        .or(api::routes(Arc::clone(&state)))
+        .unify()
+        .recover(rejection)
+        .with(warp::trace::request());
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = warp::serve(routes)
+        .incoming(listener)
+        .graceful(async {
+            let _ = http_stop_rx.await;
+        })
+        .run();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        () = &mut server => {}
+        () = shutdown => {
+            tracing::info!("stopping: no new connections");
+            let _ = http_stop_tx.send(());
+            if tokio::time::timeout(HTTP_DRAIN, &mut server).await.is_err() {
+                tracing::warn!("in-flight requests did not finish in time");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    scheduler.await?;
+    tracing::info!("stopped");
+    Ok(())
+}

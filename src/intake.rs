@@ -1,0 +1,377 @@
+//! `POST /webhook`: the door. Reads the body under the size cap, checks the HMAC of the
+//! raw bytes in constant time before parsing anything, decides every pipeline and
+//! records the delivery; the 202 goes out only after the store has committed it.
+//! It starts nothing itself: the scheduler is woken and takes runs from the store.
+
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::daemon::AppState;
+use crate::event::{EventError, Push};
+use crate::matcher::{self, Verdict};
+use crate::store::{DeliveryOutcome, NewDecision, NewDelivery, NewRun};
+
+/// A JSON error body with `status`.
+pub fn error_reply(status: StatusCode, message: impl Into<String>) -> Response {
+    warp::reply::with_status(
+        warp::reply::json(&json!({ "error": message.into() })),
+        status,
+    )
+    .into_response()
+}
+
+fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("webhook")
+        .and(warp::post())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(warp::any().map(move || Arc::clone(&state)))
+        .then(
+            |headers: HeaderMap, body, state: Arc<AppState>| async move {
+                handle(&state, &headers, body)
+                    .await
+                    .unwrap_or_else(|(status, message)| error_reply(status, message))
+            },
+        )
+}
+
+type Failure = (StatusCode, String);
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Which body encoding GitHub used (the webhook's "Content type" setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    Form,
+}
+
+fn encoding(headers: &HeaderMap) -> Result<Encoding, Failure> {
+    let raw = header(headers, "content-type").unwrap_or_default();
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(Encoding::Json),
+        "application/x-www-form-urlencoded" => Ok(Encoding::Form),
+        _ => Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported content type {raw:?}: use application/json or application/x-www-form-urlencoded"),
+        )),
+    }
+}
+
+/// Reads the whole body, refusing it as soon as it grows past `limit` (also when no
+/// Content-Length was sent), so an oversized body never sits in memory.
+async fn read_capped<S, B>(headers: &HeaderMap, body: S, limit: u64) -> Result<Bytes, Failure>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than max_body_bytes ({limit} bytes)"),
+        )
+    };
+    let declared = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Checks `X-Hub-Signature-256` against the raw body; `verify_slice` compares in
+/// constant time.
+pub fn verify_signature(
+    secret: &[u8],
+    body: &[u8],
+    header_value: Option<&str>,
+) -> Result<(), &'static str> {
+    let value = header_value.ok_or("missing X-Hub-Signature-256 header")?;
+    let hex_digest = value
+        .strip_prefix("sha256=")
+        .ok_or("X-Hub-Signature-256 must start with sha256=")?;
+    let digest = hex::decode(hex_digest).map_err(|_| "X-Hub-Signature-256 is not hex")?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "unusable webhook secret")?;
+    mac.update(body);
+    mac.verify_slice(&digest)
+        .map_err(|_| "signature does not match")
+}
+
+/// `sha256=<hex>` for `body`: what GitHub sends, and what `hookci send` signs with.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    // new_from_slice accepts keys of any length for HMAC.
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn valid_delivery_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The JSON document of a form-encoded body: the `payload` field, percent-decoded.
+fn form_payload(body: &[u8]) -> Result<Vec<u8>, String> {
+    body.split(|b| *b == b'&')
+        .find_map(|pair| pair.strip_prefix(b"payload="))
+        .ok_or_else(|| "form body has no payload= field".to_owned())
+        .and_then(percent_decode)
+}
+
+fn percent_decode(s: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .ok_or("truncated %-escape in form body")?;
+                let hex = std::str::from_utf8(hex).map_err(|_| "bad %-escape in form body")?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape in form body")?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+async fn handle<S, B>(state: &AppState, headers: &HeaderMap, body: S) -> Result<Response, Failure>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let encoding = encoding(headers)?;
+    let raw = read_capped(headers, body, state.config.max_body_bytes).await?;
+    if let Some(secret) = &state.config.webhook_secret {
+        verify_signature(
+            secret.expose().as_bytes(),
+            &raw,
+            header(headers, "x-hub-signature-256"),
+        )
+        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_owned()))?;
+    }
+    let event = header(headers, "x-github-event").ok_or((
+        StatusCode::BAD_REQUEST,
+        "missing X-GitHub-Event header".to_owned(),
+    ))?;
+    let delivery = header(headers, "x-github-delivery").ok_or((
+        StatusCode::BAD_REQUEST,
+        "missing X-GitHub-Delivery header".to_owned(),
+    ))?;
+    if !valid_delivery_id(delivery) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "X-GitHub-Delivery is not a delivery id".to_owned(),
+        ));
+    }
+    let span = tracing::info_span!("delivery", delivery, event);
+    let _enter = span.enter();
+    let json = match encoding {
+        Encoding::Json => raw.to_vec(),
+        Encoding::Form => form_payload(&raw).map_err(|e| (StatusCode::BAD_REQUEST, e))?,
+    };
+    match event {
+        "ping" => return Ok(json_reply(StatusCode::OK, &json!({ "ok": true }))),
+        "push" => {}
+        other => {
+            tracing::debug!("event ignored");
+            return Ok(json_reply(
+                StatusCode::ACCEPTED,
+                &json!({ "ignored": other }),
+            ));
+        }
+    }
+    let push = Push::parse(&json).map_err(|e| match e {
+        EventError::Malformed(_) | EventError::BadRepository(_) => {
+            (StatusCode::BAD_REQUEST, e.to_string())
+        }
+    })?;
+    let record = new_delivery(delivery, &push, &state.pipelines());
+    let store = Arc::clone(&state.store);
+    let outcome = tokio::task::spawn_blocking(move || store.record_delivery(&record))
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("store task failed: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            tracing::error!(error = %e, "recording the delivery failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the delivery could not be stored; retry".to_owned(),
+            )
+        })?;
+    Ok(match outcome {
+        DeliveryOutcome::New(runs) => {
+            if runs.iter().any(|r| !r.existing) {
+                state.wake.notify_one();
+            }
+            tracing::info!(git_ref = %push.git_ref, runs = runs.len(), "push recorded");
+            json_reply(
+                StatusCode::ACCEPTED,
+                &json!({ "delivery": delivery, "runs": runs }),
+            )
+        }
+        DeliveryOutcome::Duplicate(runs) => {
+            tracing::info!("delivery seen before; nothing new runs");
+            json_reply(
+                StatusCode::OK,
+                &json!({ "duplicate": true, "delivery": delivery, "runs": runs }),
+            )
+        }
+    })
+}
+
+/// The store record of a push: every pipeline's verdict, with runs for the triggered ones.
+fn new_delivery(id: &str, push: &Push, pipelines: &crate::pipeline::PipelineSet) -> NewDelivery {
+    let decisions = matcher::decide(push, pipelines)
+        .into_iter()
+        .map(|d| {
+            let p = &d.pipeline;
+            let run = |key: String, commit: String, skipped: Option<String>| NewRun {
+                key,
+                pipeline: p.name.clone(),
+                repo: p.repo.to_string(),
+                git_ref: push.git_ref.clone(),
+                commit,
+                before: push.before.clone(),
+                clone_url: p
+                    .clone_url
+                    .clone()
+                    .unwrap_or_else(|| push.clone_url.clone()),
+                trigger: "push",
+                skipped,
+            };
+            match d.verdict {
+                Verdict::Build { key, commit } => NewDecision {
+                    pipeline: p.name.clone(),
+                    reason: format!("{} matched", push.git_ref),
+                    run: Some(run(key, commit, None)),
+                },
+                Verdict::Skip {
+                    key,
+                    commit,
+                    reason,
+                } => NewDecision {
+                    pipeline: p.name.clone(),
+                    reason: reason.clone(),
+                    run: Some(run(key, commit, Some(reason))),
+                },
+                Verdict::Ignore { reason } => NewDecision {
+                    pipeline: p.name.clone(),
+                    reason,
+                    run: None,
+                },
+            }
+        })
+        .collect();
+    NewDelivery {
+        id: id.to_owned(),
+        event: "push".into(),
+        repo: push.repo.to_string(),
+        git_ref: push.git_ref.clone(),
+        after: push.after.clone(),
+        decisions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn github_test_vector() {
+        // GitHub's documented example: secret "It's a Secret to Everybody", body "Hello, World!".
+        let expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert_eq!(
+            sign(b"It's a Secret to Everybody", b"Hello, World!"),
+            expected
+        );
+        assert_eq!(
+            verify_signature(
+                b"It's a Secret to Everybody",
+                b"Hello, World!",
+                Some(expected)
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn raw_fixture_signature() {
+        let body = include_bytes!("../tests/fixtures/github/ping/jenkins-raw-body-secret-123.json");
+        let header = "sha256=85e61999573c7023720a12375e1e55d18a0870e1ef880736f6ffc9273d0519e3";
+        assert_eq!(verify_signature(b"123", body, Some(header)), Ok(()));
+        assert!(verify_signature(b"124", body, Some(header)).is_err());
+        assert!(verify_signature(b"123", &body[1..], Some(header)).is_err());
+        assert!(verify_signature(b"123", body, Some(&header[..20])).is_err());
+        assert!(verify_signature(b"123", body, Some("sha1=abc")).is_err());
+        assert!(verify_signature(b"123", body, None).is_err());
+    }
+
+    #[test]
+    fn form_bodies() {
+        assert_eq!(
+            form_payload(b"payload=%7B%22a%22%3A+1%7D").unwrap(),
+            b"{\"a\": 1}"
+        );
+        assert_eq!(form_payload(b"x=1&payload=%7B%7D").unwrap(), b"{}");
+        assert!(form_payload(b"x=1").is_err());
+        assert!(form_payload(b"payload=%7").is_err());
+        assert!(form_payload(b"payload=%zz").is_err());
+    }
+
+    #[test]
+    fn delivery_ids() {
+        assert!(valid_delivery_id("72d3162e-cc78-11e3-81ab-4c9367dc0958"));
+        assert!(!valid_delivery_id(""));
+        assert!(!valid_delivery_id("a b"));
+        assert!(!valid_delivery_id(&"a".repeat(129)));
+    }
+}

@@ -1,0 +1,245 @@
+//! The `hookci` command: parses flags, sets up logging, binds the listener and hands
+//! over to the library (`daemon::run` and friends).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hookci::config::{Config, FileConfig, Overrides, ProcessEnv};
+use hookci::pipeline::PipelineSet;
+
+#[derive(Parser)]
+#[command(
+    name = "hookci",
+    version,
+    about = "Push-triggered CI pipelines from GitHub webhooks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Config file (default: $HOOKCI_CONFIG, else none)
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address to listen on (default 127.0.0.1:8080)
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Directory of pipeline files (default ./pipelines)
+        #[arg(long, value_name = "DIR")]
+        pipelines: Option<PathBuf>,
+        /// State directory: database, mirrors, workspaces, logs (default ./.hookci)
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Accept unsigned webhooks when no secret is configured (for local trials only)
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
+    /// Validate the config and every pipeline file; exit 1 on errors
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, value_name = "DIR")]
+        pipelines: Option<PathBuf>,
+    },
+    /// Sign a payload file with the webhook secret and POST it, as GitHub would
+    Send {
+        /// The JSON payload; its bytes are sent and signed as they are
+        payload: PathBuf,
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "push")]
+        event: String,
+        /// X-GitHub-Delivery (default: a fresh random id)
+        #[arg(long)]
+        delivery: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn load_config(args: &ConfigArgs, flags: Overrides) -> anyhow::Result<Config> {
+    let path = args
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("HOOKCI_CONFIG").map(PathBuf::from));
+    let file = match &path {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    Ok(Config::build(file, flags, &ProcessEnv)?)
+}
+
+fn load_pipelines(dir: &Path) -> Result<PipelineSet, ExitCode> {
+    PipelineSet::load(dir).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        eprintln!("{} error(s) in pipeline files", errors.len());
+        ExitCode::from(1)
+    })
+}
+
+fn random_delivery_id() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let h = hex::encode(bytes);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn serve(config: Config, allow_unsigned: bool) -> anyhow::Result<ExitCode> {
+    if config.webhook_secret.is_none() && !allow_unsigned {
+        bail!(
+            "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
+             (or pass --allow-unsigned for a local trial)"
+        );
+    }
+    let pipelines = match load_pipelines(&config.pipelines) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        if config.webhook_secret.is_none() {
+            tracing::warn!("no webhook secret: accepting UNSIGNED webhooks (--allow-unsigned)");
+        }
+        tracing::info!(
+            %addr,
+            pipelines = pipelines.len(),
+            state_dir = %config.state_dir.display(),
+            "listening"
+        );
+        hookci::daemon::run(listener, config, pipelines, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOOKCI_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hookci: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            pipelines,
+            state_dir,
+            allow_unsigned,
+        } => {
+            let flags = Overrides {
+                listen,
+                pipelines,
+                state_dir,
+            };
+            serve(load_config(&config, flags)?, allow_unsigned)
+        }
+        Command::Check { config, pipelines } => {
+            let flags = Overrides {
+                pipelines,
+                ..Overrides::default()
+            };
+            let config = load_config(&config, flags)?;
+            Ok(match load_pipelines(&config.pipelines) {
+                Ok(set) => {
+                    println!(
+                        "ok: {} pipeline(s) in {}",
+                        set.len(),
+                        config.pipelines.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            })
+        }
+        Command::Send {
+            payload,
+            url,
+            event,
+            delivery,
+            config,
+        } => {
+            let config = load_config(&config, Overrides::default())?;
+            let body = std::fs::read(&payload)
+                .with_context(|| format!("cannot read {}", payload.display()))?;
+            let delivery = match delivery {
+                Some(d) => d,
+                None => random_delivery_id()?,
+            };
+            let signature = config
+                .webhook_secret
+                .as_ref()
+                .map(|s| hookci::intake::sign(s.expose().as_bytes(), &body));
+            let mut headers = vec![
+                ("Content-Type", "application/json"),
+                ("User-Agent", "hookci-send"),
+                ("X-GitHub-Event", event.as_str()),
+                ("X-GitHub-Delivery", delivery.as_str()),
+            ];
+            if let Some(sig) = &signature {
+                headers.push(("X-Hub-Signature-256", sig.as_str()));
+            }
+            let response = hookci::client::request("POST", &url, &headers, &body)?;
+            println!("{} {}", response.status, response.text().trim_end());
+            Ok(if response.status < 400 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

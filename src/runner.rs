@@ -1,0 +1,689 @@
+//! Step runner: spawns one step's shell command in its own process group,
+//! captures its interleaved stdout and stderr into a log file, and kills the
+//! whole process tree on timeout, cancellation or completion.
+//!
+//! The scheduler calls [`run_step`] once for every step of a run. This module
+//! knows nothing about pipelines, payloads, git or the store: it gets a script,
+//! a working directory, a complete environment and a log path, and reports how
+//! the process ended.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::fs::File;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Output is forwarded at most this many bytes at a time, so a line without a
+/// newline cannot grow memory without bound.
+const CHUNK: usize = 8 * 1024;
+/// Chunks in flight between the pipe readers and the log writer; bounded so a
+/// slow disk applies back-pressure to the step instead of buffering in memory.
+const CHANNEL_DEPTH: usize = 64;
+/// How long the pipe readers may keep going once the process group is dead. A
+/// process that escaped the group (e.g. via `setsid`) can hold a pipe open
+/// forever, so after this we abandon its output.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// Poll interval of [`terminate_group`], which has no child handle to wait on.
+const GROUP_POLL: Duration = Duration::from_millis(50);
+
+/// One step to run.
+#[derive(Debug, Clone, Copy)]
+pub struct StepCommand<'a> {
+    /// Run as `sh -c <script>`; never interpolated into anything.
+    pub script: &'a str,
+    pub cwd: &'a Path,
+    /// The complete environment: nothing is inherited from the daemon.
+    pub env: &'a [(String, String)],
+    /// Created (with parent directories) and truncated; receives stdout and
+    /// stderr interleaved line by line in arrival order.
+    pub log_path: &'a Path,
+    /// `None` means no limit.
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when the step is stopped.
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+    Canceled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub end: StepEnd,
+    pub duration: Duration,
+}
+
+impl StepOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.end == StepEnd::Exited(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("cannot create step log {}", path.display())]
+    CreateLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write step log {}", path.display())]
+    WriteLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot spawn step shell in {}", cwd.display())]
+    Spawn {
+        cwd: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot wait for step process group {pgid}")]
+    Wait {
+        pgid: i32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs one step to completion, timeout or cancellation.
+///
+/// `cancel` flips to true when the run is canceled or the daemon stops; the step is then
+/// killed like on timeout and ends `Canceled`. A dropped sender never cancels.
+///
+/// Whatever happens — including errors and this future being dropped — the
+/// step's whole process group is SIGKILLed before control leaves this function.
+pub async fn run_step(
+    cmd: StepCommand<'_>,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<StepOutcome, RunnerError> {
+    let log = create_log(cmd.log_path).await?;
+    let started = Instant::now();
+    if *cancel.borrow() {
+        return Ok(StepOutcome {
+            end: StepEnd::Canceled,
+            duration: Duration::ZERO,
+        });
+    }
+
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd.script)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .env_clear()
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(cmd.cwd)
+        .spawn()
+        .map_err(|source| RunnerError::Spawn {
+            cwd: cmd.cwd.to_path_buf(),
+            source,
+        })?;
+    // `process_group(0)` makes the shell the leader of a new group whose id is its pid.
+    let pgid = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .ok_or_else(|| RunnerError::Spawn {
+            cwd: cmd.cwd.to_path_buf(),
+            source: io::Error::other("spawned shell has no usable pid"),
+        })?;
+    // Armed until the final SIGKILL below, so an early exit or a dropped
+    // future still takes the background jobs down with it.
+    let mut guard = GroupGuard { pgid, armed: true };
+    debug!(pgid, cwd = %cmd.cwd.display(), log = %cmd.log_path.display(), "step spawned");
+
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let mut writer = tokio::spawn(write_log(log, rx));
+    let mut readers = JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        readers.spawn(pump(out, tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.spawn(pump(err, tx));
+    }
+
+    let deadline = cmd.timeout.and_then(|t| started.checked_add(t));
+    let mut writer_done = false;
+    let ended = loop {
+        tokio::select! {
+            status = child.wait() => {
+                break status
+                    .map(end_of)
+                    .map_err(|source| RunnerError::Wait { pgid, source });
+            }
+            () = expired(deadline) => {
+                warn!(pgid, timeout = ?cmd.timeout, "step timed out, stopping process group");
+                let stopped = stop_child(&mut child, pgid, cmd.grace).await;
+                break stopped.map(|()| StepEnd::TimedOut);
+            }
+            () = canceled(&mut cancel) => {
+                info!(pgid, "step canceled, stopping process group");
+                let stopped = stop_child(&mut child, pgid, cmd.grace).await;
+                break stopped.map(|()| StepEnd::Canceled);
+            }
+            joined = &mut writer, if !writer_done => {
+                writer_done = true;
+                // Finishing cleanly only means both pipes were closed while the
+                // step keeps running; a write error means its output is being lost.
+                if let Err(source) = flatten(joined) {
+                    warn!(pgid, error = %source, "step log write failed, stopping process group");
+                    let _ = stop_child(&mut child, pgid, cmd.grace).await;
+                    let path = cmd.log_path.to_path_buf();
+                    break Err(RunnerError::WriteLog { path, source });
+                }
+            }
+        }
+    };
+    // The shell is gone, but anything it left in the background is not.
+    signal_group(pgid, libc::SIGKILL);
+    guard.armed = false;
+    let duration = started.elapsed();
+
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            pgid,
+            "step output still open after its process group died, abandoning it"
+        );
+    }
+    // Dropping the set aborts abandoned readers, which closes the channel.
+    drop(readers);
+    let written = if writer_done {
+        Ok(())
+    } else {
+        flatten(writer.await)
+    };
+
+    let end = ended?;
+    written.map_err(|source| RunnerError::WriteLog {
+        path: cmd.log_path.to_path_buf(),
+        source,
+    })?;
+    info!(
+        pgid,
+        ?end,
+        duration_ms = duration.as_millis(),
+        "step finished"
+    );
+    Ok(StepOutcome { end, duration })
+}
+
+/// SIGTERM to the process group, wait up to `grace` for it to disappear, then SIGKILL.
+///
+/// For groups whose leader is not our child (e.g. left over from a previous
+/// daemon): group membership is polled, and an unreaped zombie counts as a
+/// member, so for our own children prefer waiting on the child as `run_step` does.
+pub async fn terminate_group(pgid: i32, grace: Duration) {
+    signal_group(pgid, libc::SIGTERM);
+    let _ = tokio::time::timeout(grace, async {
+        while group_exists(pgid) {
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+    })
+    .await;
+    signal_group(pgid, libc::SIGKILL);
+}
+
+/// SIGTERM the group, give the shell `grace` to exit, then SIGKILL and reap it.
+async fn stop_child(child: &mut Child, pgid: i32, grace: Duration) -> Result<(), RunnerError> {
+    signal_group(pgid, libc::SIGTERM);
+    if let Ok(Ok(_)) = tokio::time::timeout(grace, child.wait()).await {
+        return Ok(());
+    }
+    signal_group(pgid, libc::SIGKILL);
+    child
+        .wait()
+        .await
+        .map(drop)
+        .map_err(|source| RunnerError::Wait { pgid, source })
+}
+
+fn end_of(status: ExitStatus) -> StepEnd {
+    match (status.code(), status.signal()) {
+        (_, Some(sig)) => StepEnd::Signaled(sig),
+        (Some(code), None) => StepEnd::Exited(code),
+        // `wait` never reports stopped/continued children, so this is unreachable
+        // in practice; report a failure rather than inventing a success.
+        (None, None) => StepEnd::Exited(-1),
+    }
+}
+
+async fn expired(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn canceled(cancel: &mut watch::Receiver<bool>) {
+    // A closed channel means nobody can cancel any more; returning would make
+    // the select loop treat it as a cancel or spin on it.
+    if cancel.wait_for(|&c| c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn create_log(path: &Path) -> Result<File, RunnerError> {
+    let fail = |source| RunnerError::CreateLog {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(parent).await.map_err(fail)?;
+    }
+    File::create(path).await.map_err(fail)
+}
+
+/// Forwards one pipe to the writer, cut at line ends where possible so the
+/// two streams interleave by line rather than mid-line.
+async fn pump(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
+    let mut buf = vec![0; CHUNK];
+    let mut pending = Vec::with_capacity(CHUNK);
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) => {
+                warn!(%error, "reading step output failed");
+                break;
+            }
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let cut = if pending.len() >= CHUNK {
+            pending.len()
+        } else {
+            match pending.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => continue,
+            }
+        };
+        let rest = pending.split_off(cut);
+        if tx
+            .send(std::mem::replace(&mut pending, rest))
+            .await
+            .is_err()
+        {
+            // The writer failed; dropping the pipe lets the step see EPIPE.
+            return;
+        }
+    }
+    if !pending.is_empty() {
+        let _ = tx.send(pending).await;
+    }
+}
+
+async fn write_log(mut log: File, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
+    while let Some(chunk) = rx.recv().await {
+        log.write_all(&chunk).await?;
+    }
+    // tokio's File writes in the background; flush waits for the last write
+    // and surfaces its error.
+    log.flush().await
+}
+
+fn flatten(joined: Result<io::Result<()>, JoinError>) -> io::Result<()> {
+    joined.unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+fn signal_group(pgid: i32, sig: libc::c_int) {
+    // killpg(0) or (1) would hit the daemon's own group or init's.
+    if pgid <= 1 {
+        warn!(pgid, sig, "refusing to signal a reserved process group");
+        return;
+    }
+    // SAFETY: killpg only takes integers and touches none of our memory; a
+    // stale pgid at worst fails with ESRCH.
+    if unsafe { libc::killpg(pgid, sig) } != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ESRCH) {
+            warn!(pgid, sig, %error, "signalling step process group failed");
+        }
+    }
+}
+
+fn group_exists(pgid: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission; no memory is touched.
+    if unsafe { libc::kill(-pgid, 0) } == 0 {
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// SIGKILLs the group if `run_step` exits (or is dropped) before its own cleanup.
+struct GroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            signal_group(self.pgid, libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use tempfile::TempDir;
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    fn base_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+        std::iter::once(("PATH".to_string(), path))
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect()
+    }
+
+    fn never_cancel() -> watch::Receiver<bool> {
+        // Dropping the sender must mean "never cancels", not "cancel now".
+        watch::channel(false).1
+    }
+
+    struct Step {
+        dir: TempDir,
+        env: Vec<(String, String)>,
+        timeout: Option<Duration>,
+        grace: Duration,
+    }
+
+    impl Step {
+        fn new(extra: &[(&str, &str)]) -> Self {
+            let dir = TempDir::new().unwrap();
+            let dir_s = dir.path().to_str().unwrap().to_string();
+            let mut env = base_env(extra);
+            env.push(("DIR".into(), dir_s));
+            Step {
+                dir,
+                env,
+                timeout: None,
+                grace: Duration::from_secs(1),
+            }
+        }
+
+        fn log_path(&self) -> PathBuf {
+            self.dir.path().join("logs/nested/step.log")
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(self.log_path()).unwrap()
+        }
+
+        async fn run(&self, script: &str, cancel: watch::Receiver<bool>) -> StepOutcome {
+            let log_path = self.log_path();
+            let cmd = StepCommand {
+                script,
+                cwd: self.dir.path(),
+                env: &self.env,
+                log_path: &log_path,
+                timeout: self.timeout,
+                grace: self.grace,
+            };
+            tokio::time::timeout(Duration::from_secs(60), run_step(cmd, cancel))
+                .await
+                .expect("run_step hung")
+                .unwrap()
+        }
+
+        fn pid_from(&self, file: &str) -> i32 {
+            std::fs::read_to_string(self.dir.path().join(file))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        }
+    }
+
+    /// Gone, or a zombie waiting for init to reap it (it is not our child).
+    fn pid_gone(pid: i32) -> bool {
+        // SAFETY: signal 0 only probes for existence.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        }
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                state.starts_with('Z')
+            })
+            .unwrap_or(true)
+    }
+
+    async fn assert_gone(pid: i32) {
+        for _ in 0..100 {
+            if pid_gone(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("process {pid} survived the step");
+    }
+
+    async fn wait_for_file(path: PathBuf, content: &str) {
+        for _ in 0..200 {
+            if std::fs::read_to_string(&path).is_ok_and(|s| s.contains(content)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} never contained {content:?}", path.display());
+    }
+
+    #[tokio::test]
+    async fn exit_zero_succeeds_and_logs_output() {
+        let step = Step::new(&[]);
+        let out = step.run("echo hello", never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        assert!(out.succeeded());
+        assert_eq!(step.log(), "hello\n");
+    }
+
+    #[tokio::test]
+    async fn exit_code_is_reported() {
+        let step = Step::new(&[]);
+        let out = step.run("exit 3", never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(3));
+        assert!(!out.succeeded());
+    }
+
+    #[tokio::test]
+    async fn death_by_signal_is_reported() {
+        let step = Step::new(&[]);
+        let out = step.run("kill -SEGV $$", never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Signaled(libc::SIGSEGV));
+    }
+
+    #[tokio::test]
+    async fn stdout_stderr_and_unterminated_lines_reach_the_log() {
+        let step = Step::new(&[]);
+        let script = "echo out; echo err >&2; echo out2; printf tail";
+        let out = step.run(script, never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        let log = step.log();
+        for line in ["out\n", "err\n", "out2\n"] {
+            assert!(log.contains(line), "{log:?}");
+        }
+        assert!(log.find("out\n") < log.find("out2\n"));
+        assert!(log.contains("tail"), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_long_line_without_newline_is_written_whole() {
+        let step = Step::new(&[]);
+        let script = "head -c 100000 /dev/zero | tr '\\0' a";
+        let out = step.run(script, never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        let log = step.log();
+        assert_eq!(log.len(), 100_000);
+        assert!(log.bytes().all(|b| b == b'a'));
+    }
+
+    #[tokio::test]
+    async fn environment_is_exactly_what_was_given() {
+        let step = Step::new(&[("FOO", "bar")]);
+        let out = step.run("env", never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        let log = step.log();
+        let keys: Vec<&str> = log.lines().filter_map(|l| l.split('=').next()).collect();
+        assert!(log.lines().any(|l| l == "FOO=bar"), "{log}");
+        // The shell itself may add PWD, SHLVL and `_`; nothing may leak from us.
+        let shell_owned = ["PATH", "PWD", "OLDPWD", "SHLVL", "_"];
+        for (key, _) in std::env::vars() {
+            if !shell_owned.contains(&key.as_str()) {
+                assert!(!keys.contains(&key.as_str()), "{key} leaked into {log}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cwd_is_honoured() {
+        let step = Step::new(&[]);
+        let out = step.run("pwd -P", never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        let expected = step.dir.path().canonicalize().unwrap();
+        assert_eq!(step.log().trim_end(), expected.to_str().unwrap());
+    }
+
+    #[tokio::test]
+    async fn env_values_are_not_evaluated() {
+        let probe = TempDir::new().unwrap();
+        let p = probe.path().display();
+        let val = format!("$(touch {p}/a) `touch {p}/b`; touch {p}/c && echo \"'\"");
+        let step = Step::new(&[("VAL", &val)]);
+        let out = step.run("printf '%s' \"$VAL\"", never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        assert_eq!(step.log(), val);
+        assert_eq!(std::fs::read_dir(probe.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let mut step = Step::new(&[]);
+        step.timeout = Some(Duration::from_secs(1));
+        let script = "sleep 600 & echo $! > \"$DIR/bg.pid\"; wait";
+        let out = step.run(script, never_cancel()).await;
+        assert_eq!(out.end, StepEnd::TimedOut);
+        assert!(out.duration < LONG);
+        assert_gone(step.pid_from("bg.pid")).await;
+    }
+
+    #[tokio::test]
+    async fn ignoring_sigterm_gets_sigkill_after_grace() {
+        let mut step = Step::new(&[]);
+        step.timeout = Some(Duration::from_secs(1));
+        let script = "trap '' TERM; echo $$ > \"$DIR/sh.pid\"; sleep 600";
+        let out = step.run(script, never_cancel()).await;
+        assert_eq!(out.end, StepEnd::TimedOut);
+        assert!(out.duration < LONG);
+        assert_gone(step.pid_from("sh.pid")).await;
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_whole_group_and_log_streams_meanwhile() {
+        let step = Step::new(&[]);
+        let (tx, rx) = watch::channel(false);
+        let script = "echo started; sleep 600 & echo $! > \"$DIR/bg.pid\"; wait";
+        let run = step.run(script, rx);
+        let cancel = async {
+            // The log is readable while the step is still running.
+            wait_for_file(step.log_path(), "started\n").await;
+            wait_for_file(step.dir.path().join("bg.pid"), "\n").await;
+            tx.send(true).unwrap();
+        };
+        let (out, ()) = tokio::join!(run, cancel);
+        assert_eq!(out.end, StepEnd::Canceled);
+        assert!(out.duration < LONG);
+        assert_gone(step.pid_from("bg.pid")).await;
+    }
+
+    #[tokio::test]
+    async fn background_job_holding_stdout_does_not_block_the_step() {
+        let step = Step::new(&[]);
+        let script = "sleep 600 & echo $! > \"$DIR/bg.pid\"; echo done";
+        let out = step.run(script, never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        assert_eq!(step.log(), "done\n");
+        assert_gone(step.pid_from("bg.pid")).await;
+    }
+
+    #[tokio::test]
+    async fn output_held_open_outside_the_group_is_abandoned() {
+        let step = Step::new(&[]);
+        // setsid escapes our process group, so only the drain limit ends the step.
+        let script = "setsid sh -c 'echo $$ > \"$DIR/esc.pid\"; exec sleep 600' &
+            until [ -s \"$DIR/esc.pid\" ]; do sleep 0.05; done; echo done";
+        let started = std::time::Instant::now();
+        let out = step.run(script, never_cancel()).await;
+        let esc = step.pid_from("esc.pid");
+        // SAFETY: plain syscall on a pid this test's step just started.
+        unsafe { libc::kill(esc, libc::SIGKILL) };
+        assert_eq!(out.end, StepEnd::Exited(0));
+        assert!(started.elapsed() < LONG);
+        assert_eq!(step.log(), "done\n");
+    }
+
+    #[tokio::test]
+    async fn missing_cwd_is_a_spawn_error() {
+        let dir = TempDir::new().unwrap();
+        let missing = dir.path().join("nope");
+        let log_path = dir.path().join("step.log");
+        let cmd = StepCommand {
+            script: "true",
+            cwd: &missing,
+            env: &[],
+            log_path: &log_path,
+            timeout: None,
+            grace: Duration::from_secs(1),
+        };
+        let err = run_step(cmd, never_cancel()).await.unwrap_err();
+        assert!(
+            matches!(err, RunnerError::Spawn { ref cwd, .. } if *cwd == missing),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn terminate_group_kills_a_foreign_group() {
+        let step = Step::new(&[]);
+        let (tx, rx) = watch::channel(false);
+        let script = "trap '' TERM; sleep 600 & echo $! > \"$DIR/bg.pid\"; wait";
+        let run = step.run(script, rx);
+        let kill = async {
+            wait_for_file(step.dir.path().join("bg.pid"), "\n").await;
+            let bg = step.pid_from("bg.pid");
+            // SAFETY: plain syscall, no memory involved.
+            let pgid = unsafe { libc::getpgid(bg) };
+            terminate_group(pgid, Duration::from_millis(200)).await;
+            drop(tx);
+            bg
+        };
+        let (out, bg) = tokio::join!(run, kill);
+        assert_eq!(out.end, StepEnd::Signaled(libc::SIGKILL));
+        assert_gone(bg).await;
+    }
+}

@@ -1,0 +1,369 @@
+//! Takes queued runs from the store in arrival order and executes them, at most
+//! `max_parallel_runs` at once: checkout, then each step through the runner, recording
+//! every transition. A queued run lives only in the store: it holds no task, thread or
+//! process until a permit is free.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::checkout::{self, Mirrors};
+use crate::daemon::AppState;
+use crate::pipeline::Pipeline;
+use crate::repo::RepoName;
+use crate::runner::{self, StepCommand, StepEnd};
+use crate::store::{Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError};
+
+/// Pause before claiming again after the store failed, so a broken disk does not spin.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
+/// kills what is left (those runs end `interrupted`; queued runs stay queued).
+pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(state.config.max_parallel_runs));
+    let (kill_tx, kill_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        if *stop.borrow() {
+            break;
+        }
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.changed() => break,
+        };
+        let store = Arc::clone(&state.store);
+        match tokio::task::spawn_blocking(move || store.claim_next()).await {
+            Ok(Ok(Some(run))) => {
+                let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
+                let job = execute(
+                    Arc::clone(&state),
+                    Arc::clone(&mirrors),
+                    run,
+                    kill_rx.clone(),
+                    permit,
+                );
+                tasks.spawn(job.instrument(span));
+            }
+            Ok(Ok(None)) => {
+                drop(permit);
+                tokio::select! {
+                    () = state.wake.notified() => {}
+                    _ = stop.changed() => break,
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot claim the next run");
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+            Err(e) => tracing::error!(error = %e, "claim task failed"),
+        }
+    }
+    if tasks.is_empty() {
+        return;
+    }
+    let grace = state.config.shutdown_grace;
+    tracing::info!(
+        running = tasks.len(),
+        ?grace,
+        "waiting for running runs to finish"
+    );
+    let all_done = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, all_done).await.is_err() {
+        tracing::warn!("shutdown grace is over: killing the steps still running");
+        let _ = kill_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, String> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// How a run ended.
+struct Ending {
+    status: RunStatus,
+    reason: Option<String>,
+}
+
+async fn execute(
+    state: Arc<AppState>,
+    mirrors: Arc<Mirrors>,
+    run: Run,
+    kill: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
+    let workspace = state.workspace(run.id);
+    let ending = match state.pipelines().get(&run.pipeline).cloned() {
+        None => Ending {
+            status: RunStatus::Failed,
+            reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
+        },
+        Some(pipeline) => match prepare(&state, &mirrors, &run, &pipeline, &workspace).await {
+            Ok(()) => run_steps(&state, &run, &pipeline, &workspace, kill).await,
+            Err(reason) => Ending {
+                status: RunStatus::Failed,
+                reason: Some(reason),
+            },
+        },
+    };
+    let ws = workspace.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
+        tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
+    }
+    tracing::info!(
+        status = ending.status.as_str(),
+        reason = ending.reason.as_deref().unwrap_or(""),
+        "run finished"
+    );
+    let leftover = match ending.status {
+        RunStatus::Interrupted => StepStatus::Interrupted,
+        _ => StepStatus::Skipped,
+    };
+    let id = run.id;
+    if let Err(e) = blocking(&state.store, move |s| {
+        s.finish_run(id, ending.status, ending.reason.as_deref(), leftover)
+    })
+    .await
+    {
+        tracing::error!(error = %e, "cannot record the end of the run");
+    }
+}
+
+fn remove_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Records the planned steps and checks the commit out.
+async fn prepare(
+    state: &Arc<AppState>,
+    mirrors: &Arc<Mirrors>,
+    run: &Run,
+    pipeline: &Pipeline,
+    workspace: &Path,
+) -> Result<(), String> {
+    let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
+    let id = run.id;
+    blocking(&state.store, move |s| s.plan_steps(id, &names)).await?;
+    let repo = RepoName::parse(&run.repo)?;
+    let (mirrors, run2, ws) = (Arc::clone(mirrors), run.clone(), workspace.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let req = checkout::Request {
+            repo: &repo,
+            clone_url: &run2.clone_url,
+            git_ref: &run2.git_ref,
+            commit: &run2.commit,
+        };
+        mirrors.checkout(&req, &ws)
+    })
+    .await
+    .map_err(|e| format!("checkout task failed: {e}"))?
+    .map_err(|e| format!("checkout failed: {e}"))
+}
+
+/// The daemon's own variables a step may see; nothing else of its environment passes.
+const INHERITED: [&str; 4] = ["PATH", "HOME", "LANG", "USER"];
+
+/// The complete environment of one step (DESIGN.md "Runs").
+pub fn step_env(
+    run: &Run,
+    pipeline: &Pipeline,
+    step: usize,
+    workspace: &Path,
+    failed: bool,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = INHERITED
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    let mut set = |k: &str, v: &str| env.push((k.to_owned(), v.to_owned()));
+    set("CI", "true");
+    set("HOOKCI", "true");
+    set("HOOKCI_RUN_ID", &run.id.to_string());
+    set("HOOKCI_PIPELINE", &pipeline.name);
+    set("HOOKCI_REPO", &run.repo);
+    set("HOOKCI_REF", &run.git_ref);
+    if let Some(branch) = run.git_ref.strip_prefix("refs/heads/") {
+        set("HOOKCI_BRANCH", branch);
+    } else if let Some(tag) = run.git_ref.strip_prefix("refs/tags/") {
+        set("HOOKCI_TAG", tag);
+    }
+    set("HOOKCI_COMMIT", &run.commit);
+    set("HOOKCI_BEFORE", &run.before);
+    set(
+        "HOOKCI_DELIVERY",
+        run.delivery.as_deref().unwrap_or_default(),
+    );
+    set("HOOKCI_WORKSPACE", &workspace.to_string_lossy());
+    set("HOOKCI_STEP", &pipeline.steps[step].name);
+    set("HOOKCI_RESULT", if failed { "failure" } else { "success" });
+    for (k, v) in pipeline.env.iter().chain(&pipeline.steps[step].env) {
+        set(k, v);
+    }
+    // Later entries win: keep only the last value of each name.
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<(String, String)> = env
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    out.reverse();
+    out
+}
+
+fn describe(step: &str, end: StepEnd, timeout: Option<Duration>) -> String {
+    match end {
+        StepEnd::Exited(code) => format!("step {step:?} exited with code {code}"),
+        StepEnd::Signaled(sig) => format!("step {step:?} was killed by signal {sig}"),
+        StepEnd::TimedOut => match timeout {
+            Some(t) => format!("step {step:?} timed out after {t:?}"),
+            None => format!("step {step:?} timed out"),
+        },
+        StepEnd::Canceled => format!("step {step:?} was stopped because the daemon is stopping"),
+    }
+}
+
+async fn run_steps(
+    state: &Arc<AppState>,
+    run: &Run,
+    pipeline: &Pipeline,
+    workspace: &Path,
+    kill: watch::Receiver<bool>,
+) -> Ending {
+    let deadline = pipeline.timeout.map(|t| Instant::now() + t);
+    let mut ending: Option<Ending> = None;
+    for (i, step) in pipeline.steps.iter().enumerate() {
+        let number = i as i64 + 1;
+        let failed = ending.is_some();
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        if *kill.borrow() || out_of_time || !step.when.runs_after(failed) {
+            continue;
+        }
+        let span = tracing::info_span!("step", step = %step.name);
+        let id = run.id;
+        if let Err(e) = blocking(&state.store, move |s| s.step_started(id, number)).await {
+            tracing::error!(error = %e, "cannot record the step start");
+        }
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let pipeline_limits = match (remaining, step.timeout) {
+            (Some(r), Some(s)) => r < s,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let timeout = match (remaining, step.timeout) {
+            (Some(r), Some(s)) => Some(r.min(s)),
+            (r, s) => r.or(s),
+        };
+        let env = step_env(run, pipeline, i, workspace, failed);
+        let log = state.log_path(run.id, number);
+        let cmd = StepCommand {
+            script: &step.run,
+            cwd: workspace,
+            env: &env,
+            log_path: &log,
+            timeout,
+            grace: state.config.step_grace,
+        };
+        let outcome = runner::run_step(cmd, kill.clone())
+            .instrument(span.clone())
+            .await;
+        let (record, step_ending) = match outcome {
+            Err(e) => {
+                let reason = format!("step {:?} could not start: {e}", step.name);
+                (
+                    record_of(StepStatus::Failed, None, None, Some(reason.clone())),
+                    Some((RunStatus::Failed, reason)),
+                )
+            }
+            Ok(o) => {
+                let shown_timeout = if pipeline_limits {
+                    pipeline.timeout
+                } else {
+                    step.timeout
+                };
+                let reason = describe(&step.name, o.end, shown_timeout);
+                match o.end {
+                    StepEnd::Exited(0) => {
+                        (record_of(StepStatus::Succeeded, Some(0), None, None), None)
+                    }
+                    StepEnd::Exited(code) => (
+                        record_of(StepStatus::Failed, Some(code), None, Some(reason.clone())),
+                        Some((RunStatus::Failed, reason)),
+                    ),
+                    StepEnd::Signaled(sig) => (
+                        record_of(StepStatus::Failed, None, Some(sig), Some(reason.clone())),
+                        Some((RunStatus::Failed, reason)),
+                    ),
+                    StepEnd::TimedOut => {
+                        let reason = if pipeline_limits {
+                            format!(
+                                "pipeline timed out after {:?} (in step {:?})",
+                                pipeline.timeout.unwrap_or_default(),
+                                step.name
+                            )
+                        } else {
+                            reason
+                        };
+                        (
+                            record_of(StepStatus::TimedOut, None, None, Some(reason.clone())),
+                            Some((RunStatus::TimedOut, reason)),
+                        )
+                    }
+                    StepEnd::Canceled => (
+                        record_of(StepStatus::Interrupted, None, None, Some(reason.clone())),
+                        Some((RunStatus::Interrupted, reason)),
+                    ),
+                }
+            }
+        };
+        span.in_scope(|| tracing::info!(status = record.status.as_str(), "step finished"));
+        if let Err(e) = blocking(&state.store, move |s| s.step_finished(id, number, &record)).await
+        {
+            tracing::error!(error = %e, "cannot record the step end");
+        }
+        if let (None, Some((status, reason))) = (&ending, step_ending) {
+            ending = Some(Ending {
+                status,
+                reason: Some(reason),
+            });
+        }
+    }
+    ending.unwrap_or(Ending {
+        status: RunStatus::Succeeded,
+        reason: None,
+    })
+}
+
+fn record_of(
+    status: StepStatus,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    reason: Option<String>,
+) -> StepRecord {
+    StepRecord {
+        status,
+        exit_code,
+        signal,
+        reason,
+    }
+}
