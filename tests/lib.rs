@@ -1,0 +1,5 @@
+//! One integration test binary: every test drives the real `hookci` binary.
+
+mod harness;
+
+mod builds;
