@@ -4,7 +4,7 @@
 #   usage: examples/demo-push.sh [URL]      (default http://127.0.0.1:8080/webhook)
 set -euo pipefail
 url=${1:-http://127.0.0.1:8080/webhook}
-: "${HOOKCI_WEBHOOK_SECRET:?set HOOKCI_WEBHOOK_SECRET to the daemon's secret}"
+: "${HOOKCI_WEBHOOK_SECRET:?set HOOKCI_WEBHOOK_SECRET to the secret of the daemon}"
 root=$(cd "$(dirname "$0")/.." && pwd)
 demo=${HOOKCI_DEMO_DIR:-/tmp/hookci-demo}
 hookci=${HOOKCI_BIN:-$root/target/release/hookci}

@@ -17,7 +17,7 @@ use crate::checkout::Mirrors;
 use crate::config::Config;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
-use crate::store::{Store, StoreError};
+use crate::store::{DeliveryWriter, Store, StoreError};
 use crate::{api, intake, scheduler};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
@@ -40,16 +40,24 @@ pub enum DaemonError {
 pub struct AppState {
     pub config: Config,
     pub store: Arc<Store>,
+    /// Group-committing writer for deliveries (the hot path).
+    pub intake: DeliveryWriter,
     pipelines: RwLock<Arc<PipelineSet>>,
     /// Wakes the scheduler when runs were queued.
     pub wake: Notify,
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
+    pub fn new(
+        config: Config,
+        store: Arc<Store>,
+        intake: DeliveryWriter,
+        pipelines: PipelineSet,
+    ) -> AppState {
         AppState {
             config,
             store,
+            intake,
             pipelines: RwLock::new(Arc::new(pipelines)),
             wake: Notify::new(),
         }
@@ -111,15 +119,15 @@ pub async fn run(
     })
     .await??;
     let mirrors = Arc::new(Mirrors::new(&config.state_dir, config.github.token.clone()));
-    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    let intake = DeliveryWriter::start(&store)?;
+    let state = Arc::new(AppState::new(config, Arc::new(store), intake, pipelines));
     let (stop_tx, stop_rx) = watch::channel(false);
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), mirrors, stop_rx));
 
     let routes = intake::routes(Arc::clone(&state))
         .or(api::routes(Arc::clone(&state)))
         .unify()
-        .recover(rejection)
-        .with(warp::trace::request());
+        .recover(rejection);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = warp::serve(routes)
         .incoming(listener)

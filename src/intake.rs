@@ -10,6 +10,7 @@ use futures_util::{Stream, StreamExt};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
+use tracing::Instrument;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -208,12 +209,22 @@ where
             "X-GitHub-Delivery is not a delivery id".to_owned(),
         ));
     }
-    let span = tracing::info_span!("delivery", delivery, event);
-    let _enter = span.enter();
     let json = match encoding {
         Encoding::Json => raw.to_vec(),
         Encoding::Form => form_payload(&raw).map_err(|e| (StatusCode::BAD_REQUEST, e))?,
     };
+    let span = tracing::info_span!("delivery", delivery, event);
+    dispatch(state, event, delivery, &json)
+        .instrument(span)
+        .await
+}
+
+async fn dispatch(
+    state: &AppState,
+    event: &str,
+    delivery: &str,
+    json: &[u8],
+) -> Result<Response, Failure> {
     match event {
         "ping" => return Ok(json_reply(StatusCode::OK, &json!({ "ok": true }))),
         "push" => {}
@@ -225,28 +236,19 @@ where
             ));
         }
     }
-    let push = Push::parse(&json).map_err(|e| match e {
+    let push = Push::parse(json).map_err(|e| match e {
         EventError::Malformed(_) | EventError::BadRepository(_) => {
             (StatusCode::BAD_REQUEST, e.to_string())
         }
     })?;
     let record = new_delivery(delivery, &push, &state.pipelines());
-    let store = Arc::clone(&state.store);
-    let outcome = tokio::task::spawn_blocking(move || store.record_delivery(&record))
-        .await
-        .map_err(|e| {
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("store task failed: {e}"),
-            )
-        })?
-        .map_err(|e| {
-            tracing::error!(error = %e, "recording the delivery failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the delivery could not be stored; retry".to_owned(),
-            )
-        })?;
+    let outcome = state.intake.record(record).await.map_err(|e| {
+        tracing::error!(error = %e, "recording the delivery failed");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the delivery could not be stored; retry".to_owned(),
+        )
+    })?;
     Ok(match outcome {
         DeliveryOutcome::New(runs) => {
             if runs.iter().any(|r| !r.existing) {

@@ -12,6 +12,9 @@ use serde::Serialize;
 
 use crate::clock::now_ms;
 
+mod batch;
+pub use batch::DeliveryWriter;
+
 const SCHEMA: &[&str] = &[r#"
 CREATE TABLE deliveries (
     id          TEXT PRIMARY KEY,
@@ -75,6 +78,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("store {path}: {message}")]
+    Failed { path: PathBuf, message: String },
     #[error("store {path}: written by a newer hookci (schema {found}, this one knows {known})")]
     TooNew {
         path: PathBuf,
@@ -303,6 +308,16 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// A connection with hookci's settings: WAL, every commit synced (`synchronous=FULL`).
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
      status, reason, attempt, created_at, started_at, finished_at";
@@ -348,15 +363,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
-        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(sql)?;
+        let conn = connect(&path).map_err(sql)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql)?;
@@ -403,57 +410,9 @@ impl Store {
     pub fn record_delivery(&self, d: &NewDelivery) -> Result<DeliveryOutcome, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let inserted = tx
-            .execute(
-                "INSERT INTO deliveries (id, event, repo, ref, after, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(id) DO NOTHING",
-                params![d.id, d.event, d.repo, d.git_ref, d.after, now_ms()],
-            )
-            .map_err(|e| self.err(e))?;
-        if inserted == 0 {
-            let runs = delivery_runs(&tx, &d.id).map_err(|e| self.err(e))?;
-            return Ok(DeliveryOutcome::Duplicate(runs));
-        }
-        let mut runs = Vec::new();
-        for decision in &d.decisions {
-            let (outcome, reason, run_id) = match &decision.run {
-                None => ("not_triggered", decision.reason.clone(), None),
-                Some(run) => match insert_run(&tx, run, Some(&d.id)).map_err(|e| self.err(e))? {
-                    Inserted::New(id) => {
-                        runs.push(RunRef {
-                            id,
-                            pipeline: run.pipeline.clone(),
-                            existing: false,
-                        });
-                        let outcome = if run.skipped.is_some() {
-                            "skipped"
-                        } else {
-                            "run"
-                        };
-                        (outcome, decision.reason.clone(), Some(id))
-                    }
-                    Inserted::Existing(id) => {
-                        runs.push(RunRef {
-                            id,
-                            pipeline: run.pipeline.clone(),
-                            existing: true,
-                        });
-                        (
-                            "duplicate",
-                            format!("duplicate of run {id} (same commit already built)"),
-                            Some(id),
-                        )
-                    }
-                },
-            };
-            tx.execute(
-                "INSERT INTO decisions (delivery_id, pipeline, outcome, reason, run_id) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![d.id, decision.pipeline, outcome, reason, run_id],
-            )
-            .map_err(|e| self.err(e))?;
-        }
+        let outcome = record_in(&tx, d).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(DeliveryOutcome::New(runs))
+        Ok(outcome)
     }
 
     /// Takes the oldest queued run and marks it running.
@@ -700,13 +659,56 @@ impl Store {
     }
 }
 
+/// Records one delivery inside the caller's transaction (or savepoint).
+fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOutcome> {
+    let inserted = conn.execute(
+        "INSERT INTO deliveries (id, event, repo, ref, after, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(id) DO NOTHING",
+        params![d.id, d.event, d.repo, d.git_ref, d.after, now_ms()],
+    )?;
+    if inserted == 0 {
+        return delivery_runs(conn, &d.id).map(DeliveryOutcome::Duplicate);
+    }
+    let mut runs = Vec::new();
+    for decision in &d.decisions {
+        let (outcome, reason, run_id) = match &decision.run {
+            None => ("not_triggered", decision.reason.clone(), None),
+            Some(run) => {
+                let (id, existing) = match insert_run(conn, run, Some(&d.id))? {
+                    Inserted::New(id) => (id, false),
+                    Inserted::Existing(id) => (id, true),
+                };
+                runs.push(RunRef {
+                    id,
+                    pipeline: run.pipeline.clone(),
+                    existing,
+                });
+                match (existing, &run.skipped) {
+                    (true, _) => (
+                        "duplicate",
+                        format!("duplicate of run {id} (same commit already built)"),
+                        Some(id),
+                    ),
+                    (false, Some(_)) => ("skipped", decision.reason.clone(), Some(id)),
+                    (false, None) => ("run", decision.reason.clone(), Some(id)),
+                }
+            }
+        };
+        conn.prepare_cached(
+            "INSERT INTO decisions (delivery_id, pipeline, outcome, reason, run_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![d.id, decision.pipeline, outcome, reason, run_id])?;
+    }
+    Ok(DeliveryOutcome::New(runs))
+}
+
 enum Inserted {
     New(i64),
     Existing(i64),
 }
 
 fn insert_run(
-    tx: &rusqlite::Transaction<'_>,
+    conn: &Connection,
     run: &NewRun,
     delivery: Option<&str>,
 ) -> rusqlite::Result<Inserted> {
@@ -715,12 +717,14 @@ fn insert_run(
         Some(_) => (RunStatus::Skipped, Some(now)),
         None => (RunStatus::Queued, None),
     };
-    let id: Option<i64> = tx
-        .query_row(
+    let id: Option<i64> = conn
+        .prepare_cached(
             "INSERT INTO runs (pipeline, repo, ref, commit_sha, before_sha, clone_url, run_key, trigger,
                                delivery_id, status, reason, created_at, finished_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT(run_key) DO NOTHING RETURNING id",
+        )?
+        .query_row(
             params![
                 run.pipeline,
                 run.repo,
@@ -741,16 +745,15 @@ fn insert_run(
         .optional()?;
     match id {
         Some(id) => Ok(Inserted::New(id)),
-        None => tx
-            .query_row("SELECT id FROM runs WHERE run_key = ?1", [&run.key], |r| {
-                r.get(0)
-            })
+        None => conn
+            .prepare_cached("SELECT id FROM runs WHERE run_key = ?1")?
+            .query_row([&run.key], |r| r.get(0))
             .map(Inserted::Existing),
     }
 }
 
-fn delivery_runs(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<Vec<RunRef>> {
-    let mut stmt = tx.prepare(
+fn delivery_runs(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RunRef>> {
+    let mut stmt = conn.prepare_cached(
         "SELECT run_id, pipeline, outcome FROM decisions WHERE delivery_id = ?1 AND run_id IS NOT NULL ORDER BY pipeline",
     )?;
     let rows = stmt.query_map([id], |r| {
