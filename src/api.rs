@@ -157,16 +157,32 @@ async fn get_run(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     Ok(ok_json(&run_json(&run, Some(&steps))))
 }
 
-async fn get_log(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
-    let steps = blocking(&state.store, move |s| {
-        s.run(id)?.map(|_| s.steps(id)).transpose()
+async fn get_log(
+    state: Arc<AppState>,
+    id: i64,
+    q: HashMap<String, String>,
+) -> Result<Response, Response> {
+    let attempt = match q.get("attempt") {
+        None => None,
+        Some(a) => Some(a.parse::<i64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            error_reply(StatusCode::BAD_REQUEST, "attempt must be a number from 1")
+        })?),
+    };
+    let found = blocking(&state.store, move |s| {
+        s.run(id)?
+            .map(|run| Ok((run.attempt, s.steps_of(id, attempt)?)))
+            .transpose()
     })
     .await?;
-    let steps = steps.ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no run {id}")))?;
+    let (current, steps) =
+        found.ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no run {id}")))?;
+    let dir = match attempt {
+        Some(a) if a != current => state.log_dir(id).join(format!("attempt-{a}")),
+        _ => state.log_dir(id),
+    };
     let mut text = String::new();
     for step in steps {
-        let path = state.log_path(id, step.number);
-        let Ok(body) = tokio::fs::read(&path).await else {
+        let Ok(body) = tokio::fs::read(dir.join(format!("{}.log", step.number))).await else {
             continue;
         };
         text.push_str(&format!(
@@ -235,7 +251,8 @@ pub fn routes(
     let log = warp::path!("api" / "runs" / i64 / "log")
         .and(warp::get())
         .and(with_state.clone())
-        .then(|id, s| async move { flatten(get_log(s, id).await) });
+        .and(warp::query::<HashMap<String, String>>())
+        .then(|id, s, q| async move { flatten(get_log(s, id, q).await) });
     let delivery = warp::path!("api" / "deliveries" / String)
         .and(warp::get())
         .and(with_state)

@@ -64,7 +64,7 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error(transparent)]
     File(#[from] SourceError),
     #[error("{path}: cannot read {what}: {source}")]
     SecretFile {

@@ -3,7 +3,7 @@
 //! Owns [`AppState`], the immutable-by-default state every stage shares.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
 use crate::store::{DeliveryWriter, Store, StoreError};
-use crate::{api, intake, scheduler};
+use crate::{api, intake, runner, scheduler};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -96,6 +96,58 @@ async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible>
     })
 }
 
+/// Opens the store and recovers from the previous daemon's end: runs it left running
+/// are interrupted, their leftover processes killed and workspaces removed, and every
+/// interrupted run is queued again once (its earlier attempt's logs kept apart).
+fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf), DaemonError> {
+    let dir_err = |source| DaemonError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(dir_err)?;
+    let state_dir = std::fs::canonicalize(state_dir).map_err(dir_err)?;
+    let store = Store::open(&state_dir)?;
+    for id in store.interrupt_running()? {
+        let workspace = state_dir.join("workspaces").join(id.to_string());
+        runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", workspace.display()));
+        if let Err(e) = std::fs::remove_dir_all(&workspace) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(run = id, error = %e, "cannot remove the workspace of an interrupted run");
+            }
+        }
+    }
+    for (id, attempt, status) in store.requeue_interrupted()? {
+        let logs = state_dir.join("logs").join(id.to_string());
+        archive_logs(&logs, attempt);
+        tracing::warn!(
+            run = id,
+            attempt,
+            now = status.as_str(),
+            "interrupted run recovered"
+        );
+    }
+    Ok((store, state_dir))
+}
+
+/// Moves an attempt's step logs (`N.log`) into `attempt-K/`, so the next attempt
+/// writes fresh files at the usual place.
+fn archive_logs(dir: &Path, attempt: i64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let archive = dir.join(format!("attempt-{attempt}"));
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let moved = std::fs::create_dir_all(&archive)
+                .and_then(|()| std::fs::rename(&path, archive.join(entry.file_name())));
+            if let Err(e) = moved {
+                tracing::warn!(log = %path.display(), error = %e, "cannot archive a step log");
+            }
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves, then stops accepting, lets running steps
 /// finish for up to `shutdown_grace`, and returns.
 pub async fn run(
@@ -104,20 +156,12 @@ pub async fn run(
     pipelines: PipelineSet,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
+    let mut config = config;
     let state_dir = config.state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || -> Result<Store, DaemonError> {
-        std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
-            path: state_dir.clone(),
-            source,
-        })?;
-        let store = Store::open(&state_dir)?;
-        let interrupted = store.interrupt_running()?;
-        if !interrupted.is_empty() {
-            tracing::warn!(runs = ?interrupted, "runs left running by the previous daemon are marked interrupted");
-        }
-        Ok(store)
-    })
-    .await??;
+    let (store, state_dir) =
+        tokio::task::spawn_blocking(move || open_and_recover(&state_dir)).await??;
+    // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
+    config.state_dir = state_dir;
     let mirrors = Arc::new(Mirrors::new(&config.state_dir, config.github.token.clone()));
     let intake = DeliveryWriter::start(&store)?;
     let state = Arc::new(AppState::new(config, Arc::new(store), intake, pipelines));

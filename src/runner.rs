@@ -243,6 +243,69 @@ pub async fn terminate_group(pgid: i32, grace: Duration) {
     signal_group(pgid, libc::SIGKILL);
 }
 
+/// Kills every process a previous daemon's step left behind: those whose environment
+/// holds exactly `marker` (`HOOKCI_WORKSPACE=<absolute workspace path>`, unique to one
+/// run of one state directory), with their process groups. Identifying processes by
+/// their environment, not by a remembered pid, means a recycled pid is never hit.
+/// Returns the pids found.
+pub fn kill_leftovers(marker: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if !environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
+            continue;
+        }
+        found.push(pid);
+        if let Some(pgid) = process_group_of(pid) {
+            if pgid != process_group_of(me).unwrap_or(0) {
+                signal_group(pgid, libc::SIGKILL);
+            }
+        }
+        // SAFETY: kill takes integers only; the pid was just seen carrying our marker.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    if !found.is_empty() {
+        warn!(
+            ?found,
+            marker, "killed step processes left over from a previous daemon"
+        );
+    }
+    found
+}
+
+/// Field 5 of /proc/PID/stat.
+fn process_group_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; fields after it don't.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
 /// SIGTERM the group, give the shell `grace` to exit, then SIGKILL and reap it.
 async fn stop_child(child: &mut Child, pgid: i32, grace: Duration) -> Result<(), RunnerError> {
     signal_group(pgid, libc::SIGTERM);

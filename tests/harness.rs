@@ -45,7 +45,7 @@ impl Builder {
         Builder {
             dir,
             secret: Some(SECRET.to_owned()),
-            config: "step_grace: 1s\nshutdown_grace: 5s\n".to_owned(),
+            config: String::new(),
             env: Vec::new(),
             args: Vec::new(),
         }
@@ -92,6 +92,13 @@ impl Builder {
             root.join("state").display(),
             self.config
         );
+        // Short grace periods keep tests fast, unless the test sets its own.
+        for default in ["step_grace: 1s", "shutdown_grace: 5s"] {
+            let key = default.split(':').next().unwrap();
+            if !self.config.lines().any(|l| l.starts_with(key)) {
+                config.push_str(&format!("{default}\n"));
+            }
+        }
         if let Some(secret) = &self.secret {
             std::fs::write(root.join("secret"), format!("{secret}\n")).unwrap();
             config.push_str(&format!(
@@ -419,19 +426,6 @@ impl PushPayload {
         }))
         .unwrap()
     }
-}
-
-/// Every status of every run the daemon knows, as `(id, status)`.
-pub fn statuses(d: &Daemon) -> Vec<(i64, String)> {
-    d.runs()
-        .iter()
-        .map(|r| {
-            (
-                r["id"].as_i64().unwrap(),
-                r["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// Whether a process is gone (a zombie waiting for its reaper counts as gone).

@@ -1,5 +1,7 @@
 //! One integration test binary: every test drives the real `hookci` binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
 
 mod builds;
+mod recovery;

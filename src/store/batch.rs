@@ -3,7 +3,7 @@
 //! commits once. Every caller is answered only after that commit (and its fsync), so
 //! a 202 still means "durable", while concurrent deliveries share the cost of a sync.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use rusqlite::Connection;
@@ -59,7 +59,7 @@ impl DeliveryWriter {
     }
 }
 
-fn write_loop(mut conn: Connection, path: &PathBuf, rx: &mpsc::Receiver<Job>) {
+fn write_loop(mut conn: Connection, path: &Path, rx: &mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -71,7 +71,7 @@ fn write_loop(mut conn: Connection, path: &PathBuf, rx: &mpsc::Receiver<Job>) {
         let results = commit_batch(&mut conn, &batch);
         for (job, result) in batch.into_iter().zip(results) {
             let result = result.map_err(|message| StoreError::Failed {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 message,
             });
             // The caller may have gone away (client disconnected); the record stands.

@@ -54,6 +54,7 @@ CREATE TABLE decisions (
 );
 CREATE TABLE steps (
     run_id      INTEGER NOT NULL REFERENCES runs(id),
+    attempt     INTEGER NOT NULL,
     number      INTEGER NOT NULL,
     name        TEXT NOT NULL,
     status      TEXT NOT NULL,
@@ -62,7 +63,7 @@ CREATE TABLE steps (
     reason      TEXT,
     started_at  INTEGER,
     finished_at INTEGER,
-    PRIMARY KEY (run_id, number)
+    PRIMARY KEY (run_id, attempt, number)
 );
 "#];
 
@@ -318,6 +319,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// How many times a run is started before interruptions make it fail.
+pub const MAX_ATTEMPTS: i64 = 2;
+
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
      status, reason, attempt, created_at, started_at, finished_at";
@@ -448,11 +452,12 @@ impl Store {
     pub fn plan_steps(&self, run_id: i64, names: &[String]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute("DELETE FROM steps WHERE run_id = ?1", [run_id])
+        tx.execute("DELETE FROM steps WHERE run_id = ?1 AND attempt = (SELECT attempt FROM runs WHERE id = ?1)", [run_id])
             .map_err(|e| self.err(e))?;
         for (i, name) in names.iter().enumerate() {
             tx.execute(
-                "INSERT INTO steps (run_id, number, name, status) VALUES (?1, ?2, ?3, 'pending')",
+                "INSERT INTO steps (run_id, attempt, number, name, status)
+                 VALUES (?1, (SELECT attempt FROM runs WHERE id = ?1), ?2, ?3, 'pending')",
                 params![run_id, i as i64 + 1, name],
             )
             .map_err(|e| self.err(e))?;
@@ -463,7 +468,8 @@ impl Store {
     pub fn step_started(&self, run_id: i64, number: i64) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "UPDATE steps SET status = 'running', started_at = ?3 WHERE run_id = ?1 AND number = ?2",
+                "UPDATE steps SET status = 'running', started_at = ?3
+                 WHERE run_id = ?1 AND attempt = (SELECT attempt FROM runs WHERE id = ?1) AND number = ?2",
                 params![run_id, number, now_ms()],
             )
             .map(drop)
@@ -476,7 +482,7 @@ impl Store {
             .execute(
                 "UPDATE steps SET status = ?3, exit_code = ?4, signal = ?5, reason = ?6,
                         started_at = COALESCE(started_at, ?7), finished_at = ?7
-                 WHERE run_id = ?1 AND number = ?2",
+                 WHERE run_id = ?1 AND attempt = (SELECT attempt FROM runs WHERE id = ?1) AND number = ?2",
                 params![
                     run_id,
                     number,
@@ -509,7 +515,7 @@ impl Store {
         .map_err(|e| self.err(e))?;
         tx.execute(
             "UPDATE steps SET status = ?2, finished_at = CASE WHEN started_at IS NULL THEN NULL ELSE ?3 END
-             WHERE run_id = ?1 AND status IN ('pending', 'running')",
+             WHERE run_id = ?1 AND attempt = (SELECT attempt FROM runs WHERE id = ?1) AND status IN ('pending', 'running')",
             params![run_id, leftover.as_str(), now],
         )
         .map_err(|e| self.err(e))?;
@@ -537,6 +543,52 @@ impl Store {
         Ok(ids)
     }
 
+    /// On start, after [`Store::interrupt_running`] and after their leftovers are gone:
+    /// each interrupted run is queued again once (its attempt goes up by one); a run
+    /// interrupted on its second attempt ends `failed`. Returns (run, attempt it had).
+    pub fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let found: Vec<(i64, i64)> = {
+            let mut stmt = tx
+                .prepare("SELECT id, attempt FROM runs WHERE status = 'interrupted' ORDER BY id")
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(|e| self.err(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?
+        };
+        let mut out = Vec::new();
+        for (id, attempt) in found {
+            let status = if attempt < MAX_ATTEMPTS {
+                tx.execute(
+                    "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
+                            finished_at = NULL, reason = ?2
+                     WHERE id = ?1",
+                    params![
+                        id,
+                        format!("attempt {attempt} was interrupted by a daemon stop or crash")
+                    ],
+                )
+                .map_err(|e| self.err(e))?;
+                RunStatus::Queued
+            } else {
+                tx.execute(
+                    "UPDATE runs SET status = 'failed', reason = ?2 WHERE id = ?1",
+                    params![
+                        id,
+                        format!("interrupted on {attempt} attempts by daemon stops or crashes")
+                    ],
+                )
+                .map_err(|e| self.err(e))?;
+                RunStatus::Failed
+            };
+            out.push((id, attempt, status));
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
     pub fn run(&self, id: i64) -> Result<Option<Run>, StoreError> {
         self.conn()
             .query_row(
@@ -548,16 +600,23 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// The steps of the run's current attempt.
     pub fn steps(&self, run_id: i64) -> Result<Vec<Step>, StoreError> {
+        self.steps_of(run_id, None)
+    }
+
+    /// The steps of one attempt of a run (`None`: the current one).
+    pub fn steps_of(&self, run_id: i64, attempt: Option<i64>) -> Result<Vec<Step>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
                 "SELECT number, name, status, exit_code, signal, reason, started_at, finished_at
-                 FROM steps WHERE run_id = ?1 ORDER BY number",
+                 FROM steps WHERE run_id = ?1 AND attempt = COALESCE(?2, (SELECT attempt FROM runs WHERE id = ?1))
+                 ORDER BY number",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([run_id], |r| {
+            .query_map(params![run_id, attempt], |r| {
                 let status: String = r.get(2)?;
                 Ok(Step {
                     number: r.get(0)?,

@@ -1,0 +1,244 @@
+//! Nothing lost, nothing twice: crashes (SIGKILL), graceful stops (SIGTERM) and restarts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::harness::*;
+
+const REPO: &str = "octo-org/octo-repo";
+
+fn pipeline(origin: &Origin, steps: &str) -> String {
+    format!(
+        "repo: {REPO}\nclone_url: {}\non:\n  branches: [\"**\"]\nsteps:\n{steps}",
+        origin.url()
+    )
+}
+
+fn first_run(r: &hookci::client::Response) -> i64 {
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["runs"][0]["id"].as_i64().unwrap()
+}
+
+fn read_pids(path: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_crash_mid_step_requeues_the_run_once_and_kills_what_it_left() {
+    let b = Builder::new().config("shutdown_grace: 1s");
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let pids = b.path().join("pids");
+    let steps = format!(
+        "  - name: long\n    run: echo attempt started; sleep 600 & echo $! >> {}; wait\n",
+        pids.display()
+    );
+    let mut d = b.pipeline("ci", &pipeline(&origin, &steps)).start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let id = first_run(&d.deliver("push", "crash-1", &body));
+    eventually("the step runs", || read_pids(&pids).len() == 1);
+    let first_sleep = read_pids(&pids)[0];
+
+    d.signal(libc::SIGKILL);
+    d.wait();
+    assert!(
+        !process_gone(first_sleep),
+        "a crashed daemon cannot kill its steps itself"
+    );
+
+    d.spawn();
+    eventually("the leftover step process is killed", || {
+        process_gone(first_sleep)
+    });
+    eventually("attempt 2 runs", || read_pids(&pids).len() == 2);
+    let run = d.get_json(&format!("/api/runs/{id}"));
+    assert_eq!(run["status"], "running");
+    assert_eq!(run["attempt"], 2);
+    assert_eq!(run["steps"][0]["status"], "running");
+    let old = d.get(&format!("/api/runs/{id}/log?attempt=1")).text();
+    assert!(
+        old.contains("attempt started") && old.contains("(interrupted)"),
+        "{old}"
+    );
+    assert!(d
+        .state_dir()
+        .join(format!("logs/{id}/attempt-1/1.log"))
+        .exists());
+
+    // A stop: the step gets shutdown_grace, then its group is killed; exit 0.
+    let second_sleep = read_pids(&pids)[1];
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(), Some(0), "{}", d.log());
+    assert!(
+        process_gone(second_sleep),
+        "no step process outlives the daemon"
+    );
+
+    // Interrupted on its second attempt: the run fails instead of looping.
+    d.spawn();
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted on 2 attempts"),
+        "{run:#}"
+    );
+    assert_eq!(read_pids(&pids).len(), 2, "no third attempt");
+}
+
+#[test]
+fn a_stop_lets_running_steps_finish_and_keeps_queued_runs() {
+    let b = Builder::new().config("shutdown_grace: 60s\nmax_parallel_runs: 1");
+    let origin = Origin::new(b.path());
+    let marker = b.path().join("started");
+    let steps = format!(
+        "  - run: touch {}; sleep 1; echo finished\n",
+        marker.display()
+    );
+    let mut d = b.pipeline("ci", &pipeline(&origin, &steps)).start();
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let sha = origin.commit(&format!("b{i}"), &[("n", &i.to_string())], "x");
+        let body = PushPayload::new(REPO, &format!("refs/heads/b{i}"), ZERO, &sha, "x").bytes();
+        ids.push(first_run(&d.deliver("push", &format!("stop-{i}"), &body)));
+    }
+    eventually("the first run's step started", || marker.exists());
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(), Some(0), "{}", d.log());
+
+    d.spawn();
+    let first = d.get_json(&format!("/api/runs/{}", ids[0]));
+    assert_eq!(
+        first["status"], "succeeded",
+        "the running step finished within the grace: {first:#}"
+    );
+    assert_eq!(first["attempt"], 1);
+    assert!(d.run_log(ids[0]).contains("finished"));
+    // The queued run was never started before the stop, and runs after the restart.
+    let second = d.wait_run(ids[1]);
+    assert_eq!(second["status"], "succeeded");
+    assert_eq!(second["attempt"], 1);
+}
+
+/// Deliveries acknowledged before a crash: delivery id -> run ids in the response.
+type Acked = Mutex<HashMap<String, Vec<i64>>>;
+
+/// Sends distinct pushes from several threads until the daemon goes away (at most
+/// 20 a thread, so every run fits in one `/api/runs` page).
+fn flood(d: &Daemon, sha: &str, round: usize, acked: &Acked, stop: &AtomicBool) {
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            s.spawn(move || {
+                for i in 0..20 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let delivery = format!("r{round}-t{t}-{i}");
+                    let body =
+                        PushPayload::new(REPO, &format!("refs/heads/{delivery}"), ZERO, sha, "x")
+                            .bytes();
+                    let sig = hookci::intake::sign(SECRET.as_bytes(), &body);
+                    let headers = [
+                        ("Content-Type", "application/json"),
+                        ("X-GitHub-Event", "push"),
+                        ("X-GitHub-Delivery", delivery.as_str()),
+                        ("X-Hub-Signature-256", sig.as_str()),
+                    ];
+                    match hookci::client::request("POST", &d.url("/webhook"), &headers, &body) {
+                        Ok(r) if (200..300).contains(&r.status) => {
+                            let ids = r.json()["runs"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x["id"].as_i64().unwrap())
+                                .collect();
+                            acked.lock().unwrap().insert(delivery, ids);
+                        }
+                        // Killed mid-request: no answer, so no promise was made.
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn deliveries_acknowledged_before_a_sigkill_are_all_there_after_restart() {
+    let b = Builder::new().config("max_parallel_runs: 2");
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let mut d = b
+        .pipeline("ci", &pipeline(&origin, "  - run: 'true'\n"))
+        .start();
+    let acked: Acked = Mutex::new(HashMap::new());
+    // Kill points spread over the first quarter second of load, different each round.
+    let seed = std::process::id() as u64;
+    for round in 0..4 {
+        let delay = Duration::from_millis(
+            20 + (seed
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(round as u64 * 7919)
+                % 250),
+        );
+        let stop = AtomicBool::new(false);
+        let pid = d.pid();
+        std::thread::scope(|s| {
+            s.spawn(|| flood(&d, &sha, round, &acked, &stop));
+            std::thread::sleep(delay);
+            // SAFETY: signalling the daemon child by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            stop.store(true, Ordering::Relaxed);
+        });
+        d.wait();
+        d.spawn();
+    }
+    let acked = acked.into_inner().unwrap();
+    assert!(
+        acked.len() > 20,
+        "the load reached the daemon: {}",
+        acked.len()
+    );
+    for (delivery, ids) in &acked {
+        let stored = d.get(&format!("/api/deliveries/{delivery}"));
+        assert_eq!(
+            stored.status, 200,
+            "acknowledged delivery {delivery} was lost"
+        );
+        let decision_runs: Vec<i64> = stored.json()["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|x| x["run"].as_i64())
+            .collect();
+        assert_eq!(&decision_runs, ids, "{delivery}");
+    }
+    // Every run finishes, once per key (one branch per delivery here).
+    let runs = d.runs();
+    let mut refs = HashSet::new();
+    for run in &runs {
+        let id = run["id"].as_i64().unwrap();
+        let done = d.wait_run(id);
+        // A run caught by two of the kills gives up rather than loop.
+        let gave_up = done["status"] == "failed"
+            && done["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("interrupted on 2 attempts"));
+        assert!(done["status"] == "succeeded" || gave_up, "{done:#}");
+        assert!(
+            refs.insert(done["ref"].as_str().unwrap().to_owned()),
+            "a run key ran twice"
+        );
+    }
+    assert!(runs.len() >= acked.len());
+    let healthz = d.get("/healthz");
+    assert_eq!(healthz.status, 200);
+}
