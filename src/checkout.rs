@@ -17,6 +17,8 @@ use crate::repo::RepoName;
 pub enum CheckoutError {
     #[error("unsupported clone URL host in {0:?}")]
     BadUrl(String),
+    #[error("listing the refs of {url}: {source}")]
+    List { url: String, source: git2::Error },
     #[error("{0:?} is not a commit id")]
     BadCommit(String),
     #[error("fetching {url} into {mirror}: {source}")]
@@ -105,15 +107,49 @@ impl Mirrors {
             .join(format!("{repo}.git")))
     }
 
-    fn fetch_options(&self, url: &str) -> FetchOptions<'static> {
-        let mut fo = FetchOptions::new();
+    /// Credentials for `url`: the GitHub token, for https only, as a credential (never
+    /// in the URL, so it cannot end up in a log line or a workspace's config).
+    fn callbacks(&self, url: &str) -> RemoteCallbacks<'static> {
+        let mut cb = RemoteCallbacks::new();
         if let (Some(token), true) = (&self.token, url.starts_with("https://")) {
             let token = token.expose().to_owned();
-            let mut cb = RemoteCallbacks::new();
             cb.credentials(move |_, _, _| Cred::userpass_plaintext("x-access-token", &token));
-            fo.remote_callbacks(cb);
         }
+        cb
+    }
+
+    fn fetch_options(&self, url: &str) -> FetchOptions<'static> {
+        let mut fo = FetchOptions::new();
+        fo.remote_callbacks(self.callbacks(url));
         fo
+    }
+
+    /// The branch and tag heads of the repository at `url`, as (ref, commit): connects
+    /// and lists, downloads no objects. Annotated tags are peeled to their commit.
+    pub fn remote_heads(&self, url: &str) -> Result<Vec<(String, String)>, CheckoutError> {
+        let list_err = |source| CheckoutError::List {
+            url: url.to_owned(),
+            source,
+        };
+        let mut remote = git2::Remote::create_detached(url).map_err(list_err)?;
+        let conn = remote
+            .connect_auth(git2::Direction::Fetch, Some(self.callbacks(url)), None)
+            .map_err(list_err)?;
+        let mut heads: Vec<(String, String)> = Vec::new();
+        for head in conn.list().map_err(list_err)? {
+            let name = head.name();
+            let oid = head.oid().to_string();
+            if let Some(tag) = name.strip_suffix("^{}") {
+                // The peeled entry follows its tag: it names the commit to build.
+                match heads.iter_mut().find(|(r, _)| r == tag) {
+                    Some(entry) => entry.1 = oid,
+                    None => heads.push((tag.to_owned(), oid)),
+                }
+            } else if name.starts_with("refs/heads/") || name.starts_with("refs/tags/") {
+                heads.push((name.to_owned(), oid));
+            }
+        }
+        Ok(heads)
     }
 
     /// Makes sure the mirror holds `commit`, fetching only what is missing: the pushed ref
@@ -284,6 +320,37 @@ pub(crate) mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains(&missing), "{err}");
+    }
+
+    #[test]
+    fn remote_heads_peel_annotated_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
+        let c1 = commit(&origin, "main", &[("a", "1")], "one");
+        let sig = git2::Signature::now("t", "t@hookci.invalid").unwrap();
+        let tag = origin
+            .tag(
+                "v1",
+                &origin.find_object(c1, None).unwrap(),
+                &sig,
+                "release",
+                false,
+            )
+            .unwrap();
+        assert_ne!(tag, c1);
+        let mirrors = Mirrors::new(dir.path(), None);
+        let mut heads = mirrors
+            .remote_heads(dir.path().join("o.git").to_str().unwrap())
+            .unwrap();
+        heads.sort();
+        assert_eq!(
+            heads,
+            vec![
+                ("refs/heads/main".to_owned(), c1.to_string()),
+                ("refs/tags/v1".to_owned(), c1.to_string())
+            ]
+        );
+        assert!(mirrors.remote_heads("/nonexistent/repo.git").is_err());
     }
 
     #[test]

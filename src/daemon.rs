@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
 use crate::store::{DeliveryWriter, Store, StoreError};
-use crate::{api, intake, runner, scheduler};
+use crate::{api, intake, reconcile, runner, scheduler};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -27,7 +27,7 @@ const HTTP_DRAIN: Duration = Duration::from_secs(10);
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path} is not usable (it must be a writable directory): {source}")]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -106,6 +106,11 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf), DaemonError> {
     };
     std::fs::create_dir_all(state_dir).map_err(dir_err)?;
     let state_dir = std::fs::canonicalize(state_dir).map_err(dir_err)?;
+    // Fail now, with the directory's name, rather than at the first run.
+    let probe = state_dir.join(".hookci-write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(dir_err)?;
     let store = Store::open(&state_dir)?;
     for id in store.interrupt_running()? {
         let workspace = state_dir.join("workspaces").join(id.to_string());
@@ -166,7 +171,13 @@ pub async fn run(
     let intake = DeliveryWriter::start(&store)?;
     let state = Arc::new(AppState::new(config, Arc::new(store), intake, pipelines));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), mirrors, stop_rx));
+    let scheduler = tokio::spawn(scheduler::run(
+        Arc::clone(&state),
+        Arc::clone(&mirrors),
+        stop_rx.clone(),
+    ));
+    // Not awaited at stop: a listing in progress has nothing to finish or lose.
+    tokio::spawn(reconcile::run(Arc::clone(&state), mirrors, stop_rx));
 
     let routes = intake::routes(Arc::clone(&state))
         .or(api::routes(Arc::clone(&state)))

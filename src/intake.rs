@@ -272,7 +272,25 @@ async fn dispatch(
 
 /// The store record of a push: every pipeline's verdict, with runs for the triggered ones.
 fn new_delivery(id: &str, push: &Push, pipelines: &crate::pipeline::PipelineSet) -> NewDelivery {
-    let decisions = matcher::decide(push, pipelines)
+    NewDelivery {
+        id: id.to_owned(),
+        event: "push".into(),
+        repo: push.repo.to_string(),
+        git_ref: push.git_ref.clone(),
+        after: push.after.clone(),
+        head: push.commit.clone(),
+        clone_url: push.clone_url.clone(),
+        decisions: decisions(push, pipelines, "push"),
+    }
+}
+
+/// Every pipeline's decision for `push`, with the run to create where one triggers.
+pub fn decisions(
+    push: &Push,
+    pipelines: &crate::pipeline::PipelineSet,
+    trigger: &'static str,
+) -> Vec<NewDecision> {
+    matcher::decide(push, pipelines)
         .into_iter()
         .map(|d| {
             let p = &d.pipeline;
@@ -287,7 +305,7 @@ fn new_delivery(id: &str, push: &Push, pipelines: &crate::pipeline::PipelineSet)
                     .clone_url
                     .clone()
                     .unwrap_or_else(|| push.clone_url.clone()),
-                trigger: "push",
+                trigger,
                 skipped,
             };
             match d.verdict {
@@ -312,15 +330,7 @@ fn new_delivery(id: &str, push: &Push, pipelines: &crate::pipeline::PipelineSet)
                 },
             }
         })
-        .collect();
-    NewDelivery {
-        id: id.to_owned(),
-        event: "push".into(),
-        repo: push.repo.to_string(),
-        git_ref: push.git_ref.clone(),
-        after: push.after.clone(),
-        decisions,
-    }
+        .collect()
 }
 
 #[cfg(test)]

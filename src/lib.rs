@@ -15,6 +15,7 @@ pub mod intake;
 pub mod matcher;
 pub mod pattern;
 pub mod pipeline;
+pub mod reconcile;
 pub mod repo;
 pub mod runner;
 pub mod scheduler;

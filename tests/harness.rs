@@ -84,16 +84,22 @@ impl Builder {
         self
     }
 
-    pub fn start(self) -> Daemon {
+    /// Writes `hookci.yml` (with the test defaults the test did not set itself).
+    fn write_config(&self) {
         let root = self.dir.path();
         let mut config = format!(
-            "listen: 127.0.0.1:0\npipelines: {}\nstate_dir: {}\n{}",
+            "listen: 127.0.0.1:0\npipelines: {}\n{}",
             root.join("pipelines").display(),
-            root.join("state").display(),
             self.config
         );
-        // Short grace periods keep tests fast, unless the test sets its own.
-        for default in ["step_grace: 1s", "shutdown_grace: 5s"] {
+        // Short grace periods keep tests fast.
+        let state = format!("state_dir: {}", root.join("state").display());
+        for default in [
+            "step_grace: 1s",
+            "shutdown_grace: 5s",
+            "reconcile_interval: 0",
+            state.as_str(),
+        ] {
             let key = default.split(':').next().unwrap();
             if !self.config.lines().any(|l| l.starts_with(key)) {
                 config.push_str(&format!("{default}\n"));
@@ -107,6 +113,10 @@ impl Builder {
             ));
         }
         std::fs::write(root.join("hookci.yml"), config).unwrap();
+    }
+
+    pub fn start(self) -> Daemon {
+        self.write_config();
         let mut daemon = Daemon {
             dir: self.dir,
             secret: self.secret,
@@ -118,6 +128,26 @@ impl Builder {
         };
         daemon.spawn();
         daemon
+    }
+
+    /// Runs `hookci serve` expecting it to refuse to start: its exit code and stderr.
+    pub fn serve_expecting_failure(self) -> (Option<i32>, String) {
+        self.write_config();
+        let out = Command::new(bin())
+            .arg("serve")
+            .arg("-c")
+            .arg(self.dir.path().join("hookci.yml"))
+            .args(&self.args)
+            .env_remove("HOOKCI_WEBHOOK_SECRET")
+            .env_remove("HOOKCI_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 

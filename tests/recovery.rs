@@ -242,3 +242,26 @@ fn deliveries_acknowledged_before_a_sigkill_are_all_there_after_restart() {
     let healthz = d.get("/healthz");
     assert_eq!(healthz.status, 200);
 }
+
+#[test]
+fn a_damaged_store_or_an_unusable_state_directory_stops_the_start_with_a_clear_error() {
+    let b = Builder::new();
+    std::fs::create_dir_all(b.path().join("state")).unwrap();
+    std::fs::write(b.path().join("state/hookci.db"), vec![0x5a; 8192]).unwrap();
+    let (code, stderr) = b.serve_expecting_failure();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("hookci.db is damaged"), "{stderr}");
+    assert_eq!(
+        stderr.matches("is damaged").count(),
+        1,
+        "said once: {stderr}"
+    );
+
+    let b = Builder::new();
+    let file = b.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let b = b.config(&format!("state_dir: {}/state", file.display()));
+    let (code, stderr) = b.serve_expecting_failure();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("a-file/state is not usable"), "{stderr}");
+}

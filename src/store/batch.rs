@@ -120,6 +120,8 @@ mod tests {
             repo: "o/r".into(),
             git_ref: "refs/heads/main".into(),
             after: "c".repeat(40),
+            head: Some("c".repeat(40)),
+            clone_url: "/x".into(),
             decisions: vec![NewDecision {
                 pipeline: "ci".into(),
                 reason: "matched".into(),

@@ -15,7 +15,8 @@ use crate::clock::now_ms;
 mod batch;
 pub use batch::DeliveryWriter;
 
-const SCHEMA: &[&str] = &[r#"
+const SCHEMA: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id          TEXT PRIMARY KEY,
     event       TEXT NOT NULL,
@@ -65,7 +66,23 @@ CREATE TABLE steps (
     finished_at INTEGER,
     PRIMARY KEY (run_id, attempt, number)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE ref_heads (
+    repo        TEXT NOT NULL,
+    ref         TEXT NOT NULL,
+    commit_sha  TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (repo, ref)
+);
+CREATE TABLE repositories (
+    repo        TEXT PRIMARY KEY,
+    clone_url   TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+"#,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -81,6 +98,10 @@ pub enum StoreError {
     },
     #[error("store {path}: {message}")]
     Failed { path: PathBuf, message: String },
+    #[error(
+        "store {path} is damaged ({detail}): restore it from a backup, or move it away to start with an empty store"
+    )]
+    Damaged { path: PathBuf, detail: String },
     #[error("store {path}: written by a newer hookci (schema {found}, this one knows {known})")]
     TooNew {
         path: PathBuf,
@@ -190,6 +211,9 @@ pub struct NewDelivery {
     pub repo: String,
     pub git_ref: String,
     pub after: String,
+    /// The commit the ref now points at (peeled for tags); `None` for a deletion.
+    pub head: Option<String>,
+    pub clone_url: String,
     pub decisions: Vec<NewDecision>,
 }
 
@@ -367,7 +391,27 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let conn = connect(&path).map_err(sql)?;
+        let conn = connect(&path).map_err(|source| match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                StoreError::Damaged {
+                    path: path.clone(),
+                    detail: source.to_string(),
+                }
+            }
+            _ => sql(source),
+        })?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|source| StoreError::Damaged {
+                path: path.clone(),
+                detail: source.to_string(),
+            })?;
+        if check != "ok" {
+            return Err(StoreError::Damaged {
+                path,
+                detail: check,
+            });
+        }
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql)?;
@@ -589,6 +633,62 @@ impl Store {
         Ok(out)
     }
 
+    /// Where each ref of `repo` pointed when hookci last saw it.
+    pub fn ref_heads(
+        &self,
+        repo: &str,
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT ref, commit_sha FROM ref_heads WHERE repo = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([repo], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// The clone URL of `repo` from its latest delivery.
+    pub fn clone_url_of(&self, repo: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT clone_url FROM repositories WHERE repo = ?1",
+                [repo],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records what a reconcile found: the runs it triggers (under the per-commit lock)
+    /// and the refs' new heads, in one transaction.
+    pub fn record_reconcile(
+        &self,
+        repo: &str,
+        heads: &[(String, String)],
+        runs: &[NewRun],
+    ) -> Result<Vec<RunRef>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for run in runs {
+            let (id, existing) = match insert_run(&tx, run, None).map_err(|e| self.err(e))? {
+                Inserted::New(id) => (id, false),
+                Inserted::Existing(id) => (id, true),
+            };
+            out.push(RunRef {
+                id,
+                pipeline: run.pipeline.clone(),
+                existing,
+            });
+        }
+        for (git_ref, sha) in heads {
+            note_head(&tx, repo, git_ref, Some(sha), "reconcile").map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
     pub fn run(&self, id: i64) -> Result<Option<Run>, StoreError> {
         self.conn()
             .query_row(
@@ -758,7 +858,36 @@ fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOut
         )?
         .execute(params![d.id, decision.pipeline, outcome, reason, run_id])?;
     }
+    note_head(conn, &d.repo, &d.git_ref, d.head.as_deref(), "push")?;
+    conn.prepare_cached(
+        "INSERT INTO repositories (repo, clone_url, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT(repo) DO UPDATE SET clone_url = excluded.clone_url, updated_at = excluded.updated_at",
+    )?
+    .execute(params![d.repo, d.clone_url, now_ms()])?;
     Ok(DeliveryOutcome::New(runs))
+}
+
+/// Remembers where a ref points (`None`: it was deleted), for reconciling later.
+fn note_head(
+    conn: &Connection,
+    repo: &str,
+    git_ref: &str,
+    commit: Option<&str>,
+    source: &str,
+) -> rusqlite::Result<()> {
+    match commit {
+        Some(sha) => conn
+            .prepare_cached(
+                "INSERT INTO ref_heads (repo, ref, commit_sha, source, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(repo, ref) DO UPDATE SET commit_sha = excluded.commit_sha,
+                     source = excluded.source, updated_at = excluded.updated_at",
+            )?
+            .execute(params![repo, git_ref, sha, source, now_ms()])?,
+        None => conn
+            .prepare_cached("DELETE FROM ref_heads WHERE repo = ?1 AND ref = ?2")?
+            .execute(params![repo, git_ref])?,
+    };
+    Ok(())
 }
 
 enum Inserted {
@@ -850,6 +979,8 @@ mod tests {
             repo: "o/r".into(),
             git_ref: "refs/heads/main".into(),
             after: "c".repeat(40),
+            head: Some("c".repeat(40)),
+            clone_url: "/tmp/x".into(),
             decisions: runs
                 .into_iter()
                 .map(|r| NewDecision {

@@ -1,0 +1,151 @@
+//! Missed pushes: at start and every `reconcile_interval`, list each configured
+//! repository's remote heads (connect and list, no object download) and compare them
+//! with the last head hookci saw. A branch or tag that moved, matches a pipeline and has
+//! no run for its key gets one, with `trigger: reconcile`. A ref seen for the first time
+//! is only recorded. Only the store and the matcher decide; nothing here runs steps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::checkout::Mirrors;
+use crate::daemon::AppState;
+use crate::event::{Push, RefKind};
+use crate::intake;
+use crate::repo::RepoName;
+
+/// Reconciles at start, then every interval, until `stop` turns true. An interval of 0
+/// disables reconciling altogether.
+pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::Receiver<bool>) {
+    let interval = state.config.reconcile_interval;
+    if interval.is_zero() {
+        tracing::info!("reconcile disabled (reconcile_interval: 0)");
+        return;
+    }
+    loop {
+        let (s, m) = (Arc::clone(&state), Arc::clone(&mirrors));
+        match tokio::task::spawn_blocking(move || reconcile_all(&s, &m)).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    runs = n,
+                    "reconcile queued runs for pushes that were missed"
+                );
+                state.wake.notify_one();
+            }
+            Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One pass over every repository the pipelines name; returns the runs it created.
+pub fn reconcile_all(state: &AppState, mirrors: &Mirrors) -> usize {
+    let pipelines = state.pipelines();
+    // One clone URL per repository: a pipeline's own, else the latest delivery's.
+    let mut repos: BTreeMap<String, (RepoName, Option<String>)> = BTreeMap::new();
+    for p in pipelines.iter() {
+        let entry = repos
+            .entry(p.repo.as_str().to_ascii_lowercase())
+            .or_insert_with(|| (p.repo.clone(), None));
+        if entry.1.is_none() {
+            entry.1.clone_from(&p.clone_url);
+        }
+    }
+    let mut created = 0;
+    for (repo, url) in repos.into_values() {
+        let url = match url {
+            Some(url) => url,
+            None => match state.store.clone_url_of(repo.as_str()) {
+                Ok(Some(url)) => url,
+                Ok(None) => {
+                    tracing::debug!(%repo, "no clone URL known yet (no clone_url, no delivery): not reconciled");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(%repo, error = %e, "reconcile cannot read the store");
+                    continue;
+                }
+            },
+        };
+        match reconcile_repo(state, mirrors, &repo, &url) {
+            Ok(n) => created += n,
+            Err(e) => tracing::warn!(%repo, error = %e, "reconcile failed for this repository"),
+        }
+    }
+    created
+}
+
+fn reconcile_repo(
+    state: &AppState,
+    mirrors: &Mirrors,
+    repo: &RepoName,
+    url: &str,
+) -> Result<usize, String> {
+    let remote = mirrors.remote_heads(url).map_err(|e| e.to_string())?;
+    let known = state
+        .store
+        .ref_heads(repo.as_str())
+        .map_err(|e| e.to_string())?;
+    let pipelines = state.pipelines();
+    let mut heads = Vec::new();
+    let mut runs = Vec::new();
+    for (git_ref, commit) in remote {
+        let before = match known.get(&git_ref) {
+            Some(seen) if *seen == commit => continue,
+            Some(seen) => seen.clone(),
+            None => {
+                // First sight: remember it; building every existing ref would be a surprise.
+                heads.push((git_ref, commit));
+                continue;
+            }
+        };
+        let kind = match (
+            git_ref.strip_prefix("refs/heads/"),
+            git_ref.strip_prefix("refs/tags/"),
+        ) {
+            (Some(b), _) => RefKind::Branch(b.to_owned()),
+            (_, Some(t)) => RefKind::Tag(t.to_owned()),
+            _ => continue,
+        };
+        let push = Push {
+            git_ref: git_ref.clone(),
+            kind,
+            before,
+            after: commit.clone(),
+            commit: Some(commit.clone()),
+            deleted: false,
+            created: false,
+            forced: false,
+            repo: repo.clone(),
+            clone_url: url.to_owned(),
+            default_branch: None,
+            head_message: None,
+        };
+        for decision in intake::decisions(&push, &pipelines, "reconcile") {
+            match decision.run {
+                Some(run) => runs.push(run),
+                None => {
+                    tracing::debug!(pipeline = %decision.pipeline, reason = %decision.reason, %git_ref, "not triggered")
+                }
+            }
+        }
+        heads.push((git_ref, commit));
+    }
+    if heads.is_empty() {
+        return Ok(0);
+    }
+    let made = state
+        .store
+        .record_reconcile(repo.as_str(), &heads, &runs)
+        .map_err(|e| e.to_string())?;
+    let new: Vec<_> = made.iter().filter(|r| !r.existing).collect();
+    for r in &new {
+        tracing::info!(run = r.id, pipeline = %r.pipeline, %repo, "missed push found: run queued");
+    }
+    Ok(new.len())
+}
