@@ -69,6 +69,75 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Explain a delivery: for every pipeline, whether it ran and why (not)
+    Why {
+        delivery: String,
+        /// The daemon's base URL (default: from the config's listen address)
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// The daemon's base URL as seen from this machine.
+fn base_url(url: Option<String>, config: &Config) -> String {
+    url.unwrap_or_else(|| {
+        let mut addr = config.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    })
+    .trim_end_matches('/')
+    .to_owned()
+}
+
+fn why(base: &str, delivery: &str) -> anyhow::Result<ExitCode> {
+    let url = format!("{base}/api/deliveries/{delivery}");
+    let response = hookci::client::request("GET", &url, &[], b"")?;
+    let body = response.json();
+    if response.status != 200 {
+        eprintln!(
+            "hookci: {}",
+            body["error"].as_str().unwrap_or(&response.text())
+        );
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "delivery {} ({} {} of {} at {}, received {})",
+        body["id"].as_str().unwrap_or_default(),
+        body["event"].as_str().unwrap_or_default(),
+        body["ref"].as_str().unwrap_or_default(),
+        body["repo"].as_str().unwrap_or_default(),
+        body["after"].as_str().unwrap_or_default(),
+        body["received_at"].as_str().unwrap_or_default(),
+    );
+    let decisions = body["decisions"].as_array().cloned().unwrap_or_default();
+    let width = decisions
+        .iter()
+        .map(|d| d["pipeline"].as_str().unwrap_or_default().len())
+        .max()
+        .unwrap_or(0);
+    for d in &decisions {
+        let verdict = match (d["outcome"].as_str().unwrap_or_default(), d["run"].as_i64()) {
+            ("run", Some(id)) => format!("ran as run {id}"),
+            ("duplicate", Some(id)) => {
+                format!("did not run again: run {id} already builds this commit")
+            }
+            ("skipped", Some(id)) => format!("skipped (run {id})"),
+            (other, _) => other.replace('_', " "),
+        };
+        println!(
+            "  {:width$}  {verdict}: {}",
+            d["pipeline"].as_str().unwrap_or_default(),
+            d["reason"].as_str().unwrap_or_default()
+        );
+    }
+    if decisions.is_empty() {
+        println!("  no pipelines were configured when it arrived");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(args: &ConfigArgs, flags: Overrides) -> anyhow::Result<Config> {
@@ -241,6 +310,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Why {
+            delivery,
+            url,
+            config,
+        } => {
+            let config = load_config(&config, Overrides::default())?;
+            why(&base_url(url, &config), &delivery)
         }
     }
 }

@@ -439,3 +439,61 @@ fn runs_start_in_arrival_order_and_never_exceed_max_parallel_runs() {
     };
     assert_eq!(started_runs, ids, "claimed in arrival order");
 }
+
+#[test]
+fn hookci_why_explains_every_pipeline_decision() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let d = b
+        .pipeline("ci", &ci_pipeline(&origin, "  - run: 'true'\n"))
+        .pipeline("deploy", &format!("repo: {REPO}\non:\n  tags: [\"v*\"]\nsteps:\n  - run: 'true'\n"))
+        .pipeline("docs", &format!("repo: {REPO}\non:\n  branches: [\"docs/**\", \"!docs/old\"]\nsteps:\n  - run: 'true'\n"))
+        .pipeline("elsewhere", "repo: someone/else\nsteps:\n  - run: 'true'\n")
+        .start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let id = run_ids(&d.deliver("push", "why-1", &body).json())[0];
+    d.deliver("push", "why-2", &body);
+    let why = |delivery: &str| {
+        let out = std::process::Command::new(bin())
+            .args(["why", delivery, "--url", &d.url("")])
+            .env_remove("HOOKCI_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = why("why-1");
+    assert_eq!(code, Some(0));
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in\n{out}"))
+            .to_owned()
+    };
+    assert!(
+        out.starts_with("delivery why-1 (push refs/heads/main of octo-org/octo-repo"),
+        "{out}"
+    );
+    assert!(line("ci").contains(&format!("ran as run {id}")), "{out}");
+    assert!(
+        line("deploy").contains("not triggered") && line("deploy").contains("tags only"),
+        "{out}"
+    );
+    assert!(
+        line("docs").contains("matches none of on.branches"),
+        "{out}"
+    );
+    assert!(line("elsewhere").contains("someone/else"), "{out}");
+    let (_, out, _) = why("why-2");
+    assert!(
+        out.contains(&format!("run {id} already builds this commit")),
+        "{out}"
+    );
+    let (code, _, err) = why("no-such-delivery");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no delivery"), "{err}");
+}
