@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use git2::build::CheckoutBuilder;
 use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
 
+use crate::changes::{self, Changes};
 use crate::config::Secret;
 use crate::repo::RepoName;
 
@@ -17,6 +18,8 @@ use crate::repo::RepoName;
 pub enum CheckoutError {
     #[error("unsupported clone URL host in {0:?}")]
     BadUrl(String),
+    #[error("computing the changed files: {0}")]
+    Changes(changes::ChangesError),
     #[error("listing the refs of {url}: {source}")]
     List { url: String, source: git2::Error },
     #[error("{0:?} is not a commit id")]
@@ -157,10 +160,7 @@ impl Mirrors {
     pub fn fetch(&self, req: &Request<'_>) -> Result<PathBuf, CheckoutError> {
         let oid = parse_oid(req.commit)?;
         let path = self.mirror_path(req.repo, req.clone_url)?;
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(locks.entry(path.clone()).or_default())
-        };
+        let lock = self.lock_of(&path);
         let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
         let fetch_err = |source| CheckoutError::Fetch {
             url: req.clone_url.to_owned(),
@@ -206,6 +206,61 @@ impl Mirrors {
             }
         }
         Ok(path)
+    }
+
+    /// The files the push of `req.commit` changed since `before` (see `changes`). When the
+    /// diff needs a merge base with the default branch (a new branch, or a `before` the
+    /// mirror does not have), the remote's default branch is fetched into the mirror first.
+    pub fn changes(&self, req: &Request<'_>, before: &str) -> Result<Changes, CheckoutError> {
+        let path = self.mirror_path(req.repo, req.clone_url)?;
+        let lock = self.lock_of(&path);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let fetch_err = |source| CheckoutError::Fetch {
+            url: req.clone_url.to_owned(),
+            mirror: path.clone(),
+            source,
+        };
+        let repo = Repository::open_bare(&path).map_err(fetch_err)?;
+        let known_before =
+            Oid::from_str(before).is_ok_and(|oid| !oid.is_zero() && repo.find_commit(oid).is_ok());
+        let mut default_ref = None;
+        if !known_before {
+            let mut remote = repo.remote_anonymous(req.clone_url).map_err(fetch_err)?;
+            let default = {
+                let conn = remote
+                    .connect_auth(
+                        git2::Direction::Fetch,
+                        Some(self.callbacks(req.clone_url)),
+                        None,
+                    )
+                    .map_err(fetch_err)?;
+                conn.default_branch()
+                    .ok()
+                    .and_then(|b| b.as_str().ok().map(str::to_owned))
+            };
+            // Pushing the default branch itself: its head is the new commit, no base.
+            if let Some(default) =
+                default.filter(|d| d != req.git_ref && d.starts_with("refs/heads/"))
+            {
+                let spec = format!("+{default}:{default}");
+                remote
+                    .fetch(
+                        &[spec.as_str()],
+                        Some(&mut self.fetch_options(req.clone_url)),
+                        None,
+                    )
+                    .map_err(fetch_err)?;
+                default_ref = Some(default);
+            }
+        }
+        changes::changed_paths(&repo, before, req.commit, default_ref.as_deref())
+            .map_err(CheckoutError::Changes)
+    }
+
+    /// The lock of one mirror (concurrent fetches into one repository fight over refs).
+    fn lock_of(&self, mirror: &Path) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(mirror.to_path_buf()).or_default())
     }
 
     /// A fresh working tree of `commit` at `dest` with a detached HEAD. Its objects are

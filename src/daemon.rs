@@ -17,8 +17,8 @@ use crate::checkout::Mirrors;
 use crate::config::Config;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
-use crate::store::{DeliveryWriter, Store, StoreError};
-use crate::{api, intake, reconcile, runner, scheduler};
+use crate::store::{Store, StoreError};
+use crate::{api, control, intake, reconcile, runner, scheduler};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -40,26 +40,23 @@ pub enum DaemonError {
 pub struct AppState {
     pub config: Config,
     pub store: Arc<Store>,
-    /// Group-committing writer for deliveries (the hot path).
-    pub intake: DeliveryWriter,
     pipelines: RwLock<Arc<PipelineSet>>,
     /// Wakes the scheduler when runs were queued.
     pub wake: Notify,
+    /// The runs executing now, with their stop switches.
+    pub running: scheduler::Running,
+    pub mirrors: Arc<Mirrors>,
 }
 
 impl AppState {
-    pub fn new(
-        config: Config,
-        store: Arc<Store>,
-        intake: DeliveryWriter,
-        pipelines: PipelineSet,
-    ) -> AppState {
+    pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
         AppState {
+            mirrors: Arc::new(Mirrors::new(&config.state_dir, config.github.token.clone())),
             config,
             store,
-            intake,
             pipelines: RwLock::new(Arc::new(pipelines)),
             wake: Notify::new(),
+            running: scheduler::Running::default(),
         }
     }
 
@@ -167,9 +164,8 @@ pub async fn run(
         tokio::task::spawn_blocking(move || open_and_recover(&state_dir)).await??;
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
     config.state_dir = state_dir;
-    let mirrors = Arc::new(Mirrors::new(&config.state_dir, config.github.token.clone()));
-    let intake = DeliveryWriter::start(&store)?;
-    let state = Arc::new(AppState::new(config, Arc::new(store), intake, pipelines));
+    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    let mirrors = Arc::clone(&state.mirrors);
     let (stop_tx, stop_rx) = watch::channel(false);
     let scheduler = tokio::spawn(scheduler::run(
         Arc::clone(&state),
@@ -181,6 +177,8 @@ pub async fn run(
 
     let routes = intake::routes(Arc::clone(&state))
         .or(api::routes(Arc::clone(&state)))
+        .unify()
+        .or(control::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();

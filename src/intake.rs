@@ -18,7 +18,8 @@ use warp::{Filter, Rejection, Reply};
 use crate::daemon::AppState;
 use crate::event::{EventError, Push};
 use crate::matcher::{self, Verdict};
-use crate::store::{DeliveryOutcome, NewDecision, NewDelivery, NewRun};
+use crate::pipeline::{CancelPolicy, Group, Pipeline};
+use crate::store::{DeliveryOutcome, NewDecision, NewDelivery, NewRun, Supersede};
 
 /// A JSON error body with `status`.
 pub fn error_reply(status: StatusCode, message: impl Into<String>) -> Response {
@@ -242,15 +243,26 @@ async fn dispatch(
         }
     })?;
     let record = new_delivery(delivery, &push, &state.pipelines());
-    let outcome = state.intake.record(record).await.map_err(|e| {
-        tracing::error!(error = %e, "recording the delivery failed");
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the delivery could not be stored; retry".to_owned(),
-        )
-    })?;
+    let outcome = state
+        .store
+        .record_delivery_async(record)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "recording the delivery failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the delivery could not be stored; retry".to_owned(),
+            )
+        })?;
     Ok(match outcome {
         DeliveryOutcome::New(runs) => {
+            for new in &runs {
+                for old in &new.supersedes {
+                    state
+                        .running
+                        .cancel(*old, format!("superseded by run {}", new.id));
+                }
+            }
             if runs.iter().any(|r| !r.existing) {
                 state.wake.notify_one();
             }
@@ -284,6 +296,15 @@ fn new_delivery(id: &str, push: &Push, pipelines: &crate::pipeline::PipelineSet)
     }
 }
 
+/// The concurrency group of a run of `p` on `git_ref` (DESIGN.md `concurrency.group`).
+pub fn concurrency_group(p: &Pipeline, git_ref: &str) -> Option<String> {
+    match p.concurrency.group {
+        Group::Ref => Some(format!("{}\n{git_ref}", p.name)),
+        Group::Pipeline => Some(p.name.clone()),
+        Group::None => None,
+    }
+}
+
 /// Every pipeline's decision for `push`, with the run to create where one triggers.
 pub fn decisions(
     push: &Push,
@@ -295,7 +316,14 @@ pub fn decisions(
         .map(|d| {
             let p = &d.pipeline;
             let run = |key: String, commit: String, skipped: Option<String>| NewRun {
-                key,
+                key: Some(key),
+                group: concurrency_group(p, &push.git_ref),
+                supersede: match p.concurrency.cancel {
+                    CancelPolicy::None => Supersede::Nothing,
+                    CancelPolicy::Pending => Supersede::Pending,
+                    CancelPolicy::Running => Supersede::Running,
+                },
+                attempt: 1,
                 pipeline: p.name.clone(),
                 repo: p.repo.to_string(),
                 git_ref: push.git_ref.clone(),

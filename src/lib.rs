@@ -4,14 +4,17 @@
 //! driven by the `scheduler`. `daemon` wires the stages; `api` serves what happened.
 
 pub mod api;
+pub mod changes;
 pub mod checkout;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod duration;
 pub mod event;
 pub mod intake;
+pub mod mask;
 pub mod matcher;
 pub mod pattern;
 pub mod pipeline;

@@ -141,7 +141,7 @@ fn reconcile_repo(
     }
     let made = state
         .store
-        .record_reconcile(repo.as_str(), &heads, &runs)
+        .record_reconcile(repo.to_string(), heads, runs)
         .map_err(|e| e.to_string())?;
     let new: Vec<_> = made.iter().filter(|r| !r.existing).collect();
     for r in &new {

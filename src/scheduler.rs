@@ -19,6 +19,54 @@ use crate::repo::RepoName;
 use crate::runner::{self, StepCommand, StepEnd};
 use crate::store::{Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError};
 
+/// The stop switch of one executing run.
+pub struct RunControl {
+    stop: watch::Sender<bool>,
+    /// Why it was stopped, when a user or a newer run canceled it (else: a shutdown).
+    canceled: std::sync::Mutex<Option<String>>,
+}
+
+/// Executing runs by id, so that cancel can reach their steps.
+#[derive(Default)]
+pub struct Running(std::sync::Mutex<std::collections::HashMap<i64, Arc<RunControl>>>);
+
+impl Running {
+    fn register(&self, id: i64, stop: watch::Sender<bool>) -> Arc<RunControl> {
+        let control = Arc::new(RunControl {
+            stop,
+            canceled: std::sync::Mutex::new(None),
+        });
+        self.lock().insert(id, Arc::clone(&control));
+        control
+    }
+
+    fn remove(&self, id: i64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Arc<RunControl>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops a running run's steps (SIGTERM, grace, SIGKILL); it ends `canceled` with
+    /// `reason`. False when the run is not executing here.
+    pub fn cancel(&self, id: i64, reason: String) -> bool {
+        let Some(control) = self.lock().get(&id).cloned() else {
+            return false;
+        };
+        *control.canceled.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        control.stop.send_replace(true);
+        true
+    }
+
+    /// Stops every executing run (the daemon is stopping).
+    fn stop_all(&self) {
+        for control in self.lock().values() {
+            control.stop.send_replace(true);
+        }
+    }
+}
+
 /// Pause before claiming again after the store failed, so a broken disk does not spin.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -26,7 +74,6 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// kills what is left (those runs end `interrupted`; queued runs stay queued).
 pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(state.config.max_parallel_runs));
-    let (kill_tx, kill_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
@@ -41,11 +88,13 @@ pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::R
         match tokio::task::spawn_blocking(move || store.claim_next()).await {
             Ok(Ok(Some(run))) => {
                 let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let control = state.running.register(run.id, stop_tx);
                 let job = execute(
                     Arc::clone(&state),
                     Arc::clone(&mirrors),
                     run,
-                    kill_rx.clone(),
+                    (control, stop_rx),
                     permit,
                 );
                 tasks.spawn(job.instrument(span));
@@ -77,7 +126,7 @@ pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::R
     let all_done = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, all_done).await.is_err() {
         tracing::warn!("shutdown grace is over: killing the steps still running");
-        let _ = kill_tx.send(true);
+        state.running.stop_all();
         while tasks.join_next().await.is_some() {}
     }
 }
@@ -103,7 +152,7 @@ async fn execute(
     state: Arc<AppState>,
     mirrors: Arc<Mirrors>,
     run: Run,
-    kill: watch::Receiver<bool>,
+    (control, stop): (Arc<RunControl>, watch::Receiver<bool>),
     _permit: OwnedSemaphorePermit,
 ) {
     tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
@@ -114,13 +163,18 @@ async fn execute(
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
         },
         Some(pipeline) => match prepare(&state, &mirrors, &run, &pipeline, &workspace).await {
-            Ok(()) => run_steps(&state, &run, &pipeline, &workspace, kill).await,
+            Ok(Some(skip)) => Ending {
+                status: RunStatus::Skipped,
+                reason: Some(skip),
+            },
+            Ok(None) => run_steps(&state, &run, &pipeline, &workspace, &control, stop).await,
             Err(reason) => Ending {
                 status: RunStatus::Failed,
                 reason: Some(reason),
             },
         },
     };
+    state.running.remove(run.id);
     let ws = workspace.clone();
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
         tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
@@ -136,7 +190,7 @@ async fn execute(
     };
     let id = run.id;
     if let Err(e) = blocking(&state.store, move |s| {
-        s.finish_run(id, ending.status, ending.reason.as_deref(), leftover)
+        s.finish_run(id, ending.status, ending.reason, leftover)
     })
     .await
     {
@@ -151,19 +205,26 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Records the planned steps and checks the commit out.
+/// Records the planned steps and checks the commit out; `Some(reason)` when the
+/// pipeline's path filter says the run has nothing to do.
 async fn prepare(
     state: &Arc<AppState>,
     mirrors: &Arc<Mirrors>,
     run: &Run,
     pipeline: &Pipeline,
     workspace: &Path,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
     let id = run.id;
-    blocking(&state.store, move |s| s.plan_steps(id, &names)).await?;
+    blocking(&state.store, move |s| s.plan_steps(id, names)).await?;
     let repo = RepoName::parse(&run.repo)?;
     let (mirrors, run2, ws) = (Arc::clone(mirrors), run.clone(), workspace.to_path_buf());
+    // Path filters never apply to tags (DESIGN.md).
+    let paths = pipeline
+        .on
+        .paths
+        .clone()
+        .filter(|_| run.git_ref.starts_with("refs/heads/"));
     tokio::task::spawn_blocking(move || {
         let req = checkout::Request {
             repo: &repo,
@@ -171,11 +232,23 @@ async fn prepare(
             git_ref: &run2.git_ref,
             commit: &run2.commit,
         };
-        mirrors.checkout(&req, &ws)
+        mirrors.fetch(&req).map_err(|e| format!("checkout failed: {e}"))?;
+        if let Some(paths) = paths {
+            let changes = mirrors.changes(&req, &run2.before).map_err(|e| e.to_string())?;
+            if !changes.paths.iter().any(|p| paths.is_match(p)) {
+                let wanted: Vec<&str> = paths.patterns().iter().map(|p| p.as_str()).collect();
+                return Ok(Some(format!(
+                    "no changed file matches on.paths {wanted:?} ({} file(s) changed; diff against {})",
+                    changes.paths.len(),
+                    changes.base
+                )));
+            }
+        }
+        mirrors.checkout(&req, &ws).map_err(|e| format!("checkout failed: {e}"))?;
+        Ok(None)
     })
     .await
     .map_err(|e| format!("checkout task failed: {e}"))?
-    .map_err(|e| format!("checkout failed: {e}"))
 }
 
 /// The daemon's own variables a step may see; nothing else of its environment passes.
@@ -248,7 +321,8 @@ async fn run_steps(
     run: &Run,
     pipeline: &Pipeline,
     workspace: &Path,
-    kill: watch::Receiver<bool>,
+    control: &RunControl,
+    stop: watch::Receiver<bool>,
 ) -> Ending {
     let deadline = pipeline.timeout.map(|t| Instant::now() + t);
     let mut ending: Option<Ending> = None;
@@ -256,7 +330,12 @@ async fn run_steps(
         let number = i as i64 + 1;
         let failed = ending.is_some();
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-        if *kill.borrow() || out_of_time || !step.when.runs_after(failed) {
+        if *stop.borrow() {
+            // Stopped between steps (or during the checkout): the rest never starts.
+            ending.get_or_insert_with(|| stopped(control, &step.name));
+            continue;
+        }
+        if out_of_time || !step.when.runs_after(failed) {
             continue;
         }
         let span = tracing::info_span!("step", step = %step.name);
@@ -284,7 +363,7 @@ async fn run_steps(
             timeout,
             grace: state.config.step_grace,
         };
-        let outcome = runner::run_step(cmd, kill.clone())
+        let outcome = runner::run_step(cmd, stop.clone())
             .instrument(span.clone())
             .await;
         let (record, step_ending) = match outcome {
@@ -329,16 +408,23 @@ async fn run_steps(
                             Some((RunStatus::TimedOut, reason)),
                         )
                     }
-                    StepEnd::Canceled => (
-                        record_of(StepStatus::Interrupted, None, None, Some(reason.clone())),
-                        Some((RunStatus::Interrupted, reason)),
-                    ),
+                    StepEnd::Canceled => {
+                        let end = stopped(control, &step.name);
+                        let step_status = match end.status {
+                            RunStatus::Canceled => StepStatus::Canceled,
+                            _ => StepStatus::Interrupted,
+                        };
+                        let reason = end.reason.unwrap_or(reason);
+                        (
+                            record_of(step_status, None, None, Some(reason.clone())),
+                            Some((end.status, reason)),
+                        )
+                    }
                 }
             }
         };
         span.in_scope(|| tracing::info!(status = record.status.as_str(), "step finished"));
-        if let Err(e) = blocking(&state.store, move |s| s.step_finished(id, number, &record)).await
-        {
+        if let Err(e) = blocking(&state.store, move |s| s.step_finished(id, number, record)).await {
             tracing::error!(error = %e, "cannot record the step end");
         }
         if let (None, Some((status, reason))) = (&ending, step_ending) {
@@ -352,6 +438,28 @@ async fn run_steps(
         status: RunStatus::Succeeded,
         reason: None,
     })
+}
+
+/// How a run stopped from outside ends: `canceled` with the canceller's reason, else
+/// (the daemon is stopping) `interrupted`.
+fn stopped(control: &RunControl, step: &str) -> Ending {
+    match control
+        .canceled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        Some(reason) => Ending {
+            status: RunStatus::Canceled,
+            reason: Some(reason),
+        },
+        None => Ending {
+            status: RunStatus::Interrupted,
+            reason: Some(format!(
+                "step {step:?} was stopped because the daemon is stopping"
+            )),
+        },
+    }
 }
 
 fn record_of(

@@ -1,7 +1,8 @@
-//! Group commit for intake: one writer thread with its own connection takes every
-//! delivery waiting at that moment, records each in a savepoint of one transaction, and
-//! commits once. Every caller is answered only after that commit (and its fsync), so
-//! a 202 still means "durable", while concurrent deliveries share the cost of a sync.
+//! The store's one writer: a thread with its own connection that takes every write
+//! waiting at that moment, runs each in a savepoint of one transaction, and commits
+//! once. Callers are answered only after that commit (and its fsync), so a 202 still
+//! means "durable" while concurrent deliveries share the cost of a sync, and the
+//! scheduler's writes never wait on a lock held by intake or the other way round.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -9,173 +10,154 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::{connect, record_in, DeliveryOutcome, NewDelivery, Store, StoreError};
+use super::StoreError;
 
-/// The most deliveries one transaction takes: bounds the latency of the first in line.
+/// The most writes one transaction takes: bounds the latency of the first in line.
 const MAX_BATCH: usize = 512;
 
-struct Job {
-    delivery: NewDelivery,
-    reply: oneshot::Sender<Result<DeliveryOutcome, StoreError>>,
-}
+/// Called after the commit with its outcome; answers the caller.
+type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Runs inside the transaction (`None`: it may not run, its savepoint could not be
+/// opened); says whether it succeeded (else its savepoint is rolled back) and how to
+/// answer once the commit is known.
+type Work = Box<dyn FnOnce(Option<&Connection>) -> (bool, Done) + Send>;
 
 /// Handle to the writer thread; the thread ends when the last handle is dropped.
-pub struct DeliveryWriter {
+pub struct Writer {
     path: PathBuf,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
 }
 
-impl DeliveryWriter {
-    /// Starts the writer thread on its own connection to `store`'s database.
-    pub fn start(store: &Store) -> Result<DeliveryWriter, StoreError> {
-        let path = store.path().to_path_buf();
-        let conn = connect(&path).map_err(|source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        })?;
+impl Writer {
+    pub fn start(path: &Path, conn: Connection) -> Result<Writer, StoreError> {
         let (jobs, rx) = mpsc::channel();
-        let thread_path = path.clone();
+        let thread_path = path.to_path_buf();
         std::thread::Builder::new()
-            .name("hookci-intake-writer".into())
-            .spawn(move || write_loop(conn, &thread_path, &rx))
+            .name("hookci-store-writer".into())
+            .spawn(move || write_loop(&conn, &thread_path, &rx))
             .map_err(|source| StoreError::Io {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
-        Ok(DeliveryWriter { path, jobs })
+        Ok(Writer {
+            path: path.to_path_buf(),
+            jobs,
+        })
     }
 
-    /// Records a delivery and its runs; returns once they are committed and synced.
-    pub async fn record(&self, delivery: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
-        let gone = || StoreError::Failed {
+    fn submit<T, F, R>(&self, f: F, reply: R) -> Result<(), StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        R: FnOnce(Result<T, StoreError>) + Send + 'static,
+    {
+        let path = self.path.clone();
+        let work: Work = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => f(conn).map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    source,
+                }),
+                None => Err(StoreError::Failed {
+                    path: path.clone(),
+                    message: "cannot open a savepoint".into(),
+                }),
+            };
+            let ok = result.is_ok();
+            let done: Done = Box::new(move |commit| {
+                reply(match (result, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(message)) => Err(StoreError::Failed { path, message }),
+                })
+            });
+            (ok, done)
+        });
+        self.jobs.send(work).map_err(|_| self.gone())
+    }
+
+    fn gone(&self) -> StoreError {
+        StoreError::Failed {
             path: self.path.clone(),
-            message: "the intake writer has stopped".into(),
-        };
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job { delivery, reply })
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+            message: "the store writer has stopped".into(),
+        }
+    }
+
+    /// Runs `f` in the next batch; blocks until it is committed.
+    pub fn exec<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(f, move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.recv().map_err(|_| self.gone())?
+    }
+
+    /// Runs `f` in the next batch; resolves once it is committed.
+    pub async fn exec_async<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.submit(f, move |r| {
+            // The caller may have gone away (client disconnected); the record stands.
+            let _ = tx.send(r);
+        })?;
+        rx.await.map_err(|_| self.gone())?
     }
 }
 
-fn write_loop(mut conn: Connection, path: &Path, rx: &mpsc::Receiver<Job>) {
+fn write_loop(conn: &Connection, path: &Path, rx: &mpsc::Receiver<Work>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(work) => batch.push(work),
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch);
-        for (job, result) in batch.into_iter().zip(results) {
-            let result = result.map_err(|message| StoreError::Failed {
-                path: path.to_path_buf(),
-                message,
-            });
-            // The caller may have gone away (client disconnected); the record stands.
-            let _ = job.reply.send(result);
+        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = &began {
+            tracing::error!(store = %path.display(), error = %e, "cannot begin a write transaction");
         }
-    }
-}
-
-/// One transaction for the whole batch; a delivery that fails rolls back only its own
-/// savepoint. If the commit itself fails, every delivery of the batch fails.
-fn commit_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<DeliveryOutcome, String>> {
-    let mut tx = match conn.transaction() {
-        Ok(tx) => tx,
-        Err(e) => return batch.iter().map(|_| Err(e.to_string())).collect(),
-    };
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = tx.savepoint().and_then(|sp| {
-            let outcome = record_in(&sp, &job.delivery)?;
-            sp.commit()?;
-            Ok(outcome)
-        });
-        results.push(outcome.map_err(|e| e.to_string()));
-    }
-    match tx.commit() {
-        Ok(()) => results,
-        Err(e) => {
-            tracing::error!(error = %e, deliveries = batch.len(), "committing a batch of deliveries failed");
-            batch
-                .iter()
-                .map(|_| Err(format!("commit failed: {e}")))
-                .collect()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{NewDecision, NewRun, RunFilter};
-
-    fn delivery(id: &str, key: &str) -> NewDelivery {
-        NewDelivery {
-            id: id.into(),
-            event: "push".into(),
-            repo: "o/r".into(),
-            git_ref: "refs/heads/main".into(),
-            after: "c".repeat(40),
-            head: Some("c".repeat(40)),
-            clone_url: "/x".into(),
-            decisions: vec![NewDecision {
-                pipeline: "ci".into(),
-                reason: "matched".into(),
-                run: Some(NewRun {
-                    key: key.into(),
-                    pipeline: "ci".into(),
-                    repo: "o/r".into(),
-                    git_ref: "refs/heads/main".into(),
-                    commit: "c".repeat(40),
-                    before: "b".repeat(40),
-                    clone_url: "/x".into(),
-                    trigger: "push",
-                    skipped: None,
-                }),
-            }],
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_deliveries_share_batches_and_keep_the_lock() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
-        let writer = std::sync::Arc::new(DeliveryWriter::start(&store).unwrap());
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let w = std::sync::Arc::clone(&writer);
-            // 200 deliveries of 50 distinct pushes: 50 runs.
-            tasks.push(tokio::spawn(async move {
-                w.record(delivery(&format!("d{i}"), &format!("k{}", i % 50)))
-                    .await
-            }));
-        }
-        let mut created = 0;
-        for t in tasks {
-            match t.await.unwrap().unwrap() {
-                DeliveryOutcome::New(runs) => {
-                    created += runs.iter().filter(|r| !r.existing).count()
+        let mut dones = Vec::with_capacity(batch.len());
+        for work in batch {
+            let (ok, done) = match conn.execute_batch("SAVEPOINT w") {
+                Ok(()) => {
+                    let (ok, done) = work(Some(conn));
+                    let end = if ok {
+                        "RELEASE w"
+                    } else {
+                        "ROLLBACK TO w; RELEASE w"
+                    };
+                    match conn.execute_batch(end) {
+                        Ok(()) => (ok, done),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot end a savepoint");
+                            (false, done)
+                        }
+                    }
                 }
-                DeliveryOutcome::Duplicate(_) => panic!("distinct delivery ids"),
-            }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open a savepoint");
+                    work(None)
+                }
+            };
+            dones.push((ok, done));
         }
-        assert_eq!(created, 50);
-        let again = writer.record(delivery("d7", "k7")).await.unwrap();
-        assert!(matches!(again, DeliveryOutcome::Duplicate(_)));
-        let runs = store
-            .runs(&RunFilter {
-                limit: 500,
-                ..RunFilter::default()
-            })
-            .unwrap();
-        assert_eq!(runs.len(), 50);
-        // Visible to a fresh connection: committed, not just cached.
-        drop(writer);
-        let reopened = Store::open(dir.path()).unwrap();
-        assert!(reopened.delivery("d199").unwrap().is_some());
+        let committed = began
+            .and_then(|()| conn.execute_batch("COMMIT"))
+            .map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                tracing::error!(store = %path.display(), error = %e, writes = dones.len(), "committing a batch failed");
+                format!("commit failed: {e}")
+            });
+        for (_, done) in dones {
+            done(committed.clone());
+        }
     }
 }

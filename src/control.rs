@@ -1,0 +1,310 @@
+//! The write API: cancel, rerun and trigger runs. Enabled only when an API token is
+//! configured; every call needs `Authorization: Bearer <token>`, compared in constant
+//! time. Decisions go through the store like any other; steps are stopped through the
+//! scheduler's stop switches.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::api::run_json;
+use crate::daemon::AppState;
+use crate::intake::{concurrency_group, error_reply};
+use crate::repo::RepoName;
+use crate::store::{NewRun, Run, RunStatus, Supersede};
+
+const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
+
+/// Compares two secrets in time independent of where they differ (and of their
+/// lengths: both are hashed first).
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+/// `Ok(())` when the request carries the configured API token.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &state.config.api_token else {
+        return Err(error_reply(
+            StatusCode::FORBIDDEN,
+            "the write API is disabled: configure api_token_file or HOOKCI_API_TOKEN",
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if same_secret(given.trim().as_bytes(), token.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(error_reply(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token (Authorization: Bearer ...)",
+        ))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "store call failed");
+            Err(error_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store failed; retry",
+            ))
+        }
+        Err(e) => Err(error_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("store task failed: {e}"),
+        )),
+    }
+}
+
+async fn load_run(state: &AppState, id: i64) -> Result<Run, Response> {
+    blocking(state, move |s| s.run(id))
+        .await?
+        .ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no run {id}")))
+}
+
+async fn run_reply(state: &AppState, id: i64, status: StatusCode) -> Result<Response, Response> {
+    let run = load_run(state, id).await?;
+    let steps = blocking(state, move |s| s.steps(id)).await?;
+    Ok(
+        warp::reply::with_status(warp::reply::json(&run_json(&run, Some(&steps))), status)
+            .into_response(),
+    )
+}
+
+async fn cancel(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
+    let run = load_run(&state, id).await?;
+    let reason = "canceled through the API".to_owned();
+    match run.status {
+        RunStatus::Queued => {
+            let r = reason.clone();
+            if !blocking(&state, move |s| s.cancel_queued(id, r)).await? {
+                // It started meanwhile: stop it like a running one.
+                state.running.cancel(id, reason);
+            }
+        }
+        RunStatus::Running => {
+            if !state.running.cancel(id, reason) {
+                return Err(error_reply(
+                    StatusCode::CONFLICT,
+                    format!("run {id} is not executing here"),
+                ));
+            }
+        }
+        done => {
+            return Err(error_reply(
+                StatusCode::CONFLICT,
+                format!("run {id} already ended ({})", done.as_str()),
+            ))
+        }
+    }
+    tracing::info!(run = id, "cancel requested");
+    run_reply(&state, id, StatusCode::ACCEPTED).await
+}
+
+/// A run like `old`, explicit: the per-commit lock does not stop it.
+fn explicit_run(old: &Run, trigger: &'static str, attempt: i64, state: &AppState) -> NewRun {
+    let group = state
+        .pipelines()
+        .get(&old.pipeline)
+        .and_then(|p| concurrency_group(p, &old.git_ref));
+    NewRun {
+        key: None,
+        group,
+        supersede: Supersede::Nothing,
+        attempt,
+        pipeline: old.pipeline.clone(),
+        repo: old.repo.clone(),
+        git_ref: old.git_ref.clone(),
+        commit: old.commit.clone(),
+        before: old.before.clone(),
+        clone_url: old.clone_url.clone(),
+        trigger,
+        skipped: None,
+    }
+}
+
+async fn rerun(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
+    let old = load_run(&state, id).await?;
+    if state.pipelines().get(&old.pipeline).is_none() {
+        return Err(error_reply(
+            StatusCode::CONFLICT,
+            format!("pipeline {:?} no longer exists", old.pipeline),
+        ));
+    }
+    let new = explicit_run(&old, "rerun", old.attempt + 1, &state);
+    let made = blocking(&state, move |s| s.create_run(new)).await?;
+    state.wake.notify_one();
+    tracing::info!(run = made.id, of = id, "rerun queued");
+    run_reply(&state, made.id, StatusCode::CREATED).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    #[serde(default)]
+    sha: Option<String>,
+}
+
+async fn trigger(
+    state: Arc<AppState>,
+    name: String,
+    body: bytes::Bytes,
+) -> Result<Response, Response> {
+    let body: TriggerBody = serde_json::from_slice(&body).map_err(|e| {
+        error_reply(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"ref\": \"main\", \"sha\": optional}}: {e}"),
+        )
+    })?;
+    let pipeline = state
+        .pipelines()
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no pipeline {name:?}")))?;
+    let git_ref = if body.git_ref.starts_with("refs/") {
+        body.git_ref.clone()
+    } else {
+        format!("refs/heads/{}", body.git_ref)
+    };
+    if !(git_ref.starts_with("refs/heads/") || git_ref.starts_with("refs/tags/"))
+        || git_ref.contains("..")
+    {
+        return Err(error_reply(
+            StatusCode::BAD_REQUEST,
+            format!("{git_ref:?} is not a branch or tag"),
+        ));
+    }
+    let repo: RepoName = pipeline.repo.clone();
+    let clone_url = match pipeline.clone_url.clone() {
+        Some(url) => url,
+        None => {
+            let r = repo.to_string();
+            blocking(&state, move |s| s.clone_url_of(&r))
+                .await?
+                .ok_or_else(|| {
+                    error_reply(
+                    StatusCode::CONFLICT,
+                    "no clone URL known for this repository yet: set clone_url or wait for a push",
+                )
+                })?
+        }
+    };
+    let sha = match body.sha {
+        Some(sha) if sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            sha.to_ascii_lowercase()
+        }
+        Some(sha) => {
+            return Err(error_reply(
+                StatusCode::BAD_REQUEST,
+                format!("{sha:?} is not a full commit id"),
+            ))
+        }
+        None => {
+            let (url, wanted) = (clone_url.clone(), git_ref.clone());
+            let mirrors = Arc::clone(&state.mirrors);
+            let heads = tokio::task::spawn_blocking(move || mirrors.remote_heads(&url))
+                .await
+                .map_err(|e| error_reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(|e| error_reply(StatusCode::BAD_GATEWAY, e.to_string()))?;
+            heads
+                .into_iter()
+                .find(|(r, _)| *r == wanted)
+                .map(|(_, sha)| sha)
+                .ok_or_else(|| {
+                    error_reply(
+                        StatusCode::NOT_FOUND,
+                        format!("{wanted} does not exist in {clone_url}"),
+                    )
+                })?
+        }
+    };
+    let template = Run {
+        id: 0,
+        pipeline: pipeline.name.clone(),
+        repo: repo.to_string(),
+        git_ref,
+        commit: sha,
+        before: ZERO_SHA.to_owned(),
+        clone_url,
+        trigger: "manual".into(),
+        delivery: None,
+        status: RunStatus::Queued,
+        reason: None,
+        attempt: 1,
+        created_at: 0,
+        started_at: None,
+        finished_at: None,
+    };
+    let new = explicit_run(&template, "manual", 1, &state);
+    let made = blocking(&state, move |s| s.create_run(new)).await?;
+    state.wake.notify_one();
+    tracing::info!(run = made.id, pipeline = %name, "manual run queued");
+    run_reply(&state, made.id, StatusCode::CREATED).await
+}
+
+fn flatten(r: Result<Response, Response>) -> Response {
+    r.unwrap_or_else(|e| e)
+}
+
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let with_state = warp::any().map(move || Arc::clone(&state));
+    let authorized = warp::post()
+        .and(warp::header::headers_cloned())
+        .and(with_state)
+        .and_then(|headers: HeaderMap, state: Arc<AppState>| async move {
+            match authorize(&state, &headers) {
+                Ok(()) => Ok::<_, Rejection>(Ok(state)),
+                Err(denied) => Ok(Err(denied)),
+            }
+        });
+    let cancel = warp::path!("api" / "runs" / i64 / "cancel")
+        .and(authorized.clone())
+        .then(|id, s: Result<Arc<AppState>, Response>| async move {
+            match s {
+                Ok(s) => flatten(cancel(s, id).await),
+                Err(denied) => denied,
+            }
+        });
+    let rerun = warp::path!("api" / "runs" / i64 / "rerun")
+        .and(authorized.clone())
+        .then(|id, s: Result<Arc<AppState>, Response>| async move {
+            match s {
+                Ok(s) => flatten(rerun(s, id).await),
+                Err(denied) => denied,
+            }
+        });
+    let trigger = warp::path!("api" / "pipelines" / String / "trigger")
+        .and(authorized)
+        .and(warp::body::content_length_limit(64 * 1024))
+        .and(warp::body::bytes())
+        .then(
+            |name, s: Result<Arc<AppState>, Response>, body| async move {
+                match s {
+                    Ok(s) => flatten(trigger(s, name, body).await),
+                    Err(denied) => denied,
+                }
+            },
+        );
+    cancel.or(rerun).unify().or(trigger).unify()
+}

@@ -1,0 +1,238 @@
+//! The store's records: what goes in (deliveries, decisions, runs to create) and what
+//! comes out (runs, steps, deliveries with their decisions). Plain data, no SQL.
+
+use serde::Serialize;
+
+/// A run's state (DESIGN.md "Runs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Canceled,
+    Skipped,
+    Interrupted,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 8] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::TimedOut,
+        RunStatus::Canceled,
+        RunStatus::Skipped,
+        RunStatus::Interrupted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::TimedOut => "timed_out",
+            RunStatus::Canceled => "canceled",
+            RunStatus::Skipped => "skipped",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+/// A step's state: a run's final states plus `pending` (not reached yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Canceled,
+    Skipped,
+    Interrupted,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::TimedOut => "timed_out",
+            StepStatus::Canceled => "canceled",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> StepStatus {
+        [
+            StepStatus::Pending,
+            StepStatus::Running,
+            StepStatus::Succeeded,
+            StepStatus::Failed,
+            StepStatus::TimedOut,
+            StepStatus::Canceled,
+            StepStatus::Skipped,
+            StepStatus::Interrupted,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .unwrap_or(StepStatus::Pending)
+    }
+}
+
+/// A delivery to record, with one decision per pipeline.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: String,
+    pub event: String,
+    pub repo: String,
+    pub git_ref: String,
+    pub after: String,
+    /// The commit the ref now points at (peeled for tags); `None` for a deletion.
+    pub head: Option<String>,
+    pub clone_url: String,
+    pub decisions: Vec<NewDecision>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDecision {
+    pub pipeline: String,
+    pub reason: String,
+    /// `None`: the pipeline is not triggered.
+    pub run: Option<NewRun>,
+}
+
+/// Whether a new run cancels older runs of its concurrency group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Supersede {
+    #[default]
+    Nothing,
+    /// Queued runs of the group end `canceled`.
+    Pending,
+    /// Queued runs too, and running ones are named for the caller to cancel.
+    Running,
+}
+
+/// A run to create, under the per-commit lock `key` (`None`: an explicit run, rerun
+/// or manual, which the lock does not stop).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub key: Option<String>,
+    /// The concurrency group: at most one run of a group runs at a time.
+    pub group: Option<String>,
+    pub supersede: Supersede,
+    pub attempt: i64,
+    pub pipeline: String,
+    pub repo: String,
+    pub git_ref: String,
+    pub commit: String,
+    pub before: String,
+    pub clone_url: String,
+    pub trigger: &'static str,
+    /// `Some(reason)`: the run is recorded as `skipped` and never queued.
+    pub skipped: Option<String>,
+}
+
+/// A run a delivery names in its response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunRef {
+    pub id: i64,
+    pub pipeline: String,
+    /// The run existed before this delivery (per-commit lock).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub existing: bool,
+    /// Running runs of its group that this new run supersedes (`cancel: running`).
+    #[serde(skip)]
+    pub supersedes: Vec<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    New(Vec<RunRef>),
+    /// The delivery id was recorded before; nothing new was created.
+    Duplicate(Vec<RunRef>),
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub id: i64,
+    pub pipeline: String,
+    pub repo: String,
+    pub git_ref: String,
+    pub commit: String,
+    pub before: String,
+    pub clone_url: String,
+    pub trigger: String,
+    pub delivery: Option<String>,
+    pub status: RunStatus,
+    pub reason: Option<String>,
+    pub attempt: i64,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub number: i64,
+    pub name: String,
+    pub status: StepStatus,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub reason: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: String,
+    pub event: String,
+    pub repo: String,
+    pub git_ref: String,
+    pub after: String,
+    pub received_at: i64,
+    pub decisions: Vec<Decision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub pipeline: String,
+    /// `run`, `skipped`, `duplicate` or `not_triggered`.
+    pub outcome: String,
+    pub reason: String,
+    pub run_id: Option<i64>,
+}
+
+/// How a step ended, to record.
+#[derive(Debug, Clone)]
+pub struct StepEnd {
+    pub status: StepStatus,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub pipeline: Option<String>,
+    pub status: Option<RunStatus>,
+    pub limit: u32,
+}
