@@ -29,10 +29,10 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
-/// `Ok(())` when the request carries the configured API token.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+/// The refusal, unless the request carries the configured API token.
+fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &state.config.api_token else {
-        return Err(error_reply(
+        return Some(error_reply(
             StatusCode::FORBIDDEN,
             "the write API is disabled: configure api_token_file or HOOKCI_API_TOKEN",
         ));
@@ -43,9 +43,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     if same_secret(given.trim().as_bytes(), token.expose().as_bytes()) {
-        Ok(())
+        None
     } else {
-        Err(error_reply(
+        Some(error_reply(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token (Authorization: Bearer ...)",
         ))
@@ -273,9 +273,9 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(with_state)
         .and_then(|headers: HeaderMap, state: Arc<AppState>| async move {
-            match authorize(&state, &headers) {
-                Ok(()) => Ok::<_, Rejection>(Ok(state)),
-                Err(denied) => Ok(Err(denied)),
+            match refusal(&state, &headers) {
+                None => Ok::<_, Rejection>(Ok(state)),
+                Some(denied) => Ok(Err(denied)),
             }
         });
     let cancel = warp::path!("api" / "runs" / i64 / "cancel")

@@ -266,7 +266,9 @@ async fn dispatch(
             if runs.iter().any(|r| !r.existing) {
                 state.wake.notify_one();
             }
-            tracing::info!(git_ref = %push.git_ref, runs = runs.len(), "push recorded");
+            // Debug, not info: one line a push costs intake a write(2) each; the store keeps
+            // every delivery and `hookci why` explains it.
+            tracing::debug!(git_ref = %push.git_ref, runs = runs.len(), "push recorded");
             json_reply(
                 StatusCode::ACCEPTED,
                 &json!({ "delivery": delivery, "runs": runs }),

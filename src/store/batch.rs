@@ -15,6 +15,9 @@ use super::StoreError;
 /// The most writes one transaction takes: bounds the latency of the first in line.
 const MAX_BATCH: usize = 512;
 
+/// How long a batch under load waits for company before it commits.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(250);
+
 /// Called after the commit with its outcome; answers the caller.
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// Runs inside the transaction (`None`: it may not run, its savepoint could not be
@@ -29,12 +32,36 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(path: &Path, conn: Connection) -> Result<Writer, StoreError> {
+    pub fn start(
+        path: &Path,
+        conn: Connection,
+        checkpointer: Connection,
+    ) -> Result<Writer, StoreError> {
         let (jobs, rx) = mpsc::channel();
+        // Checkpoints (copying the WAL into the database file) run beside the writer,
+        // not inside its commits, so intake never waits for them.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|source| StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let ck_path = path.to_path_buf();
+        let (ck_stop, ck_rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("hookci-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer, &ck_path, &ck_rx))
+            .map_err(|source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let thread_path = path.to_path_buf();
         std::thread::Builder::new()
             .name("hookci-store-writer".into())
-            .spawn(move || write_loop(&conn, &thread_path, &rx))
+            .spawn(move || {
+                write_loop(&conn, &thread_path, &rx);
+                // The last writes are in: one final checkpoint, then the checkpointer ends.
+                drop(ck_stop);
+            })
             .map_err(|source| StoreError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -111,15 +138,46 @@ impl Writer {
     }
 }
 
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn checkpoint_loop(conn: &Connection, path: &Path, stop: &mpsc::Receiver<()>) {
+    loop {
+        let stopping = !matches!(
+            stop.recv_timeout(CHECKPOINT_EVERY),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        );
+        // PASSIVE never blocks the writer; TRUNCATE at the end leaves a small WAL behind.
+        let mode = if stopping { "TRUNCATE" } else { "PASSIVE" };
+        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+            tracing::warn!(store = %path.display(), error = %e, "WAL checkpoint failed");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn drain(rx: &mpsc::Receiver<Work>, batch: &mut Vec<Work>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(work) => batch.push(work),
+            Err(_) => break,
+        }
+    }
+}
+
 fn write_loop(conn: &Connection, path: &Path, rx: &mpsc::Receiver<Work>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(work) => batch.push(work),
-                Err(_) => break,
-            }
+        drain(rx, &mut batch);
+        // Under load (more than one write waiting), linger a moment: the writes about
+        // to arrive share this commit instead of paying for the next one.
+        if batch.len() > 1 && batch.len() < MAX_BATCH {
+            std::thread::sleep(LINGER);
+            drain(rx, &mut batch);
         }
+        tracing::trace!(writes = batch.len(), "committing a batch");
         let began = conn.execute_batch("BEGIN IMMEDIATE");
         if let Err(e) = &began {
             tracing::error!(store = %path.display(), error = %e, "cannot begin a write transaction");

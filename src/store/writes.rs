@@ -225,15 +225,18 @@ fn finish_in(
 
 /// Records one delivery inside the writer's savepoint.
 fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOutcome> {
-    let inserted = conn
+    // Deliveries are numbered in arrival order, so their decisions append rather than
+    // land at random places (delivery ids are random): fewer pages written per commit.
+    let seq: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO deliveries (id, event, repo, ref, after, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(id) DO NOTHING",
+             ON CONFLICT(id) DO NOTHING RETURNING seq",
         )?
-        .execute(params![d.id, d.event, d.repo, d.git_ref, d.after, now_ms()])?;
-    if inserted == 0 {
+        .query_row(params![d.id, d.event, d.repo, d.git_ref, d.after, now_ms()], |r| r.get(0))
+        .optional()?;
+    let Some(seq) = seq else {
         return delivery_runs(conn, &d.id).map(DeliveryOutcome::Duplicate);
-    }
+    };
     let mut runs = Vec::new();
     for decision in &d.decisions {
         let (outcome, reason, run_id) = match &decision.run {
@@ -255,9 +258,9 @@ fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOut
             }
         };
         conn.prepare_cached(
-            "INSERT INTO decisions (delivery_id, pipeline, outcome, reason, run_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO decisions (delivery, pipeline, outcome, reason, run_id) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![d.id, decision.pipeline, outcome, reason, run_id])?;
+        .execute(params![seq, decision.pipeline, outcome, reason, run_id])?;
     }
     note_head(conn, &d.repo, &d.git_ref, d.head.as_deref(), "push")?;
     conn.prepare_cached(
@@ -369,7 +372,8 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
 
 fn delivery_runs(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RunRef>> {
     conn.prepare_cached(
-        "SELECT run_id, pipeline, outcome FROM decisions WHERE delivery_id = ?1 AND run_id IS NOT NULL ORDER BY pipeline",
+        "SELECT run_id, pipeline, outcome FROM decisions
+         WHERE delivery = (SELECT seq FROM deliveries WHERE id = ?1) AND run_id IS NOT NULL ORDER BY pipeline",
     )?
     .query_map([id], |r| {
         Ok(RunRef {

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Benchmark of signed push intake: wrk POSTs distinct, signed push deliveries to a
+# release hookci on loopback at several connection counts, then checks that every
+# delivery answered 202 is in the store with exactly one run. See bench/README.md.
+#
+# Knobs (environment): LEVELS="1 16 64"  DURATION=10s  PAYLOADS=250000  IDLE_SECS=2
+#   MAX_PARALLEL_RUNS=2  SKIP_BUILD=1 (use the existing target/release/hookci)
+#   KEEP=1 (keep the temp dir: daemon logs, wrk output, state dirs)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH="$ROOT/bench"
+LEVELS=${LEVELS:-"1 16 64"}
+DURATION=${DURATION:-10s}
+PAYLOADS=${PAYLOADS:-250000}
+IDLE_SECS=${IDLE_SECS:-2}
+MAX_PARALLEL_RUNS=${MAX_PARALLEL_RUNS:-2}
+BIN="$ROOT/target/release/hookci"
+
+say() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'intake.sh: %s\n' "$*" >&2; exit 1; }
+
+# --- tools and build --------------------------------------------------------------
+if ! command -v wrk >/dev/null 2>&1; then
+    say "installing wrk"
+    apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
+fi
+command -v python3 >/dev/null || die "python3 is required"
+command -v git >/dev/null || die "git is required"
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    say "building hookci (release)"
+    (cd "$ROOT" && cargo build --release)
+fi
+[ -x "$BIN" ] || die "$BIN missing (build it, or unset SKIP_BUILD)"
+
+# --- temp dir, cleanup --------------------------------------------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hookci-bench.XXXXXX")
+DAEMON_PID=""
+SAMPLER_PID=""
+cleanup() {
+    [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null || true
+    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null || true
+        wait "$DAEMON_PID" 2>/dev/null || true
+    fi
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "kept $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- fixtures: secret, bare repo, pipeline, payloads --------------------------------------
+python3 -c 'import secrets; print(secrets.token_hex(32))' >"$WORK/secret"
+chmod 600 "$WORK/secret"
+git init -q --bare "$WORK/bare.git"
+mkdir "$WORK/pipelines"
+cat >"$WORK/pipelines/bench.yml" <<EOF
+# Runs fail at checkout (the bench commits do not exist): intake is what is measured.
+repo: bench/repo
+clone_url: $WORK/bare.git
+on:
+  branches: ["main"]
+steps:
+  - name: noop
+    run: "true"
+EOF
+
+say "generating $PAYLOADS signed push deliveries"
+python3 "$BENCH/gen_payloads.py" "$PAYLOADS" "$WORK/secret" "$WORK/bare.git" "$WORK/payloads.tsv"
+
+rss_kib() { # rss_kib PID FIELD -> value in KiB of FIELD (VmRSS, VmHWM) from /proc
+    local key value _
+    while read -r key value _; do
+        if [ "$key" = "$2:" ]; then echo "$value"; return 0; fi
+    done <"/proc/$1/status"
+    return 1
+}
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+ms() { awk -v u="$1" 'BEGIN { printf "%.2f ms", u / 1000 }'; }
+
+declare -A R_RPS R_P50 R_P99 R_NON2XX R_PEAK R_IDLE R_ACK R_STORED R_RUNS R_NOTE
+FAILED=0
+
+for C in $LEVELS; do
+    T=$(( C < 2 ? C : 2 ))
+    D="$WORK/c$C"
+    mkdir -p "$D/state"
+    cat >"$D/hookci.yml" <<EOF
+listen: 127.0.0.1:0
+pipelines: $WORK/pipelines
+state_dir: $D/state
+webhook_secret_file: $WORK/secret
+max_parallel_runs: $MAX_PARALLEL_RUNS
+EOF
+    say "connections=$C threads=$T: starting hookci with an empty store"
+    "$BIN" serve -c "$D/hookci.yml" --listen 127.0.0.1:0 2>"$D/daemon.log" &
+    DAEMON_PID=$!
+    ADDR=""
+    for _ in $(seq 100); do
+        ADDR=$(grep -m1 'listening' "$D/daemon.log" 2>/dev/null | grep -o 'addr=[^ ]*' | cut -d= -f2 || true)
+        [ -n "$ADDR" ] && break
+        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$D/daemon.log" >&2; die "hookci exited at start"; }
+        sleep 0.1
+    done
+    [ -n "$ADDR" ] || { cat "$D/daemon.log" >&2; die "hookci did not log 'listening' within 10 s"; }
+    case "$ADDR" in 127.*) ;; *) die "refusing to load non-loopback address $ADDR" ;; esac
+
+    sleep "$IDLE_SECS"
+    IDLE=$(rss_kib "$DAEMON_PID" VmRSS)
+    echo "listening on $ADDR (pid $DAEMON_PID), idle RSS after ${IDLE_SECS}s: $(mib "$IDLE") MiB" >&2
+
+    : >"$D/rss.samples"
+    ( while rss_kib "$DAEMON_PID" VmRSS >>"$D/rss.samples" 2>/dev/null; do sleep 0.1; done ) &
+    SAMPLER_PID=$!
+
+    set +e
+    BENCH_DATA="$WORK/payloads.tsv" BENCH_THREADS=$T BENCH_ACK_FILE="$D/acked.txt" \
+        wrk -t"$T" -c"$C" -d"$DURATION" --timeout 10s --latency \
+            -s "$BENCH/intake.lua" "http://$ADDR/webhook" >"$D/wrk.txt" 2>&1
+    WRK_RC=$?
+    set -e
+    grep -v '^BENCH ' "$D/wrk.txt" >&2 || true
+
+    ALIVE=1
+    kill -0 "$DAEMON_PID" 2>/dev/null || ALIVE=0
+    HWM=$(rss_kib "$DAEMON_PID" VmHWM 2>/dev/null || echo 0)
+    kill "$SAMPLER_PID" 2>/dev/null || true
+    wait "$SAMPLER_PID" 2>/dev/null || true
+    SAMPLER_PID=""
+    PEAK=$(sort -n "$D/rss.samples" | tail -1)
+    PEAK=${PEAK:-0}
+    [ "$HWM" -gt "$PEAK" ] && PEAK=$HWM
+    # A crash-style stop: only what the store committed survives it.
+    kill -KILL "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+    DAEMON_PID=""
+
+    NOTE=""
+    if [ "$ALIVE" = 0 ]; then
+        NOTE="DAEMON DIED during the run"
+        FAILED=1
+        echo "FAIL: hookci was not running at the end of the load; log tail:" >&2
+        tail -20 "$D/daemon.log" >&2
+    fi
+    LINE=$(grep '^BENCH ' "$D/wrk.txt" || true)
+    if [ "$WRK_RC" != 0 ] || [ -z "$LINE" ]; then
+        echo "FAIL: wrk exited $WRK_RC without a summary" >&2
+        FAILED=1
+        R_RPS[$C]="-"; R_P50[$C]="-"; R_P99[$C]="-"; R_NON2XX[$C]="-"
+        R_PEAK[$C]=$(mib "$PEAK"); R_IDLE[$C]=$(mib "$IDLE"); R_ACK[$C]="-"; R_STORED[$C]="-"
+        R_NOTE[$C]="wrk failed $NOTE"
+        continue
+    fi
+    field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$LINE"; }
+    echo "$LINE" >&2
+
+    set +e
+    python3 "$BENCH/verify.py" "$D/acked.txt" "$D/state/hookci.db" "$C" | tee "$D/verify.txt" >&2
+    VRC=${PIPESTATUS[0]}
+    set -e
+    VLINE=$(grep '^VERIFY ' "$D/verify.txt" || true)
+    vfield() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$VLINE"; }
+    if [ "$VRC" != 0 ]; then
+        FAILED=1
+        NOTE="$NOTE DURABILITY CHECK FAILED"
+        echo "FAIL: durability check failed at $C connections (kept $WORK)" >&2
+        KEEP=1
+    fi
+    [ "$(field noid)" != 0 ] && NOTE="$NOTE $(field noid) 202s without a delivery id;"
+    [ "$(field wrapped)" != 0 ] && NOTE="$NOTE payloads ran out (raise PAYLOADS);"
+    ERRS=$(( $(field err_connect) + $(field err_read) + $(field err_write) + $(field err_timeout) ))
+    [ "$ERRS" != 0 ] && NOTE="$NOTE socket errors: connect $(field err_connect) read $(field err_read) write $(field err_write) timeout $(field err_timeout);"
+    [ "$(field statuses)" != "-" ] && NOTE="$NOTE statuses other than 202: $(field statuses);"
+    LOGPROBLEMS=$(grep -cE ' (ERROR|WARN) ' "$D/daemon.log" || true)
+    if [ "$LOGPROBLEMS" != 0 ]; then
+        NOTE="$NOTE $LOGPROBLEMS ERROR/WARN log lines;"
+        echo "daemon ERROR/WARN lines ($LOGPROBLEMS), first 5:" >&2
+        grep -E ' (ERROR|WARN) ' "$D/daemon.log" | head -5 >&2
+    fi
+
+    R_RPS[$C]=$(awk -v r="$(field rps)" 'BEGIN { printf "%.0f", r }')
+    R_P50[$C]=$(ms "$(field p50_us)")
+    R_P99[$C]=$(ms "$(field p99_us)")
+    R_NON2XX[$C]=$(field non2xx)
+    R_PEAK[$C]=$(mib "$PEAK")
+    R_IDLE[$C]=$(mib "$IDLE")
+    R_ACK[$C]=$(vfield acked)
+    R_STORED[$C]=$(vfield stored)
+    R_RUNS[$C]=$(vfield runs)
+    R_NOTE[$C]=$NOTE
+done
+
+# --- report ---------------------------------------------------------------------------------
+say "results"
+{
+    echo "hookci $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'), $(nproc) cores, wrk $DURATION per level, --timeout 10s, max_parallel_runs $MAX_PARALLEL_RUNS"
+    echo
+    echo "| connections | req/s | p50 | p99 | non-2xx | peak RSS MiB | stored/acked |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    for C in $LEVELS; do
+        echo "| $C | ${R_RPS[$C]} | ${R_P50[$C]} | ${R_P99[$C]} | ${R_NON2XX[$C]} | ${R_PEAK[$C]} | ${R_STORED[$C]}/${R_ACK[$C]} |"
+    done
+    echo
+    IDLES=""
+    for C in $LEVELS; do IDLES="$IDLES${IDLES:+ / }${R_IDLE[$C]}"; done
+    echo "Idle RSS after startup (${IDLE_SECS} s, before load): $IDLES MiB (one per level)."
+    for C in $LEVELS; do
+        echo "- $C connections: runs ${R_RUNS[$C]:--}.${R_NOTE[$C]:+ ${R_NOTE[$C]}}"
+    done
+}
+if [ "$FAILED" != 0 ]; then
+    echo
+    echo "FAILED: see the FAIL lines above" >&2
+    exit 1
+fi
