@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
 use crate::store::{Store, StoreError};
-use crate::{api, control, intake, reconcile, runner, scheduler};
+use crate::{api, control, http, intake, reconcile, runner, scheduler};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -181,24 +181,15 @@ pub async fn run(
         .or(control::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
-    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = warp::serve(routes)
-        .incoming(listener)
-        .graceful(async {
-            let _ = http_stop_rx.await;
-        })
-        .run();
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        () = &mut server => {}
-        () = shutdown => {
-            tracing::info!("stopping: no new connections");
-            let _ = http_stop_tx.send(());
-            if tokio::time::timeout(HTTP_DRAIN, &mut server).await.is_err() {
-                tracing::warn!("in-flight requests did not finish in time");
-            }
-        }
-    }
+    http::serve(
+        listener,
+        Arc::clone(&state),
+        warp::service(routes),
+        shutdown,
+        HTTP_DRAIN,
+    )
+    .await;
+    tracing::info!("stopped accepting; stopping runs");
     let _ = stop_tx.send(true);
     scheduler.await?;
     tracing::info!("stopped");

@@ -13,6 +13,8 @@ pub mod control;
 pub mod daemon;
 pub mod duration;
 pub mod event;
+pub mod follow;
+pub mod http;
 pub mod intake;
 pub mod mask;
 pub mod matcher;

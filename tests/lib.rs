@@ -3,5 +3,9 @@
 
 mod harness;
 
+mod api;
 mod builds;
+mod cli;
+mod intake;
+mod reconcile;
 mod recovery;

@@ -1,0 +1,120 @@
+//! Watching a run as it happens: a task polls the store and the step log files and
+//! sends what is new (steps starting and ending, output, the run's end) to one reader.
+//! Reading plain files means a slow reader never slows a step: the step writes its log
+//! whatever the reader does, and the reader catches up from the file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+
+use crate::daemon::AppState;
+use crate::store::{Run, Step, StepStatus};
+
+/// How often the store and the log files are looked at.
+const POLL: Duration = Duration::from_millis(200);
+/// The most output sent in one update.
+const CHUNK: usize = 16 * 1024;
+
+/// What changed.
+#[derive(Debug, Clone)]
+pub enum Update {
+    StepStarted(Step),
+    Output { step: i64, bytes: Vec<u8> },
+    StepFinished(Step),
+    RunFinished(Run),
+}
+
+/// Starts following run `id` (current attempt). The receiver ends after
+/// `RunFinished`, or when the run disappears; dropping it stops the task.
+pub fn follow(state: Arc<AppState>, id: i64) -> mpsc::Receiver<Update> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        if let Err(e) = watch(&state, id, &tx).await {
+            tracing::debug!(run = id, error = %e, "follower ended");
+        }
+    });
+    rx
+}
+
+async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(), String> {
+    let mut offsets: Vec<u64> = Vec::new();
+    let mut started: Vec<bool> = Vec::new();
+    let mut finished: Vec<bool> = Vec::new();
+    loop {
+        let store = Arc::clone(&state.store);
+        let (run, steps) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let run = store.run(id).map_err(|e| e.to_string())?;
+            let steps = store.steps(id).map_err(|e| e.to_string())?;
+            Ok((run, steps))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let Some(run) = run else {
+            return Ok(());
+        };
+        offsets.resize(steps.len(), 0);
+        started.resize(steps.len(), false);
+        finished.resize(steps.len(), false);
+        let done = run.status.is_final();
+        for (i, step) in steps.iter().enumerate() {
+            let reached = !matches!(step.status, StepStatus::Pending);
+            if reached && step.started_at.is_some() && !started[i] {
+                started[i] = true;
+                send(tx, Update::StepStarted(step.clone())).await?;
+            }
+            if started[i] {
+                let path = state.log_path(id, step.number);
+                loop {
+                    let bytes = read_from(&path, offsets[i]).await;
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    offsets[i] += bytes.len() as u64;
+                    send(
+                        tx,
+                        Update::Output {
+                            step: step.number,
+                            bytes,
+                        },
+                    )
+                    .await?;
+                }
+            }
+            let ended = !matches!(step.status, StepStatus::Pending | StepStatus::Running);
+            if ended && started[i] && !finished[i] {
+                finished[i] = true;
+                send(tx, Update::StepFinished(step.clone())).await?;
+            }
+        }
+        if done {
+            return send(tx, Update::RunFinished(run)).await;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Update>, update: Update) -> Result<(), String> {
+    tx.send(update)
+        .await
+        .map_err(|_| "reader went away".to_owned())
+}
+
+/// Up to `CHUNK` bytes of `path` from `offset` (nothing when it does not exist yet).
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = vec![0; CHUNK];
+    match file.read(&mut buf).await {
+        Ok(n) => {
+            buf.truncate(n);
+            buf
+        }
+        Err(_) => Vec::new(),
+    }
+}

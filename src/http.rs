@@ -1,0 +1,211 @@
+//! Serving HTTP: accepts connections on the caller's listener and serves each with
+//! hyper, routing to warp's filters (`intake`, `api`, `control`) except for the one
+//! response warp cannot give, a plain-text stream (`GET /api/runs/{id}/log?follow=1`).
+//! Also bounds how long a client may take to send its headers.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use warp::http::{header, Request, Response, StatusCode};
+
+use crate::daemon::AppState;
+use crate::follow::{self, Update};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// How long a client may take to send a request's headers (slow-loris guard).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves until `shutdown` resolves, then stops accepting and gives open requests up
+/// to `drain` to finish.
+pub async fn serve<S>(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    routes: S,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    S: tower_service::Service<
+            Request<Incoming>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let (state, routes) = (Arc::clone(&state), routes.clone());
+        let service =
+            hyper::service::service_fn(move |req| route(Arc::clone(&state), routes.clone(), req));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish in time");
+    }
+}
+
+async fn route<S>(
+    state: Arc<AppState>,
+    mut routes: S,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible>
+where
+    S: tower_service::Service<
+        Request<Incoming>,
+        Response = warp::reply::Response,
+        Error = Infallible,
+    >,
+{
+    if let Some(id) = follow_request(&req) {
+        return Ok(follow_log(state, id).await);
+    }
+    let response = routes.call(req).await?;
+    Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+}
+
+/// `GET /api/runs/{id}/log` with `follow=1` (or `follow=true`) in the query.
+fn follow_request(req: &Request<Incoming>) -> Option<i64> {
+    if req.method() != warp::http::Method::GET {
+        return None;
+    }
+    let id = req
+        .uri()
+        .path()
+        .strip_prefix("/api/runs/")?
+        .strip_suffix("/log")?
+        .parse()
+        .ok()?;
+    let follow = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .any(|kv| kv == "follow=1" || kv == "follow=true");
+    follow.then_some(id)
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn full(bytes: Bytes) -> Body {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The run's log as it is written: each step's header and output, until the run ends.
+async fn follow_log(state: Arc<AppState>, id: i64) -> Response<Body> {
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.run(id)).await {
+        Ok(Ok(Some(_))) => {}
+        Ok(Ok(None)) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({ "error": format!("no run {id}") }).to_string(),
+            )
+        }
+        _ => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{\"error\": \"store read failed\"}".into(),
+            )
+        }
+    }
+    let updates = follow::follow(state, id);
+    let mut r = Response::new(BodyExt::boxed(UpdateBody(updates)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8"
+            .parse()
+            .unwrap_or_else(|_| unreachable!()),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        "no-cache".parse().unwrap_or_else(|_| unreachable!()),
+    );
+    r
+}
+
+/// A response body fed by a follower: step headers and output as plain text.
+struct UpdateBody(mpsc::Receiver<Update>);
+
+impl http_body::Body for UpdateBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let update = match self.0.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(update)) => update,
+            };
+            let bytes = match update {
+                Update::StepStarted(step) => {
+                    format!("==> step {}: {}\n", step.number, step.name).into_bytes()
+                }
+                Update::Output { bytes, .. } => bytes,
+                Update::StepFinished(step) => {
+                    let mut line = format!("==> step {} {}", step.number, step.status.as_str());
+                    if let Some(reason) = step.reason {
+                        line.push_str(&format!(": {reason}"));
+                    }
+                    format!("\n{line}\n").into_bytes()
+                }
+                Update::RunFinished(run) => {
+                    format!("==> run {} {}\n", run.id, run.status.as_str()).into_bytes()
+                }
+            };
+            if !bytes.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
+            }
+        }
+    }
+}
