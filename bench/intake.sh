@@ -16,6 +16,7 @@ PAYLOADS=${PAYLOADS:-250000}
 IDLE_SECS=${IDLE_SECS:-2}
 MAX_PARALLEL_RUNS=${MAX_PARALLEL_RUNS:-2}
 BIN="$ROOT/target/release/hookci"
+BARE="$ROOT/target/release/examples/bare-handler"
 
 say() { printf '\n== %s\n' "$*" >&2; }
 die() { printf 'intake.sh: %s\n' "$*" >&2; exit 1; }
@@ -29,15 +30,18 @@ command -v python3 >/dev/null || die "python3 is required"
 command -v git >/dev/null || die "git is required"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     say "building hookci (release)"
-    (cd "$ROOT" && cargo build --release)
+    (cd "$ROOT" && cargo build --release --bin hookci --example bare-handler)
 fi
 [ -x "$BIN" ] || die "$BIN missing (build it, or unset SKIP_BUILD)"
+[ -x "$BARE" ] || die "$BARE missing (build it, or unset SKIP_BUILD)"
 
 # --- temp dir, cleanup --------------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hookci-bench.XXXXXX")
 DAEMON_PID=""
 SAMPLER_PID=""
+BARE_PID=""
 cleanup() {
+    [ -n "$BARE_PID" ] && kill "$BARE_PID" 2>/dev/null || true
     [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null || true
     if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
         kill -KILL "$DAEMON_PID" 2>/dev/null || true
@@ -81,7 +85,7 @@ rss_kib() { # rss_kib PID FIELD -> value in KiB of FIELD (VmRSS, VmHWM) from /pr
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 ms() { awk -v u="$1" 'BEGIN { printf "%.2f ms", u / 1000 }'; }
 
-declare -A R_RPS R_P50 R_P99 R_NON2XX R_PEAK R_IDLE R_ACK R_STORED R_RUNS R_NOTE
+declare -A R_BARE R_BARE_P99 R_RPS R_P50 R_P99 R_NON2XX R_PEAK R_IDLE R_ACK R_STORED R_RUNS R_NOTE
 FAILED=0
 
 for C in $LEVELS; do
@@ -191,6 +195,29 @@ EOF
     R_STORED[$C]=$(vfield stored)
     R_RUNS[$C]=$(vfield runs)
     R_NOTE[$C]=$NOTE
+
+    # The ceiling, measured in the same run: warp answering 202 and nothing else.
+    say "connections=$C: bare warp handler"
+    "$BARE" 127.0.0.1:0 2>"$D/bare.log" &
+    BARE_PID=$!
+    BADDR=""
+    for _ in $(seq 100); do
+        BADDR=$(grep -m1 'listening' "$D/bare.log" 2>/dev/null | grep -o 'addr=[^ ]*' | cut -d= -f2 || true)
+        [ -n "$BADDR" ] && break
+        sleep 0.1
+    done
+    case "$BADDR" in 127.*) ;; *) die "bare handler did not start on loopback" ;; esac
+    set +e
+    BENCH_DATA="$WORK/payloads.tsv" BENCH_THREADS=$T BENCH_ACK_FILE="$D/bare-acked.txt" \
+        wrk -t"$T" -c"$C" -d"$DURATION" --timeout 10s --latency \
+            -s "$BENCH/intake.lua" "http://$BADDR/webhook" >"$D/bare-wrk.txt" 2>&1
+    set -e
+    kill "$BARE_PID" 2>/dev/null || true
+    wait "$BARE_PID" 2>/dev/null || true
+    BARE_PID=""
+    BLINE=$(grep '^BENCH ' "$D/bare-wrk.txt" || true)
+    R_BARE[$C]=$(awk -v r="$(sed -n 's/.* rps=\([^ ]*\).*/\1/p' <<<"$BLINE")" 'BEGIN { printf "%.0f", r }')
+    R_BARE_P99[$C]=$(ms "$(sed -n 's/.* p99_us=\([^ ]*\).*/\1/p' <<<"$BLINE")")
 done
 
 # --- report ---------------------------------------------------------------------------------
@@ -198,10 +225,11 @@ say "results"
 {
     echo "hookci $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'), $(nproc) cores, wrk $DURATION per level, --timeout 10s, max_parallel_runs $MAX_PARALLEL_RUNS"
     echo
-    echo "| connections | req/s | p50 | p99 | non-2xx | peak RSS MiB | stored/acked |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| connections | req/s | p50 | p99 | non-2xx | peak RSS MiB | stored/acked | bare req/s (p99) | intake/bare |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for C in $LEVELS; do
-        echo "| $C | ${R_RPS[$C]} | ${R_P50[$C]} | ${R_P99[$C]} | ${R_NON2XX[$C]} | ${R_PEAK[$C]} | ${R_STORED[$C]}/${R_ACK[$C]} |"
+        RATIO=$(awk -v a="${R_RPS[$C]}" -v b="${R_BARE[$C]:-0}" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }')
+        echo "| $C | ${R_RPS[$C]} | ${R_P50[$C]} | ${R_P99[$C]} | ${R_NON2XX[$C]} | ${R_PEAK[$C]} | ${R_STORED[$C]}/${R_ACK[$C]} | ${R_BARE[$C]:--} (${R_BARE_P99[$C]:--}) | $RATIO |"
     done
     echo
     IDLES=""

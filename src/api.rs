@@ -12,8 +12,10 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::clock::rfc3339;
 use crate::daemon::AppState;
+use crate::follow::Update;
 use crate::intake::error_reply;
 use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, Store, StoreError};
+use warp::sse::Event;
 
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 500;
@@ -224,6 +226,35 @@ async fn metrics(state: Arc<AppState>) -> Result<Response, Response> {
     Ok(warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response())
 }
 
+/// `GET /api/runs/{id}/events`: server-sent events for a dashboard: `step_started`,
+/// `log` (`{"step", "text"}`), `step_finished`, `run_finished`; the stream ends with
+/// the run.
+async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
+    if blocking(&state.store, move |s| s.run(id)).await?.is_none() {
+        return Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    let updates = crate::follow::follow(state, id);
+    let stream = futures_util::stream::unfold(updates, |mut rx| async move {
+        let update = rx.recv().await?;
+        let event = match update {
+            Update::StepStarted(step) => Event::default()
+                .event("step_started")
+                .data(step_json(&step).to_string()),
+            Update::Output { step, bytes } => Event::default()
+                .event("log")
+                .data(json!({ "step": step, "text": String::from_utf8_lossy(&bytes) }).to_string()),
+            Update::StepFinished(step) => Event::default()
+                .event("step_finished")
+                .data(step_json(&step).to_string()),
+            Update::RunFinished(run) => Event::default()
+                .event("run_finished")
+                .data(run_json(&run, None).to_string()),
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), rx))
+    });
+    Ok(warp::sse::reply(stream).into_response())
+}
+
 fn flatten(r: Result<Response, Response>) -> Response {
     r.unwrap_or_else(|e| e)
 }
@@ -253,6 +284,10 @@ pub fn routes(
         .and(with_state.clone())
         .and(warp::query::<HashMap<String, String>>())
         .then(|id, s, q| async move { flatten(get_log(s, id, q).await) });
+    let events = warp::path!("api" / "runs" / i64 / "events")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(|id, s| async move { flatten(events(s, id).await) });
     let delivery = warp::path!("api" / "deliveries" / String)
         .and(warp::get())
         .and(with_state)
@@ -265,6 +300,8 @@ pub fn routes(
         .or(run)
         .unify()
         .or(log)
+        .unify()
+        .or(events)
         .unify()
         .or(delivery)
         .unify()

@@ -62,6 +62,18 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<Response, ClientError> {
+    request_streaming(method, url, headers, body, &mut |_| {})
+}
+
+/// Like [`request`], also handing each piece of a successful response's body to
+/// `on_body` as it arrives (for streamed responses such as a followed log).
+pub fn request_streaming(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    on_body: &mut dyn FnMut(&[u8]),
+) -> Result<Response, ClientError> {
     let (authority, path) = split_url(url)?;
     let io = |source| ClientError::Io {
         url: url.to_owned(),
@@ -84,10 +96,14 @@ pub fn request(
     head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body).map_err(io)?;
-    read_response(url, stream)
+    read_response(url, stream, on_body)
 }
 
-fn read_response(url: &str, stream: TcpStream) -> Result<Response, ClientError> {
+fn read_response(
+    url: &str,
+    stream: TcpStream,
+    on_body: &mut dyn FnMut(&[u8]),
+) -> Result<Response, ClientError> {
     let bad = |reason: &str| ClientError::Response {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -131,11 +147,17 @@ fn read_response(url: &str, stream: TcpStream) -> Result<Response, ClientError> 
             let start = body.len();
             body.resize(start + size, 0);
             reader.read_exact(&mut body[start..]).map_err(io)?;
+            if (200..300).contains(&status) {
+                on_body(&body[start..]);
+            }
             line.clear();
             reader.read_line(&mut line).map_err(io)?;
         }
     } else {
         reader.read_to_end(&mut body).map_err(io)?;
+        if (200..300).contains(&status) {
+            on_body(&body);
+        }
     }
     Ok(Response {
         status,

@@ -270,6 +270,52 @@ impl Config {
     }
 }
 
+/// Where a pipeline's secret `NAME` is looked for, in order: systemd's credentials
+/// (`$CREDENTIALS_DIRECTORY/NAME`, from `LoadCredential=`), `secrets_dir/NAME`, then the
+/// daemon's variable `HOOKCI_SECRET_NAME`.
+pub fn resolve_secret(
+    name: &str,
+    secrets_dir: Option<&Path>,
+    env: &dyn EnvSource,
+) -> Result<Secret, String> {
+    let mut looked = Vec::new();
+    let dirs = env
+        .var("CREDENTIALS_DIRECTORY")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(secrets_dir.map(Path::to_path_buf));
+    for dir in dirs {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let value = text.trim_end_matches(['\n', '\r']);
+                if value.is_empty() {
+                    return Err(format!("secret {name} is empty ({})", path.display()));
+                }
+                return Ok(Secret::new(value));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                looked.push(path.display().to_string())
+            }
+            Err(e) => {
+                return Err(format!(
+                    "secret {name}: cannot read {}: {e}",
+                    path.display()
+                ))
+            }
+        }
+    }
+    let var = format!("HOOKCI_SECRET_{name}");
+    if let Some(value) = env.var(&var) {
+        return Ok(Secret::new(value));
+    }
+    looked.push(format!("${var}"));
+    Err(format!(
+        "secret {name} not found (looked in {})",
+        looked.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +360,31 @@ mod tests {
         assert!(
             !format!("{c:?}").contains("s3cret"),
             "Debug must not print secrets"
+        );
+    }
+
+    #[test]
+    fn secrets_resolve_from_credentials_then_secrets_dir_then_environment() {
+        let creds = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join("A"), "from-credentials\n").unwrap();
+        std::fs::write(dir.path().join("A"), "from-dir").unwrap();
+        std::fs::write(dir.path().join("B"), "from-dir").unwrap();
+        let creds_path: &'static str =
+            Box::leak(creds.path().display().to_string().into_boxed_str());
+        let env = FakeEnv(HashMap::from([
+            ("CREDENTIALS_DIRECTORY", creds_path),
+            ("HOOKCI_SECRET_B", "from-env"),
+            ("HOOKCI_SECRET_C", "from-env"),
+        ]));
+        let get = |n| resolve_secret(n, Some(dir.path()), &env).map(|s| s.expose().to_owned());
+        assert_eq!(get("A").unwrap(), "from-credentials");
+        assert_eq!(get("B").unwrap(), "from-dir");
+        assert_eq!(get("C").unwrap(), "from-env");
+        let missing = get("D").unwrap_err();
+        assert!(
+            missing.contains("secret D not found") && missing.contains("$HOOKCI_SECRET_D"),
+            "{missing}"
         );
     }
 

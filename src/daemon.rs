@@ -167,6 +167,7 @@ pub async fn run(
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
     let mirrors = Arc::clone(&state.mirrors);
     let (stop_tx, stop_rx) = watch::channel(false);
+    scheduler::prune(&state).await;
     let scheduler = tokio::spawn(scheduler::run(
         Arc::clone(&state),
         Arc::clone(&mirrors),

@@ -21,6 +21,7 @@ pub mod matcher;
 pub mod pattern;
 pub mod pipeline;
 pub mod reconcile;
+pub mod remote;
 pub mod repo;
 pub mod runner;
 pub mod scheduler;

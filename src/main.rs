@@ -72,72 +72,68 @@ enum Command {
     /// Explain a delivery: for every pipeline, whether it ran and why (not)
     Why {
         delivery: String,
-        /// The daemon's base URL (default: from the config's listen address)
-        #[arg(long)]
-        url: Option<String>,
         #[command(flatten)]
-        config: ConfigArgs,
+        remote: RemoteArgs,
+    },
+    /// List runs, newest first
+    Runs {
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Print a run's log; -f follows it until the run ends
+    Logs {
+        run: i64,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel a queued or running run (needs the API token)
+    Cancel {
+        run: i64,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Run a run's pipeline and commit again (needs the API token)
+    Rerun {
+        run: i64,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Run a pipeline now on a branch or tag (needs the API token)
+    Trigger {
+        pipeline: String,
+        #[arg(long = "ref")]
+        git_ref: String,
+        /// The commit (default: the ref's current head on the remote)
+        #[arg(long)]
+        sha: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
-/// The daemon's base URL as seen from this machine.
-fn base_url(url: Option<String>, config: &Config) -> String {
-    url.unwrap_or_else(|| {
-        let mut addr = config.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        format!("http://{addr}")
-    })
-    .trim_end_matches('/')
-    .to_owned()
+/// Where the daemon's API is, and the token for its write calls.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The daemon's base URL (default: http:// and the config's listen address)
+    #[arg(long)]
+    url: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
-fn why(base: &str, delivery: &str) -> anyhow::Result<ExitCode> {
-    let url = format!("{base}/api/deliveries/{delivery}");
-    let response = hookci::client::request("GET", &url, &[], b"")?;
-    let body = response.json();
-    if response.status != 200 {
-        eprintln!(
-            "hookci: {}",
-            body["error"].as_str().unwrap_or(&response.text())
-        );
-        return Ok(ExitCode::from(1));
+impl RemoteArgs {
+    fn remote(&self) -> anyhow::Result<hookci::remote::Remote> {
+        let config = load_config(&self.config, Overrides::default())?;
+        Ok(hookci::remote::Remote::new(self.url.clone(), &config))
     }
-    println!(
-        "delivery {} ({} {} of {} at {}, received {})",
-        body["id"].as_str().unwrap_or_default(),
-        body["event"].as_str().unwrap_or_default(),
-        body["ref"].as_str().unwrap_or_default(),
-        body["repo"].as_str().unwrap_or_default(),
-        body["after"].as_str().unwrap_or_default(),
-        body["received_at"].as_str().unwrap_or_default(),
-    );
-    let decisions = body["decisions"].as_array().cloned().unwrap_or_default();
-    let width = decisions
-        .iter()
-        .map(|d| d["pipeline"].as_str().unwrap_or_default().len())
-        .max()
-        .unwrap_or(0);
-    for d in &decisions {
-        let verdict = match (d["outcome"].as_str().unwrap_or_default(), d["run"].as_i64()) {
-            ("run", Some(id)) => format!("ran as run {id}"),
-            ("duplicate", Some(id)) => {
-                format!("did not run again: run {id} already builds this commit")
-            }
-            ("skipped", Some(id)) => format!("skipped (run {id})"),
-            (other, _) => other.replace('_', " "),
-        };
-        println!(
-            "  {:width$}  {verdict}: {}",
-            d["pipeline"].as_str().unwrap_or_default(),
-            d["reason"].as_str().unwrap_or_default()
-        );
-    }
-    if decisions.is_empty() {
-        println!("  no pipelines were configured when it arrived");
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(args: &ConfigArgs, flags: Overrides) -> anyhow::Result<Config> {
@@ -311,13 +307,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        Command::Why {
-            delivery,
-            url,
-            config,
-        } => {
-            let config = load_config(&config, Overrides::default())?;
-            why(&base_url(url, &config), &delivery)
-        }
+        Command::Why { delivery, remote } => Ok(ExitCode::from(remote.remote()?.why(&delivery)?)),
+        Command::Runs {
+            pipeline,
+            status,
+            limit,
+            remote,
+        } => Ok(ExitCode::from(remote.remote()?.runs(
+            pipeline.as_deref(),
+            status.as_deref(),
+            limit,
+        )?)),
+        Command::Logs {
+            run,
+            follow,
+            remote,
+        } => Ok(ExitCode::from(remote.remote()?.logs(run, follow)?)),
+        Command::Cancel { run, remote } => Ok(ExitCode::from(remote.remote()?.cancel(run)?)),
+        Command::Rerun { run, remote } => Ok(ExitCode::from(remote.remote()?.rerun(run)?)),
+        Command::Trigger {
+            pipeline,
+            git_ref,
+            sha,
+            remote,
+        } => Ok(ExitCode::from(remote.remote()?.trigger(
+            &pipeline,
+            &git_ref,
+            sha.as_deref(),
+        )?)),
     }
 }

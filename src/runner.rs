@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
+
+use crate::mask::Masker;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -49,6 +51,8 @@ pub struct StepCommand<'a> {
     pub timeout: Option<Duration>,
     /// Time between SIGTERM and SIGKILL when the step is stopped.
     pub grace: Duration,
+    /// Secret values to replace with `***` in the log (see `mask`).
+    pub mask: &'a Masker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +153,7 @@ pub async fn run_step(
     debug!(pgid, cwd = %cmd.cwd.display(), log = %cmd.log_path.display(), "step spawned");
 
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let mut writer = tokio::spawn(write_log(log, rx));
+    let mut writer = tokio::spawn(write_log(log, rx, cmd.mask.clone()));
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(pump(out, tx.clone()));
@@ -394,10 +398,21 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
     }
 }
 
-async fn write_log(mut log: File, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
+/// Writes the step's interleaved output as it comes, secrets masked: a value split
+/// across chunks is held back until it is known whether it is a secret.
+async fn write_log(
+    mut log: File,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut mask: Masker,
+) -> io::Result<()> {
     while let Some(chunk) = rx.recv().await {
-        log.write_all(&chunk).await?;
+        if mask.is_active() {
+            log.write_all(&mask.push(&chunk)).await?;
+        } else {
+            log.write_all(&chunk).await?;
+        }
     }
+    log.write_all(&mask.finish()).await?;
     // tokio's File writes in the background; flush waits for the last write
     // and surfaces its error.
     log.flush().await
@@ -474,6 +489,7 @@ mod tests {
         env: Vec<(String, String)>,
         timeout: Option<Duration>,
         grace: Duration,
+        secrets: Vec<String>,
     }
 
     impl Step {
@@ -487,6 +503,7 @@ mod tests {
                 env,
                 timeout: None,
                 grace: Duration::from_secs(1),
+                secrets: Vec::new(),
             }
         }
 
@@ -500,6 +517,7 @@ mod tests {
 
         async fn run(&self, script: &str, cancel: watch::Receiver<bool>) -> StepOutcome {
             let log_path = self.log_path();
+            let mask = Masker::new(self.secrets.iter());
             let cmd = StepCommand {
                 script,
                 cwd: self.dir.path(),
@@ -507,6 +525,7 @@ mod tests {
                 log_path: &log_path,
                 timeout: self.timeout,
                 grace: self.grace,
+                mask: &mask,
             };
             tokio::time::timeout(Duration::from_secs(60), run_step(cmd, cancel))
                 .await
@@ -593,6 +612,23 @@ mod tests {
         }
         assert!(log.find("out\n") < log.find("out2\n"));
         assert!(log.contains("tail"), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn secret_values_never_reach_the_log_even_split_across_writes() {
+        let key = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7\n-----END KEY-----";
+        let mut step = Step::new(&[("KEY", key), ("TOKEN", "tok-3f9a1c77")]);
+        step.secrets = vec![key.to_owned(), "tok-3f9a1c77".to_owned()];
+        // The token is written one byte at a time; the key whole, then one line alone.
+        let script = "printf '%s\\n' \"$KEY\"; for c in t o k - 3 f 9 a 1 c 7 7; do printf %s $c; sleep 0.01; done; echo; \
+                      echo \"$KEY\" | sed -n 2p >&2; echo done";
+        let out = step.run(script, never_cancel()).await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        let log = step.log();
+        assert!(!log.contains("tok-3f9a1c77"), "{log}");
+        assert!(!log.contains("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"), "{log}");
+        assert!(!log.contains("BKcwggSjAgEAAoIBAQC7"), "{log}");
+        assert!(log.contains("***") && log.contains("done"), "{log}");
     }
 
     #[tokio::test]
@@ -722,6 +758,7 @@ mod tests {
             log_path: &log_path,
             timeout: None,
             grace: Duration::from_secs(1),
+            mask: &Masker::new(Vec::<String>::new()),
         };
         let err = run_step(cmd, never_cancel()).await.unwrap_err();
         assert!(

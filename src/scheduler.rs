@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::checkout::{self, Mirrors};
+use crate::config::{resolve_secret, ProcessEnv, Secret};
 use crate::daemon::AppState;
+use crate::mask::Masker;
 use crate::pipeline::Pipeline;
 use crate::repo::RepoName;
 use crate::runner::{self, StepCommand, StepEnd};
@@ -162,15 +164,26 @@ async fn execute(
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
         },
-        Some(pipeline) => match prepare(&state, &mirrors, &run, &pipeline, &workspace).await {
-            Ok(Some(skip)) => Ending {
-                status: RunStatus::Skipped,
-                reason: Some(skip),
-            },
-            Ok(None) => run_steps(&state, &run, &pipeline, &workspace, &control, stop).await,
+        Some(pipeline) => match secrets_of(&state, &pipeline) {
             Err(reason) => Ending {
                 status: RunStatus::Failed,
                 reason: Some(reason),
+            },
+            Ok(secrets) => match prepare(&state, &mirrors, &run, &pipeline, &workspace).await {
+                Ok(Some(skip)) => Ending {
+                    status: RunStatus::Skipped,
+                    reason: Some(skip),
+                },
+                Ok(None) => {
+                    run_steps(
+                        &state, &run, &pipeline, &workspace, &secrets, &control, stop,
+                    )
+                    .await
+                }
+                Err(reason) => Ending {
+                    status: RunStatus::Failed,
+                    reason: Some(reason),
+                },
             },
         },
     };
@@ -196,6 +209,37 @@ async fn execute(
     {
         tracing::error!(error = %e, "cannot record the end of the run");
     }
+    prune(&state).await;
+}
+
+/// Retention (`retention: {runs, days}`): old runs go with their logs and workspaces.
+/// Mirrors are kept.
+pub async fn prune(state: &Arc<AppState>) {
+    let retention = state.config.retention;
+    let cutoff = crate::clock::now_ms() - (retention.days as i64).saturating_mul(86_400_000);
+    let pruned = match blocking(&state.store, move |s| s.prune(retention.runs, cutoff)).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "pruning old runs failed");
+            return;
+        }
+    };
+    if pruned.is_empty() {
+        return;
+    }
+    let dirs: Vec<_> = pruned
+        .iter()
+        .flat_map(|id| [state.log_dir(*id), state.workspace(*id)])
+        .collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for dir in dirs {
+            if let Err(e) = remove_dir(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a pruned run's files");
+            }
+        }
+    })
+    .await;
+    tracing::info!(runs = pruned.len(), "pruned old runs");
 }
 
 fn remove_dir(path: &Path) -> std::io::Result<()> {
@@ -203,6 +247,18 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// The pipeline's secrets, by name; a missing one fails the run before any step.
+fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secret)>, String> {
+    pipeline
+        .secrets
+        .iter()
+        .map(|name| {
+            resolve_secret(name, state.config.secrets_dir.as_deref(), &ProcessEnv)
+                .map(|v| (name.clone(), v))
+        })
+        .collect()
 }
 
 /// Records the planned steps and checks the commit out; `Some(reason)` when the
@@ -321,9 +377,11 @@ async fn run_steps(
     run: &Run,
     pipeline: &Pipeline,
     workspace: &Path,
+    secrets: &[(String, Secret)],
     control: &RunControl,
     stop: watch::Receiver<bool>,
 ) -> Ending {
+    let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
     let deadline = pipeline.timeout.map(|t| Instant::now() + t);
     let mut ending: Option<Ending> = None;
     for (i, step) in pipeline.steps.iter().enumerate() {
@@ -353,7 +411,12 @@ async fn run_steps(
             (Some(r), Some(s)) => Some(r.min(s)),
             (r, s) => r.or(s),
         };
-        let env = step_env(run, pipeline, i, workspace, failed);
+        let mut env = step_env(run, pipeline, i, workspace, failed);
+        env.extend(
+            secrets
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_owned())),
+        );
         let log = state.log_path(run.id, number);
         let cmd = StepCommand {
             script: &step.run,
@@ -362,6 +425,7 @@ async fn run_steps(
             log_path: &log,
             timeout,
             grace: state.config.step_grace,
+            mask: &mask,
         };
         let outcome = runner::run_step(cmd, stop.clone())
             .instrument(span.clone())

@@ -205,6 +205,39 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Retention: deletes finished runs beyond the newest `keep_runs`, or finished
+    /// before `cutoff_ms`, with their steps, and deliveries older than the cutoff that
+    /// no kept run came from. Returns the deleted runs' ids (their logs and workspaces
+    /// are the caller's to remove). At most 200 runs a call, so one call never holds the
+    /// writer long; calls after each run catch up. A redelivery of a pruned push would
+    /// build again.
+    pub fn prune(&self, keep_runs: u64, cutoff_ms: i64) -> Result<Vec<i64>, StoreError> {
+        self.writer.exec(move |c| {
+            let ids: Vec<i64> = c
+                .prepare_cached(
+                    "SELECT id FROM runs WHERE status NOT IN ('queued', 'running') AND
+                       (id < COALESCE((SELECT id FROM runs ORDER BY id DESC LIMIT 1 OFFSET ?1 - 1), 0)
+                        OR COALESCE(finished_at, created_at) < ?2)
+                     ORDER BY id LIMIT 200",
+                )?
+                .query_map(params![keep_runs.max(1) as i64, cutoff_ms], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                c.prepare_cached("UPDATE decisions SET run_id = NULL WHERE run_id = ?1")?.execute([id])?;
+                c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?.execute([id])?;
+                c.prepare_cached("DELETE FROM runs WHERE id = ?1")?.execute([id])?;
+            }
+            // Retention keeps the runs table small, so one pass over it is cheap.
+            let old = "SELECT seq FROM deliveries WHERE received_at < ?1
+                       AND id NOT IN (SELECT delivery_id FROM runs WHERE delivery_id IS NOT NULL)";
+            c.execute(&format!("DELETE FROM decisions WHERE delivery IN ({old})"), [cutoff_ms])?;
+            c.execute(&format!("DELETE FROM deliveries WHERE seq IN ({old})"), [cutoff_ms])?;
+            Ok(ids)
+        })
+    }
+}
+
 fn finish_in(
     c: &Connection,
     run_id: i64,

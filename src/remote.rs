@@ -1,0 +1,211 @@
+//! The command line's API clients (`why`, `runs`, `logs`, `cancel`, `rerun`,
+//! `trigger`): thin wrappers over the daemon's HTTP API that print for people. They
+//! return the process's exit status: 0 done, 1 the daemon said no.
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+
+use crate::client::{self, ClientError, Response};
+use crate::config::{Config, Secret};
+
+/// A daemon to talk to.
+pub struct Remote {
+    base: String,
+    token: Option<Secret>,
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+/// Prints the daemon's error (`{"error": ...}`) and returns exit status 1.
+fn refused(r: &Response) -> u8 {
+    let body = r.json();
+    let _ = writeln!(
+        std::io::stderr(),
+        "hookci: {} ({})",
+        body["error"].as_str().unwrap_or(&r.text()),
+        r.status
+    );
+    1
+}
+
+impl Remote {
+    /// `url`, else http:// and the config's listen address (loopback for 0.0.0.0).
+    pub fn new(url: Option<String>, config: &Config) -> Remote {
+        let base = url.unwrap_or_else(|| {
+            let mut addr = config.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        });
+        Remote {
+            base: base.trim_end_matches('/').to_owned(),
+            token: config.api_token.clone(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<Response, ClientError> {
+        client::request("GET", &format!("{}{path}", self.base), &[], b"")
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Response, ClientError> {
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Bearer {}", t.expose()));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        client::request(
+            "POST",
+            &format!("{}{path}", self.base),
+            &headers,
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// For every pipeline, whether the delivery ran it and why (not).
+    pub fn why(&self, delivery: &str) -> Result<u8, ClientError> {
+        let r = self.get(&format!("/api/deliveries/{delivery}"))?;
+        if r.status != 200 {
+            return Ok(refused(&r));
+        }
+        let body = r.json();
+        println!(
+            "delivery {} ({} {} of {} at {}, received {})",
+            s(&body["id"]),
+            s(&body["event"]),
+            s(&body["ref"]),
+            s(&body["repo"]),
+            s(&body["after"]),
+            s(&body["received_at"]),
+        );
+        let decisions = body["decisions"].as_array().cloned().unwrap_or_default();
+        let width = decisions
+            .iter()
+            .map(|d| s(&d["pipeline"]).len())
+            .max()
+            .unwrap_or(0);
+        for d in &decisions {
+            let verdict = match (s(&d["outcome"]), d["run"].as_i64()) {
+                ("run", Some(id)) => format!("ran as run {id}"),
+                ("duplicate", Some(id)) => {
+                    format!("did not run again: run {id} already builds this commit")
+                }
+                ("skipped", Some(id)) => format!("skipped (run {id})"),
+                (other, _) => other.replace('_', " "),
+            };
+            println!(
+                "  {:width$}  {verdict}: {}",
+                s(&d["pipeline"]),
+                s(&d["reason"])
+            );
+        }
+        if decisions.is_empty() {
+            println!("  no pipelines were configured when it arrived");
+        }
+        Ok(0)
+    }
+
+    pub fn runs(
+        &self,
+        pipeline: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<u8, ClientError> {
+        let mut query = format!("?limit={limit}");
+        for (k, v) in [("pipeline", pipeline), ("status", status)] {
+            if let Some(v) = v {
+                query.push_str(&format!("&{k}={v}"));
+            }
+        }
+        let r = self.get(&format!("/api/runs{query}"))?;
+        if r.status != 200 {
+            return Ok(refused(&r));
+        }
+        println!(
+            "{:>6}  {:<12} {:<16} {:<24} {:<8} {:<8} CREATED",
+            "RUN", "STATUS", "PIPELINE", "REF", "COMMIT", "TRIGGER"
+        );
+        for run in r.json()["runs"].as_array().cloned().unwrap_or_default() {
+            let git_ref = s(&run["ref"]);
+            let short_ref = git_ref.strip_prefix("refs/heads/").unwrap_or(git_ref);
+            println!(
+                "{:>6}  {:<12} {:<16} {:<24} {:<8} {:<8} {}",
+                run["id"],
+                s(&run["status"]),
+                s(&run["pipeline"]),
+                short_ref,
+                s(&run["commit"]).get(..7).unwrap_or("-"),
+                s(&run["trigger"]),
+                s(&run["created_at"]),
+            );
+        }
+        Ok(0)
+    }
+
+    /// The run's log; with `follow`, streamed until the run ends.
+    pub fn logs(&self, run: i64, follow: bool) -> Result<u8, ClientError> {
+        let query = if follow { "?follow=1" } else { "" };
+        let url = format!("{}/api/runs/{run}/log{query}", self.base);
+        let mut out = std::io::stdout();
+        let r = client::request_streaming("GET", &url, &[], b"", &mut |chunk| {
+            let _ = out.write_all(chunk);
+            let _ = out.flush();
+        })?;
+        Ok(if r.status == 200 { 0 } else { refused(&r) })
+    }
+
+    fn show_run(r: &Response, verb: &str) -> u8 {
+        let run = r.json();
+        println!(
+            "run {} {verb}: {} {} at {} ({})",
+            run["id"],
+            s(&run["pipeline"]),
+            s(&run["ref"]),
+            s(&run["commit"]),
+            s(&run["status"])
+        );
+        0
+    }
+
+    pub fn cancel(&self, run: i64) -> Result<u8, ClientError> {
+        let r = self.post(&format!("/api/runs/{run}/cancel"), &json!({}))?;
+        Ok(if r.status < 300 {
+            Self::show_run(&r, "is being canceled")
+        } else {
+            refused(&r)
+        })
+    }
+
+    pub fn rerun(&self, run: i64) -> Result<u8, ClientError> {
+        let r = self.post(&format!("/api/runs/{run}/rerun"), &json!({}))?;
+        Ok(if r.status < 300 {
+            Self::show_run(&r, "queued")
+        } else {
+            refused(&r)
+        })
+    }
+
+    pub fn trigger(
+        &self,
+        pipeline: &str,
+        git_ref: &str,
+        sha: Option<&str>,
+    ) -> Result<u8, ClientError> {
+        let mut body = json!({ "ref": git_ref });
+        if let Some(sha) = sha {
+            body["sha"] = json!(sha);
+        }
+        let r = self.post(&format!("/api/pipelines/{pipeline}/trigger"), &body)?;
+        Ok(if r.status < 300 {
+            Self::show_run(&r, "queued")
+        } else {
+            refused(&r)
+        })
+    }
+}
