@@ -87,7 +87,8 @@ pub fn delivery_json(d: &Delivery) -> Value {
     })
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs a store call on a blocking thread; a failure becomes a JSON error reply.
+pub(crate) async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Response> {
@@ -95,10 +96,10 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || f(&store)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "store read failed");
+            tracing::error!(error = %e, "store call failed");
             Err(error_reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "store read failed",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store failed; retry",
             ))
         }
         Err(e) => Err(error_reply(

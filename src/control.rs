@@ -11,7 +11,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::api::run_json;
+use crate::api::{blocking, run_json};
 use crate::daemon::AppState;
 use crate::intake::{concurrency_group, error_reply};
 use crate::repo::RepoName;
@@ -52,36 +52,15 @@ fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    state: &AppState,
-    f: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, Response> {
-    let store = Arc::clone(&state.store);
-    match tokio::task::spawn_blocking(move || f(&store)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "store call failed");
-            Err(error_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the store failed; retry",
-            ))
-        }
-        Err(e) => Err(error_reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("store task failed: {e}"),
-        )),
-    }
-}
-
 async fn load_run(state: &AppState, id: i64) -> Result<Run, Response> {
-    blocking(state, move |s| s.run(id))
+    blocking(&state.store, move |s| s.run(id))
         .await?
         .ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no run {id}")))
 }
 
 async fn run_reply(state: &AppState, id: i64, status: StatusCode) -> Result<Response, Response> {
     let run = load_run(state, id).await?;
-    let steps = blocking(state, move |s| s.steps(id)).await?;
+    let steps = blocking(&state.store, move |s| s.steps(id)).await?;
     Ok(
         warp::reply::with_status(warp::reply::json(&run_json(&run, Some(&steps))), status)
             .into_response(),
@@ -94,7 +73,7 @@ async fn cancel(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     match run.status {
         RunStatus::Queued => {
             let r = reason.clone();
-            if !blocking(&state, move |s| s.cancel_queued(id, r)).await? {
+            if !blocking(&state.store, move |s| s.cancel_queued(id, r)).await? {
                 // It started meanwhile: stop it like a running one.
                 state.running.cancel(id, reason);
             }
@@ -149,7 +128,7 @@ async fn rerun(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
         ));
     }
     let new = explicit_run(&old, "rerun", old.attempt + 1, &state);
-    let made = blocking(&state, move |s| s.create_run(new)).await?;
+    let made = blocking(&state.store, move |s| s.create_run(new)).await?;
     state.wake.notify_one();
     tracing::info!(run = made.id, of = id, "rerun queued");
     run_reply(&state, made.id, StatusCode::CREATED).await
@@ -198,7 +177,7 @@ async fn trigger(
         Some(url) => url,
         None => {
             let r = repo.to_string();
-            blocking(&state, move |s| s.clone_url_of(&r))
+            blocking(&state.store, move |s| s.clone_url_of(&r))
                 .await?
                 .ok_or_else(|| {
                     error_reply(
@@ -255,7 +234,7 @@ async fn trigger(
         finished_at: None,
     };
     let new = explicit_run(&template, "manual", 1, &state);
-    let made = blocking(&state, move |s| s.create_run(new)).await?;
+    let made = blocking(&state.store, move |s| s.create_run(new)).await?;
     state.wake.notify_one();
     tracing::info!(run = made.id, pipeline = %name, "manual run queued");
     run_reply(&state, made.id, StatusCode::CREATED).await

@@ -37,7 +37,9 @@ CREATE TABLE runs (
     run_key     TEXT UNIQUE,
     grp         TEXT,
     trigger     TEXT NOT NULL,
-    delivery_id TEXT REFERENCES deliveries(id),
+    -- No foreign keys here and in decisions.run_id: they are history, kept when
+    -- retention prunes the other side, and a check would scan an unindexed column.
+    delivery_id TEXT,
     status      TEXT NOT NULL,
     reason      TEXT,
     attempt     INTEGER NOT NULL DEFAULT 1,
@@ -53,7 +55,7 @@ CREATE TABLE decisions (
     pipeline    TEXT NOT NULL,
     outcome     TEXT NOT NULL,
     reason      TEXT NOT NULL,
-    run_id      INTEGER REFERENCES runs(id),
+    run_id      INTEGER,
     PRIMARY KEY (delivery, pipeline)
 ) WITHOUT ROWID;
 CREATE TABLE steps (
@@ -658,6 +660,30 @@ mod tests {
         // Committed, not just cached: visible to a fresh store on the same file.
         let reopened = Store::open(dir.path()).unwrap();
         assert!(reopened.delivery("d199").unwrap().is_some());
+    }
+
+    #[test]
+    fn retention_prunes_old_finished_runs_and_keeps_queued_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ids: Vec<i64> = (0..6)
+            .map(|i| store.create_run(run("ci", &format!("k{i}"))).unwrap().id)
+            .collect();
+        for id in &ids[..5] {
+            store
+                .finish_run(*id, RunStatus::Succeeded, None, StepStatus::Skipped)
+                .unwrap();
+        }
+        // Keep the newest 2: the 4 oldest are beyond them; all finished but none is old.
+        let pruned = store.prune(2, 0).unwrap();
+        assert_eq!(pruned, ids[..4].to_vec());
+        assert!(store.run(ids[0]).unwrap().is_none());
+        assert!(store.run(ids[4]).unwrap().is_some());
+        // Older than the cutoff: every finished run goes, the queued one stays.
+        let pruned = store.prune(1000, crate::clock::now_ms() + 1).unwrap();
+        assert_eq!(pruned, vec![ids[4]]);
+        let left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
+        assert_eq!(left, vec![ids[5]]);
     }
 
     #[test]

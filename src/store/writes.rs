@@ -214,25 +214,52 @@ impl Store {
     /// build again.
     pub fn prune(&self, keep_runs: u64, cutoff_ms: i64) -> Result<Vec<i64>, StoreError> {
         self.writer.exec(move |c| {
+            // Ids grow with creation time, so "beyond the newest N" and "older than D days"
+            // are both a prefix of the ids: find its end without scanning the table.
+            // Run ids are dense (only prefixes are ever deleted), so the newest N are the
+            // ids above max - N; OFFSET N would walk N index entries on every call.
+            let beyond_newest: Option<i64> = c
+                .prepare_cached("SELECT MAX(id) - ?1 FROM runs")?
+                .query_row([i64::try_from(keep_runs.max(1)).unwrap_or(i64::MAX)], |r| r.get(0))?;
+            let beyond_newest = beyond_newest.filter(|b| *b > 0);
+            let oldest: Option<i64> = c
+                .prepare_cached("SELECT created_at FROM runs ORDER BY id LIMIT 1")?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            let too_old: Option<i64> = match oldest {
+                Some(t) if t < cutoff_ms => c
+                    .prepare_cached(
+                        "SELECT MAX(id) FROM (SELECT id FROM runs WHERE created_at < ?1 ORDER BY id LIMIT 200)",
+                    )?
+                    .query_row([cutoff_ms], |r| r.get(0))?,
+                _ => None,
+            };
+            let Some(bound) = beyond_newest.max(too_old) else {
+                return Ok(Vec::new());
+            };
             let ids: Vec<i64> = c
                 .prepare_cached(
-                    "SELECT id FROM runs WHERE status NOT IN ('queued', 'running') AND
-                       (id < COALESCE((SELECT id FROM runs ORDER BY id DESC LIMIT 1 OFFSET ?1 - 1), 0)
-                        OR COALESCE(finished_at, created_at) < ?2)
-                     ORDER BY id LIMIT 200",
+                    "SELECT id FROM runs WHERE id <= ?1 AND status NOT IN ('queued', 'running') ORDER BY id LIMIT 200",
                 )?
-                .query_map(params![keep_runs.max(1) as i64, cutoff_ms], |r| r.get(0))?
+                .query_map([bound], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             for id in &ids {
-                c.prepare_cached("UPDATE decisions SET run_id = NULL WHERE run_id = ?1")?.execute([id])?;
                 c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?.execute([id])?;
                 c.prepare_cached("DELETE FROM runs WHERE id = ?1")?.execute([id])?;
             }
-            // Retention keeps the runs table small, so one pass over it is cheap.
-            let old = "SELECT seq FROM deliveries WHERE received_at < ?1
-                       AND id NOT IN (SELECT delivery_id FROM runs WHERE delivery_id IS NOT NULL)";
-            c.execute(&format!("DELETE FROM decisions WHERE delivery IN ({old})"), [cutoff_ms])?;
-            c.execute(&format!("DELETE FROM deliveries WHERE seq IN ({old})"), [cutoff_ms])?;
+            let oldest_delivery: Option<i64> = c
+                .prepare_cached("SELECT received_at FROM deliveries ORDER BY seq LIMIT 1")?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            if oldest_delivery.is_some_and(|t| t < cutoff_ms) {
+                // Old deliveries no kept run came from; retention keeps `runs` small, so
+                // one pass over it is cheap.
+                let old = "SELECT seq FROM deliveries WHERE seq <= (SELECT MAX(seq) FROM
+                             (SELECT seq FROM deliveries WHERE received_at < ?1 ORDER BY seq LIMIT 500))
+                           AND id NOT IN (SELECT delivery_id FROM runs WHERE delivery_id IS NOT NULL)";
+                c.execute(&format!("DELETE FROM decisions WHERE delivery IN ({old})"), [cutoff_ms])?;
+                c.execute(&format!("DELETE FROM deliveries WHERE seq IN ({old})"), [cutoff_ms])?;
+            }
             Ok(ids)
         })
     }
