@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod duration;
 pub mod event;
 pub mod follow;
+pub mod foreground;
 pub mod http;
 pub mod intake;
 pub mod mask;

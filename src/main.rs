@@ -69,6 +69,23 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Run one pipeline now, in the foreground, on a repository path or URL
+    Run {
+        pipeline: String,
+        /// A local repository path or a clone URL
+        #[arg(long)]
+        repo: String,
+        /// Branch or tag (default: main)
+        #[arg(long = "ref", default_value = "main")]
+        git_ref: String,
+        /// The commit (default: the ref's head)
+        #[arg(long)]
+        sha: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, value_name = "DIR")]
+        pipelines: Option<PathBuf>,
+    },
     /// Explain a delivery: for every pipeline, whether it ran and why (not)
     Why {
         delivery: String,
@@ -302,6 +319,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let response = hookci::client::request("POST", &url, &headers, &body)?;
             println!("{} {}", response.status, response.text().trim_end());
             Ok(if response.status < 400 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Run {
+            pipeline,
+            repo,
+            git_ref,
+            sha,
+            config,
+            pipelines,
+        } => {
+            let flags = Overrides {
+                pipelines,
+                ..Overrides::default()
+            };
+            let config = load_config(&config, flags)?;
+            let set = match load_pipelines(&config.pipelines) {
+                Ok(set) => set,
+                Err(code) => return Ok(code),
+            };
+            let req = hookci::foreground::Request {
+                pipeline,
+                repo,
+                git_ref,
+                sha,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let status = runtime
+                .block_on(hookci::foreground::run(config, set, req))
+                .map_err(anyhow::Error::msg)?;
+            Ok(if status == hookci::store::RunStatus::Succeeded {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -133,6 +133,27 @@ pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::R
     }
 }
 
+/// Claims run `id` (queued, the only one in its store) and executes it now, in the
+/// caller's task: `hookci run`.
+pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
+    let store = Arc::clone(&state.store);
+    let run = tokio::task::spawn_blocking(move || store.claim_next())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+        .filter(|r| r.id == id)
+        .ok_or_else(|| format!("run {id} could not be started"))?;
+    let permit = Arc::new(Semaphore::new(1))
+        .acquire_owned()
+        .await
+        .map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let control = state.running.register(id, stop_tx);
+    let mirrors = Arc::clone(&state.mirrors);
+    execute(state, mirrors, run, (control, stop_rx), permit).await;
+    Ok(())
+}
+
 async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,

@@ -497,3 +497,56 @@ fn hookci_why_explains_every_pipeline_decision() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no delivery"), "{err}");
 }
+
+#[test]
+fn hookci_run_builds_a_pipeline_in_the_foreground() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("build.sh", "echo built from the checkout")], "x");
+    let pipelines = b.path().join("pipelines");
+    std::fs::write(
+        pipelines.join("ci.yml"),
+        format!("repo: {REPO}\nsteps:\n  - name: build\n    run: sh build.sh; echo \"at $HOOKCI_COMMIT\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        pipelines.join("broken.yml"),
+        format!("repo: {REPO}\nsteps:\n  - run: exit 7\n"),
+    )
+    .unwrap();
+    let run = |pipeline: &str| {
+        std::process::Command::new(bin())
+            .args([
+                "run",
+                pipeline,
+                "--repo",
+                &origin.url(),
+                "--ref",
+                "main",
+                "--pipelines",
+            ])
+            .arg(&pipelines)
+            .env_remove("HOOKCI_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let ok = run("ci");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{out}\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        out.contains("built from the checkout") && out.contains(&format!("at {sha}")),
+        "{out}"
+    );
+    assert!(out.contains("==> ci succeeded"), "{out}");
+    let failed = run("broken");
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stdout).contains("exited with code 7"));
+    let missing = run("nope");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no pipeline \"nope\""));
+}
