@@ -15,6 +15,10 @@ use super::StoreError;
 /// The most writes one transaction takes: bounds the latency of the first in line.
 const MAX_BATCH: usize = 512;
 
+/// A batch this large means load: only then is it worth waiting for company (a lone
+/// push, or one beside a scheduler write, commits at once).
+const LINGER_FROM: usize = 8;
+
 /// How long a batch under load waits for company before it commits.
 const LINGER: std::time::Duration = std::time::Duration::from_micros(250);
 
@@ -171,9 +175,9 @@ fn write_loop(conn: &Connection, path: &Path, rx: &mpsc::Receiver<Work>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         drain(rx, &mut batch);
-        // Under load (more than one write waiting), linger a moment: the writes about
+        // Under load (many writes waiting), linger a moment: the writes about
         // to arrive share this commit instead of paying for the next one.
-        if batch.len() > 1 && batch.len() < MAX_BATCH {
+        if batch.len() >= LINGER_FROM && batch.len() < MAX_BATCH {
             std::thread::sleep(LINGER);
             drain(rx, &mut batch);
         }
