@@ -378,6 +378,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn file_urls_work_like_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
+        let c1 = commit(&origin, "main", &[("a.txt", "via file://")], "one").to_string();
+        let url = format!("file://{}", dir.path().join("o.git").display());
+        let repo = RepoName::parse("o/r").unwrap();
+        let mirrors = Mirrors::new(&dir.path().join("state"), None);
+        let req = Request {
+            repo: &repo,
+            clone_url: &url,
+            git_ref: "refs/heads/main",
+            commit: &c1,
+        };
+        mirrors.checkout(&req, &dir.path().join("ws")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ws/a.txt")).unwrap(),
+            "via file://"
+        );
+        assert_eq!(
+            mirrors.mirror_path(&repo, &url).unwrap(),
+            dir.path().join("state/mirrors/local/o/r.git")
+        );
+    }
+
+    #[test]
     fn remote_heads_peel_annotated_tags() {
         let dir = tempfile::tempdir().unwrap();
         let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
@@ -420,14 +445,6 @@ pub(crate) mod tests {
         );
         assert_eq!(host_segment("/srv/git/r.git").unwrap(), "local");
         assert_eq!(host_segment("file:///srv/git/r.git").unwrap(), "local");
-        for bad in [
-            "https://../o/r",
-            "https:///o/r",
-            "https://a/b%2F..",
-            "ssh://ho st/x",
-        ] {
-            let _ = bad;
-        }
         assert!(host_segment("https://../o/r").is_err());
         assert!(host_segment("https:///o/r").is_err());
         assert!(host_segment("ssh://ho st/x").is_err());
