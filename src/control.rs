@@ -40,7 +40,9 @@ fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        // The scheme name is case-insensitive (RFC 9110).
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then_some(token))
         .unwrap_or_default();
     if same_secret(given.trim().as_bytes(), token.expose().as_bytes()) {
         None
@@ -78,14 +80,7 @@ async fn cancel(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
                 state.running.cancel(id, reason);
             }
         }
-        RunStatus::Running => {
-            if !state.running.cancel(id, reason) {
-                return Err(error_reply(
-                    StatusCode::CONFLICT,
-                    format!("run {id} is not executing here"),
-                ));
-            }
-        }
+        RunStatus::Running => state.running.cancel(id, reason),
         done => {
             return Err(error_reply(
                 StatusCode::CONFLICT,

@@ -30,15 +30,30 @@ pub struct RunControl {
 
 /// Executing runs by id, so that cancel can reach their steps.
 #[derive(Default)]
-pub struct Running(std::sync::Mutex<std::collections::HashMap<i64, Arc<RunControl>>>);
+pub struct Running(std::sync::Mutex<std::collections::HashMap<i64, Slot>>);
+
+/// A run's entry: executing here, or asked to stop before it got that far (between
+/// being claimed and being registered).
+enum Slot {
+    Executing(Arc<RunControl>),
+    CancelRequested(String),
+}
 
 impl Running {
     fn register(&self, id: i64, stop: watch::Sender<bool>) -> Arc<RunControl> {
+        let mut slots = self.lock();
+        let early = match slots.remove(&id) {
+            Some(Slot::CancelRequested(reason)) => Some(reason),
+            _ => None,
+        };
+        if early.is_some() {
+            stop.send_replace(true);
+        }
         let control = Arc::new(RunControl {
             stop,
-            canceled: std::sync::Mutex::new(None),
+            canceled: std::sync::Mutex::new(early),
         });
-        self.lock().insert(id, Arc::clone(&control));
+        slots.insert(id, Slot::Executing(Arc::clone(&control)));
         control
     }
 
@@ -46,25 +61,31 @@ impl Running {
         self.lock().remove(&id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Arc<RunControl>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Slot>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops a running run's steps (SIGTERM, grace, SIGKILL); it ends `canceled` with
-    /// `reason`. False when the run is not executing here.
-    pub fn cancel(&self, id: i64, reason: String) -> bool {
-        let Some(control) = self.lock().get(&id).cloned() else {
-            return false;
-        };
-        *control.canceled.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-        control.stop.send_replace(true);
-        true
+    /// `reason`. A run claimed but not yet executing is stopped as soon as it starts.
+    pub fn cancel(&self, id: i64, reason: String) {
+        let mut slots = self.lock();
+        match slots.get(&id) {
+            Some(Slot::Executing(control)) => {
+                *control.canceled.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                control.stop.send_replace(true);
+            }
+            _ => {
+                slots.insert(id, Slot::CancelRequested(reason));
+            }
+        }
     }
 
     /// Stops every executing run (the daemon is stopping).
     fn stop_all(&self) {
-        for control in self.lock().values() {
-            control.stop.send_replace(true);
+        for slot in self.lock().values() {
+            if let Slot::Executing(control) = slot {
+                control.stop.send_replace(true);
+            }
         }
     }
 }
@@ -558,5 +579,33 @@ fn record_of(
         exit_code,
         signal,
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_between_claim_and_start_stops_the_run_when_it_starts() {
+        let running = Running::default();
+        running.cancel(7, "superseded by run 8".into());
+        let (tx, rx) = watch::channel(false);
+        let control = running.register(7, tx);
+        assert!(*rx.borrow(), "stopped as it starts");
+        let end = stopped(&control, "build");
+        assert_eq!(end.status, RunStatus::Canceled);
+        assert_eq!(end.reason.as_deref(), Some("superseded by run 8"));
+
+        // Registered first, canceled later: the same outcome.
+        let (tx, rx) = watch::channel(false);
+        let control = running.register(9, tx);
+        running.cancel(9, "canceled through the API".into());
+        assert!(*rx.borrow());
+        assert_eq!(stopped(&control, "build").status, RunStatus::Canceled);
+        // Not canceled by anyone: a stop is a shutdown.
+        let (tx, _rx) = watch::channel(false);
+        let control = running.register(10, tx);
+        assert_eq!(stopped(&control, "build").status, RunStatus::Interrupted);
     }
 }

@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod builds;
 mod cli;
+mod control;
 mod intake;
 mod reconcile;
 mod recovery;

@@ -1,0 +1,134 @@
+//! Concurrency groups and their cancel policies.
+
+use super::*;
+
+#[test]
+fn a_newer_push_to_a_ref_supersedes_its_queued_run_by_default() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let gate = b.path().join("gate");
+    let c1 = origin.commit("main", &[("n", "1")], "one");
+    let c2 = origin.commit("main", &[("n", "2")], "two");
+    let c3 = origin.commit("main", &[("n", "3")], "three");
+    let steps = [
+        // The gate holds the first run until the later pushes are in.
+        step(
+            "build",
+            &format!(
+                "while [ ! -f {} ]; do sleep 0.05; done\necho built $HOOKCI_COMMIT",
+                gate.display()
+            ),
+        ),
+        step("after", "echo after"),
+    ];
+    let d = b.pipeline("ci", &pipeline(&origin, "", &steps)).start();
+    let first = push(&d, "p-1", "refs/heads/main", ZERO, &c1);
+    wait_status(&d, first, "running");
+    let second = push(&d, "p-2", "refs/heads/main", &c1, &c2);
+    let third = push(&d, "p-3", "refs/heads/main", &c2, &c3);
+    std::fs::write(&gate, "go").unwrap();
+
+    let one = d.wait_run(first);
+    assert_eq!(
+        one["status"], "succeeded",
+        "the running run is kept: {one:#}"
+    );
+    let two = d.wait_run(second);
+    assert_eq!(two["status"], "canceled", "{two:#}");
+    assert_eq!(reason(&two), format!("superseded by run {third}"));
+    assert_never_started(&two);
+    let three = d.wait_run(third);
+    assert_eq!(three["status"], "succeeded", "{three:#}");
+    assert_eq!(three["commit"], c3.as_str());
+    assert!(d.run_log(third).contains(&format!("built {c3}")));
+}
+
+#[test]
+fn a_pipeline_group_without_cancel_builds_every_push_one_at_a_time_in_order() {
+    let b = Builder::new().config("max_parallel_runs: 3");
+    let origin = Origin::new(b.path());
+    let trace = b.path().join("trace");
+    let steps = [step(
+        "deploy",
+        &format!(
+            "echo start $HOOKCI_COMMIT >> {0}\nsleep 0.5\necho end $HOOKCI_COMMIT >> {0}",
+            trace.display()
+        ),
+    )];
+    let d = b
+        .pipeline(
+            "deploy",
+            &pipeline(
+                &origin,
+                "on:\n  branches: [\"**\"]\nconcurrency: { group: pipeline, cancel: none }\n",
+                &steps,
+            ),
+        )
+        .start();
+    // Three refs: a per-ref group would let them overlap; one pipeline group may not.
+    let mut shas = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let sha = origin.commit(&format!("env/{i}"), &[("n", &i.to_string())], "x");
+        ids.push(push(
+            &d,
+            &format!("deploy-{i}"),
+            &format!("refs/heads/env/{i}"),
+            ZERO,
+            &sha,
+        ));
+        shas.push(sha);
+    }
+    for id in &ids {
+        let run = d.wait_run(*id);
+        assert_eq!(
+            run["status"], "succeeded",
+            "cancel: none keeps every run: {run:#}"
+        );
+    }
+    let lines: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = shas
+        .iter()
+        .flat_map(|s| [format!("start {s}"), format!("end {s}")])
+        .collect();
+    assert_eq!(lines, expected, "one at a time, in push order");
+}
+
+#[test]
+fn cancel_running_stops_the_running_run_and_its_processes_for_a_newer_push() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sleeps = Sleeps::new();
+    let pids = sleeps.dir();
+    let c1 = origin.commit("main", &[("mode", "hang")], "slow");
+    let c2 = origin.commit("main", &[("mode", "fast")], "fix");
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline(
+                &origin,
+                "concurrency: { group: ref, cancel: running }\n",
+                &[hang_step(&pids)],
+            ),
+        )
+        .start();
+    let first = push(&d, "r-1", "refs/heads/main", ZERO, &c1);
+    let pid = read_pid(&pids.join(format!("{first}.pid")));
+    let second = push(&d, "r-2", "refs/heads/main", &c1, &c2);
+
+    let one = d.wait_run(first);
+    assert_eq!(one["status"], "canceled", "{one:#}");
+    assert!(reason(&one).contains("superseded"), "{one:#}");
+    assert!(reason(&one).contains(&format!("run {second}")), "{one:#}");
+    assert_eq!(one["steps"][0]["status"], "canceled", "{one:#}");
+    eventually("the canceled step's background sleep is gone", || {
+        process_gone(pid)
+    });
+    let two = d.wait_run(second);
+    assert_eq!(two["status"], "succeeded", "{two:#}");
+    assert!(d.run_log(second).contains(&format!("done with {c2}")));
+}
