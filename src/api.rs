@@ -256,7 +256,8 @@ async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     Ok(warp::sse::reply(stream).into_response())
 }
 
-fn flatten(r: Result<Response, Response>) -> Response {
+/// A handler's answer, whether it succeeded or refused.
+pub(crate) fn flatten(r: Result<Response, Response>) -> Response {
     r.unwrap_or_else(|e| e)
 }
 

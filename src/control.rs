@@ -11,7 +11,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::api::{blocking, run_json};
+use crate::api::{blocking, flatten, run_json};
 use crate::daemon::AppState;
 use crate::intake::{concurrency_group, error_reply};
 use crate::repo::RepoName;
@@ -233,10 +233,6 @@ async fn trigger(
     state.wake.notify_one();
     tracing::info!(run = made.id, pipeline = %name, "manual run queued");
     run_reply(&state, made.id, StatusCode::CREATED).await
-}
-
-fn flatten(r: Result<Response, Response>) -> Response {
-    r.unwrap_or_else(|e| e)
 }
 
 pub fn routes(
