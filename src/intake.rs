@@ -99,7 +99,11 @@ where
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    let mut buf = BytesMut::with_capacity(
+        // What a client declares is not trusted for allocation: a header alone must not
+        // reserve 25 MiB. The buffer grows with what really arrives.
+        declared.unwrap_or(0).min(limit).min(64 * 1024) as usize,
+    );
     let mut body = std::pin::pin!(body);
     while let Some(chunk) = body.next().await {
         let mut chunk =
