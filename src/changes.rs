@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use git2::{ErrorCode, Oid, Repository};
 
 /// The paths a push changed and what they were measured against.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Changes {
     /// Changed paths, sorted, deduplicated, `/`-separated, relative to the repo root.
     pub paths: Vec<String>,

@@ -86,6 +86,54 @@ fn host_segment(url: &str) -> Result<String, CheckoutError> {
     }
 }
 
+/// `STATE_DIR/mirrors/HOST/OWNER/REPO.git`; `repo` was validated, so this stays under
+/// `mirrors/`.
+pub fn mirror_path(
+    state_dir: &Path,
+    repo: &RepoName,
+    clone_url: &str,
+) -> Result<PathBuf, CheckoutError> {
+    mirror_in(&state_dir.join("mirrors"), repo, clone_url)
+}
+
+fn mirror_in(root: &Path, repo: &RepoName, clone_url: &str) -> Result<PathBuf, CheckoutError> {
+    Ok(root
+        .join(host_segment(clone_url)?)
+        .join(format!("{repo}.git")))
+}
+
+/// Removes the lock files a killed fetch left in a mirror (`refs/**/*.lock`,
+/// `packed-refs.lock`, ...): libgit2 refuses to update a ref whose lock file exists. Only
+/// for a caller that knows no other job is using the mirror.
+pub fn clear_stale_locks(mirror: &Path) -> std::io::Result<usize> {
+    fn walk(dir: &Path, removed: &mut usize) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                // Objects have no lock files worth a walk through thousands of entries.
+                if entry.file_name() != "objects" {
+                    walk(&path, removed)?;
+                }
+            } else if path.extension().is_some_and(|x| x == "lock") {
+                std::fs::remove_file(&path)?;
+                tracing::warn!(path = %path.display(), "removed a lock file left by a stopped git job");
+                *removed += 1;
+            }
+        }
+        Ok(())
+    }
+    let mut removed = 0;
+    walk(mirror, &mut removed)?;
+    Ok(removed)
+}
+
 fn parse_oid(commit: &str) -> Result<Oid, CheckoutError> {
     if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CheckoutError::BadCommit(commit.to_owned()));
@@ -102,12 +150,8 @@ impl Mirrors {
         }
     }
 
-    /// `mirrors/HOST/OWNER/REPO.git`; `repo` was validated, so this stays under `mirrors/`.
     pub fn mirror_path(&self, repo: &RepoName, clone_url: &str) -> Result<PathBuf, CheckoutError> {
-        Ok(self
-            .root
-            .join(host_segment(clone_url)?)
-            .join(format!("{repo}.git")))
+        mirror_in(&self.root, repo, clone_url)
     }
 
     /// Credentials for `url`: the GitHub token, for https only, as a credential (never
@@ -431,6 +475,47 @@ pub(crate) mod tests {
             ]
         );
         assert!(mirrors.remote_heads("/nonexistent/repo.git").is_err());
+    }
+
+    #[test]
+    fn a_fetch_killed_midway_leaves_no_lock_that_blocks_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
+        let url = dir.path().join("o.git").display().to_string();
+        let mirrors = Mirrors::new(dir.path(), None);
+        let repo = RepoName::parse("o/r").unwrap();
+        let req = |commit| Request {
+            repo: &repo,
+            clone_url: &url,
+            git_ref: "refs/heads/main",
+            commit,
+        };
+        let c1 = commit(&origin, "main", &[("a", "1")], "first").to_string();
+        let mirror = mirrors.fetch(&req(&c1)).unwrap();
+        let main_of = || {
+            let fetched = Repository::open_bare(&mirror).unwrap();
+            let id = fetched.refname_to_id("refs/heads/main").unwrap();
+            id.to_string()
+        };
+        // What a fetch killed while it updated refs leaves behind.
+        let leftovers = [
+            mirror.join("refs/heads/main.lock"),
+            mirror.join("packed-refs.lock"),
+        ];
+        for path in &leftovers {
+            std::fs::write(path, "").unwrap();
+        }
+        // The commit still arrives (fetched by id), but the locked branch stays behind.
+        let c2 = commit(&origin, "main", &[("a", "2")], "second").to_string();
+        mirrors.fetch(&req(&c2)).unwrap();
+        assert_eq!(main_of(), c1, "libgit2 honours the lock");
+        assert_eq!(clear_stale_locks(&mirror).unwrap(), 2);
+        assert!(leftovers.iter().all(|p| !p.exists()));
+        let c3 = commit(&origin, "main", &[("a", "3")], "third").to_string();
+        mirrors.fetch(&req(&c3)).unwrap();
+        assert_eq!(main_of(), c3);
+        let absent = dir.path().join("no-such-mirror");
+        assert_eq!(clear_stale_locks(&absent).unwrap(), 0);
     }
 
     #[test]

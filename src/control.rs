@@ -194,11 +194,11 @@ async fn trigger(
         }
         None => {
             let (url, wanted) = (clone_url.clone(), git_ref.clone());
-            let mirrors = Arc::clone(&state.mirrors);
-            let heads = tokio::task::spawn_blocking(move || mirrors.remote_heads(&url))
+            let heads = state
+                .git
+                .remote_heads(&url)
                 .await
-                .map_err(|e| error_reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                .map_err(|e| error_reply(StatusCode::BAD_GATEWAY, e.to_string()))?;
+                .map_err(|e| error_reply(StatusCode::BAD_GATEWAY, e))?;
             heads
                 .into_iter()
                 .find(|(r, _)| *r == wanted)

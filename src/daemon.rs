@@ -13,8 +13,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::checkout::Mirrors;
 use crate::config::Config;
+use crate::gitwork::GitWorker;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
 use crate::store::{Store, StoreError};
@@ -45,13 +45,14 @@ pub struct AppState {
     pub wake: Notify,
     /// The runs executing now, with their stop switches.
     pub running: scheduler::Running,
-    pub mirrors: Arc<Mirrors>,
+    /// Runs git jobs (fetch, checkout, ref listings) in child processes.
+    pub git: GitWorker,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
         AppState {
-            mirrors: Arc::new(Mirrors::new(&config.state_dir, config.github.token.clone())),
+            git: GitWorker::new(&config.state_dir, config.github.token.clone()),
             config,
             store,
             pipelines: RwLock::new(Arc::new(pipelines)),
@@ -165,16 +166,11 @@ pub async fn run(
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
     config.state_dir = state_dir;
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
-    let mirrors = Arc::clone(&state.mirrors);
     let (stop_tx, stop_rx) = watch::channel(false);
     scheduler::prune(&state).await;
-    let scheduler = tokio::spawn(scheduler::run(
-        Arc::clone(&state),
-        Arc::clone(&mirrors),
-        stop_rx.clone(),
-    ));
+    let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), stop_rx.clone()));
     // Not awaited at stop: a listing in progress has nothing to finish or lose.
-    tokio::spawn(reconcile::run(Arc::clone(&state), mirrors, stop_rx));
+    tokio::spawn(reconcile::run(Arc::clone(&state), stop_rx));
 
     let routes = intake::routes(Arc::clone(&state))
         .or(api::routes(Arc::clone(&state)))

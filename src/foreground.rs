@@ -79,15 +79,11 @@ async fn run_in(
     let sha = match sha {
         Some(sha) => sha,
         None => {
-            let (mirrors, url, wanted) = (
-                Arc::clone(&state.mirrors),
-                clone_url.clone(),
-                git_ref.clone(),
-            );
-            tokio::task::spawn_blocking(move || mirrors.remote_heads(&url))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?
+            let wanted = git_ref.clone();
+            state
+                .git
+                .remote_heads(&clone_url)
+                .await?
                 .into_iter()
                 .find(|(r, _)| *r == wanted)
                 .map(|(_, sha)| sha)

@@ -15,6 +15,7 @@ pub mod duration;
 pub mod event;
 pub mod follow;
 pub mod foreground;
+pub mod gitwork;
 pub mod http;
 pub mod intake;
 pub mod mask;

@@ -111,6 +111,9 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// One git job for the daemon: a request on stdin, the reply on stdout (internal)
+    #[command(name = hookci::gitwork::SUBCOMMAND, hide = true)]
+    GitWorker,
     /// Cancel a queued or running run (needs the API token)
     Cancel {
         run: i64,
@@ -375,6 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
             remote,
         } => Ok(ExitCode::from(remote.remote()?.logs(run, follow)?)),
+        Command::GitWorker => Ok(hookci::gitwork::worker_main()),
         Command::Cancel { run, remote } => Ok(ExitCode::from(remote.remote()?.cancel(run)?)),
         Command::Rerun { run, remote } => Ok(ExitCode::from(remote.remote()?.rerun(run)?)),
         Command::Trigger {

@@ -9,32 +9,28 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::checkout::Mirrors;
 use crate::daemon::AppState;
 use crate::event::{Push, RefKind};
 use crate::intake;
 use crate::repo::RepoName;
+use crate::scheduler::blocking;
 
 /// Reconciles at start, then every interval, until `stop` turns true. An interval of 0
 /// disables reconciling altogether.
-pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::Receiver<bool>) {
+pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let interval = state.config.reconcile_interval;
     if interval.is_zero() {
         tracing::info!("reconcile disabled (reconcile_interval: 0)");
         return;
     }
     loop {
-        let (s, m) = (Arc::clone(&state), Arc::clone(&mirrors));
-        match tokio::task::spawn_blocking(move || reconcile_all(&s, &m)).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(
-                    runs = n,
-                    "reconcile queued runs for pushes that were missed"
-                );
-                state.wake.notify_one();
-            }
-            Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+        let n = reconcile_all(&state).await;
+        if n > 0 {
+            tracing::info!(
+                runs = n,
+                "reconcile queued runs for pushes that were missed"
+            );
+            state.wake.notify_one();
         }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -44,7 +40,7 @@ pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::R
 }
 
 /// One pass over every repository the pipelines name; returns the runs it created.
-pub fn reconcile_all(state: &AppState, mirrors: &Mirrors) -> usize {
+pub async fn reconcile_all(state: &Arc<AppState>) -> usize {
     let pipelines = state.pipelines();
     // One clone URL per repository: a pipeline's own, else the latest delivery's.
     let mut repos: BTreeMap<String, (RepoName, Option<String>)> = BTreeMap::new();
@@ -60,7 +56,12 @@ pub fn reconcile_all(state: &AppState, mirrors: &Mirrors) -> usize {
     for (repo, url) in repos.into_values() {
         let url = match url {
             Some(url) => url,
-            None => match state.store.clone_url_of(repo.as_str()) {
+            None => match blocking(&state.store, {
+                let repo = repo.to_string();
+                move |s| s.clone_url_of(&repo)
+            })
+            .await
+            {
                 Ok(Some(url)) => url,
                 Ok(None) => {
                     tracing::debug!(%repo, "no clone URL known yet (no clone_url, no delivery): not reconciled");
@@ -72,7 +73,7 @@ pub fn reconcile_all(state: &AppState, mirrors: &Mirrors) -> usize {
                 }
             },
         };
-        match reconcile_repo(state, mirrors, &repo, &url) {
+        match reconcile_repo(state, &repo, &url).await {
             Ok(n) => created += n,
             Err(e) => tracing::warn!(%repo, error = %e, "reconcile failed for this repository"),
         }
@@ -80,17 +81,17 @@ pub fn reconcile_all(state: &AppState, mirrors: &Mirrors) -> usize {
     created
 }
 
-fn reconcile_repo(
-    state: &AppState,
-    mirrors: &Mirrors,
+async fn reconcile_repo(
+    state: &Arc<AppState>,
     repo: &RepoName,
     url: &str,
 ) -> Result<usize, String> {
-    let remote = mirrors.remote_heads(url).map_err(|e| e.to_string())?;
-    let known = state
-        .store
-        .ref_heads(repo.as_str())
-        .map_err(|e| e.to_string())?;
+    let remote = state.git.remote_heads(url).await?;
+    let known = blocking(&state.store, {
+        let repo = repo.to_string();
+        move |s| s.ref_heads(&repo)
+    })
+    .await?;
     let pipelines = state.pipelines();
     let mut heads = Vec::new();
     let mut runs = Vec::new();
@@ -139,10 +140,8 @@ fn reconcile_repo(
     if heads.is_empty() {
         return Ok(0);
     }
-    let made = state
-        .store
-        .record_reconcile(repo.to_string(), heads, runs)
-        .map_err(|e| e.to_string())?;
+    let name = repo.to_string();
+    let made = blocking(&state.store, move |s| s.record_reconcile(name, heads, runs)).await?;
     let new: Vec<_> = made.iter().filter(|r| !r.existing).collect();
     for r in &new {
         tracing::info!(run = r.id, pipeline = %r.pipeline, %repo, "missed push found: run queued");

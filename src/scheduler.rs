@@ -12,9 +12,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::checkout::{self, Mirrors};
 use crate::config::{resolve_secret, ProcessEnv, Secret};
 use crate::daemon::AppState;
+use crate::gitwork::{GitError, Prepare};
 use crate::mask::Masker;
 use crate::pipeline::Pipeline;
 use crate::repo::RepoName;
@@ -95,7 +95,7 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
 /// kills what is left (those runs end `interrupted`; queued runs stay queued).
-pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::Receiver<bool>) {
+pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(state.config.max_parallel_runs));
     let mut tasks = JoinSet::new();
     loop {
@@ -113,13 +113,7 @@ pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::R
                 let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
                 let (stop_tx, stop_rx) = watch::channel(false);
                 let control = state.running.register(run.id, stop_tx);
-                let job = execute(
-                    Arc::clone(&state),
-                    Arc::clone(&mirrors),
-                    run,
-                    (control, stop_rx),
-                    permit,
-                );
+                let job = execute(Arc::clone(&state), run, (control, stop_rx), permit);
                 tasks.spawn(job.instrument(span));
             }
             Ok(Ok(None)) => {
@@ -170,12 +164,12 @@ pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let control = state.running.register(id, stop_tx);
-    let mirrors = Arc::clone(&state.mirrors);
-    execute(state, mirrors, run, (control, stop_rx), permit).await;
+    execute(state, run, (control, stop_rx), permit).await;
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs a store call on a blocking thread (the store's calls block).
+pub(crate) async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, String> {
@@ -194,7 +188,6 @@ struct Ending {
 
 async fn execute(
     state: Arc<AppState>,
-    mirrors: Arc<Mirrors>,
     run: Run,
     (control, stop): (Arc<RunControl>, watch::Receiver<bool>),
     _permit: OwnedSemaphorePermit,
@@ -211,7 +204,7 @@ async fn execute(
                 status: RunStatus::Failed,
                 reason: Some(reason),
             },
-            Ok(secrets) => match prepare(&state, &mirrors, &run, &pipeline, &workspace).await {
+            Ok(secrets) => match prepare(&state, &run, &pipeline, &workspace, &stop).await {
                 Ok(Some(skip)) => Ending {
                     status: RunStatus::Skipped,
                     reason: Some(skip),
@@ -222,7 +215,8 @@ async fn execute(
                     )
                     .await
                 }
-                Err(reason) => Ending {
+                Err(GitError::Stopped) => stopped(&control, "the checkout"),
+                Err(GitError::Failed(reason)) => Ending {
                     status: RunStatus::Failed,
                     reason: Some(reason),
                 },
@@ -304,49 +298,51 @@ fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secr
 }
 
 /// Records the planned steps and checks the commit out; `Some(reason)` when the
-/// pipeline's path filter says the run has nothing to do.
+/// pipeline's path filter says the run has nothing to do. A stop kills the git job.
 async fn prepare(
     state: &Arc<AppState>,
-    mirrors: &Arc<Mirrors>,
     run: &Run,
     pipeline: &Pipeline,
     workspace: &Path,
-) -> Result<Option<String>, String> {
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<String>, GitError> {
     let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
     let id = run.id;
-    blocking(&state.store, move |s| s.plan_steps(id, names)).await?;
-    let repo = RepoName::parse(&run.repo)?;
-    let (mirrors, run2, ws) = (Arc::clone(mirrors), run.clone(), workspace.to_path_buf());
+    blocking(&state.store, move |s| s.plan_steps(id, names))
+        .await
+        .map_err(GitError::Failed)?;
+    let repo = RepoName::parse(&run.repo).map_err(GitError::Failed)?;
+    let job = |changes_since, checkout_to| Prepare {
+        repo: &repo,
+        clone_url: &run.clone_url,
+        git_ref: &run.git_ref,
+        commit: &run.commit,
+        changes_since,
+        checkout_to,
+    };
     // Path filters never apply to tags (DESIGN.md).
     let paths = pipeline
         .on
         .paths
-        .clone()
+        .as_ref()
         .filter(|_| run.git_ref.starts_with("refs/heads/"));
-    tokio::task::spawn_blocking(move || {
-        let req = checkout::Request {
-            repo: &repo,
-            clone_url: &run2.clone_url,
-            git_ref: &run2.git_ref,
-            commit: &run2.commit,
-        };
-        mirrors.fetch(&req).map_err(|e| format!("checkout failed: {e}"))?;
-        if let Some(paths) = paths {
-            let changes = mirrors.changes(&req, &run2.before).map_err(|e| e.to_string())?;
-            if !changes.paths.iter().any(|p| paths.is_match(p)) {
-                let wanted: Vec<&str> = paths.patterns().iter().map(|p| p.as_str()).collect();
-                return Ok(Some(format!(
-                    "no changed file matches on.paths {wanted:?} ({} file(s) changed; diff against {})",
-                    changes.paths.len(),
-                    changes.base
-                )));
-            }
+    if let Some(paths) = paths {
+        let changes = state
+            .git
+            .prepare(job(Some(&run.before), None), stop)
+            .await?;
+        let changes = changes.ok_or_else(|| GitError::Failed("git worker: no changes".into()))?;
+        if !changes.paths.iter().any(|p| paths.is_match(p)) {
+            let wanted: Vec<&str> = paths.patterns().iter().map(|p| p.as_str()).collect();
+            return Ok(Some(format!(
+                "no changed file matches on.paths {wanted:?} ({} file(s) changed; diff against {})",
+                changes.paths.len(),
+                changes.base
+            )));
         }
-        mirrors.checkout(&req, &ws).map_err(|e| format!("checkout failed: {e}"))?;
-        Ok(None)
-    })
-    .await
-    .map_err(|e| format!("checkout task failed: {e}"))?
+    }
+    state.git.prepare(job(None, Some(workspace)), stop).await?;
+    Ok(None)
 }
 
 /// The daemon's own variables a step may see; nothing else of its environment passes.
@@ -432,7 +428,7 @@ async fn run_steps(
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         if *stop.borrow() {
             // Stopped between steps (or during the checkout): the rest never starts.
-            ending.get_or_insert_with(|| stopped(control, &step.name));
+            ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
             continue;
         }
         if out_of_time || !step.when.runs_after(failed) {
@@ -515,7 +511,7 @@ async fn run_steps(
                         )
                     }
                     StepEnd::Canceled => {
-                        let end = stopped(control, &step.name);
+                        let end = stopped(control, &format!("step {:?}", step.name));
                         let step_status = match end.status {
                             RunStatus::Canceled => StepStatus::Canceled,
                             _ => StepStatus::Interrupted,
@@ -548,7 +544,7 @@ async fn run_steps(
 
 /// How a run stopped from outside ends: `canceled` with the canceller's reason, else
 /// (the daemon is stopping) `interrupted`.
-fn stopped(control: &RunControl, step: &str) -> Ending {
+fn stopped(control: &RunControl, what: &str) -> Ending {
     match control
         .canceled
         .lock()
@@ -561,9 +557,7 @@ fn stopped(control: &RunControl, step: &str) -> Ending {
         },
         None => Ending {
             status: RunStatus::Interrupted,
-            reason: Some(format!(
-                "step {step:?} was stopped because the daemon is stopping"
-            )),
+            reason: Some(format!("{what} was stopped because the daemon is stopping")),
         },
     }
 }

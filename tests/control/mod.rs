@@ -449,6 +449,7 @@ fn sha256_hex(value: &str) -> String {
 }
 
 mod concurrency;
+mod git_jobs;
 mod live_logs;
 mod retention;
 mod secrets;

@@ -1,0 +1,320 @@
+//! Git work in a child process. The daemon never runs libgit2 itself: each ref listing,
+//! fetch, diff and checkout runs in `hookci git-worker`, a child started for that one job,
+//! which reads a request (JSON) on stdin and writes one reply (JSON) on stdout.
+//!
+//! Why a child: a hung remote, a cancel or a stop ends the job with a kill, which no
+//! in-process libgit2 call allows; a fault inside libgit2 fails one run, not the daemon;
+//! and the memory libgit2 and its TLS library take while they work goes back with the
+//! child, so the idle daemon stays small. The git work itself is `checkout.rs`, run in
+//! the child. This module also owns the daemon's side: one job at a time per mirror.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::changes::Changes;
+use crate::checkout::{self, Mirrors, Request as Checkout};
+use crate::config::Secret;
+use crate::repo::RepoName;
+
+/// The subcommand that runs one job (hidden from `--help`).
+pub const SUBCOMMAND: &str = "git-worker";
+
+/// How long the child waits for a remote to accept the connection, and then for each
+/// read from it, before it gives up on a remote that hangs.
+const CONNECT_TIMEOUT_MS: i32 = 30_000;
+const READ_TIMEOUT_MS: i32 = 120_000;
+
+/// The most a reply may weigh; a ref listing of a very large repository stays far below.
+const MAX_REPLY: u64 = 64 << 20;
+
+/// The daemon's variables the child may see: what libgit2 needs to find a home directory
+/// and CA certificates, and the log filter. The webhook secret and API token never go.
+const CHILD_ENV: [&str; 7] = [
+    "PATH",
+    "HOME",
+    "LANG",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HOOKCI_LOG",
+    "TMPDIR",
+];
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    state_dir: PathBuf,
+    /// The GitHub token for https remotes; it travels over the pipe only, never in the
+    /// child's arguments or environment.
+    token: Option<String>,
+    job: Job,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "job", rename_all = "snake_case")]
+enum Job {
+    /// The branch and tag heads of a remote (connect and list, no download).
+    RemoteHeads { url: String },
+    /// Fetch `commit` into the repository's mirror; then, if asked, the paths changed
+    /// since `changes_since`, and a checkout into `checkout_to`.
+    Prepare {
+        repo: String,
+        clone_url: String,
+        git_ref: String,
+        commit: String,
+        changes_since: Option<String>,
+        checkout_to: Option<PathBuf>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Reply {
+    Heads(Vec<(String, String)>),
+    Prepared { changes: Option<Changes> },
+    Failed(String),
+}
+
+/// Why a git job gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// The run was stopped (canceled, or the daemon is stopping) and the child killed.
+    #[error("stopped")]
+    Stopped,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a run needs on disk.
+pub struct Prepare<'a> {
+    pub repo: &'a RepoName,
+    pub clone_url: &'a str,
+    pub git_ref: &'a str,
+    pub commit: &'a str,
+    /// Compute the paths changed since this commit (for `on.paths`).
+    pub changes_since: Option<&'a str>,
+    /// Check the commit out here.
+    pub checkout_to: Option<&'a Path>,
+}
+
+/// Starts git jobs in child processes; at most one at a time per mirror, since
+/// concurrent fetches into one repository fight over its ref locks.
+pub struct GitWorker {
+    program: PathBuf,
+    state_dir: PathBuf,
+    token: Option<Secret>,
+    locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl GitWorker {
+    /// Jobs run this very binary: `/proc/self/exe` still names it after an upgrade
+    /// replaced the file on disk.
+    pub fn new(state_dir: &Path, token: Option<Secret>) -> GitWorker {
+        let program = if Path::new("/proc/self/exe").exists() {
+            PathBuf::from("/proc/self/exe")
+        } else {
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("hookci"))
+        };
+        GitWorker {
+            program,
+            state_dir: state_dir.to_path_buf(),
+            token,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The branch and tag heads of the repository at `url`, as (ref, commit).
+    pub async fn remote_heads(&self, url: &str) -> Result<Vec<(String, String)>, String> {
+        let job = Job::RemoteHeads {
+            url: url.to_owned(),
+        };
+        match self.call(job, None).await {
+            Ok(Reply::Heads(heads)) => Ok(heads),
+            Ok(_) => Err("git worker: unexpected reply".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Fetches the commit, and computes changes and checks out as asked; a change of
+    /// `stop` to true kills the child and answers [`GitError::Stopped`].
+    pub async fn prepare(
+        &self,
+        p: Prepare<'_>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Option<Changes>, GitError> {
+        let mirror = checkout::mirror_path(&self.state_dir, p.repo, p.clone_url)
+            .map_err(|e| GitError::Failed(e.to_string()))?;
+        let lock = self.lock_of(&mirror);
+        let job = Job::Prepare {
+            repo: p.repo.to_string(),
+            clone_url: p.clone_url.to_owned(),
+            git_ref: p.git_ref.to_owned(),
+            commit: p.commit.to_owned(),
+            changes_since: p.changes_since.map(str::to_owned),
+            checkout_to: p.checkout_to.map(Path::to_path_buf),
+        };
+        let work = async {
+            let _held = lock.lock().await;
+            self.call(job, Some(stop.clone())).await
+        };
+        match work.await? {
+            Reply::Prepared { changes } => Ok(changes),
+            _ => Err(GitError::Failed("git worker: unexpected reply".into())),
+        }
+    }
+
+    fn lock_of(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(mirror.to_path_buf()).or_default())
+    }
+
+    /// Runs one job in a fresh child. The child dies with the future (kill on drop) and
+    /// with the daemon (parent-death signal), so a crash leaves no fetch running.
+    async fn call(&self, job: Job, stop: Option<watch::Receiver<bool>>) -> Result<Reply, GitError> {
+        let failed =
+            |what: &str, e: std::io::Error| GitError::Failed(format!("git worker: {what}: {e}"));
+        let request = serde_json::to_vec(&Request {
+            state_dir: self.state_dir.clone(),
+            token: self.token.as_ref().map(|t| t.expose().to_owned()),
+            job,
+        })
+        .map_err(|e| GitError::Failed(format!("git worker: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.arg(SUBCOMMAND)
+            .env_clear()
+            .envs(
+                CHILD_ENV
+                    .iter()
+                    .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| failed("cannot start", e))?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| GitError::Failed("git worker: no stdin".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| GitError::Failed("git worker: no stdout".into()))?;
+        let exchange = async {
+            stdin
+                .write_all(&request)
+                .await
+                .map_err(|e| failed("sending the job", e))?;
+            drop(stdin);
+            let mut reply = Vec::new();
+            stdout
+                .take(MAX_REPLY)
+                .read_to_end(&mut reply)
+                .await
+                .map_err(|e| failed("reading the reply", e))?;
+            let status = child.wait().await.map_err(|e| failed("waiting", e))?;
+            match serde_json::from_slice::<Reply>(&reply) {
+                Ok(Reply::Failed(reason)) => Err(GitError::Failed(reason)),
+                Ok(reply) => Ok(reply),
+                Err(_) => Err(GitError::Failed(format!(
+                    "git worker ended without a reply ({status})"
+                ))),
+            }
+        };
+        match stop {
+            None => exchange.await,
+            Some(mut stop) => {
+                tokio::select! {
+                    result = exchange => result,
+                    Ok(_) = stop.wait_for(|stopped| *stopped) => Err(GitError::Stopped),
+                }
+            }
+        }
+    }
+}
+
+/// `hookci git-worker`: one job from stdin, its reply on stdout. Exit 0 whenever a reply
+/// was written (a failed job is a reply too); 2 when the request was unreadable.
+pub fn worker_main() -> ExitCode {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().take(1 << 20).read_to_end(&mut input) {
+        eprintln!("hookci git-worker: reading the job: {e}");
+        return ExitCode::from(2);
+    }
+    let request: Request = match serde_json::from_slice(&input) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hookci git-worker: not a job: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // SAFETY: set once, before any other libgit2 call of this process.
+    unsafe {
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS);
+        let _ = git2::opts::set_server_timeout_in_milliseconds(READ_TIMEOUT_MS);
+    }
+    let reply = work(request).unwrap_or_else(Reply::Failed);
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer(&mut out, &reply).map(|()| out.flush()) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
+}
+
+fn work(request: Request) -> Result<Reply, String> {
+    let mirrors = Mirrors::new(&request.state_dir, request.token.clone().map(Secret::new));
+    match request.job {
+        Job::RemoteHeads { url } => mirrors
+            .remote_heads(&url)
+            .map(Reply::Heads)
+            .map_err(|e| e.to_string()),
+        Job::Prepare {
+            repo,
+            clone_url,
+            git_ref,
+            commit,
+            changes_since,
+            checkout_to,
+        } => {
+            let repo = RepoName::parse(&repo)?;
+            let req = Checkout {
+                repo: &repo,
+                clone_url: &clone_url,
+                git_ref: &git_ref,
+                commit: &commit,
+            };
+            // The daemon runs one job per mirror at a time: a lock file here is a leftover.
+            let mirror = checkout::mirror_path(&request.state_dir, &repo, &clone_url)
+                .map_err(|e| e.to_string())?;
+            checkout::clear_stale_locks(&mirror)
+                .map_err(|e| format!("clearing stale locks in {}: {e}", mirror.display()))?;
+            mirrors
+                .fetch(&req)
+                .map_err(|e| format!("checkout failed: {e}"))?;
+            let changes = match changes_since {
+                Some(before) => Some(mirrors.changes(&req, &before).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            if let Some(dest) = checkout_to {
+                mirrors
+                    .checkout(&req, &dest)
+                    .map_err(|e| format!("checkout failed: {e}"))?;
+            }
+            Ok(Reply::Prepared { changes })
+        }
+    }
+}
