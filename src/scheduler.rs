@@ -93,6 +93,11 @@ impl Running {
 /// Pause before claiming again after the store failed, so a broken disk does not spin.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
+/// How long the scheduler sleeps without a wake-up before it looks at the store again:
+/// a run queued by any path that did not wake it (another writer of the store, a lost
+/// notification) still starts.
+const RESCAN: Duration = Duration::from_secs(5);
+
 /// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
 /// kills what is left (those runs end `interrupted`; queued runs stay queued).
 pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::Receiver<bool>) {
@@ -126,6 +131,7 @@ pub async fn run(state: Arc<AppState>, mirrors: Arc<Mirrors>, mut stop: watch::R
                 drop(permit);
                 tokio::select! {
                     () = state.wake.notified() => {}
+                    () = tokio::time::sleep(RESCAN) => {}
                     _ = stop.changed() => break,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 }

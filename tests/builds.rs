@@ -550,3 +550,37 @@ fn hookci_run_builds_a_pipeline_in_the_foreground() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no pipeline \"nope\""));
 }
+
+#[test]
+fn a_run_queued_without_waking_the_scheduler_is_still_built() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let steps = "  - name: build\n    run: echo built $HOOKCI_COMMIT\n";
+    let d = b.pipeline("ci", &ci_pipeline(&origin, steps)).start();
+    // Serving the API means the daemon has set its store up.
+    assert!(d.runs().is_empty());
+    // Queued through the store directly, as another writer of the same database would:
+    // no wake-up reaches the daemon's scheduler, only its periodic look at the queue.
+    let store = hookci::store::Store::open(&d.state_dir()).unwrap();
+    let made = store
+        .create_run(hookci::store::NewRun {
+            key: None,
+            group: None,
+            supersede: hookci::store::Supersede::Nothing,
+            attempt: 1,
+            pipeline: "ci".into(),
+            repo: REPO.into(),
+            git_ref: "refs/heads/main".into(),
+            commit: sha.clone(),
+            before: ZERO.into(),
+            clone_url: origin.url(),
+            trigger: "manual",
+            skipped: None,
+        })
+        .unwrap();
+    drop(store);
+    let run = d.wait_run(made.id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert!(d.run_log(made.id).contains(&format!("built {sha}")));
+}
