@@ -430,7 +430,8 @@ async fn run_steps(
     stop: watch::Receiver<bool>,
 ) -> Ending {
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
-    let deadline = pipeline.timeout.map(|t| Instant::now() + t);
+    // A timeout too large for the clock to represent is no limit at all.
+    let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut ending: Option<Ending> = None;
     for (i, step) in pipeline.steps.iter().enumerate() {
         let number = i as i64 + 1;
@@ -441,7 +442,20 @@ async fn run_steps(
             ending.get_or_insert_with(|| stopped(control, &step.name));
             continue;
         }
-        if out_of_time || !step.when.runs_after(failed) {
+        if out_of_time {
+            // The time ran out between steps: the pipeline did not get to finish, so
+            // the run must not end `succeeded` with this step and the rest skipped.
+            ending.get_or_insert_with(|| Ending {
+                status: RunStatus::TimedOut,
+                reason: Some(format!(
+                    "pipeline timed out after {:?} (before step {:?})",
+                    pipeline.timeout.unwrap_or_default(),
+                    step.name
+                )),
+            });
+            continue;
+        }
+        if !step.when.runs_after(failed) {
             continue;
         }
         let span = tracing::info_span!("step", step = %step.name);
