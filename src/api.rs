@@ -3,7 +3,12 @@
 //! files; the JSON shapes here are a contract, pinned by tests.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
 
 use serde_json::{json, Value};
 use warp::http::StatusCode;
@@ -183,23 +188,114 @@ async fn get_log(
         Some(a) if a != current => state.log_dir(id).join(format!("attempt-{a}")),
         _ => state.log_dir(id),
     };
-    let mut text = String::new();
+    let (tx, mut rx) = mpsc::channel(4);
+    tokio::spawn(send_logs(dir, steps, tx));
+    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok(warp::reply::with_header(
+        warp::reply::stream(body),
+        "content-type",
+        "text/plain; charset=utf-8",
+    )
+    .into_response())
+}
+
+/// How much of a log file is read at a time.
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// Each step's header and log text, a piece at a time, so that a large log never sits
+/// in memory whole. Stops when the client has gone away.
+async fn send_logs(dir: PathBuf, steps: Vec<Step>, tx: mpsc::Sender<std::io::Result<Bytes>>) {
     for step in steps {
-        let Ok(body) = tokio::fs::read(dir.join(format!("{}.log", step.number))).await else {
+        let Ok(mut file) = tokio::fs::File::open(dir.join(format!("{}.log", step.number))).await
+        else {
             continue;
         };
-        text.push_str(&format!(
+        let header = format!(
             "==> step {}: {} ({})\n",
             step.number,
             step.name,
             step.status.as_str()
-        ));
-        text.push_str(&String::from_utf8_lossy(&body));
-        if !text.ends_with('\n') {
-            text.push('\n');
+        );
+        if tx.send(Ok(header.into())).await.is_err() {
+            return;
+        }
+        let mut text = LossyUtf8::default();
+        let mut buf = vec![0; LOG_CHUNK];
+        let mut at_line_start = true;
+        loop {
+            let n = match file.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let piece = if n == 0 {
+                text.finish()
+            } else {
+                text.push(&buf[..n])
+            };
+            if let Some(last) = piece.as_bytes().last() {
+                at_line_start = *last == b'\n';
+                if tx.send(Ok(piece.into())).await.is_err() {
+                    return;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        if !at_line_start && tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
+            return;
         }
     }
-    Ok(warp::reply::with_header(text, "content-type", "text/plain; charset=utf-8").into_response())
+}
+
+/// Decodes UTF-8 that arrives in pieces into the same text `String::from_utf8_lossy`
+/// gives for the whole: a character split between two pieces is held back until its
+/// end arrives, instead of becoming two replacement characters.
+#[derive(Default)]
+struct LossyUtf8 {
+    /// The start of a character whose end has not arrived yet.
+    held: Vec<u8>,
+}
+
+impl LossyUtf8 {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        let mut input = std::mem::take(&mut self.held);
+        input.extend_from_slice(bytes);
+        let mut out = String::with_capacity(input.len());
+        let mut rest = &input[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    out.push_str(valid);
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    // Valid, as from_utf8 just said: borrowed as it is, nothing replaced.
+                    out.push_str(&String::from_utf8_lossy(valid));
+                    match e.error_len() {
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[bad..];
+                        }
+                        None => {
+                            self.held = after.to_vec();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What is still held: the input ended inside a character.
+    fn finish(&mut self) -> String {
+        String::from_utf8_lossy(&std::mem::take(&mut self.held)).into_owned()
+    }
 }
 
 async fn get_delivery(state: Arc<AppState>, id: String) -> Result<Response, Response> {
@@ -307,4 +403,35 @@ pub fn routes(
         .unify()
         .or(delivery)
         .unify()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_text_decoded_in_pieces_is_the_text_of_the_whole() {
+        let cases: [&[u8]; 7] = [
+            b"plain ascii\n",
+            "h\u{e9}llo w\u{f6}rld \u{1f600} \u{4e2d}\u{6587}\n".as_bytes(),
+            b"bad \xff byte and \xc3\x28 pair",
+            b"cut at the end \xe2\x82",
+            b"\xf0\x9f\x98",
+            b"\xed\xa0\x80 surrogate, \xf4\x90\x80\x80 too high",
+            b"",
+        ];
+        for whole in cases {
+            let expected = String::from_utf8_lossy(whole);
+            // Every way of cutting the bytes in two, and one byte at a time.
+            for cut in 0..=whole.len() {
+                let mut d = LossyUtf8::default();
+                let text = d.push(&whole[..cut]) + &d.push(&whole[cut..]) + &d.finish();
+                assert_eq!(text, expected, "{whole:?} cut at {cut}");
+            }
+            let mut d = LossyUtf8::default();
+            let mut text: String = whole.iter().map(|b| d.push(&[*b])).collect();
+            text += &d.finish();
+            assert_eq!(text, expected, "{whole:?} byte by byte");
+        }
+    }
 }

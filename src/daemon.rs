@@ -3,6 +3,8 @@
 //! Owns [`AppState`], the immutable-by-default state every stage shares.
 
 use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -32,6 +34,11 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state directory {path} is in use by another hookci daemon (it holds {path}/hookci.lock): \
+         stop that one first, or give this one another state directory"
+    )]
+    InUse { path: PathBuf },
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -97,7 +104,38 @@ async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible>
 /// Opens the store and recovers from the previous daemon's end: runs it left running
 /// are interrupted, their leftover processes killed and workspaces removed, and every
 /// interrupted run is queued again once (its earlier attempt's logs kept apart).
-fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf), DaemonError> {
+/// Takes `state_dir/hookci.lock` for as long as the returned file stays open. Without it
+/// a second daemon on the same directory would take the first one's running runs for
+/// a dead daemon's, and kill them in its recovery. The file is close-on-exec (std opens
+/// every file so): a step must not inherit the lock, or one left behind by a crash
+/// would keep the restart that is to kill it from starting.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    let dir_err = |source| DaemonError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(state_dir.join("hookci.lock"))
+        .map_err(dir_err)?;
+    // SAFETY: flock only takes the descriptor of a file this function holds open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            DaemonError::InUse {
+                path: state_dir.to_path_buf(),
+            }
+        } else {
+            dir_err(error)
+        });
+    }
+    Ok(file)
+}
+
+fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File), DaemonError> {
     let dir_err = |source| DaemonError::StateDir {
         path: state_dir.to_path_buf(),
         source,
@@ -109,6 +147,7 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf), DaemonError> {
     std::fs::write(&probe, b"")
         .and_then(|()| std::fs::remove_file(&probe))
         .map_err(dir_err)?;
+    let lock = lock_state_dir(&state_dir)?;
     let store = Store::open(&state_dir)?;
     for id in store.interrupt_running()? {
         let workspace = state_dir.join("workspaces").join(id.to_string());
@@ -129,7 +168,7 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf), DaemonError> {
             "interrupted run recovered"
         );
     }
-    Ok((store, state_dir))
+    Ok((store, state_dir, lock))
 }
 
 /// Moves an attempt's step logs (`N.log`) into `attempt-K/`, so the next attempt
@@ -161,7 +200,8 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let mut config = config;
     let state_dir = config.state_dir.clone();
-    let (store, state_dir) =
+    // Held until this function returns, after the last run has stopped.
+    let (store, state_dir, _lock) =
         tokio::task::spawn_blocking(move || open_and_recover(&state_dir)).await??;
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
     config.state_dir = state_dir;

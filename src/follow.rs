@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::daemon::AppState;
 use crate::store::{Run, Step, StepStatus};
@@ -29,13 +30,17 @@ pub enum Update {
 /// Starts following run `id` (current attempt). The receiver ends after
 /// `RunFinished`, or when the run disappears; dropping it stops the task.
 pub fn follow(state: Arc<AppState>, id: i64) -> mpsc::Receiver<Update> {
+    spawn(state, id).0
+}
+
+fn spawn(state: Arc<AppState>, id: i64) -> (mpsc::Receiver<Update>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = watch(&state, id, &tx).await {
             tracing::debug!(run = id, error = %e, "follower ended");
         }
     });
-    rx
+    (rx, task)
 }
 
 async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(), String> {
@@ -91,7 +96,12 @@ async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(
         if done {
             return send(tx, Update::RunFinished(run)).await;
         }
-        tokio::time::sleep(POLL).await;
+        // A reader that went away while nothing was new is noticed here, not only at the
+        // next send: a quiet step could otherwise keep this task polling for hours.
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            () = tx.closed() => return Err("reader went away".to_owned()),
+        }
     }
 }
 
@@ -116,5 +126,70 @@ async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
             buf
         }
         Err(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, EnvSource, FileConfig, Overrides};
+    use crate::pipeline::PipelineSet;
+    use crate::store::{NewRun, Store, Supersede};
+
+    struct NoEnv;
+
+    impl EnvSource for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn the_follower_stops_when_its_reader_is_gone_while_the_run_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = Overrides {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..Overrides::default()
+        };
+        let config = Config::build(FileConfig::default(), flags, &NoEnv).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = store
+            .create_run(NewRun {
+                key: None,
+                group: None,
+                supersede: Supersede::Nothing,
+                attempt: 1,
+                pipeline: "ci".into(),
+                repo: "o/r".into(),
+                git_ref: "refs/heads/main".into(),
+                commit: "c".repeat(40),
+                before: "b".repeat(40),
+                clone_url: "/nowhere".into(),
+                trigger: "manual",
+                skipped: None,
+            })
+            .unwrap();
+        // Running, with a step that never writes a byte: nothing for the follower to send.
+        assert_eq!(store.claim_next().unwrap().map(|r| r.id), Some(run.id));
+        store.plan_steps(run.id, vec!["quiet".into()]).unwrap();
+        store.step_started(run.id, 1).unwrap();
+        let state = Arc::new(AppState::new(
+            config,
+            Arc::new(store),
+            PipelineSet::new(Vec::new()),
+        ));
+
+        let (mut rx, task) = spawn(Arc::clone(&state), run.id);
+        assert!(matches!(rx.recv().await, Some(Update::StepStarted(_))));
+        drop(rx);
+        // Without noticing the reader is gone it would poll until the run ends, never here.
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the follower kept polling for a reader that is gone")
+            .unwrap();
+        assert_eq!(
+            state.store.run(run.id).unwrap().unwrap().status,
+            crate::store::RunStatus::Running
+        );
     }
 }

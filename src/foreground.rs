@@ -1,10 +1,12 @@
 //! `hookci run PIPELINE --repo PATH|URL`: one pipeline, now, in the foreground, with
 //! its output on stdout. It goes through the same checkout, runner and store as the
-//! daemon, on a throwaway state directory, so what passes here passes there.
+//! daemon, on a throwaway state directory, so what passes here passes there. SIGINT
+//! (Ctrl-C) or SIGTERM stops the run as a cancel does in the daemon.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::Config;
 use crate::daemon::AppState;
@@ -30,6 +32,7 @@ pub async fn run(
     pipelines: PipelineSet,
     req: Request,
 ) -> Result<RunStatus, String> {
+    let mut interrupts = Interrupts::listen()?;
     let pipeline = pipelines.get(&req.pipeline).cloned().ok_or_else(|| {
         format!(
             "no pipeline {:?} in {}",
@@ -47,19 +50,48 @@ pub async fn run(
         Ok(path) => path.display().to_string(),
         Err(_) => req.repo.clone(),
     };
-    let scratch: PathBuf = std::env::temp_dir().join(format!("hookci-run-{}", std::process::id()));
-    config.state_dir = scratch.clone();
-    let result = run_in(
+    // A private directory of its own (not a name others can predict and plant first),
+    // removed when it is dropped.
+    let scratch = tempfile::Builder::new()
+        .prefix("hookci-run-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a scratch state directory: {e}"))?;
+    config.state_dir = scratch.path().to_path_buf();
+    run_in(
         config,
         pipelines.clone(),
         &pipeline,
         git_ref,
         clone_url,
         req.sha,
+        &mut interrupts,
     )
-    .await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
+    .await
+}
+
+/// SIGINT and SIGTERM, caught: the step's process group is not ours (it has a group of
+/// its own), so dying on the signal would leave it running.
+struct Interrupts {
+    int: Signal,
+    term: Signal,
+}
+
+impl Interrupts {
+    fn listen() -> Result<Interrupts, String> {
+        let listen = |kind| signal(kind).map_err(|e| format!("cannot catch signals: {e}"));
+        Ok(Interrupts {
+            int: listen(SignalKind::interrupt())?,
+            term: listen(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next one's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
 }
 
 async fn run_in(
@@ -69,7 +101,70 @@ async fn run_in(
     git_ref: String,
     clone_url: String,
     sha: Option<String>,
+    interrupts: &mut Interrupts,
 ) -> Result<RunStatus, String> {
+    let (state, id) = tokio::select! {
+        made = create(config, pipelines, pipeline, git_ref, clone_url, sha) => made?,
+        signal = interrupts.recv() => {
+            return Err(format!("{signal} received before the run started; nothing ran"))
+        }
+    };
+    let mut updates = follow::follow(Arc::clone(&state), id);
+    let printer = tokio::spawn(async move {
+        let mut end = None;
+        while let Some(update) = updates.recv().await {
+            let mut out = std::io::stdout();
+            let _ = match update {
+                Update::StepStarted(step) => {
+                    writeln!(out, "==> step {}: {}", step.number, step.name)
+                }
+                Update::Output { bytes, .. } => out.write_all(&bytes),
+                Update::StepFinished(step) => {
+                    writeln!(out, "==> step {} {}", step.number, step.status.as_str())
+                }
+                Update::RunFinished(run) => {
+                    end = Some(run.status);
+                    writeln!(
+                        out,
+                        "==> {} {}{}",
+                        run.pipeline,
+                        run.status.as_str(),
+                        run.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    )
+                }
+            };
+            let _ = out.flush();
+        }
+        end
+    });
+    let execution = scheduler::execute_now(Arc::clone(&state), id);
+    let mut execution = std::pin::pin!(execution);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            done = &mut execution => break done?,
+            signal = interrupts.recv(), if !stopping => {
+                tracing::warn!(signal, "stopping the run");
+                state.running.cancel(id, format!("stopped by {signal}"));
+                stopping = true;
+            }
+        }
+    }
+    printer
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the run's end was not seen".to_owned())
+}
+
+/// The store of the scratch state directory, with the run queued in it.
+async fn create(
+    config: Config,
+    pipelines: PipelineSet,
+    pipeline: &crate::pipeline::Pipeline,
+    git_ref: String,
+    clone_url: String,
+    sha: Option<String>,
+) -> Result<(Arc<AppState>, i64), String> {
     let state_dir = config.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
         .await
@@ -109,37 +204,5 @@ async fn run_in(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let mut updates = follow::follow(Arc::clone(&state), made.id);
-    let printer = tokio::spawn(async move {
-        let mut end = None;
-        while let Some(update) = updates.recv().await {
-            let mut out = std::io::stdout();
-            let _ = match update {
-                Update::StepStarted(step) => {
-                    writeln!(out, "==> step {}: {}", step.number, step.name)
-                }
-                Update::Output { bytes, .. } => out.write_all(&bytes),
-                Update::StepFinished(step) => {
-                    writeln!(out, "==> step {} {}", step.number, step.status.as_str())
-                }
-                Update::RunFinished(run) => {
-                    end = Some(run.status);
-                    writeln!(
-                        out,
-                        "==> {} {}{}",
-                        run.pipeline,
-                        run.status.as_str(),
-                        run.reason.map(|r| format!(": {r}")).unwrap_or_default()
-                    )
-                }
-            };
-            let _ = out.flush();
-        }
-        end
-    });
-    scheduler::execute_now(Arc::clone(&state), made.id).await?;
-    printer
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "the run's end was not seen".to_owned())
+    Ok((state, made.id))
 }

@@ -185,7 +185,11 @@ fn percent_decode(s: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-async fn handle<S, B>(state: &AppState, headers: &HeaderMap, body: S) -> Result<Response, Failure>
+async fn handle<S, B>(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: S,
+) -> Result<Response, Failure>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -225,7 +229,7 @@ where
 }
 
 async fn dispatch(
-    state: &AppState,
+    state: &Arc<AppState>,
     event: &str,
     delivery: &str,
     json: &[u8],
@@ -247,10 +251,13 @@ async fn dispatch(
         }
     })?;
     let record = new_delivery(delivery, &push, &state.pipelines());
-    let outcome = state
-        .store
-        .record_delivery_async(record)
+    // In a task of its own: hyper drops this handler when the client hangs up, and a
+    // delivery the store has committed must still wake the scheduler and stop the runs
+    // it supersedes, or its run would wait for the next push.
+    let outcome = tokio::spawn(record_and_wake(Arc::clone(state), record).in_current_span())
         .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|e| {
             tracing::error!(error = %e, "recording the delivery failed");
             (
@@ -260,16 +267,6 @@ async fn dispatch(
         })?;
     Ok(match outcome {
         DeliveryOutcome::New(runs) => {
-            for new in &runs {
-                for old in &new.supersedes {
-                    state
-                        .running
-                        .cancel(*old, format!("superseded by run {}", new.id));
-                }
-            }
-            if runs.iter().any(|r| !r.existing) {
-                state.wake.notify_one();
-            }
             // Debug, not info: one line a push costs intake a write(2) each; the store keeps
             // every delivery and `hookci why` explains it.
             tracing::debug!(git_ref = %push.git_ref, runs = runs.len(), "push recorded");
@@ -286,6 +283,28 @@ async fn dispatch(
             )
         }
     })
+}
+
+/// Records the delivery, then wakes the scheduler for its new runs and stops the
+/// running runs they supersede (`cancel: running`).
+async fn record_and_wake(
+    state: Arc<AppState>,
+    record: NewDelivery,
+) -> Result<DeliveryOutcome, crate::store::StoreError> {
+    let outcome = state.store.record_delivery_async(record).await?;
+    if let DeliveryOutcome::New(runs) = &outcome {
+        for new in runs {
+            for old in &new.supersedes {
+                state
+                    .running
+                    .cancel(*old, format!("superseded by run {}", new.id));
+            }
+        }
+        if runs.iter().any(|r| !r.existing) {
+            state.wake.notify_one();
+        }
+    }
+    Ok(outcome)
 }
 
 /// The store record of a push: every pipeline's verdict, with runs for the triggered ones.

@@ -93,6 +93,11 @@ impl Running {
 /// Pause before claiming again after the store failed, so a broken disk does not spin.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
+/// How long the scheduler sleeps without a wake-up before it looks at the store again:
+/// a run queued by any path that did not wake it (another writer of the store, a lost
+/// notification) still starts.
+const RESCAN: Duration = Duration::from_secs(5);
+
 /// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
 /// kills what is left (those runs end `interrupted`; queued runs stay queued).
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
@@ -120,6 +125,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 drop(permit);
                 tokio::select! {
                     () = state.wake.notified() => {}
+                    () = tokio::time::sleep(RESCAN) => {}
                     _ = stop.changed() => break,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 }
@@ -420,7 +426,8 @@ async fn run_steps(
     stop: watch::Receiver<bool>,
 ) -> Ending {
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
-    let deadline = pipeline.timeout.map(|t| Instant::now() + t);
+    // A timeout too large for the clock to represent is no limit at all.
+    let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut ending: Option<Ending> = None;
     for (i, step) in pipeline.steps.iter().enumerate() {
         let number = i as i64 + 1;
@@ -431,7 +438,20 @@ async fn run_steps(
             ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
             continue;
         }
-        if out_of_time || !step.when.runs_after(failed) {
+        if out_of_time {
+            // The time ran out between steps: the pipeline did not get to finish, so
+            // the run must not end `succeeded` with this step and the rest skipped.
+            ending.get_or_insert_with(|| Ending {
+                status: RunStatus::TimedOut,
+                reason: Some(format!(
+                    "pipeline timed out after {:?} (before step {:?})",
+                    pipeline.timeout.unwrap_or_default(),
+                    step.name
+                )),
+            });
+            continue;
+        }
+        if !step.when.runs_after(failed) {
             continue;
         }
         let span = tracing::info_span!("step", step = %step.name);

@@ -494,3 +494,43 @@ fn log_follow_streams_until_the_run_ends() {
     assert!(text.contains("after step"), "{text}");
     assert_eq!(d.wait_run(id)["status"], "succeeded");
 }
+
+#[test]
+fn a_large_log_is_streamed_with_the_same_text() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    // 14-byte lines of two-byte characters, cut inside a character at the end and,
+    // at 64 KiB, inside one too: the text must still be what the whole file decodes to.
+    let steps = "  - name: talk\n    run: yes 'h\u{e9}llo w\u{f6}rld' | head -c 300001\n  - name: quiet\n    run: 'true'\n";
+    let d = b
+        .pipeline(
+            "ci",
+            &format!("repo: {REPO}\nclone_url: {}\nsteps:\n{steps}", origin.url()),
+        )
+        .start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let r = d.deliver("push", "big-log", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    assert_eq!(d.wait_run(id)["status"], "succeeded");
+
+    let r = d.get(&format!("/api/runs/{id}/log"));
+    assert_eq!(r.status, 200);
+    // Sent as it is read, so its length is not known up front.
+    assert_eq!(
+        r.header("transfer-encoding"),
+        Some("chunked"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.header("content-length"), None);
+    let file = std::fs::read(d.state_dir().join(format!("logs/{id}/1.log"))).unwrap();
+    assert_eq!(file.len(), 300_001);
+    let expected = format!(
+        "==> step 1: talk (succeeded)\n{}\n==> step 2: quiet (succeeded)\n",
+        String::from_utf8_lossy(&file)
+    );
+    assert!(expected.contains("w\u{fffd}\n==> step 2"));
+    assert!(r.text() == expected, "the log differs from its files");
+}

@@ -550,3 +550,92 @@ fn hookci_run_builds_a_pipeline_in_the_foreground() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no pipeline \"nope\""));
 }
+
+#[test]
+fn a_run_queued_without_waking_the_scheduler_is_still_built() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let steps = "  - name: build\n    run: echo built $HOOKCI_COMMIT\n";
+    let d = b.pipeline("ci", &ci_pipeline(&origin, steps)).start();
+    // Serving the API means the daemon has set its store up.
+    assert!(d.runs().is_empty());
+    // Queued through the store directly, as another writer of the same database would:
+    // no wake-up reaches the daemon's scheduler, only its periodic look at the queue.
+    let store = hookci::store::Store::open(&d.state_dir()).unwrap();
+    let made = store
+        .create_run(hookci::store::NewRun {
+            key: None,
+            group: None,
+            supersede: hookci::store::Supersede::Nothing,
+            attempt: 1,
+            pipeline: "ci".into(),
+            repo: REPO.into(),
+            git_ref: "refs/heads/main".into(),
+            commit: sha.clone(),
+            before: ZERO.into(),
+            clone_url: origin.url(),
+            trigger: "manual",
+            skipped: None,
+        })
+        .unwrap();
+    drop(store);
+    let run = d.wait_run(made.id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert!(d.run_log(made.id).contains(&format!("built {sha}")));
+}
+
+#[test]
+fn a_timeout_too_large_for_the_clock_means_no_limit() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    // u64::MAX seconds: the pipeline file accepts it, no clock can add it.
+    let steps = "  - name: build\n    run: echo built\n    timeout: 18446744073709551615\n";
+    let pipeline =
+        ci_pipeline(&origin, steps).replace("steps:", "timeout: 18446744073709551615\nsteps:");
+    let d = b.pipeline("ci", &pipeline).start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let id = run_ids(&d.deliver("push", "huge-1", &body).json())[0];
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert!(d.run_log(id).contains("built"));
+}
+
+#[test]
+fn a_pipeline_timeout_that_runs_out_between_steps_ends_the_run_timed_out() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let (ready, go) = (b.path().join("ready"), b.path().join("go"));
+    let steps = format!(
+        "  - name: first\n    run: touch {}; while [ ! -f {} ]; do sleep 0.05; done\n  - name: second\n    run: echo second ran\n",
+        ready.display(),
+        go.display()
+    );
+    let pipeline = ci_pipeline(&origin, &steps).replace("steps:", "timeout: 3s\nsteps:");
+    let d = b.pipeline("ci", &pipeline).start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let id = run_ids(&d.deliver("push", "between-1", &body).json())[0];
+    eventually("the first step runs", || ready.exists());
+    // The first step ends well within the pipeline's 3 s; the store's write lock, held
+    // by the test, keeps the daemon from recording that end (and so from going on to
+    // the second step) until the 3 s are over.
+    let db = rusqlite::Connection::open(d.state_dir().join("hookci.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    std::fs::write(&go, "").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "timed_out", "{run:#}");
+    assert_eq!(
+        run["reason"], "pipeline timed out after 3s (before step \"second\")",
+        "{run:#}"
+    );
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["status"], "succeeded", "{run:#}");
+    assert_eq!(steps[1]["status"], "skipped", "{run:#}");
+    assert!(!d.run_log(id).contains("second ran"));
+}

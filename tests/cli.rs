@@ -467,3 +467,109 @@ fn check_reads_hookci_config_when_there_is_no_c_and_flags_override_it() {
         format!("ok: 1 pipeline(s) in {}\n", other.display())
     );
 }
+
+/// Kills a test step's background sleep (by pid, only while it is still our sleep), so
+/// a failing test leaves none behind.
+struct KillSleep(Option<i32>);
+
+impl Drop for KillSleep {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c == b"sleep\x00600\x00");
+            if ours {
+                // SAFETY: signalling this test's own step process by pid.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Pids whose environment has a `HOOKCI_WORKSPACE` under `dir`.
+fn steps_under(dir: &Path) -> Vec<i32> {
+    let prefix = format!("HOOKCI_WORKSPACE={}/", dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| !process_gone(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|var| var.starts_with(prefix.as_bytes()))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn ctrl_c_during_run_stops_the_steps_process_group_and_removes_the_scratch_directory() {
+    let dir = tempdir();
+    let origin = Origin::new(dir.path());
+    origin.commit("main", &[("a", "1")], "x");
+    let bg = dir.path().join("bg.pid");
+    let pipelines = dir.path().join("pipelines");
+    write(
+        pipelines.join("ci.yml"),
+        &format!(
+            "repo: {REPO}\nsteps:\n  - name: hang\n    run: |\n      sleep 600 &\n      echo $! > {}\n      wait\n",
+            bg.display()
+        ),
+    );
+    let config = write(dir.path().join("hookci.yml"), "step_grace: 1s\n");
+    // The scratch state directory goes under a TMPDIR of the test's own, so what is
+    // left in it and which processes run there can be checked.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = Command::new(bin())
+        .args(["run", "ci", "--repo", s(&origin.path), "--pipelines"])
+        .arg(&pipelines)
+        .arg("-c")
+        .arg(&config)
+        .env("TMPDIR", &tmp)
+        .env_remove("HOOKCI_CONFIG")
+        .env_remove("HOOKCI_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = out.read_to_string(&mut text);
+        text
+    });
+    let mut sleep = KillSleep(None);
+    eventually("the step started its background sleep", || {
+        sleep.0 = std::fs::read_to_string(&bg)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        sleep.0.is_some()
+    });
+    let pid = sleep.0.unwrap();
+    assert!(!steps_under(&tmp).is_empty(), "the step runs under TMPDIR");
+
+    // SAFETY: signalling our own child process by pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "hookci run did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(status.code(), Some(1), "an exit, not a death by signal");
+    assert!(process_gone(pid), "the step's background sleep survived");
+    assert_eq!(steps_under(&tmp), Vec::<i32>::new());
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(left.is_empty(), "scratch state left behind: {left:?}");
+    let out = out.join().unwrap();
+    assert!(out.contains("==> ci canceled: stopped by SIGINT"), "{out}");
+}

@@ -265,3 +265,75 @@ fn a_damaged_store_or_an_unusable_state_directory_stops_the_start_with_a_clear_e
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("a-file/state is not usable"), "{stderr}");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_refuses_to_start_and_leaves_the_first_alone() {
+    let b = Builder::new().config("shutdown_grace: 1s");
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let pids = b.path().join("pids");
+    let steps = format!(
+        "  - name: long\n    run: sleep 600 & echo $! >> {}; wait\n",
+        pids.display()
+    );
+    let mut d = b.pipeline("ci", &pipeline(&origin, &steps)).start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let id = first_run(&d.deliver("push", "lock-1", &body));
+    eventually("the step runs", || read_pids(&pids).len() == 1);
+    let sleep = read_pids(&pids)[0];
+
+    let mut second = std::process::Command::new(bin())
+        .arg("serve")
+        .arg("-c")
+        .arg(d.path().join("hookci.yml"))
+        .env_remove("HOOKCI_WEBHOOK_SECRET")
+        .env_remove("HOOKCI_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = second.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        text
+    });
+    // One that starts serving instead has to be stopped, not waited for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = err.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    let state = std::fs::canonicalize(d.state_dir()).unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "state directory {} is in use by another hookci daemon",
+            state.display()
+        )),
+        "{stderr}"
+    );
+
+    // The first daemon's run goes on untouched, and it still serves.
+    assert!(!process_gone(sleep), "the first daemon's step was killed");
+    let run = d.get_json(&format!("/api/runs/{id}"));
+    assert_eq!(
+        (run["status"].as_str(), run["attempt"].as_i64()),
+        (Some("running"), Some(1)),
+        "{run:#}"
+    );
+    assert_eq!(read_pids(&pids).len(), 1, "no second attempt started");
+
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(), Some(0), "{}", d.log());
+    assert!(process_gone(sleep));
+}

@@ -24,9 +24,9 @@ const LINGER: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// Called after the commit with its outcome; answers the caller.
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
-/// Runs inside the transaction (`None`: it may not run, its savepoint could not be
-/// opened); says whether it succeeded (else its savepoint is rolled back) and how to
-/// answer once the commit is known.
+/// Runs inside the transaction (`None`: it may not run, its transaction or savepoint
+/// could not be opened); says whether it succeeded (else its savepoint is rolled back)
+/// and how to answer once the commit is known.
 type Work = Box<dyn FnOnce(Option<&Connection>) -> (bool, Done) + Send>;
 
 /// Handle to the writer thread; the thread ends when the last handle is dropped.
@@ -91,7 +91,9 @@ impl Writer {
                 }),
                 None => Err(StoreError::Failed {
                     path: path.clone(),
-                    message: "cannot open a savepoint".into(),
+                    message:
+                        "the write was not run: no transaction or savepoint could be opened for it"
+                            .into(),
                 }),
             };
             let ok = result.is_ok();
@@ -182,9 +184,27 @@ fn write_loop(conn: &Connection, path: &Path, rx: &mpsc::Receiver<Work>) {
             drain(rx, &mut batch);
         }
         tracing::trace!(writes = batch.len(), "committing a batch");
-        let began = conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = &began {
-            tracing::error!(store = %path.display(), error = %e, "cannot begin a write transaction");
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Outside a transaction each savepoint would commit on its own, and the
+            // batch would report failures for writes that are in fact stored: so none
+            // of them runs, and every caller hears that it did not.
+            tracing::error!(
+                store = %path.display(),
+                error = %e,
+                writes = batch.len(),
+                "cannot begin a write transaction"
+            );
+            if !conn.is_autocommit() {
+                // A transaction left open by an earlier failure would refuse every
+                // later batch.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            let message = format!("cannot begin a write transaction: {e}");
+            for work in batch {
+                let (_, done) = work(None);
+                done(Err(message.clone()));
+            }
+            continue;
         }
         let mut dones = Vec::with_capacity(batch.len());
         for work in batch {
@@ -211,15 +231,68 @@ fn write_loop(conn: &Connection, path: &Path, rx: &mpsc::Receiver<Work>) {
             };
             dones.push((ok, done));
         }
-        let committed = began
-            .and_then(|()| conn.execute_batch("COMMIT"))
-            .map_err(|e| {
-                let _ = conn.execute_batch("ROLLBACK");
-                tracing::error!(store = %path.display(), error = %e, writes = dones.len(), "committing a batch failed");
-                format!("commit failed: {e}")
-            });
+        let committed = conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::error!(
+                store = %path.display(),
+                error = %e,
+                writes = dones.len(),
+                "committing a batch failed"
+            );
+            format!("commit failed: {e}")
+        });
         for (_, done) in dones {
             done(committed.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn a_batch_whose_transaction_cannot_begin_runs_none_of_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let setup = Connection::open(&path).unwrap();
+        setup
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x INTEGER)")
+            .unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let writer = Writer::start(&path, conn, Connection::open(&path).unwrap()).unwrap();
+
+        // Another connection holds the write lock: BEGIN IMMEDIATE fails at once.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let blocker = Arc::new(Mutex::new(Some(blocker)));
+        let held = Arc::clone(&blocker);
+        let result = writer.exec(move |c| {
+            // Were this write run anyway, the lock would be free for it to commit.
+            if let Some(b) = held.lock().unwrap().take() {
+                b.execute_batch("COMMIT")?;
+            }
+            c.execute("INSERT INTO t VALUES (1)", [])
+        });
+        assert!(result.is_err(), "{result:?}");
+        if let Some(b) = blocker.lock().unwrap().take() {
+            b.execute_batch("COMMIT").unwrap();
+        }
+
+        // What was reported failed is not stored, and the writer goes on.
+        writer
+            .exec(|c| c.execute("INSERT INTO t VALUES (2)", []))
+            .unwrap();
+        let rows: Vec<i64> = setup
+            .prepare("SELECT x FROM t ORDER BY x")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, vec![2]);
     }
 }

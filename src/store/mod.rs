@@ -87,7 +87,32 @@ CREATE TABLE repositories (
     updated_at  INTEGER NOT NULL
 );
 "#,
+    // Repository names are case-insensitive, as GitHub treats them: the keys of
+    // ref_heads and repositories are kept in lower case (see `repo_key`). Of rows
+    // that differ only in case, the most recently updated one is kept.
+    r#"
+DELETE FROM repositories WHERE EXISTS (
+    SELECT 1 FROM repositories n
+    WHERE lower(n.repo) = lower(repositories.repo) AND n.repo != repositories.repo
+      AND (n.updated_at > repositories.updated_at
+           OR (n.updated_at = repositories.updated_at AND n.repo > repositories.repo))
+);
+UPDATE repositories SET repo = lower(repo) WHERE repo != lower(repo);
+DELETE FROM ref_heads WHERE EXISTS (
+    SELECT 1 FROM ref_heads n
+    WHERE lower(n.repo) = lower(ref_heads.repo) AND n.ref = ref_heads.ref AND n.repo != ref_heads.repo
+      AND (n.updated_at > ref_heads.updated_at
+           OR (n.updated_at = ref_heads.updated_at AND n.repo > ref_heads.repo))
+);
+UPDATE ref_heads SET repo = lower(repo) WHERE repo != lower(repo);
+"#,
 ];
+
+/// The key of a repository in `ref_heads` and `repositories`: GitHub names are
+/// case-insensitive, and a push may spell one differently from a pipeline's `repo:`.
+fn repo_key(repo: &str) -> String {
+    repo.to_ascii_lowercase()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -262,7 +287,7 @@ impl Store {
             .prepare_cached("SELECT ref, commit_sha FROM ref_heads WHERE repo = ?1")
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([repo], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([repo_key(repo)], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
@@ -272,7 +297,7 @@ impl Store {
         self.conn()
             .query_row(
                 "SELECT clone_url FROM repositories WHERE repo = ?1",
-                [repo],
+                [repo_key(repo)],
                 |r| r.get(0),
             )
             .optional()
@@ -684,6 +709,82 @@ mod tests {
         assert_eq!(pruned, vec![ids[4]]);
         let left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
         assert_eq!(left, vec![ids[5]]);
+    }
+
+    #[test]
+    fn repository_keys_ignore_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut d = delivery("d1", vec![run("ci", "k1")]);
+        d.repo = "Octo-Org/Octo-Repo".into();
+        store.record_delivery(d).unwrap();
+        for spelling in [
+            "octo-org/octo-repo",
+            "OCTO-ORG/octo-repo",
+            "Octo-Org/Octo-Repo",
+        ] {
+            assert_eq!(
+                store.clone_url_of(spelling).unwrap().as_deref(),
+                Some("/tmp/x"),
+                "{spelling}"
+            );
+            assert_eq!(
+                store.ref_heads(spelling).unwrap().get("refs/heads/main"),
+                Some(&"c".repeat(40)),
+                "{spelling}"
+            );
+        }
+        // A later push spelled another way updates the same rows.
+        let mut d = delivery("d2", vec![run("ci", "k2")]);
+        d.repo = "octo-org/OCTO-REPO".into();
+        d.clone_url = "/tmp/y".into();
+        d.head = Some("d".repeat(40));
+        store.record_delivery(d).unwrap();
+        assert_eq!(
+            store.clone_url_of("octo-org/octo-repo").unwrap().as_deref(),
+            Some("/tmp/y")
+        );
+        let heads = store.ref_heads("Octo-Org/Octo-Repo").unwrap();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        assert_eq!(heads["refs/heads/main"], "d".repeat(40));
+    }
+
+    #[test]
+    fn the_case_migration_keeps_the_newest_of_each_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A store as the schema before it left it: keys in any case.
+            let conn = Connection::open(dir.path().join("hookci.db")).unwrap();
+            for migration in &SCHEMA[..2] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 2;
+                 INSERT INTO repositories VALUES ('Octo/Repo', 'old-url', 1), ('octo/repo', 'new-url', 2),
+                                                 ('Solo/One', 'solo-url', 1);
+                 INSERT INTO ref_heads VALUES ('Octo/Repo', 'refs/heads/main', 'new', 'push', 3),
+                                              ('octo/repo', 'refs/heads/main', 'old', 'push', 2),
+                                              ('OCTO/REPO', 'refs/heads/dev', 'dev', 'push', 1);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.clone_url_of("octo/repo").unwrap().as_deref(),
+            Some("new-url")
+        );
+        assert_eq!(
+            store.clone_url_of("solo/one").unwrap().as_deref(),
+            Some("solo-url")
+        );
+        let heads = store.ref_heads("Octo/Repo").unwrap();
+        assert_eq!(
+            heads,
+            std::collections::HashMap::from([
+                ("refs/heads/main".to_owned(), "new".to_owned()),
+                ("refs/heads/dev".to_owned(), "dev".to_owned()),
+            ])
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{run_from_row, Store, StoreError, RUN_COLUMNS};
+use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
 use super::{
     DeliveryOutcome, NewDelivery, NewRun, Run, RunRef, RunStatus, StepEnd, StepStatus, Supersede,
 };
@@ -328,7 +328,7 @@ fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOut
          ON CONFLICT(repo) DO UPDATE SET clone_url = excluded.clone_url, updated_at = excluded.updated_at
          WHERE clone_url != excluded.clone_url",
     )?
-    .execute(params![d.repo, d.clone_url, now_ms()])?;
+    .execute(params![repo_key(&d.repo), d.clone_url, now_ms()])?;
     Ok(DeliveryOutcome::New(runs))
 }
 
@@ -340,6 +340,7 @@ fn note_head(
     commit: Option<&str>,
     source: &str,
 ) -> rusqlite::Result<()> {
+    let repo = repo_key(repo);
     match commit {
         Some(sha) => conn
             .prepare_cached(

@@ -132,3 +132,70 @@ fn cancel_running_stops_the_running_run_and_its_processes_for_a_newer_push() {
     assert_eq!(two["status"], "succeeded", "{two:#}");
     assert!(d.run_log(second).contains(&format!("done with {c2}")));
 }
+
+#[test]
+fn a_push_whose_sender_hangs_up_before_the_answer_still_supersedes_and_builds() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sleeps = Sleeps::new();
+    let pids = sleeps.dir();
+    let c1 = origin.commit("main", &[("mode", "hang")], "slow");
+    let c2 = origin.commit("main", &[("mode", "fast")], "fix");
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline(
+                &origin,
+                "concurrency: { group: ref, cancel: running }\n",
+                &[hang_step(&pids)],
+            ),
+        )
+        .start();
+    let first = push(&d, "h-1", "refs/heads/main", ZERO, &c1);
+    let pid = read_pid(&pids.join(format!("{first}.pid")));
+
+    // The store's write lock, held from here, keeps the second delivery from committing
+    // until its sender has hung up: the daemon then drops the request mid-way.
+    let db = rusqlite::Connection::open(d.state_dir().join("hookci.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = push_body("refs/heads/main", &c1, &c2, "fix");
+    let mut request = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         X-GitHub-Event: push\r\nX-GitHub-Delivery: h-2\r\nX-Hub-Signature-256: {}\r\n\
+         Content-Length: {}\r\n\r\n",
+        d.addr,
+        hookci::intake::sign(SECRET.as_bytes(), &body),
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut stream = std::net::TcpStream::connect(&d.addr).unwrap();
+    stream.write_all(&request).unwrap();
+    // Time for the daemon to read the whole request and reach the store, where the
+    // lock stops it (a request cut short before its body is read is rightly never
+    // recorded), then for it to notice the hang-up and drop the request.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(stream);
+    std::thread::sleep(Duration::from_millis(500));
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+
+    let mut second = None;
+    eventually("the hung-up delivery is recorded", || {
+        let r = d.get("/api/deliveries/h-2");
+        second = (r.status == 200)
+            .then(|| r.json()["decisions"][0]["run"].as_i64())
+            .flatten();
+        second.is_some()
+    });
+    let second = second.unwrap();
+    let one = d.wait_run(first);
+    assert_eq!(one["status"], "canceled", "{one:#}");
+    assert_eq!(reason(&one), format!("superseded by run {second}"));
+    eventually("the canceled step's background sleep is gone", || {
+        process_gone(pid)
+    });
+    let two = d.wait_run(second);
+    assert_eq!(two["status"], "succeeded", "{two:#}");
+    assert!(d.run_log(second).contains(&format!("done with {c2}")));
+}

@@ -358,3 +358,42 @@ fn trigger_runs_a_pipeline_on_a_ref_head_or_a_given_commit() {
     assert_eq!(run["trigger"], "manual");
     assert_eq!(run["commit"], head.as_str());
 }
+
+#[test]
+fn trigger_finds_the_clone_url_of_a_push_that_spelled_the_repository_in_another_case() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let first = origin.commit("main", &[("a", "1")], "first");
+    let config = token_config(&b);
+    // No clone_url: the trigger needs the one the last push named.
+    let d = b
+        .pipeline(
+            "ci",
+            &format!(
+                "repo: {REPO}\nsteps:\n{}",
+                step("show", "echo at $HOOKCI_COMMIT")
+            ),
+        )
+        .config(&config)
+        .start();
+    // GitHub owner and repository names are case-insensitive.
+    let shouted = REPO.to_ascii_uppercase();
+    let body = PushPayload::new(&shouted, "refs/heads/main", ZERO, &first, &origin.url()).bytes();
+    let r = d.deliver("push", "case-1", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    assert_eq!(d.wait_run(id)["status"], "succeeded");
+
+    let head = origin.commit("main", &[("a", "2")], "head");
+    let r = api_post(
+        &d,
+        "/api/pipelines/ci/trigger",
+        Some(TOKEN),
+        &json!({ "ref": "main" }),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_i64().unwrap();
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["commit"], head.as_str());
+}
