@@ -105,23 +105,14 @@ pub struct Prepare<'a> {
 /// Starts git jobs in child processes; at most one at a time per mirror, since
 /// concurrent fetches into one repository fight over its ref locks.
 pub struct GitWorker {
-    program: PathBuf,
     state_dir: PathBuf,
     token: Option<Secret>,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl GitWorker {
-    /// Jobs run this very binary: `/proc/self/exe` still names it after an upgrade
-    /// replaced the file on disk.
     pub fn new(state_dir: &Path, token: Option<Secret>) -> GitWorker {
-        let program = if Path::new("/proc/self/exe").exists() {
-            PathBuf::from("/proc/self/exe")
-        } else {
-            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("hookci"))
-        };
         GitWorker {
-            program,
             state_dir: state_dir.to_path_buf(),
             token,
             locks: Mutex::new(HashMap::new()),
@@ -184,7 +175,7 @@ impl GitWorker {
             job,
         })
         .map_err(|e| GitError::Failed(format!("git worker: {e}")))?;
-        let mut cmd = tokio::process::Command::new(&self.program);
+        let mut cmd = tokio::process::Command::new(this_binary());
         cmd.arg(SUBCOMMAND)
             .env_clear()
             .envs(
@@ -244,6 +235,16 @@ impl GitWorker {
                 }
             }
         }
+    }
+}
+
+/// Jobs run this very binary, by its path so that process listings name it; once an
+/// upgrade replaced the file on disk, through `/proc/self/exe`, which still is the
+/// running version.
+fn this_binary() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(path) if path.is_file() => path,
+        _ => PathBuf::from("/proc/self/exe"),
     }
 }
 
