@@ -205,6 +205,16 @@ pub async fn run(
         tokio::task::spawn_blocking(move || open_and_recover(&state_dir)).await??;
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
     config.state_dir = state_dir;
+    // Only now: a daemon refused its state directory, or stopped by a damaged store,
+    // never said it was listening.
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(
+            %addr,
+            pipelines = pipelines.len(),
+            state_dir = %config.state_dir.display(),
+            "listening"
+        );
+    }
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
     let (stop_tx, stop_rx) = watch::channel(false);
     scheduler::prune(&state).await;

@@ -225,16 +225,9 @@ fn serve(config: Config, allow_unsigned: bool) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let addr = listener.local_addr()?;
         if config.webhook_secret.is_none() {
             tracing::warn!("no webhook secret: accepting UNSIGNED webhooks (--allow-unsigned)");
         }
-        tracing::info!(
-            %addr,
-            pipelines = pipelines.len(),
-            state_dir = %config.state_dir.display(),
-            "listening"
-        );
         hookci::daemon::run(listener, config, pipelines, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })

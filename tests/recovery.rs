@@ -322,6 +322,7 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start_and_leaves_the_f
         )),
         "{stderr}"
     );
+    assert!(!stderr.contains(" listening"), "{stderr}");
 
     // The first daemon's run goes on untouched, and it still serves.
     assert!(!process_gone(sleep), "the first daemon's step was killed");
