@@ -121,6 +121,9 @@ max_parallel_runs: $MAX_PARALLEL_RUNS
 # Every acknowledged delivery's run is checked afterwards: prune nothing.
 retention: { runs: 1000000000, days: 36500 }
 EOF
+    # The previous level's writes (its store, then the bare handler's) are still being
+    # flushed by the kernel: let that finish first, so it does not slow this level.
+    sync
     say "connections=$C threads=$T: starting hookci with an empty store"
     "$BIN" serve -c "$D/hookci.yml" --listen 127.0.0.1:0 2>"$D/daemon.log" &
     DAEMON_PID=$!
