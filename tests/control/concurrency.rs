@@ -98,12 +98,12 @@ fn a_pipeline_group_without_cancel_builds_every_push_one_at_a_time_in_order() {
     assert_eq!(lines, expected, "one at a time, in push order");
 }
 
-#[test]
-fn cancel_running_stops_the_running_run_and_its_processes_for_a_newer_push() {
+/// A daemon whose pipeline cancels a running run for a newer push of its ref, and two
+/// commits on main: the first hangs in its step, the second finishes at once.
+fn hang_then_fix() -> (Daemon, Sleeps, String, String) {
     let b = Builder::new();
     let origin = Origin::new(b.path());
     let sleeps = Sleeps::new();
-    let pids = sleeps.dir();
     let c1 = origin.commit("main", &[("mode", "hang")], "slow");
     let c2 = origin.commit("main", &[("mode", "fast")], "fix");
     let d = b
@@ -112,10 +112,17 @@ fn cancel_running_stops_the_running_run_and_its_processes_for_a_newer_push() {
             &pipeline(
                 &origin,
                 "concurrency: { group: ref, cancel: running }\n",
-                &[hang_step(&pids)],
+                &[hang_step(&sleeps.dir())],
             ),
         )
         .start();
+    (d, sleeps, c1, c2)
+}
+
+#[test]
+fn cancel_running_stops_the_running_run_and_its_processes_for_a_newer_push() {
+    let (d, sleeps, c1, c2) = hang_then_fix();
+    let pids = sleeps.dir();
     let first = push(&d, "r-1", "refs/heads/main", ZERO, &c1);
     let pid = read_pid(&pids.join(format!("{first}.pid")));
     let second = push(&d, "r-2", "refs/heads/main", &c1, &c2);
@@ -135,22 +142,8 @@ fn cancel_running_stops_the_running_run_and_its_processes_for_a_newer_push() {
 
 #[test]
 fn a_push_whose_sender_hangs_up_before_the_answer_still_supersedes_and_builds() {
-    let b = Builder::new();
-    let origin = Origin::new(b.path());
-    let sleeps = Sleeps::new();
+    let (d, sleeps, c1, c2) = hang_then_fix();
     let pids = sleeps.dir();
-    let c1 = origin.commit("main", &[("mode", "hang")], "slow");
-    let c2 = origin.commit("main", &[("mode", "fast")], "fix");
-    let d = b
-        .pipeline(
-            "ci",
-            &pipeline(
-                &origin,
-                "concurrency: { group: ref, cancel: running }\n",
-                &[hang_step(&pids)],
-            ),
-        )
-        .start();
     let first = push(&d, "h-1", "refs/heads/main", ZERO, &c1);
     let pid = read_pid(&pids.join(format!("{first}.pid")));
 
