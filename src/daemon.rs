@@ -228,6 +228,11 @@ pub async fn run(
         .or(control::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
+    crate::notify::notify("READY=1");
+    let shutdown = async {
+        shutdown.await;
+        crate::notify::notify("STOPPING=1");
+    };
     http::serve(
         listener,
         Arc::clone(&state),

@@ -20,6 +20,7 @@ pub mod http;
 pub mod intake;
 pub mod mask;
 pub mod matcher;
+pub mod notify;
 pub mod pattern;
 pub mod pipeline;
 pub mod reconcile;
