@@ -102,11 +102,21 @@ fn mirror_in(root: &Path, repo: &RepoName, clone_url: &str) -> Result<PathBuf, C
         .join(format!("{repo}.git")))
 }
 
-/// Removes the lock files a killed fetch left in a mirror (`refs/**/*.lock`,
-/// `packed-refs.lock`, ...): libgit2 refuses to update a ref whose lock file exists. Only
-/// for a caller that knows no other job is using the mirror.
+/// Removes what a killed fetch left in a mirror: lock files (`refs/**/*.lock`,
+/// `packed-refs.lock`, `objects/pack/*.lock`, ...), which make libgit2 refuse to update
+/// what they lock, and packs or objects it was still receiving, which would only take
+/// space. Only for a caller that knows no other job is using the mirror.
 pub fn clear_stale_locks(mirror: &Path) -> std::io::Result<usize> {
-    fn walk(dir: &Path, removed: &mut usize) -> std::io::Result<()> {
+    /// A lock file, or a pack or object libgit2 was still receiving (it writes those
+    /// under a temporary name, then renames them into place).
+    fn leftover(name: &str) -> bool {
+        name.ends_with(".lock")
+            || name.starts_with("pack_git2_")
+            || name.starts_with("tmp_object_git2_")
+    }
+    /// Cleans `dir`, and below it when `deep` (except `objects/`: thousands of loose
+    /// object directories, cleaned on their own terms by the caller).
+    fn clean(dir: &Path, deep: bool, removed: &mut usize) -> std::io::Result<()> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -114,23 +124,24 @@ pub fn clear_stale_locks(mirror: &Path) -> std::io::Result<usize> {
         };
         for entry in entries {
             let entry = entry?;
-            let path = entry.path();
             let kind = entry.file_type()?;
-            if kind.is_dir() {
-                // Objects have no lock files worth a walk through thousands of entries.
-                if entry.file_name() != "objects" {
-                    walk(&path, removed)?;
-                }
-            } else if path.extension().is_some_and(|x| x == "lock") {
-                std::fs::remove_file(&path)?;
-                tracing::warn!(path = %path.display(), "removed a lock file left by a stopped git job");
+            let name = entry.file_name();
+            if kind.is_dir() && deep && name != "objects" {
+                clean(&entry.path(), deep, removed)?;
+            } else if kind.is_file() && leftover(&name.to_string_lossy()) {
+                std::fs::remove_file(entry.path())?;
                 *removed += 1;
             }
         }
         Ok(())
     }
     let mut removed = 0;
-    walk(mirror, &mut removed)?;
+    clean(mirror, true, &mut removed)?;
+    clean(&mirror.join("objects"), false, &mut removed)?;
+    clean(&mirror.join("objects/pack"), false, &mut removed)?;
+    if removed > 0 {
+        tracing::warn!(mirror = %mirror.display(), files = removed, "removed what a stopped git job left behind");
+    }
     Ok(removed)
 }
 
@@ -308,9 +319,11 @@ impl Mirrors {
     }
 
     /// A fresh working tree of `commit` at `dest` with a detached HEAD. Its objects are
-    /// borrowed from the mirror (git alternates), so nothing is copied.
+    /// borrowed from the mirror (git alternates), so nothing is copied. The mirror must
+    /// hold the commit already ([`Mirrors::fetch`]); this only reads it, so checkouts
+    /// from one mirror may run side by side, and beside its next fetch.
     pub fn checkout(&self, req: &Request<'_>, dest: &Path) -> Result<(), CheckoutError> {
-        let mirror = self.fetch(req)?;
+        let mirror = self.mirror_path(req.repo, req.clone_url)?;
         let ws_err = |reason: String| CheckoutError::Workspace {
             path: dest.to_path_buf(),
             reason,
@@ -385,6 +398,7 @@ pub(crate) mod tests {
             commit: &c1s,
         };
         let ws = dir.path().join("ws1");
+        mirrors.fetch(&req).unwrap();
         mirrors.checkout(&req, &ws).unwrap();
         assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "one");
         let wsrepo = Repository::open(&ws).unwrap();
@@ -404,19 +418,17 @@ pub(crate) mod tests {
                 ..req.clone()
             };
             let ws = dir.path().join(format!("ws-{s}"));
+            mirrors.fetch(&req).unwrap();
             mirrors.checkout(&req, &ws).unwrap();
             assert_eq!(std::fs::read_to_string(ws.join(file)).unwrap(), content);
         }
 
         let missing = "1".repeat(40);
         let err = mirrors
-            .checkout(
-                &Request {
-                    commit: &missing,
-                    ..req.clone()
-                },
-                &dir.path().join("ws3"),
-            )
+            .fetch(&Request {
+                commit: &missing,
+                ..req.clone()
+            })
             .unwrap_err();
         assert!(err.to_string().contains(&missing), "{err}");
     }
@@ -435,6 +447,7 @@ pub(crate) mod tests {
             git_ref: "refs/heads/main",
             commit: &c1,
         };
+        mirrors.fetch(&req).unwrap();
         mirrors.checkout(&req, &dir.path().join("ws")).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.path().join("ws/a.txt")).unwrap(),
@@ -501,6 +514,9 @@ pub(crate) mod tests {
         let leftovers = [
             mirror.join("refs/heads/main.lock"),
             mirror.join("packed-refs.lock"),
+            mirror.join("objects/pack/pack_git2_3f1c0a"),
+            mirror.join("objects/pack/pack-0123abcd.idx.lock"),
+            mirror.join("objects/tmp_object_git2_9d2e"),
         ];
         for path in &leftovers {
             std::fs::write(path, "").unwrap();
@@ -509,7 +525,7 @@ pub(crate) mod tests {
         let c2 = commit(&origin, "main", &[("a", "2")], "second").to_string();
         mirrors.fetch(&req(&c2)).unwrap();
         assert_eq!(main_of(), c1, "libgit2 honours the lock");
-        assert_eq!(clear_stale_locks(&mirror).unwrap(), 2);
+        assert_eq!(clear_stale_locks(&mirror).unwrap(), leftovers.len());
         assert!(leftovers.iter().all(|p| !p.exists()));
         let c3 = commit(&origin, "main", &[("a", "3")], "third").to_string();
         mirrors.fetch(&req(&c3)).unwrap();

@@ -61,14 +61,20 @@ enum Job {
     /// The branch and tag heads of a remote (connect and list, no download).
     RemoteHeads { url: String },
     /// Fetch `commit` into the repository's mirror; then, if asked, the paths changed
-    /// since `changes_since`, and a checkout into `checkout_to`.
-    Prepare {
+    /// since `changes_since`. The daemon runs one at a time per mirror.
+    Fetch {
         repo: String,
         clone_url: String,
         git_ref: String,
         commit: String,
         changes_since: Option<String>,
-        checkout_to: Option<PathBuf>,
+    },
+    /// Check a fetched commit out of the mirror into `dest` (reads the mirror only).
+    Checkout {
+        repo: String,
+        clone_url: String,
+        commit: String,
+        dest: PathBuf,
     },
 }
 
@@ -76,7 +82,8 @@ enum Job {
 #[serde(rename_all = "snake_case")]
 enum Reply {
     Heads(Vec<(String, String)>),
-    Prepared { changes: Option<Changes> },
+    Fetched { changes: Option<Changes> },
+    CheckedOut,
     Failed(String),
 }
 
@@ -90,16 +97,14 @@ pub enum GitError {
     Failed(String),
 }
 
-/// What a run needs on disk.
-pub struct Prepare<'a> {
+/// A commit to fetch.
+pub struct Fetch<'a> {
     pub repo: &'a RepoName,
     pub clone_url: &'a str,
     pub git_ref: &'a str,
     pub commit: &'a str,
-    /// Compute the paths changed since this commit (for `on.paths`).
+    /// Also compute the paths changed since this commit (for `on.paths`).
     pub changes_since: Option<&'a str>,
-    /// Check the commit out here.
-    pub checkout_to: Option<&'a Path>,
 }
 
 /// Starts git jobs in child processes; at most one at a time per mirror, since
@@ -131,30 +136,54 @@ impl GitWorker {
         }
     }
 
-    /// Fetches the commit, and computes changes and checks out as asked; a change of
-    /// `stop` to true kills the child and answers [`GitError::Stopped`].
-    pub async fn prepare(
+    /// Fetches the commit into its mirror (and computes the changed paths if asked),
+    /// one job at a time per mirror. A change of `stop` to true, while this waits for
+    /// the mirror or while the job runs, kills the job and answers [`GitError::Stopped`].
+    pub async fn fetch(
         &self,
-        p: Prepare<'_>,
+        f: Fetch<'_>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Option<Changes>, GitError> {
-        let mirror = checkout::mirror_path(&self.state_dir, p.repo, p.clone_url)
+        let mirror = checkout::mirror_path(&self.state_dir, f.repo, f.clone_url)
             .map_err(|e| GitError::Failed(e.to_string()))?;
         let lock = self.lock_of(&mirror);
-        let job = Job::Prepare {
-            repo: p.repo.to_string(),
-            clone_url: p.clone_url.to_owned(),
-            git_ref: p.git_ref.to_owned(),
-            commit: p.commit.to_owned(),
-            changes_since: p.changes_since.map(str::to_owned),
-            checkout_to: p.checkout_to.map(Path::to_path_buf),
+        let mut waiting = stop.clone();
+        let _held = tokio::select! {
+            held = lock.lock() => held,
+            Ok(_) = waiting.wait_for(|stopped| *stopped) => return Err(GitError::Stopped),
         };
-        let work = async {
-            let _held = lock.lock().await;
-            self.call(job, Some(stop.clone())).await
+        let job = Job::Fetch {
+            repo: f.repo.to_string(),
+            clone_url: f.clone_url.to_owned(),
+            git_ref: f.git_ref.to_owned(),
+            commit: f.commit.to_owned(),
+            changes_since: f.changes_since.map(str::to_owned),
         };
-        match work.await? {
-            Reply::Prepared { changes } => Ok(changes),
+        match self.call(job, Some(stop.clone())).await? {
+            Reply::Fetched { changes } => Ok(changes),
+            _ => Err(GitError::Failed("git worker: unexpected reply".into())),
+        }
+    }
+
+    /// Checks a commit [`GitWorker::fetch`] brought into the mirror out into `dest`.
+    /// Checkouts only read the mirror, so they take no lock: runs of one repository
+    /// check out side by side.
+    pub async fn checkout(
+        &self,
+        repo: &RepoName,
+        clone_url: &str,
+        commit: &str,
+        dest: &Path,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), GitError> {
+        let job = Job::Checkout {
+            repo: repo.to_string(),
+            clone_url: clone_url.to_owned(),
+            commit: commit.to_owned(),
+            dest: dest.to_path_buf(),
+        };
+        match self.call(job, Some(stop.clone())).await? {
+            Reply::CheckedOut => Ok(()),
             _ => Err(GitError::Failed("git worker: unexpected reply".into())),
         }
     }
@@ -186,6 +215,9 @@ impl GitWorker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Its own process group: a signal to the daemon's group (Ctrl-C in a
+            // terminal) must not end a job the daemon means to stop its own way.
+            .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
@@ -226,15 +258,17 @@ impl GitWorker {
                 ))),
             }
         };
-        match stop {
-            None => exchange.await,
-            Some(mut stop) => {
-                tokio::select! {
-                    result = exchange => result,
-                    Ok(_) = stop.wait_for(|stopped| *stopped) => Err(GitError::Stopped),
-                }
-            }
-        }
+        let Some(mut stop) = stop else {
+            return exchange.await;
+        };
+        let stopped = tokio::select! {
+            result = exchange => return result,
+            Ok(_) = stop.wait_for(|stopped| *stopped) => GitError::Stopped,
+        };
+        // Killed and waited for: the next job on this mirror, and the removal of the
+        // run's workspace, come after the job is really gone.
+        let _ = child.kill().await;
+        Err(stopped)
     }
 }
 
@@ -283,13 +317,12 @@ fn work(request: Request) -> Result<Reply, String> {
             .remote_heads(&url)
             .map(Reply::Heads)
             .map_err(|e| e.to_string()),
-        Job::Prepare {
+        Job::Fetch {
             repo,
             clone_url,
             git_ref,
             commit,
             changes_since,
-            checkout_to,
         } => {
             let repo = RepoName::parse(&repo)?;
             let req = Checkout {
@@ -298,7 +331,8 @@ fn work(request: Request) -> Result<Reply, String> {
                 git_ref: &git_ref,
                 commit: &commit,
             };
-            // The daemon runs one job per mirror at a time: a lock file here is a leftover.
+            // The daemon runs one fetch per mirror at a time, and checkouts leave no
+            // lock files: whatever this finds was left by a killed job.
             let mirror = checkout::mirror_path(&request.state_dir, &repo, &clone_url)
                 .map_err(|e| e.to_string())?;
             checkout::clear_stale_locks(&mirror)
@@ -310,12 +344,25 @@ fn work(request: Request) -> Result<Reply, String> {
                 Some(before) => Some(mirrors.changes(&req, &before).map_err(|e| e.to_string())?),
                 None => None,
             };
-            if let Some(dest) = checkout_to {
-                mirrors
-                    .checkout(&req, &dest)
-                    .map_err(|e| format!("checkout failed: {e}"))?;
-            }
-            Ok(Reply::Prepared { changes })
+            Ok(Reply::Fetched { changes })
+        }
+        Job::Checkout {
+            repo,
+            clone_url,
+            commit,
+            dest,
+        } => {
+            let repo = RepoName::parse(&repo)?;
+            let req = Checkout {
+                repo: &repo,
+                clone_url: &clone_url,
+                git_ref: "",
+                commit: &commit,
+            };
+            mirrors
+                .checkout(&req, &dest)
+                .map_err(|e| format!("checkout failed: {e}"))?;
+            Ok(Reply::CheckedOut)
         }
     }
 }

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::config::{resolve_secret, ProcessEnv, Secret};
 use crate::daemon::AppState;
-use crate::gitwork::{GitError, Prepare};
+use crate::gitwork::{Fetch, GitError};
 use crate::mask::Masker;
 use crate::pipeline::Pipeline;
 use crate::repo::RepoName;
@@ -318,25 +318,21 @@ async fn prepare(
         .await
         .map_err(GitError::Failed)?;
     let repo = RepoName::parse(&run.repo).map_err(GitError::Failed)?;
-    let job = |changes_since, checkout_to| Prepare {
-        repo: &repo,
-        clone_url: &run.clone_url,
-        git_ref: &run.git_ref,
-        commit: &run.commit,
-        changes_since,
-        checkout_to,
-    };
     // Path filters never apply to tags (DESIGN.md).
     let paths = pipeline
         .on
         .paths
         .as_ref()
         .filter(|_| run.git_ref.starts_with("refs/heads/"));
+    let fetch = Fetch {
+        repo: &repo,
+        clone_url: &run.clone_url,
+        git_ref: &run.git_ref,
+        commit: &run.commit,
+        changes_since: paths.map(|_| run.before.as_str()),
+    };
+    let changes = state.git.fetch(fetch, stop).await?;
     if let Some(paths) = paths {
-        let changes = state
-            .git
-            .prepare(job(Some(&run.before), None), stop)
-            .await?;
         let changes = changes.ok_or_else(|| GitError::Failed("git worker: no changes".into()))?;
         if !changes.paths.iter().any(|p| paths.is_match(p)) {
             let wanted: Vec<&str> = paths.patterns().iter().map(|p| p.as_str()).collect();
@@ -347,7 +343,10 @@ async fn prepare(
             )));
         }
     }
-    state.git.prepare(job(None, Some(workspace)), stop).await?;
+    state
+        .git
+        .checkout(&repo, &run.clone_url, &run.commit, workspace, stop)
+        .await?;
     Ok(None)
 }
 

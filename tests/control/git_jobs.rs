@@ -82,6 +82,16 @@ fn a_cancel_ends_a_run_whose_fetch_hangs_and_kills_its_git_job() {
     assert!(!environ.contains("HOOKCI_SECRET_"), "{environ}");
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", workers[0])).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains(TOKEN));
+    // In a process group of its own: a signal to the daemon's group (Ctrl-C in a
+    // terminal) leaves the job to the daemon, which stops it its own way.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", workers[0])).unwrap();
+    let group: i32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(2))
+        .and_then(|g| g.parse().ok())
+        .unwrap();
+    assert_eq!(group, workers[0], "{stat}");
 
     let r = api_post(
         &d,
@@ -133,4 +143,41 @@ fn a_stop_does_not_wait_for_a_fetch_that_hangs() {
     d.spawn();
     let run = run_of(&d, id);
     assert_eq!(run["attempt"], 2, "{run}");
+}
+
+#[test]
+fn a_run_waiting_for_its_mirror_behind_a_hung_fetch_can_be_canceled() {
+    let (url, _remote) = hung_remote();
+    let b = Builder::new().config("max_parallel_runs: 2");
+    let config = token_config(&b);
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline_from(&url).replace("steps:", "on:\n  branches: [\"**\"]\nsteps:"),
+        )
+        .config(&config)
+        .env("HOOKCI_SECRET_DEPLOY_KEY", DEPLOY_KEY)
+        .start();
+    let first = push(&d, "fetching", "refs/heads/main", ZERO, &"e".repeat(40));
+    eventually("the first run's git job is fetching", || {
+        !git_workers(d.pid()).is_empty()
+    });
+    // Same repository, so the same mirror: this one waits for the first one's fetch.
+    let second = push(&d, "waiting", "refs/heads/dev", ZERO, &"f".repeat(40));
+    wait_status(&d, second, "running");
+    assert_eq!(
+        git_workers(d.pid()).len(),
+        1,
+        "one fetch per mirror at a time"
+    );
+
+    let r = api_post(
+        &d,
+        &format!("/api/runs/{second}/cancel"),
+        Some(TOKEN),
+        &json!({}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_status(&d, second, "canceled");
+    assert_eq!(run_of(&d, first)["status"], "running");
 }
