@@ -145,6 +145,12 @@ async fn reconcile_repo(
     let new: Vec<_> = made.iter().filter(|r| !r.existing).collect();
     for r in &new {
         tracing::info!(run = r.id, pipeline = %r.pipeline, %repo, "missed push found: run queued");
+        // `cancel: running`, as for a pushed commit.
+        for old in &r.supersedes {
+            state
+                .running
+                .cancel(*old, format!("superseded by run {}", r.id));
+        }
     }
     Ok(new.len())
 }

@@ -192,3 +192,40 @@ fn a_push_whose_sender_hangs_up_before_the_answer_still_supersedes_and_builds() 
     assert_eq!(two["status"], "succeeded", "{two:#}");
     assert!(d.run_log(second).contains(&format!("done with {c2}")));
 }
+
+#[test]
+fn a_missed_push_found_by_reconcile_supersedes_a_running_run_too() {
+    let b = Builder::new().config("reconcile_interval: 1s");
+    let origin = Origin::new(b.path());
+    let sleeps = Sleeps::new();
+    let pids = sleeps.dir();
+    let c1 = origin.commit("main", &[("mode", "hang")], "slow");
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline(
+                &origin,
+                "concurrency: { group: ref, cancel: running }\n",
+                &[hang_step(&pids)],
+            ),
+        )
+        .start();
+    let first = push(&d, "seen", "refs/heads/main", ZERO, &c1);
+    let pid = read_pid(&pids.join(format!("{first}.pid")));
+    // A push whose delivery never came: reconcile finds it.
+    let c2 = origin.commit("main", &[("mode", "fast")], "fix");
+    let one = d.wait_run(first);
+    assert_eq!(one["status"], "canceled", "{one:#}");
+    assert!(reason(&one).contains("superseded"), "{one:#}");
+    eventually("the canceled step's background sleep is gone", || {
+        process_gone(pid)
+    });
+    let runs = d.runs();
+    let found = runs
+        .iter()
+        .find(|r| r["commit"] == c2.as_str())
+        .unwrap_or_else(|| panic!("no run for the missed push: {runs:#?}"));
+    assert_eq!(found["trigger"], "reconcile", "{found:#}");
+    let two = d.wait_run(found["id"].as_i64().unwrap());
+    assert_eq!(two["status"], "succeeded", "{two:#}");
+}
