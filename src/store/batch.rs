@@ -84,6 +84,7 @@ impl Writer {
     {
         let path = self.path.clone();
         let work: Work = Box::new(move |conn| {
+            let ran = conn.is_some();
             let result = match conn {
                 Some(conn) => f(conn).map_err(|source| StoreError::Sqlite {
                     path: path.clone(),
@@ -100,6 +101,8 @@ impl Writer {
             let done: Done = Box::new(move |commit| {
                 reply(match (result, commit) {
                     (Ok(v), Ok(())) => Ok(v),
+                    // Not run because the transaction could not begin: say why it could not.
+                    (Err(_), Err(message)) if !ran => Err(StoreError::Failed { path, message }),
                     (Err(e), _) => Err(e),
                     (Ok(_), Err(message)) => Err(StoreError::Failed { path, message }),
                 })
@@ -277,7 +280,11 @@ mod tests {
             }
             c.execute("INSERT INTO t VALUES (1)", [])
         });
-        assert!(result.is_err(), "{result:?}");
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("cannot begin a write transaction") && err.contains("locked"),
+            "the cause reaches the caller: {err}"
+        );
         if let Some(b) = blocker.lock().unwrap().take() {
             b.execute_batch("COMMIT").unwrap();
         }
