@@ -437,6 +437,9 @@ async fn run_steps(
             ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
             continue;
         }
+        if !step.when.runs_after(failed) {
+            continue;
+        }
         if out_of_time {
             // The time ran out between steps: the pipeline did not get to finish, so
             // the run must not end `succeeded` with this step and the rest skipped.
@@ -448,9 +451,6 @@ async fn run_steps(
                     step.name
                 )),
             });
-            continue;
-        }
-        if !step.when.runs_after(failed) {
             continue;
         }
         let span = tracing::info_span!("step", step = %step.name);

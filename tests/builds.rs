@@ -604,12 +604,37 @@ fn a_timeout_too_large_for_the_clock_means_no_limit() {
 
 #[test]
 fn a_pipeline_timeout_that_runs_out_between_steps_ends_the_run_timed_out() {
+    let (d, run) = run_out_of_time_between_steps("");
+    assert_eq!(run["status"], "timed_out", "{run:#}");
+    assert_eq!(
+        run["reason"], "pipeline timed out after 3s (before step \"second\")",
+        "{run:#}"
+    );
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["status"], "succeeded", "{run:#}");
+    assert_eq!(steps[1]["status"], "skipped", "{run:#}");
+    let id = run["id"].as_i64().unwrap();
+    assert!(!d.run_log(id).contains("second ran"));
+}
+
+#[test]
+fn time_running_out_before_a_step_that_would_not_run_anyway_changes_nothing() {
+    // The second step runs only after a failure: the pipeline did all it had to do.
+    let (_d, run) = run_out_of_time_between_steps("    if: failure\n");
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][1]["status"], "skipped", "{run:#}");
+}
+
+/// A pipeline with a 3 s timeout whose first step ends in time but whose end the daemon
+/// can only record after the 3 s (the test holds the store's write lock); the second
+/// step has `second_when` (YAML lines). The daemon and the finished run.
+fn run_out_of_time_between_steps(second_when: &str) -> (Daemon, serde_json::Value) {
     let b = Builder::new();
     let origin = Origin::new(b.path());
     let sha = origin.commit("main", &[("a", "1")], "x");
     let (ready, go) = (b.path().join("ready"), b.path().join("go"));
     let steps = format!(
-        "  - name: first\n    run: touch {}; while [ ! -f {} ]; do sleep 0.05; done\n  - name: second\n    run: echo second ran\n",
+        "  - name: first\n    run: touch {}; while [ ! -f {} ]; do sleep 0.05; done\n  - name: second\n{second_when}    run: echo second ran\n",
         ready.display(),
         go.display()
     );
@@ -627,15 +652,6 @@ fn a_pipeline_timeout_that_runs_out_between_steps_ends_the_run_timed_out() {
     std::thread::sleep(std::time::Duration::from_millis(3500));
     db.execute_batch("COMMIT").unwrap();
     drop(db);
-
     let run = d.wait_run(id);
-    assert_eq!(run["status"], "timed_out", "{run:#}");
-    assert_eq!(
-        run["reason"], "pipeline timed out after 3s (before step \"second\")",
-        "{run:#}"
-    );
-    let steps = run["steps"].as_array().unwrap();
-    assert_eq!(steps[0]["status"], "succeeded", "{run:#}");
-    assert_eq!(steps[1]["status"], "skipped", "{run:#}");
-    assert!(!d.run_log(id).contains("second ran"));
+    (d, run)
 }
