@@ -219,11 +219,18 @@ impl GitWorker {
             // terminal) must not end a job the daemon means to stop its own way.
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // A daemon that died between fork and prctl would leave the job running: the
+        // child checks that its parent is still the daemon once the signal is armed.
+        let daemon = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between
+        // fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != daemon {
+                    return Err(std::io::Error::other("the daemon is gone"));
                 }
                 Ok(())
             });
