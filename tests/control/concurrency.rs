@@ -106,17 +106,22 @@ fn hang_then_fix() -> (Daemon, Sleeps, String, String) {
     let sleeps = Sleeps::new();
     let c1 = origin.commit("main", &[("mode", "hang")], "slow");
     let c2 = origin.commit("main", &[("mode", "fast")], "fix");
-    let d = b
-        .pipeline(
-            "ci",
-            &pipeline(
-                &origin,
-                "concurrency: { group: ref, cancel: running }\n",
-                &[hang_step(&sleeps.dir())],
-            ),
-        )
-        .start();
+    let d = start_cancel_running(b, &origin, &sleeps);
     (d, sleeps, c1, c2)
+}
+
+/// Starts a daemon whose one pipeline runs [`hang_step`] and cancels a running run for
+/// a newer push of its ref.
+fn start_cancel_running(b: Builder, origin: &Origin, sleeps: &Sleeps) -> Daemon {
+    b.pipeline(
+        "ci",
+        &pipeline(
+            origin,
+            "concurrency: { group: ref, cancel: running }\n",
+            &[hang_step(&sleeps.dir())],
+        ),
+    )
+    .start()
 }
 
 #[test]
@@ -200,16 +205,7 @@ fn a_missed_push_found_by_reconcile_supersedes_a_running_run_too() {
     let sleeps = Sleeps::new();
     let pids = sleeps.dir();
     let c1 = origin.commit("main", &[("mode", "hang")], "slow");
-    let d = b
-        .pipeline(
-            "ci",
-            &pipeline(
-                &origin,
-                "concurrency: { group: ref, cancel: running }\n",
-                &[hang_step(&pids)],
-            ),
-        )
-        .start();
+    let d = start_cancel_running(b, &origin, &sleeps);
     let first = push(&d, "seen", "refs/heads/main", ZERO, &c1);
     let pid = read_pid(&pids.join(format!("{first}.pid")));
     // A push whose delivery never came: reconcile finds it.
