@@ -6,7 +6,7 @@
 //! in-process libgit2 call allows; a fault inside libgit2 fails one run, not the daemon;
 //! and the memory libgit2 and its TLS library take while they work goes back with the
 //! child, so the idle daemon stays small. The git work itself is `checkout.rs`, run in
-//! the child. This module also owns the daemon's side: one job at a time per mirror.
+//! the child. This module also owns the daemon's side: one fetch at a time per mirror.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -107,7 +107,7 @@ pub struct Fetch<'a> {
     pub changes_since: Option<&'a str>,
 }
 
-/// Starts git jobs in child processes; at most one at a time per mirror, since
+/// Starts git jobs in child processes; at most one fetch at a time per mirror, since
 /// concurrent fetches into one repository fight over its ref locks.
 pub struct GitWorker {
     state_dir: PathBuf,
