@@ -11,7 +11,7 @@ use git2::build::CheckoutBuilder;
 use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
 
 use crate::changes::{self, Changes};
-use crate::config::Secret;
+use crate::config::HostToken;
 use crate::repo::RepoName;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,7 @@ pub struct Request<'a> {
 /// one repository fight over its ref locks.
 pub struct Mirrors {
     root: PathBuf,
-    token: Option<Secret>,
+    token: Option<HostToken>,
     locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
@@ -153,7 +153,7 @@ fn parse_oid(commit: &str) -> Result<Oid, CheckoutError> {
 }
 
 impl Mirrors {
-    pub fn new(state_dir: &Path, token: Option<Secret>) -> Mirrors {
+    pub fn new(state_dir: &Path, token: Option<HostToken>) -> Mirrors {
         Mirrors {
             root: state_dir.join("mirrors"),
             token,
@@ -165,11 +165,12 @@ impl Mirrors {
         mirror_in(&self.root, repo, clone_url)
     }
 
-    /// Credentials for `url`: the GitHub token, for https only, as a credential (never
-    /// in the URL, so it cannot end up in a log line or a workspace's config).
+    /// Credentials for `url`: the GitHub token, for https on the GitHub host only (a
+    /// pipeline's clone URL may point anywhere), as a credential (never in the URL, so it
+    /// cannot end up in a log line or a workspace's config).
     fn callbacks(&self, url: &str) -> RemoteCallbacks<'static> {
         let mut cb = RemoteCallbacks::new();
-        if let (Some(token), true) = (&self.token, url.starts_with("https://")) {
+        if let Some(token) = self.token.as_ref().and_then(|t| t.for_url(url)) {
             let token = token.expose().to_owned();
             cb.credentials(move |_, _, _| Cred::userpass_plaintext("x-access-token", &token));
         }

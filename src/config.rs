@@ -43,6 +43,56 @@ pub struct GithubConfig {
     pub api_url: String,
 }
 
+/// The GitHub token and the one host it may be offered to.
+#[derive(Debug, Clone)]
+pub struct HostToken {
+    /// `host[:port]`, lower case, as [`https_authority`] gives it.
+    pub host: String,
+    pub token: Secret,
+}
+
+impl HostToken {
+    /// The token, if `url` is an https URL on its host.
+    pub fn for_url(&self, url: &str) -> Option<&Secret> {
+        (https_authority(url).as_deref() == Some(self.host.as_str())).then_some(&self.token)
+    }
+}
+
+impl GithubConfig {
+    /// The token for https clones, bound to the git host of `api_url`.
+    pub fn clone_token(&self) -> Option<HostToken> {
+        Some(HostToken {
+            host: self.git_host()?,
+            token: self.token.clone()?,
+        })
+    }
+
+    /// The host (with its port, if any) that serves git for `api_url`: the only host
+    /// an https clone may offer the token to. GitHub's API lives on its own host,
+    /// `api.github.com`, and its repositories on `github.com`; an Enterprise server
+    /// (`https://HOST/api/v3`) serves both.
+    pub fn git_host(&self) -> Option<String> {
+        let authority = https_authority(&self.api_url)?;
+        Some(match authority.as_str() {
+            "api.github.com" => "github.com".to_owned(),
+            _ => authority,
+        })
+    }
+}
+
+/// `host[:port]` of an `https://` URL, in lower case; `None` for anything else.
+pub fn https_authority(url: &str) -> Option<String> {
+    let uri: warp::http::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("https") {
+        return None;
+    }
+    let host = uri.host()?.to_ascii_lowercase();
+    Some(match uri.port_u16() {
+        Some(port) if port != 443 => format!("{host}:{port}"),
+        _ => host,
+    })
+}
+
 /// Everything `serve` needs, after defaults, file and flags.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -261,6 +311,13 @@ impl Config {
                 "max_parallel_runs must be at least 1".into(),
             ));
         }
+        if config.github.git_host().is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "github.api_url {:?} is not an https:// URL (for example https://api.github.com, \
+                 or https://HOST/api/v3 for GitHub Enterprise)",
+                config.github.api_url
+            )));
+        }
         if config.max_body_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "max_body_bytes must be at least 1".into(),
@@ -386,6 +443,58 @@ mod tests {
             missing.contains("secret D not found") && missing.contains("$HOOKCI_SECRET_D"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn the_github_token_belongs_to_the_git_host_of_the_api() {
+        let host = |api_url: &str| {
+            GithubConfig {
+                token: None,
+                api_url: api_url.to_owned(),
+            }
+            .git_host()
+        };
+        for (api_url, git_host) in [
+            ("https://api.github.com", Some("github.com")),
+            ("https://API.GitHub.com/", Some("github.com")),
+            ("https://ghe.corp/api/v3", Some("ghe.corp")),
+            ("https://ghe.corp:8443/api/v3", Some("ghe.corp:8443")),
+            ("https://ghe.corp:443/api/v3", Some("ghe.corp")),
+            ("http://ghe.corp/api/v3", None),
+            ("api.github.com", None),
+            ("", None),
+        ] {
+            assert_eq!(host(api_url).as_deref(), git_host, "{api_url}");
+        }
+        let file = FileConfig {
+            github: Some(FileGithub {
+                token_file: None,
+                api_url: Some("http://ghe.corp/api/v3".into()),
+            }),
+            ..FileConfig::default()
+        };
+        let err = Config::build(file, Overrides::default(), &FakeEnv(HashMap::new())).unwrap_err();
+        assert!(err.to_string().contains("github.api_url"), "{err}");
+
+        let token = GithubConfig {
+            token: Some(Secret::new("t0ken")),
+            api_url: "https://api.github.com".into(),
+        }
+        .clone_token()
+        .unwrap();
+        for (url, offered) in [
+            ("https://github.com/o/r.git", true),
+            ("https://GitHub.com:443/o/r", true),
+            ("https://x@github.com/o/r", true),
+            ("http://github.com/o/r.git", false),
+            ("https://github.com.evil.example/o/r", false),
+            ("https://evil.example/github.com/o/r", false),
+            ("https://api.github.com/o/r", false),
+            ("/srv/git/r.git", false),
+            ("file:///srv/git/r.git", false),
+        ] {
+            assert_eq!(token.for_url(url).is_some(), offered, "{url}");
+        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
         AppState {
-            git: GitWorker::new(&config.state_dir, config.github.token.clone()),
+            git: GitWorker::new(&config.state_dir, config.github.clone_token()),
             config,
             store,
             pipelines: RwLock::new(Arc::new(pipelines)),

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::changes::Changes;
 use crate::checkout::{self, Mirrors, Request as Checkout};
-use crate::config::Secret;
+use crate::config::{HostToken, Secret};
 use crate::repo::RepoName;
 
 /// The subcommand that runs one job (hidden from `--help`).
@@ -49,10 +49,16 @@ const CHILD_ENV: [&str; 7] = [
 #[derive(Serialize, Deserialize)]
 struct Request {
     state_dir: PathBuf,
-    /// The GitHub token for https remotes; it travels over the pipe only, never in the
-    /// child's arguments or environment.
-    token: Option<String>,
+    /// The GitHub token for https remotes on its host; it travels over the pipe only,
+    /// never in the child's arguments or environment.
+    token: Option<WireToken>,
     job: Job,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireToken {
+    host: String,
+    value: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -111,12 +117,12 @@ pub struct Fetch<'a> {
 /// concurrent fetches into one repository fight over its ref locks.
 pub struct GitWorker {
     state_dir: PathBuf,
-    token: Option<Secret>,
+    token: Option<HostToken>,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl GitWorker {
-    pub fn new(state_dir: &Path, token: Option<Secret>) -> GitWorker {
+    pub fn new(state_dir: &Path, token: Option<HostToken>) -> GitWorker {
         GitWorker {
             state_dir: state_dir.to_path_buf(),
             token,
@@ -200,7 +206,10 @@ impl GitWorker {
             |what: &str, e: std::io::Error| GitError::Failed(format!("git worker: {what}: {e}"));
         let request = serde_json::to_vec(&Request {
             state_dir: self.state_dir.clone(),
-            token: self.token.as_ref().map(|t| t.expose().to_owned()),
+            token: self.token.as_ref().map(|t| WireToken {
+                host: t.host.clone(),
+                value: t.token.expose().to_owned(),
+            }),
             job,
         })
         .map_err(|e| GitError::Failed(format!("git worker: {e}")))?;
@@ -318,7 +327,11 @@ pub fn worker_main() -> ExitCode {
 }
 
 fn work(request: Request) -> Result<Reply, String> {
-    let mirrors = Mirrors::new(&request.state_dir, request.token.clone().map(Secret::new));
+    let token = request.token.map(|t| HostToken {
+        host: t.host,
+        token: Secret::new(t.value),
+    });
+    let mirrors = Mirrors::new(&request.state_dir, token);
     match request.job {
         Job::RemoteHeads { url } => mirrors
             .remote_heads(&url)
