@@ -712,6 +712,48 @@ mod tests {
     }
 
     #[test]
+    fn a_run_that_supersedes_others_takes_over_the_oldest_diff_base_of_its_ref() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let push = |key: &str, git_ref: &str, before: &str, group: &str, supersede| {
+            let mut r = new_run("ci", key, Some(group), supersede);
+            r.git_ref = git_ref.into();
+            r.before = before.repeat(40);
+            store.create_run(r).unwrap().id
+        };
+        let main = "ci\nrefs/heads/main";
+        let running = push("r", "refs/heads/main", "0", main, Supersede::Pending);
+        assert_eq!(store.claim_next().unwrap().unwrap().id, running);
+        let a = push("a", "refs/heads/main", "1", main, Supersede::Pending);
+        let b = push("b", "refs/heads/main", "2", main, Supersede::Pending);
+        let c = push("c", "refs/heads/main", "3", main, Supersede::Pending);
+        let before = |id| store.run(id).unwrap().unwrap().before;
+        assert_eq!(before(b), "1".repeat(40), "b stands for a's push too");
+        assert_eq!(before(c), "1".repeat(40), "and c for both, through b");
+        assert_eq!(before(running), "0".repeat(40), "a running run is kept");
+        assert_eq!(store.run(a).unwrap().unwrap().status, RunStatus::Canceled);
+        let d = push("d", "refs/heads/main", "4", main, Supersede::Running);
+        assert_eq!(
+            before(d),
+            "0".repeat(40),
+            "cancel: running: the running one's"
+        );
+
+        // One group for the whole pipeline: another ref's runs are no base of this one.
+        let feature = push("f", "refs/heads/feature", "5", "ci", Supersede::Pending);
+        let e = push("e", "refs/heads/main", "6", "ci", Supersede::Pending);
+        assert_eq!(
+            store.run(feature).unwrap().unwrap().status,
+            RunStatus::Canceled
+        );
+        assert_eq!(before(e), "6".repeat(40));
+        // Nothing superseded (cancel: none): the run's own push.
+        let g = push("g", "refs/heads/main", "7", main, Supersede::Nothing);
+        let h = push("h", "refs/heads/main", "8", main, Supersede::Nothing);
+        assert_eq!((before(g), before(h)), ("7".repeat(40), "8".repeat(40)));
+    }
+
+    #[test]
     fn repository_keys_ignore_case() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

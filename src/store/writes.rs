@@ -409,6 +409,25 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
         &run.skipped,
         run.supersede != Supersede::Nothing,
     ) {
+        // The runs superseded here never build their pushes, so this one stands for
+        // them too: its changes (what `on.paths` sees, and `HOOKCI_BEFORE`) count from
+        // where the oldest of them on its ref started. Runs of other refs (a group of
+        // the whole pipeline) are no part of this ref's history.
+        let base: Option<String> = conn
+            .prepare_cached(
+                "SELECT before_sha FROM runs
+                 WHERE grp = ?1 AND ref = ?3 AND id < ?2 AND (status = 'queued' OR (?4 AND status = 'running'))
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row(
+                params![group, id, run.git_ref, run.supersede == Supersede::Running],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(base) = base {
+            conn.prepare_cached("UPDATE runs SET before_sha = ?2 WHERE id = ?1")?
+                .execute(params![id, base])?;
+        }
         conn.prepare_cached(
             "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
              WHERE grp = ?1 AND status = 'queued' AND id < ?2",
