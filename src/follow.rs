@@ -158,7 +158,7 @@ mod tests {
                 key: None,
                 group: None,
                 supersede: Supersede::Nothing,
-                attempt: 1,
+                generation: 1,
                 pipeline: "ci".into(),
                 repo: "o/r".into(),
                 git_ref: "refs/heads/main".into(),

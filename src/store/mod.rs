@@ -106,6 +106,18 @@ DELETE FROM ref_heads WHERE EXISTS (
 );
 UPDATE ref_heads SET repo = lower(repo) WHERE repo != lower(repo);
 "#,
+    // A rerun's generation is kept apart from its attempts, which count only its own
+    // interruptions.
+    // Reruns used to start at their original's attempt + 1: that number is the best
+    // record of their generation there is, and they start over at attempt 1. They were
+    // never queued again (their first attempt was already the last one allowed), so
+    // all their steps belong to that one attempt.
+    r#"
+ALTER TABLE runs ADD COLUMN generation INTEGER NOT NULL DEFAULT 1;
+UPDATE runs SET generation = attempt WHERE trigger = 'rerun';
+UPDATE steps SET attempt = 1 WHERE run_id IN (SELECT id FROM runs WHERE trigger = 'rerun');
+UPDATE runs SET attempt = 1 WHERE trigger = 'rerun';
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -166,7 +178,7 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
-     status, reason, attempt, created_at, started_at, finished_at";
+     status, reason, attempt, generation, created_at, started_at, finished_at";
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status: String = row.get(9)?;
@@ -183,9 +195,10 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
         reason: row.get(10)?,
         attempt: row.get(11)?,
-        created_at: row.get(12)?,
-        started_at: row.get(13)?,
-        finished_at: row.get(14)?,
+        generation: row.get(12)?,
+        created_at: row.get(13)?,
+        started_at: row.get(14)?,
+        finished_at: row.get(15)?,
     })
 }
 
@@ -443,7 +456,7 @@ mod tests {
             key: Some(key.into()),
             group: group.map(str::to_owned),
             supersede,
-            attempt: 1,
+            generation: 1,
             pipeline: pipeline.into(),
             repo: "o/r".into(),
             git_ref: "refs/heads/main".into(),
@@ -751,6 +764,65 @@ mod tests {
         let g = push("g", "refs/heads/main", "7", main, Supersede::Nothing);
         let h = push("h", "refs/heads/main", "8", main, Supersede::Nothing);
         assert_eq!((before(g), before(h)), ("7".repeat(40), "8".repeat(40)));
+    }
+
+    #[test]
+    fn reruns_count_generations_and_start_at_attempt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rerun = run("ci", "unused");
+        rerun.key = None;
+        rerun.generation = 3;
+        let id = store.create_run(rerun).unwrap().id;
+        let made = store.run(id).unwrap().unwrap();
+        assert_eq!((made.attempt, made.generation), (1, 3));
+        // Interrupted once, it is queued again like any run.
+        store.claim_next().unwrap();
+        store.interrupt_running().unwrap();
+        assert_eq!(
+            store.requeue_interrupted().unwrap(),
+            vec![(id, 1, RunStatus::Queued)]
+        );
+    }
+
+    #[test]
+    fn the_generation_migration_moves_old_reruns_to_attempt_one_with_their_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("hookci.db")).unwrap();
+            for migration in &SCHEMA[..3] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 3;
+                 INSERT INTO runs (id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger,
+                                   status, attempt, created_at)
+                 VALUES (1, 'ci', 'o/r', 'refs/heads/main', 'c', 'b', 'u', 'push', 'succeeded', 2, 1),
+                        (2, 'ci', 'o/r', 'refs/heads/main', 'c', 'b', 'u', 'rerun', 'succeeded', 3, 2),
+                        (3, 'ci', 'o/r', 'refs/heads/main', 'c', 'b', 'u', 'rerun', 'queued', 2, 3);
+                 INSERT INTO steps (run_id, attempt, number, name, status)
+                 VALUES (1, 1, 1, 'build', 'interrupted'), (1, 2, 1, 'build', 'succeeded'),
+                        (2, 3, 1, 'build', 'succeeded');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let shape = |id| {
+            let r = store.run(id).unwrap().unwrap();
+            (r.attempt, r.generation)
+        };
+        assert_eq!(shape(1), (2, 1), "a push's run keeps its attempts");
+        assert_eq!(shape(2), (1, 3));
+        assert_eq!(shape(3), (1, 2));
+        assert_eq!(store.steps(1).unwrap()[0].status, StepStatus::Succeeded);
+        assert_eq!(store.steps_of(1, Some(1)).unwrap().len(), 1);
+        let steps = store.steps(2).unwrap();
+        assert_eq!(
+            steps.len(),
+            1,
+            "the rerun's steps are its current attempt's"
+        );
+        assert_eq!(steps[0].status, StepStatus::Succeeded);
     }
 
     #[test]

@@ -130,14 +130,15 @@ pub enum Supersede {
 }
 
 /// A run to create, under the per-commit lock `key` (`None`: an explicit run, rerun
-/// or manual, which the lock does not stop).
+/// or manual, which the lock does not stop). Every run starts at attempt 1.
 #[derive(Debug, Clone)]
 pub struct NewRun {
     pub key: Option<String>,
     /// The concurrency group: at most one run of a group runs at a time.
     pub group: Option<String>,
     pub supersede: Supersede,
-    pub attempt: i64,
+    /// 1 for a run of its own; a rerun's is one more than its original's.
+    pub generation: i64,
     pub pipeline: String,
     pub repo: String,
     pub git_ref: String,
@@ -183,7 +184,11 @@ pub struct Run {
     pub delivery: Option<String>,
     pub status: RunStatus,
     pub reason: Option<String>,
+    /// Which time this run is executing: 1, or 2 after an interruption re-queued it.
     pub attempt: i64,
+    /// How many reruns led to this run: 1 for a run of its own, its original's + 1
+    /// for a rerun.
+    pub generation: i64,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,

@@ -9,7 +9,8 @@ use super::{
 };
 use crate::clock::now_ms;
 
-/// How many times a run is started before interruptions make it fail.
+/// How many times a run is started before interruptions make it fail. A rerun is a
+/// run of its own and gets as many.
 pub const MAX_ATTEMPTS: i64 = 2;
 
 /// The current attempt of run ?1, for statements on its steps.
@@ -367,7 +368,7 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
     let id: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO runs (pipeline, repo, ref, commit_sha, before_sha, clone_url, run_key, grp, trigger,
-                               delivery_id, status, reason, attempt, created_at, finished_at)
+                               delivery_id, status, reason, generation, created_at, finished_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT(run_key) DO NOTHING RETURNING id",
         )?
@@ -385,7 +386,7 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
                 delivery,
                 status.as_str(),
                 run.skipped,
-                run.attempt,
+                run.generation,
                 now,
                 finished_at
             ],
