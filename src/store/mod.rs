@@ -107,13 +107,15 @@ DELETE FROM ref_heads WHERE EXISTS (
 UPDATE ref_heads SET repo = lower(repo) WHERE repo != lower(repo);
 "#,
     // A rerun's generation is kept apart from its attempts, which count only its own
-    // interruptions.
-    // Reruns used to start at their original's attempt + 1: that number is the best
-    // record of their generation there is, and they start over at attempt 1. They were
-    // never queued again (their first attempt was already the last one allowed), so
-    // all their steps belong to that one attempt.
+    // interruptions; and each run records what an interruption of it leads to (its
+    // pipeline's `interrupted:`, set when an attempt plans its steps). Reruns used to
+    // start at their original's attempt + 1: that number is the best record of their
+    // generation there is, and they start over at attempt 1. They were never queued
+    // again (their first attempt was already the last one allowed), so all their steps
+    // belong to that one attempt.
     r#"
 ALTER TABLE runs ADD COLUMN generation INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN interrupted TEXT NOT NULL DEFAULT 'retry';
 UPDATE runs SET generation = attempt WHERE trigger = 'rerun';
 UPDATE steps SET attempt = 1 WHERE run_id IN (SELECT id FROM runs WHERE trigger = 'rerun');
 UPDATE runs SET attempt = 1 WHERE trigger = 'rerun';
@@ -566,7 +568,7 @@ mod tests {
         assert!(first.id < second.id);
         assert_eq!(first.status, RunStatus::Running);
         store
-            .plan_steps(first.id, vec!["a".into(), "b".into()])
+            .plan_steps(first.id, vec!["a".into(), "b".into()], OnInterrupt::Retry)
             .unwrap();
         store.step_started(first.id, 1).unwrap();
         let failed = StepEnd {
@@ -764,6 +766,46 @@ mod tests {
         let g = push("g", "refs/heads/main", "7", main, Supersede::Nothing);
         let h = push("h", "refs/heads/main", "8", main, Supersede::Nothing);
         assert_eq!((before(g), before(h)), ("7".repeat(40), "8".repeat(40)));
+    }
+
+    #[test]
+    fn interrupted_fail_ends_a_run_whose_steps_had_started_and_retries_one_cut_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for (key, policy, started) in [
+            ("deploy", OnInterrupt::Fail, true),
+            ("checkout", OnInterrupt::Fail, false),
+            ("ci", OnInterrupt::Retry, true),
+        ] {
+            let id = store.create_run(run(key, key)).unwrap().id;
+            assert_eq!(store.claim_next().unwrap().unwrap().id, id);
+            store.plan_steps(id, vec!["s".into()], policy).unwrap();
+            if started {
+                store.step_started(id, 1).unwrap();
+            }
+            ids.push(id);
+        }
+        store.interrupt_running().unwrap();
+        let outcome = store.requeue_interrupted().unwrap();
+        assert_eq!(
+            outcome,
+            vec![
+                (ids[0], 1, RunStatus::Failed),
+                (ids[1], 1, RunStatus::Queued),
+                (ids[2], 1, RunStatus::Queued),
+            ]
+        );
+        let deploy = store.run(ids[0]).unwrap().unwrap();
+        assert_eq!(
+            deploy.reason.as_deref(),
+            Some("interrupted; not retried: interrupted: fail")
+        );
+        assert_eq!(deploy.attempt, 1);
+        assert_eq!(
+            store.steps(ids[0]).unwrap()[0].status,
+            StepStatus::Interrupted
+        );
     }
 
     #[test]

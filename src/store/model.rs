@@ -129,6 +129,26 @@ pub enum Supersede {
     Running,
 }
 
+/// What an interruption (a daemon crash or stop while the run runs) leads to, as the
+/// run's pipeline says (`interrupted:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnInterrupt {
+    /// Queued again, up to [`MAX_ATTEMPTS`](super::MAX_ATTEMPTS) attempts in all.
+    #[default]
+    Retry,
+    /// Ends `failed` once a step of it has started.
+    Fail,
+}
+
+impl OnInterrupt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnInterrupt::Retry => "retry",
+            OnInterrupt::Fail => "fail",
+        }
+    }
+}
+
 /// A run to create, under the per-commit lock `key` (`None`: an explicit run, rerun
 /// or manual, which the lock does not stop). Every run starts at attempt 1.
 #[derive(Debug, Clone)]
