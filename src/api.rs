@@ -50,6 +50,7 @@ pub fn run_json(run: &Run, steps: Option<&[Step]>) -> Value {
         "trigger": run.trigger,
         "delivery": run.delivery,
         "attempt": run.attempt,
+        "generation": run.generation,
         "created_at": time(Some(run.created_at)),
         "started_at": time(run.started_at),
         "finished_at": time(run.finished_at),

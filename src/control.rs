@@ -93,7 +93,7 @@ async fn cancel(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
 }
 
 /// A run like `old`, explicit: the per-commit lock does not stop it.
-fn explicit_run(old: &Run, trigger: &'static str, attempt: i64, state: &AppState) -> NewRun {
+fn explicit_run(old: &Run, trigger: &'static str, generation: i64, state: &AppState) -> NewRun {
     let group = state
         .pipelines()
         .get(&old.pipeline)
@@ -102,7 +102,7 @@ fn explicit_run(old: &Run, trigger: &'static str, attempt: i64, state: &AppState
         key: None,
         group,
         supersede: Supersede::Nothing,
-        attempt,
+        generation,
         pipeline: old.pipeline.clone(),
         repo: old.repo.clone(),
         git_ref: old.git_ref.clone(),
@@ -122,7 +122,7 @@ async fn rerun(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
             format!("pipeline {:?} no longer exists", old.pipeline),
         ));
     }
-    let new = explicit_run(&old, "rerun", old.attempt + 1, &state);
+    let new = explicit_run(&old, "rerun", old.generation + 1, &state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
     state.wake.notify_one();
     tracing::info!(run = made.id, of = id, "rerun queued");
@@ -224,6 +224,7 @@ async fn trigger(
         status: RunStatus::Queued,
         reason: None,
         attempt: 1,
+        generation: 1,
         created_at: 0,
         started_at: None,
         finished_at: None,

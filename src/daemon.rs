@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::gitwork::GitWorker;
 use crate::intake::error_reply;
 use crate::pipeline::PipelineSet;
-use crate::store::{Store, StoreError};
+use crate::store::{RunStatus, Store, StoreError};
 use crate::{api, control, http, intake, reconcile, runner, scheduler};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
@@ -101,9 +101,6 @@ async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible>
     })
 }
 
-/// Opens the store and recovers from the previous daemon's end: runs it left running
-/// are interrupted, their leftover processes killed and workspaces removed, and every
-/// interrupted run is queued again once (its earlier attempt's logs kept apart).
 /// Takes `state_dir/hookci.lock` for as long as the returned file stays open. Without it
 /// a second daemon on the same directory would take the first one's running runs for
 /// a dead daemon's, and kill them in its recovery. The file is close-on-exec (std opens
@@ -135,6 +132,10 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
     Ok(file)
 }
 
+/// Opens the store and recovers from the previous daemon's end: runs it left running
+/// are interrupted, their leftover processes killed and workspaces removed, and every
+/// interrupted run is queued again once (its earlier attempt's logs kept apart) unless
+/// its pipeline says `interrupted: fail` or it ran out of attempts.
 fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File), DaemonError> {
     let dir_err = |source| DaemonError::StateDir {
         path: state_dir.to_path_buf(),
@@ -159,8 +160,10 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
         }
     }
     for (id, attempt, status) in store.requeue_interrupted()? {
-        let logs = state_dir.join("logs").join(id.to_string());
-        archive_logs(&logs, attempt);
+        // A run that ends here keeps its logs where its last attempt's are read from.
+        if status == RunStatus::Queued {
+            archive_logs(&state_dir.join("logs").join(id.to_string()), attempt);
+        }
         tracing::warn!(
             run = id,
             attempt,

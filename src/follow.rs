@@ -134,7 +134,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, EnvSource, FileConfig, Overrides};
     use crate::pipeline::PipelineSet;
-    use crate::store::{NewRun, Store, Supersede};
+    use crate::store::{NewRun, OnInterrupt, Store, Supersede};
 
     struct NoEnv;
 
@@ -158,7 +158,7 @@ mod tests {
                 key: None,
                 group: None,
                 supersede: Supersede::Nothing,
-                attempt: 1,
+                generation: 1,
                 pipeline: "ci".into(),
                 repo: "o/r".into(),
                 git_ref: "refs/heads/main".into(),
@@ -171,7 +171,9 @@ mod tests {
             .unwrap();
         // Running, with a step that never writes a byte: nothing for the follower to send.
         assert_eq!(store.claim_next().unwrap().map(|r| r.id), Some(run.id));
-        store.plan_steps(run.id, vec!["quiet".into()]).unwrap();
+        store
+            .plan_steps(run.id, vec!["quiet".into()], OnInterrupt::Retry)
+            .unwrap();
         store.step_started(run.id, 1).unwrap();
         let state = Arc::new(AppState::new(
             config,

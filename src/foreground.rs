@@ -189,7 +189,7 @@ async fn create(
         key: None,
         group: concurrency_group(pipeline, &git_ref),
         supersede: Supersede::Nothing,
-        attempt: 1,
+        generation: 1,
         pipeline: pipeline.name.clone(),
         repo: pipeline.repo.to_string(),
         git_ref,

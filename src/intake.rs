@@ -348,7 +348,7 @@ pub fn decisions(
                     CancelPolicy::Pending => Supersede::Pending,
                     CancelPolicy::Running => Supersede::Running,
                 },
-                attempt: 1,
+                generation: 1,
                 pipeline: p.name.clone(),
                 repo: p.repo.to_string(),
                 git_ref: push.git_ref.clone(),

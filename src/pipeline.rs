@@ -28,6 +28,7 @@ pub struct Pipeline {
     pub env: BTreeMap<String, String>,
     pub secrets: Vec<String>,
     pub steps: Vec<Step>,
+    pub interrupted: Interrupted,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -73,6 +74,20 @@ pub enum CancelPolicy {
     #[default]
     Pending,
     Running,
+}
+
+/// `interrupted:`: what becomes of a run cut by a daemon crash or stop. Its steps
+/// run again from the first one on a retry, so a pipeline whose steps must not run
+/// twice (a deploy) says `fail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interrupted {
+    /// Queued again at the next start (once).
+    #[default]
+    Retry,
+    /// Ends `failed` at the next start, once a step of it has started (cut before
+    /// that, it runs nothing twice and is queued again).
+    Fail,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +139,8 @@ struct RawPipeline {
     secrets: Vec<String>,
     #[serde(deserialize_with = "non_empty_steps")]
     steps: Vec<RawStep>,
+    #[serde(default)]
+    interrupted: Interrupted,
 }
 
 #[derive(Deserialize, Default)]
@@ -284,6 +301,7 @@ impl Pipeline {
             env: raw.env,
             secrets: raw.secrets,
             steps,
+            interrupted: raw.interrupted,
         })
     }
 }
@@ -400,6 +418,7 @@ steps:
     env: { RUST_BACKTRACE: "1" }
   - run: ./scripts/notify.sh "$HOOKCI_RESULT"
     if: failure
+interrupted: fail
 "#;
 
     #[test]
@@ -427,6 +446,7 @@ steps:
         assert_eq!(p.steps[0].timeout, Some(Duration::from_secs(1200)));
         assert_eq!(p.steps[1].name, "step 2");
         assert_eq!(p.steps[1].when, When::Failure);
+        assert_eq!(p.interrupted, Interrupted::Fail);
     }
 
     #[test]
@@ -442,6 +462,7 @@ steps:
         );
         assert!(p.on.branches.is_none() && p.on.tags.is_none() && p.on.paths.is_none());
         assert_eq!(p.steps[0].when, When::Success);
+        assert_eq!(p.interrupted, Interrupted::Retry);
     }
 
     /// (text, line, column, message fragment)
@@ -514,6 +535,12 @@ steps:
             4,
             9,
             "unknown variant `sometimes`",
+        ),
+        (
+            "repo: a/b\ninterrupted: twice\nsteps:\n  - run: x\n",
+            2,
+            14,
+            "unknown variant `twice`, expected `retry` or `fail`",
         ),
         (
             "repo: a/b\nsteps:\n  - run: [x\n",

@@ -16,10 +16,12 @@ use crate::config::{resolve_secret, ProcessEnv, Secret};
 use crate::daemon::AppState;
 use crate::gitwork::{Fetch, GitError};
 use crate::mask::Masker;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Interrupted, Pipeline};
 use crate::repo::RepoName;
 use crate::runner::{self, StepCommand, StepEnd};
-use crate::store::{Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError};
+use crate::store::{
+    OnInterrupt, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
+};
 
 /// The stop switch of one executing run.
 pub struct RunControl {
@@ -313,8 +315,12 @@ async fn prepare(
     stop: &watch::Receiver<bool>,
 ) -> Result<Option<String>, GitError> {
     let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
+    let on_interrupt = match pipeline.interrupted {
+        Interrupted::Retry => OnInterrupt::Retry,
+        Interrupted::Fail => OnInterrupt::Fail,
+    };
     let id = run.id;
-    blocking(&state.store, move |s| s.plan_steps(id, names))
+    blocking(&state.store, move |s| s.plan_steps(id, names, on_interrupt))
         .await
         .map_err(GitError::Failed)?;
     let repo = RepoName::parse(&run.repo).map_err(GitError::Failed)?;

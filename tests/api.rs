@@ -22,6 +22,7 @@ const RUN_KEYS: &[&str] = &[
     "trigger",
     "delivery",
     "attempt",
+    "generation",
     "created_at",
     "started_at",
     "finished_at",
@@ -131,6 +132,7 @@ fn assert_run_shape(run: &Value, with_steps: bool) {
         "{run:#}"
     );
     assert!(run["attempt"].is_i64(), "{run:#}");
+    assert!(run["generation"].is_i64(), "{run:#}");
     assert_time(&run["created_at"], "created_at");
 }
 
@@ -203,6 +205,7 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
     assert_eq!(run["trigger"], "push");
     assert_eq!(run["delivery"], "api-1");
     assert_eq!(run["attempt"], 1);
+    assert_eq!(run["generation"], 1);
     for k in ["started_at", "finished_at"] {
         assert_time(&run[k], k);
     }

@@ -568,7 +568,7 @@ fn a_run_queued_without_waking_the_scheduler_is_still_built() {
             key: None,
             group: None,
             supersede: hookci::store::Supersede::Nothing,
-            attempt: 1,
+            generation: 1,
             pipeline: "ci".into(),
             repo: REPO.into(),
             git_ref: "refs/heads/main".into(),

@@ -152,6 +152,14 @@ const BAD_PIPELINES: &[(&str, &str, usize, usize, &str, &str)] = &[
         "on: bad pattern \"release/[abc\"",
         "  branches: [\"main\", \"release/[abc\"]",
     ),
+    (
+        "bad-interrupted.yml",
+        "repo: octo-org/octo-repo\ninterrupted: never\nsteps:\n  - run: make\n",
+        2,
+        14,
+        "interrupted: unknown variant `never`, expected `retry` or `fail`",
+        "interrupted: never",
+    ),
 ];
 
 #[test]
@@ -189,7 +197,10 @@ fn check_prints_every_error_with_its_place_source_line_and_caret() {
         assert_eq!(lines.get(at + 2), Some(&caret.as_str()), "{file}:\n{err}");
     }
     assert!(!err.contains("good.yaml"), "{err}");
-    assert!(err.contains("5 error(s)"), "{err}");
+    assert!(
+        err.contains(&format!("{} error(s)", BAD_PIPELINES.len())),
+        "{err}"
+    );
     assert!(stdout(&o).is_empty(), "no ok line: {}", stdout(&o));
 
     // Fixed, the directory checks clean.

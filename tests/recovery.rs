@@ -95,6 +95,78 @@ fn a_crash_mid_step_requeues_the_run_once_and_kills_what_it_left() {
 }
 
 #[test]
+fn a_crash_mid_step_fails_a_run_whose_pipeline_says_interrupted_fail_and_retries_the_default() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let (starts, pids) = (b.path().join("starts"), b.path().join("pids"));
+    // The first attempt of each pipeline's run hangs until the crash; a second one ends.
+    let steps = format!(
+        "  - name: deploy\n    run: echo started; echo $HOOKCI_PIPELINE >> {starts}; \
+         if [ ! -f {held}-$HOOKCI_PIPELINE ]; then touch {held}-$HOOKCI_PIPELINE; \
+         sleep 600 & echo $! >> {pids}; wait; fi; echo finished\n",
+        starts = starts.display(),
+        held = b.path().join("held").display(),
+        pids = pids.display(),
+    );
+    let mut d = b
+        .pipeline(
+            "deploy",
+            &format!("interrupted: fail\n{}", pipeline(&origin, &steps)),
+        )
+        .pipeline("ci", &pipeline(&origin, &steps))
+        .start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let r = d.deliver("push", "deploy-1", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id_of = |name: &str| {
+        r.json()["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["pipeline"] == name)
+            .and_then(|x| x["id"].as_i64())
+            .unwrap()
+    };
+    let (deploy, ci) = (id_of("deploy"), id_of("ci"));
+    eventually("both steps run", || read_pids(&pids).len() == 2);
+    let first_sleeps = read_pids(&pids);
+
+    d.signal(libc::SIGKILL);
+    d.wait();
+    d.spawn();
+    for pid in first_sleeps {
+        eventually("the leftover step processes are killed", || {
+            process_gone(pid)
+        });
+    }
+    let run = d.wait_run(deploy);
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(
+        run["reason"], "interrupted; not retried: interrupted: fail",
+        "{run:#}"
+    );
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "interrupted", "{run:#}");
+    assert!(
+        d.run_log(deploy).contains("started"),
+        "the cut attempt's log stays readable: {}",
+        d.run_log(deploy)
+    );
+    let run = d.wait_run(ci);
+    assert_eq!(run["status"], "succeeded", "retry is the default: {run:#}");
+    assert_eq!(run["attempt"], 2, "{run:#}");
+    assert!(d.run_log(ci).contains("finished"), "{}", d.run_log(ci));
+    let started = std::fs::read_to_string(&starts).unwrap();
+    let count = |name: &str| started.lines().filter(|l| *l == name).count();
+    assert_eq!(
+        (count("deploy"), count("ci")),
+        (1, 2),
+        "the deploy step never ran again: {started}"
+    );
+}
+
+#[test]
 fn a_stop_lets_running_steps_finish_and_keeps_queued_runs() {
     let b = Builder::new().config("shutdown_grace: 60s\nmax_parallel_runs: 1");
     let origin = Origin::new(b.path());

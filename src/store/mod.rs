@@ -106,6 +106,20 @@ DELETE FROM ref_heads WHERE EXISTS (
 );
 UPDATE ref_heads SET repo = lower(repo) WHERE repo != lower(repo);
 "#,
+    // A rerun's generation is kept apart from its attempts, which count only its own
+    // interruptions; and each run records what an interruption of it leads to (its
+    // pipeline's `interrupted:`, set when an attempt plans its steps). Reruns used to
+    // start at their original's attempt + 1: that number is the best record of their
+    // generation there is, and they start over at attempt 1. They were never queued
+    // again (their first attempt was already the last one allowed), so all their steps
+    // belong to that one attempt.
+    r#"
+ALTER TABLE runs ADD COLUMN generation INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN interrupted TEXT NOT NULL DEFAULT 'retry';
+UPDATE runs SET generation = attempt WHERE trigger = 'rerun';
+UPDATE steps SET attempt = 1 WHERE run_id IN (SELECT id FROM runs WHERE trigger = 'rerun');
+UPDATE runs SET attempt = 1 WHERE trigger = 'rerun';
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -166,7 +180,7 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
-     status, reason, attempt, created_at, started_at, finished_at";
+     status, reason, attempt, generation, created_at, started_at, finished_at";
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status: String = row.get(9)?;
@@ -183,9 +197,10 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
         reason: row.get(10)?,
         attempt: row.get(11)?,
-        created_at: row.get(12)?,
-        started_at: row.get(13)?,
-        finished_at: row.get(14)?,
+        generation: row.get(12)?,
+        created_at: row.get(13)?,
+        started_at: row.get(14)?,
+        finished_at: row.get(15)?,
     })
 }
 
@@ -443,7 +458,7 @@ mod tests {
             key: Some(key.into()),
             group: group.map(str::to_owned),
             supersede,
-            attempt: 1,
+            generation: 1,
             pipeline: pipeline.into(),
             repo: "o/r".into(),
             git_ref: "refs/heads/main".into(),
@@ -553,7 +568,7 @@ mod tests {
         assert!(first.id < second.id);
         assert_eq!(first.status, RunStatus::Running);
         store
-            .plan_steps(first.id, vec!["a".into(), "b".into()])
+            .plan_steps(first.id, vec!["a".into(), "b".into()], OnInterrupt::Retry)
             .unwrap();
         store.step_started(first.id, 1).unwrap();
         let failed = StepEnd {
@@ -709,6 +724,147 @@ mod tests {
         assert_eq!(pruned, vec![ids[4]]);
         let left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
         assert_eq!(left, vec![ids[5]]);
+    }
+
+    #[test]
+    fn a_run_that_supersedes_others_takes_over_the_oldest_diff_base_of_its_ref() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let push = |key: &str, git_ref: &str, before: &str, group: &str, supersede| {
+            let mut r = new_run("ci", key, Some(group), supersede);
+            r.git_ref = git_ref.into();
+            r.before = before.repeat(40);
+            store.create_run(r).unwrap().id
+        };
+        let main = "ci\nrefs/heads/main";
+        let running = push("r", "refs/heads/main", "0", main, Supersede::Pending);
+        assert_eq!(store.claim_next().unwrap().unwrap().id, running);
+        let a = push("a", "refs/heads/main", "1", main, Supersede::Pending);
+        let b = push("b", "refs/heads/main", "2", main, Supersede::Pending);
+        let c = push("c", "refs/heads/main", "3", main, Supersede::Pending);
+        let before = |id| store.run(id).unwrap().unwrap().before;
+        assert_eq!(before(b), "1".repeat(40), "b stands for a's push too");
+        assert_eq!(before(c), "1".repeat(40), "and c for both, through b");
+        assert_eq!(before(running), "0".repeat(40), "a running run is kept");
+        assert_eq!(store.run(a).unwrap().unwrap().status, RunStatus::Canceled);
+        let d = push("d", "refs/heads/main", "4", main, Supersede::Running);
+        assert_eq!(
+            before(d),
+            "0".repeat(40),
+            "cancel: running: the running one's"
+        );
+
+        // One group for the whole pipeline: another ref's runs are no base of this one.
+        let feature = push("f", "refs/heads/feature", "5", "ci", Supersede::Pending);
+        let e = push("e", "refs/heads/main", "6", "ci", Supersede::Pending);
+        assert_eq!(
+            store.run(feature).unwrap().unwrap().status,
+            RunStatus::Canceled
+        );
+        assert_eq!(before(e), "6".repeat(40));
+        // Nothing superseded (cancel: none): the run's own push.
+        let g = push("g", "refs/heads/main", "7", main, Supersede::Nothing);
+        let h = push("h", "refs/heads/main", "8", main, Supersede::Nothing);
+        assert_eq!((before(g), before(h)), ("7".repeat(40), "8".repeat(40)));
+    }
+
+    #[test]
+    fn interrupted_fail_ends_a_run_whose_steps_had_started_and_retries_one_cut_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for (key, policy, started) in [
+            ("deploy", OnInterrupt::Fail, true),
+            ("checkout", OnInterrupt::Fail, false),
+            ("ci", OnInterrupt::Retry, true),
+        ] {
+            let id = store.create_run(run(key, key)).unwrap().id;
+            assert_eq!(store.claim_next().unwrap().unwrap().id, id);
+            store.plan_steps(id, vec!["s".into()], policy).unwrap();
+            if started {
+                store.step_started(id, 1).unwrap();
+            }
+            ids.push(id);
+        }
+        store.interrupt_running().unwrap();
+        let outcome = store.requeue_interrupted().unwrap();
+        assert_eq!(
+            outcome,
+            vec![
+                (ids[0], 1, RunStatus::Failed),
+                (ids[1], 1, RunStatus::Queued),
+                (ids[2], 1, RunStatus::Queued),
+            ]
+        );
+        let deploy = store.run(ids[0]).unwrap().unwrap();
+        assert_eq!(
+            deploy.reason.as_deref(),
+            Some("interrupted; not retried: interrupted: fail")
+        );
+        assert_eq!(deploy.attempt, 1);
+        assert_eq!(
+            store.steps(ids[0]).unwrap()[0].status,
+            StepStatus::Interrupted
+        );
+    }
+
+    #[test]
+    fn reruns_count_generations_and_start_at_attempt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rerun = run("ci", "unused");
+        rerun.key = None;
+        rerun.generation = 3;
+        let id = store.create_run(rerun).unwrap().id;
+        let made = store.run(id).unwrap().unwrap();
+        assert_eq!((made.attempt, made.generation), (1, 3));
+        // Interrupted once, it is queued again like any run.
+        store.claim_next().unwrap();
+        store.interrupt_running().unwrap();
+        assert_eq!(
+            store.requeue_interrupted().unwrap(),
+            vec![(id, 1, RunStatus::Queued)]
+        );
+    }
+
+    #[test]
+    fn the_generation_migration_moves_old_reruns_to_attempt_one_with_their_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("hookci.db")).unwrap();
+            for migration in &SCHEMA[..3] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 3;
+                 INSERT INTO runs (id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger,
+                                   status, attempt, created_at)
+                 VALUES (1, 'ci', 'o/r', 'refs/heads/main', 'c', 'b', 'u', 'push', 'succeeded', 2, 1),
+                        (2, 'ci', 'o/r', 'refs/heads/main', 'c', 'b', 'u', 'rerun', 'succeeded', 3, 2),
+                        (3, 'ci', 'o/r', 'refs/heads/main', 'c', 'b', 'u', 'rerun', 'queued', 2, 3);
+                 INSERT INTO steps (run_id, attempt, number, name, status)
+                 VALUES (1, 1, 1, 'build', 'interrupted'), (1, 2, 1, 'build', 'succeeded'),
+                        (2, 3, 1, 'build', 'succeeded');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let shape = |id| {
+            let r = store.run(id).unwrap().unwrap();
+            (r.attempt, r.generation)
+        };
+        assert_eq!(shape(1), (2, 1), "a push's run keeps its attempts");
+        assert_eq!(shape(2), (1, 3));
+        assert_eq!(shape(3), (1, 2));
+        assert_eq!(store.steps(1).unwrap()[0].status, StepStatus::Succeeded);
+        assert_eq!(store.steps_of(1, Some(1)).unwrap().len(), 1);
+        let steps = store.steps(2).unwrap();
+        assert_eq!(
+            steps.len(),
+            1,
+            "the rerun's steps are its current attempt's"
+        );
+        assert_eq!(steps[0].status, StepStatus::Succeeded);
     }
 
     #[test]

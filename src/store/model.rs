@@ -129,15 +129,36 @@ pub enum Supersede {
     Running,
 }
 
+/// What an interruption (a daemon crash or stop while the run runs) leads to, as the
+/// run's pipeline says (`interrupted:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnInterrupt {
+    /// Queued again, up to [`MAX_ATTEMPTS`](super::MAX_ATTEMPTS) attempts in all.
+    #[default]
+    Retry,
+    /// Ends `failed` once a step of it has started.
+    Fail,
+}
+
+impl OnInterrupt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnInterrupt::Retry => "retry",
+            OnInterrupt::Fail => "fail",
+        }
+    }
+}
+
 /// A run to create, under the per-commit lock `key` (`None`: an explicit run, rerun
-/// or manual, which the lock does not stop).
+/// or manual, which the lock does not stop). Every run starts at attempt 1.
 #[derive(Debug, Clone)]
 pub struct NewRun {
     pub key: Option<String>,
     /// The concurrency group: at most one run of a group runs at a time.
     pub group: Option<String>,
     pub supersede: Supersede,
-    pub attempt: i64,
+    /// 1 for a run of its own; a rerun's is one more than its original's.
+    pub generation: i64,
     pub pipeline: String,
     pub repo: String,
     pub git_ref: String,
@@ -183,7 +204,11 @@ pub struct Run {
     pub delivery: Option<String>,
     pub status: RunStatus,
     pub reason: Option<String>,
+    /// Which time this run is executing: 1, or 2 after an interruption re-queued it.
     pub attempt: i64,
+    /// How many reruns led to this run: 1 for a run of its own, its original's + 1
+    /// for a rerun.
+    pub generation: i64,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,

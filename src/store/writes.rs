@@ -5,12 +5,17 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
 use super::{
-    DeliveryOutcome, NewDelivery, NewRun, Run, RunRef, RunStatus, StepEnd, StepStatus, Supersede,
+    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Run, RunRef, RunStatus, StepEnd, StepStatus,
+    Supersede,
 };
 use crate::clock::now_ms;
 
-/// How many times a run is started before interruptions make it fail.
+/// How many times a run is started before interruptions make it fail. A rerun is a
+/// run of its own and gets as many.
 pub const MAX_ATTEMPTS: i64 = 2;
+
+/// The reason of a run that `interrupted: fail` ends.
+const NOT_RETRIED: &str = "interrupted; not retried: interrupted: fail";
 
 /// The current attempt of run ?1, for statements on its steps.
 const CURRENT_ATTEMPT: &str = "(SELECT attempt FROM runs WHERE id = ?1)";
@@ -60,9 +65,17 @@ impl Store {
         })
     }
 
-    /// Records the steps the run's current attempt will go through, all `pending`.
-    pub fn plan_steps(&self, run_id: i64, names: Vec<String>) -> Result<(), StoreError> {
+    /// Records the steps the run's current attempt will go through, all `pending`, and
+    /// what an interruption of them leads to: both from the pipeline this attempt runs.
+    pub fn plan_steps(
+        &self,
+        run_id: i64,
+        names: Vec<String>,
+        on_interrupt: OnInterrupt,
+    ) -> Result<(), StoreError> {
         self.writer.exec(move |c| {
+            c.prepare_cached("UPDATE runs SET interrupted = ?2 WHERE id = ?1")?
+                .execute(params![run_id, on_interrupt.as_str()])?;
             c.execute(
                 &format!("DELETE FROM steps WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT}"),
                 [run_id],
@@ -153,17 +166,30 @@ impl Store {
     }
 
     /// On start, after [`Store::interrupt_running`] and after their leftovers are gone:
-    /// each interrupted run is queued again once (its attempt goes up by one); a run
-    /// interrupted on its last attempt ends `failed`. Returns (run, attempt it had, now).
+    /// each interrupted run is queued again once (its attempt goes up by one), to run
+    /// from its first step. A run interrupted on its last attempt ends `failed`, and so
+    /// does one whose pipeline says `interrupted: fail` once a step of it has started
+    /// (a run cut before its first step runs nothing twice). Returns (run, attempt it
+    /// had, now).
     pub fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
         self.writer.exec(|c| {
-            let found: Vec<(i64, i64)> = c
-                .prepare("SELECT id, attempt FROM runs WHERE status = 'interrupted' ORDER BY id")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let found: Vec<(i64, i64, String, bool)> = c
+                .prepare(
+                    "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
+                         WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL)
+                     FROM runs WHERE status = 'interrupted' ORDER BY id",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<Result<_, _>>()?;
             let mut out = Vec::new();
-            for (id, attempt) in found {
-                let status = if attempt < MAX_ATTEMPTS {
+            for (id, attempt, policy, stepped) in found {
+                let status = if stepped && policy == OnInterrupt::Fail.as_str() {
+                    c.execute(
+                        "UPDATE runs SET status = 'failed', reason = ?2 WHERE id = ?1",
+                        params![id, NOT_RETRIED],
+                    )?;
+                    RunStatus::Failed
+                } else if attempt < MAX_ATTEMPTS {
                     c.execute(
                         "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
                                 finished_at = NULL, reason = ?2
@@ -367,7 +393,7 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
     let id: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO runs (pipeline, repo, ref, commit_sha, before_sha, clone_url, run_key, grp, trigger,
-                               delivery_id, status, reason, attempt, created_at, finished_at)
+                               delivery_id, status, reason, generation, created_at, finished_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT(run_key) DO NOTHING RETURNING id",
         )?
@@ -385,7 +411,7 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
                 delivery,
                 status.as_str(),
                 run.skipped,
-                run.attempt,
+                run.generation,
                 now,
                 finished_at
             ],
@@ -409,6 +435,25 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
         &run.skipped,
         run.supersede != Supersede::Nothing,
     ) {
+        // The runs superseded here never build their pushes, so this one stands for
+        // them too: its changes (what `on.paths` sees, and `HOOKCI_BEFORE`) count from
+        // where the oldest of them on its ref started. Runs of other refs (a group of
+        // the whole pipeline) are no part of this ref's history.
+        let base: Option<String> = conn
+            .prepare_cached(
+                "SELECT before_sha FROM runs
+                 WHERE grp = ?1 AND ref = ?3 AND id < ?2 AND (status = 'queued' OR (?4 AND status = 'running'))
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row(
+                params![group, id, run.git_ref, run.supersede == Supersede::Running],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(base) = base {
+            conn.prepare_cached("UPDATE runs SET before_sha = ?2 WHERE id = ?1")?
+                .execute(params![id, base])?;
+        }
         conn.prepare_cached(
             "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
              WHERE grp = ?1 AND status = 'queued' AND id < ?2",

@@ -225,3 +225,101 @@ fn a_missed_push_found_by_reconcile_supersedes_a_running_run_too() {
     let two = d.wait_run(found["id"].as_i64().unwrap());
     assert_eq!(two["status"], "succeeded", "{two:#}");
 }
+
+/// A base commit with a `src/` file, and a daemon whose one pipeline builds only
+/// changes to `src/**` on main, with `concurrency` as given and `step` its only step.
+fn src_only(b: Builder, origin: &Origin, concurrency: &str, step: String) -> (Daemon, String) {
+    let base = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "0")], "base");
+    let extra = format!("on:\n  branches: [main]\n  paths: [\"src/**\"]\n{concurrency}");
+    let d = b.pipeline("ci", &pipeline(origin, &extra, &[step])).start();
+    (d, base)
+}
+
+#[test]
+fn a_run_that_supersedes_a_queued_src_change_builds_it_though_its_own_push_is_docs_only() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let gate = b.path().join("gate");
+    let build = step(
+        "build",
+        &format!(
+            "while [ ! -f {} ]; do sleep 0.05; done\necho built $HOOKCI_COMMIT since $HOOKCI_BEFORE",
+            gate.display()
+        ),
+    );
+    let (d, base) = src_only(b, &origin, "", build);
+    // A first push holds the group, so the next ones wait in the queue.
+    let held = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "1")], "one");
+    let first = push(&d, "sup-held", "refs/heads/main", &base, &held);
+    wait_status(&d, first, "running");
+    let a = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "2")], "A");
+    let run_a = push(&d, "sup-a", "refs/heads/main", &held, &a);
+    let b_sha = commit_paths(&origin.path, "main", None, &[("docs/guide.md", "g")], "B");
+    let run_b = push(&d, "sup-b", "refs/heads/main", &a, &b_sha);
+    std::fs::write(&gate, "go").unwrap();
+
+    assert_eq!(d.wait_run(first)["status"], "succeeded");
+    let one = d.wait_run(run_a);
+    assert_eq!(one["status"], "canceled", "{one:#}");
+    assert_eq!(reason(&one), format!("superseded by run {run_b}"));
+    let two = d.wait_run(run_b);
+    assert_eq!(
+        two["status"], "succeeded",
+        "B stands for A's src change: {two:#}"
+    );
+    assert_eq!(two["before"], held.as_str(), "{two:#}");
+    assert!(
+        d.run_log(run_b)
+            .contains(&format!("built {b_sha} since {held}")),
+        "B's step ran: {}",
+        d.run_log(run_b)
+    );
+}
+
+#[test]
+fn a_run_that_supersedes_a_running_src_change_builds_it_though_its_own_push_is_docs_only() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sleeps = Sleeps::new();
+    let (d, base) = src_only(
+        b,
+        &origin,
+        "concurrency: { group: ref, cancel: running }\n",
+        hang_step(&sleeps.dir()),
+    );
+    let a = commit_paths(
+        &origin.path,
+        "main",
+        None,
+        &[("src/lib.rs", "1"), ("mode", "hang")],
+        "A",
+    );
+    let run_a = push(&d, "sup-run-a", "refs/heads/main", &base, &a);
+    let pid = read_pid(&sleeps.dir().join(format!("{run_a}.pid")));
+    let b_sha = commit_paths(
+        &origin.path,
+        "main",
+        None,
+        &[("docs/guide.md", "g"), ("mode", "fast")],
+        "B",
+    );
+    let run_b = push(&d, "sup-run-b", "refs/heads/main", &a, &b_sha);
+
+    let one = d.wait_run(run_a);
+    assert_eq!(one["status"], "canceled", "{one:#}");
+    assert_eq!(reason(&one), format!("superseded by run {run_b}"));
+    eventually("the canceled step's background sleep is gone", || {
+        process_gone(pid)
+    });
+    let two = d.wait_run(run_b);
+    assert_eq!(
+        two["status"], "succeeded",
+        "B stands for A's src change: {two:#}"
+    );
+    assert_eq!(two["before"], base.as_str(), "{two:#}");
+    assert!(
+        d.run_log(run_b).contains(&format!("done with {b_sha}")),
+        "B's step ran: {}",
+        d.run_log(run_b)
+    );
+}

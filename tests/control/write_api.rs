@@ -225,7 +225,8 @@ fn rerun_builds_the_same_commit_again_despite_the_per_commit_lock() {
     let new = made["id"].as_i64().unwrap();
     assert_ne!(new, id);
     assert_eq!(made["trigger"], "rerun");
-    assert_eq!(made["attempt"], old["attempt"].as_i64().unwrap() + 1);
+    assert_eq!(made["attempt"], 1, "a rerun is a run of its own: {made:#}");
+    assert_eq!(made["generation"], old["generation"].as_i64().unwrap() + 1);
     let run = d.wait_run(new);
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(run["trigger"], "rerun");
@@ -265,8 +266,8 @@ fn rerun_builds_the_same_commit_again_despite_the_per_commit_lock() {
     assert_eq!(run["status"], "succeeded");
     assert_eq!(run["trigger"], "rerun");
     assert_eq!(
-        run["attempt"],
-        run_of(&d, new)["attempt"].as_i64().unwrap() + 1
+        run["generation"],
+        run_of(&d, new)["generation"].as_i64().unwrap() + 1
     );
     assert_eq!(run["commit"], sha.as_str());
 
@@ -275,6 +276,62 @@ fn rerun_builds_the_same_commit_again_despite_the_per_commit_lock() {
         404,
         "rerun of an unknown run",
     );
+}
+
+#[test]
+fn a_rerun_interrupted_by_a_crash_is_queued_again_like_any_run() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let config = token_config(&b);
+    let sleeps = Sleeps::new();
+    let (hold, held) = (b.path().join("hold"), b.path().join("held"));
+    // Once `hold` exists, a run's first attempt hangs (until the crash); later ones end.
+    let script = format!(
+        "if [ -f {hold} ] && [ ! -f {held}-$HOOKCI_RUN_ID ]; then\n  touch {held}-$HOOKCI_RUN_ID\n  \
+         sleep 600 &\n  echo $! > {pids}/$HOOKCI_RUN_ID.pid\n  wait\nfi\necho done in run $HOOKCI_RUN_ID",
+        hold = hold.display(),
+        held = held.display(),
+        pids = sleeps.dir().display(),
+    );
+    let mut d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("work", &script)]))
+        .config(&config)
+        .start();
+    let id = push(&d, "rerun-crash", "refs/heads/main", ZERO, &sha);
+    assert_eq!(d.wait_run(id)["status"], "succeeded");
+
+    std::fs::write(&hold, "").unwrap();
+    let r = api_post(
+        &d,
+        &format!("/api/runs/{id}/rerun"),
+        Some(TOKEN),
+        &json!({}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let rerun = r.json()["id"].as_i64().unwrap();
+    let pid = read_pid(&sleeps.dir().join(format!("{rerun}.pid")));
+    d.signal(libc::SIGKILL);
+    d.wait();
+    d.spawn();
+
+    let run = d.wait_run(rerun);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["trigger"], "rerun");
+    assert_eq!(
+        (&run["attempt"], &run["generation"]),
+        (&json!(2), &json!(2))
+    );
+    assert!(
+        d.run_log(rerun).contains(&format!("done in run {rerun}")),
+        "{}",
+        d.run_log(rerun)
+    );
+    let cut = d.get(&format!("/api/runs/{rerun}/log?attempt=1")).text();
+    assert!(cut.contains("(interrupted)"), "{cut}");
+    eventually("the cut attempt's background sleep is gone", || {
+        process_gone(pid)
+    });
 }
 
 #[test]
