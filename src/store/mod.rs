@@ -348,25 +348,38 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// Newest first.
+    /// Newest first. Only the filters given become conditions, so each query can walk
+    /// its index (`runs_pipeline`, `runs_status`, the id itself) from `before` down,
+    /// however deep the page.
     pub fn runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let mut conditions = Vec::new();
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(pipeline) = &filter.pipeline {
+            conditions.push("pipeline = ?");
+            values.push(pipeline.clone().into());
+        }
+        if let Some(status) = filter.status {
+            conditions.push("status = ?");
+            values.push(status.as_str().to_owned().into());
+        }
+        if let Some(before) = filter.before {
+            conditions.push("id < ?");
+            values.push(before.into());
+        }
+        values.push(i64::from(filter.limit).into());
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs
-                 WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2)
-                 ORDER BY id DESC LIMIT ?3"
+                "SELECT {RUN_COLUMNS} FROM runs {clause} ORDER BY id DESC LIMIT ?"
             ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(
-                params![
-                    filter.pipeline,
-                    filter.status.map(RunStatus::as_str),
-                    filter.limit
-                ],
-                run_from_row,
-            )
+            .query_map(rusqlite::params_from_iter(values), run_from_row)
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }

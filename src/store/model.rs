@@ -234,5 +234,7 @@ pub struct StepEnd {
 pub struct RunFilter {
     pub pipeline: Option<String>,
     pub status: Option<RunStatus>,
+    /// Only runs with a smaller id: the next page after a page that ended there.
+    pub before: Option<i64>,
     pub limit: u32,
 }

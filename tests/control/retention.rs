@@ -81,3 +81,116 @@ fn hookci_runs_lists_every_run_with_its_status() {
         assert!(fields.contains(&"ci") && fields.contains(&branch), "{line}");
     }
 }
+
+/// The ids of a `GET /api/runs` answer, in its order.
+fn listed_ids(page: &Value) -> Vec<i64> {
+    page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn before_pages_through_every_run_without_gap_or_repeat() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline(
+                &origin,
+                "",
+                &[step("never", "echo skipped runs run nothing")],
+            ),
+        )
+        .start();
+    // Skipped runs (skip token) cost no checkout: thirty of them in a moment.
+    let mut newest_first = Vec::new();
+    for i in 1..=30 {
+        let body = push_body(
+            "refs/heads/main",
+            ZERO,
+            &format!("{i:040x}"),
+            "docs [skip ci]",
+        );
+        let runs = push_runs(&d, &format!("page-{i}"), &body);
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        newest_first.insert(0, runs[0].1);
+    }
+
+    let mut pages: Vec<Vec<i64>> = Vec::new();
+    let mut path = "/api/runs?limit=3".to_owned();
+    loop {
+        let page = d.get_json(&path);
+        let ids = listed_ids(&page);
+        if let Some(before) = path.split("before=").nth(1) {
+            let before: i64 = before.parse().unwrap();
+            assert!(ids.iter().all(|id| *id < before), "{path}: {ids:?}");
+        }
+        pages.push(ids.clone());
+        assert!(pages.len() <= 10, "more pages than runs: {pages:?}");
+        match page["next_before"].as_i64() {
+            Some(next) => {
+                assert_eq!(Some(&next), ids.last(), "{page:#}");
+                path = format!("/api/runs?limit=3&before={next}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages.len(), 10, "{pages:?}");
+    assert!(pages.iter().all(|p| p.len() == 3), "{pages:?}");
+    assert_eq!(
+        pages.concat(),
+        newest_first,
+        "no gap, no repeat, newest first"
+    );
+
+    // `before` combines with the filters, and pages past the oldest run are empty.
+    let filtered = d.get_json(&format!(
+        "/api/runs?pipeline=ci&status=skipped&limit=3&before={}",
+        newest_first[2]
+    ));
+    assert_eq!(listed_ids(&filtered), newest_first[3..6].to_vec());
+    let past = d.get_json(&format!("/api/runs?before={}", newest_first[29]));
+    assert_eq!(listed_ids(&past), Vec::<i64>::new());
+    assert!(past["next_before"].is_null(), "{past:#}");
+
+    // `hookci runs --before`: the page below a run, and how to list the next one.
+    let url = d.url("");
+    let before = newest_first[3].to_string();
+    let out = run_cli(
+        &["runs", "--url", &url, "--limit", "3", "--before", &before],
+        None,
+    );
+    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{printed}{}", text(&out.stderr));
+    let shown: Vec<i64> = printed
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(shown, newest_first[4..7].to_vec(), "{printed}");
+    assert!(
+        text(&out.stderr).contains(&format!("--before {}", newest_first[6])),
+        "{}",
+        text(&out.stderr)
+    );
+    let before = newest_first[27].to_string();
+    let out = run_cli(
+        &["runs", "--url", &url, "--limit", "3", "--before", &before],
+        None,
+    );
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !text(&out.stderr).contains("--before"),
+        "the last page names no next one: {}",
+        text(&out.stderr)
+    );
+}
