@@ -131,7 +131,7 @@ async fn reconcile_repo(
             match decision.run {
                 Some(run) => runs.push(run),
                 None => {
-                    tracing::debug!(pipeline = %decision.pipeline, reason = %decision.reason, %git_ref, "not triggered")
+                    tracing::debug!(pipeline = decision.pipeline.as_deref().unwrap_or_default(), reason = %decision.reason, %git_ref, "not triggered")
                 }
             }
         }

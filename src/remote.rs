@@ -91,6 +91,10 @@ impl Remote {
             .max()
             .unwrap_or(0);
         for d in &decisions {
+            if d["pipeline"].is_null() {
+                println!("  {}", s(&d["reason"]));
+                continue;
+            }
             let verdict = match (s(&d["outcome"]), d["run"].as_i64()) {
                 ("run", Some(id)) => format!("ran as run {id}"),
                 ("duplicate", Some(id)) => {

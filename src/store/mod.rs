@@ -106,6 +106,15 @@ DELETE FROM ref_heads WHERE EXISTS (
 );
 UPDATE ref_heads SET repo = lower(repo) WHERE repo != lower(repo);
 "#,
+    // Retention keeps the newest N finished runs by rank: this index holds exactly the
+    // runs it may delete, so a rank is a walk of N entries of the index alone (with
+    // `status` in it, SQLite need not read the rows to check the predicate again).
+    // The predicate is `writes::FINISHED`, which the queries repeat word for word and
+    // name the index: SQLite refuses such a query when the index cannot serve it.
+    r#"
+CREATE INDEX runs_finished ON runs(id, status)
+    WHERE status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped');
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -416,7 +425,7 @@ impl Store {
         let rows = stmt
             .query_map([id], |r| {
                 Ok(Decision {
-                    pipeline: r.get(0)?,
+                    pipeline: Some(r.get::<_, String>(0)?).filter(|p| !p.is_empty()),
                     outcome: r.get(1)?,
                     reason: r.get(2)?,
                     run_id: r.get(3)?,
@@ -484,13 +493,13 @@ mod tests {
             decisions: runs
                 .into_iter()
                 .map(|r| NewDecision {
-                    pipeline: r.pipeline.clone(),
+                    pipeline: Some(r.pipeline.clone()),
                     reason: "matched".into(),
                     run: Some(r),
                 })
                 .chain(std::iter::once(NewDecision {
-                    pipeline: "zz-other".into(),
-                    reason: "repository differs".into(),
+                    pipeline: Some("zz-other".into()),
+                    reason: "branch not matched".into(),
                     run: None,
                 }))
                 .collect(),
@@ -712,16 +721,90 @@ mod tests {
                 .finish_run(*id, RunStatus::Succeeded, None, StepStatus::Skipped)
                 .unwrap();
         }
-        // Keep the newest 2: the 4 oldest are beyond them; all finished but none is old.
+        // Keep the newest 2: the 3 oldest are beyond them; all finished but none is old.
         let pruned = store.prune(2, 0).unwrap();
-        assert_eq!(pruned, ids[..4].to_vec());
+        assert_eq!(pruned.runs, ids[..3].to_vec());
+        assert!(!pruned.more);
         assert!(store.run(ids[0]).unwrap().is_none());
-        assert!(store.run(ids[4]).unwrap().is_some());
+        assert!(store.run(ids[3]).unwrap().is_some());
         // Older than the cutoff: every finished run goes, the queued one stays.
         let pruned = store.prune(1000, crate::clock::now_ms() + 1).unwrap();
-        assert_eq!(pruned, vec![ids[4]]);
+        assert_eq!(pruned.runs, ids[3..5].to_vec());
         let left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
         assert_eq!(left, vec![ids[5]]);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_finished_runs_by_rank_despite_id_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut finished = Vec::new();
+        for i in 0..8 {
+            let made = store.create_run(run("ci", &format!("k{i}"))).unwrap();
+            // A second push of the same commit: refused by the lock, it uses an id up.
+            assert!(
+                store
+                    .create_run(run("ci", &format!("k{i}")))
+                    .unwrap()
+                    .existing
+            );
+            store
+                .finish_run(made.id, RunStatus::Succeeded, None, StepStatus::Skipped)
+                .unwrap();
+            finished.push(made.id);
+        }
+        let queued = store.create_run(run("ci", "queued")).unwrap().id;
+        let interrupted = store.create_run(run("ci", "interrupted")).unwrap().id;
+        store
+            .finish_run(
+                interrupted,
+                RunStatus::Interrupted,
+                None,
+                StepStatus::Interrupted,
+            )
+            .unwrap();
+        assert!(finished.windows(2).all(|w| w[1] > w[0] + 1), "{finished:?}");
+
+        store.prune(5, 0).unwrap();
+        let mut left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
+        left.sort_unstable();
+        let mut expected = finished[3..].to_vec();
+        // Neither counts as finished nor is pruned: one waits, one is queued again at start.
+        expected.extend([queued, interrupted]);
+        assert_eq!(left, expected);
+        assert_eq!(store.prune(5, 0).unwrap(), Pruned::default());
+    }
+
+    #[test]
+    fn retention_bounds_deliveries_and_their_decisions_but_keeps_those_of_kept_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // d0 starts a run that stays queued; d1..d9 start nothing.
+        store
+            .record_delivery(delivery("d0", vec![run("ci", "k0")]))
+            .unwrap();
+        for i in 1..10 {
+            store
+                .record_delivery(delivery(&format!("d{i}"), vec![]))
+                .unwrap();
+        }
+        let pruned = store.prune(3, 0).unwrap();
+        assert_eq!(pruned.deliveries, 6);
+        let kept: Vec<String> = (0..10)
+            .map(|i| format!("d{i}"))
+            .filter(|id| store.delivery(id).unwrap().is_some())
+            .collect();
+        assert_eq!(kept, ["d0", "d7", "d8", "d9"]);
+        let decisions: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM decisions", [], |r| r.get(0))
+            .unwrap();
+        // d0: its run and zz-other; d7..d9: zz-other each.
+        assert_eq!(decisions, 5);
+        // Age: older than the cutoff goes too, unless a kept run came from it.
+        let pruned = store.prune(1000, crate::clock::now_ms() + 1).unwrap();
+        assert_eq!(pruned.deliveries, 3);
+        assert!(store.delivery("d0").unwrap().is_some());
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub struct NewDelivery {
 
 #[derive(Debug, Clone)]
 pub struct NewDecision {
-    pub pipeline: String,
+    /// `None`: the one decision of a push to a repository no pipeline watches.
+    pub pipeline: Option<String>,
     pub reason: String,
     /// `None`: the pipeline is not triggered.
     pub run: Option<NewRun>,
@@ -214,7 +215,8 @@ pub struct Delivery {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub pipeline: String,
+    /// `None`: the push's repository had no pipeline.
+    pub pipeline: Option<String>,
     /// `run`, `skipped`, `duplicate` or `not_triggered`.
     pub outcome: String,
     pub reason: String,
@@ -228,6 +230,16 @@ pub struct StepEnd {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub reason: Option<String>,
+}
+
+/// What one call of retention deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// The deleted runs (their logs and workspaces are the caller's to remove).
+    pub runs: Vec<i64>,
+    pub deliveries: usize,
+    /// A batch was full: another call deletes more.
+    pub more: bool,
 }
 
 #[derive(Debug, Clone, Default)]

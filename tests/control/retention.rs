@@ -1,4 +1,5 @@
-//! Retention and `hookci runs`.
+//! Retention (runs, and deliveries with their decisions) and listing runs
+//! (`hookci runs`, paging with `before`).
 
 use super::*;
 
@@ -39,6 +40,197 @@ fn retention_keeps_only_the_newest_runs_and_their_logs() {
         );
         assert!(d.run_log(*kept).contains(&format!("run {kept}")));
     }
+}
+
+/// How many rows `table` of the daemon's store holds.
+fn rows(d: &Daemon, table: &str) -> i64 {
+    let db = rusqlite::Connection::open(d.state_dir().join("hookci.db")).unwrap();
+    db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+fn sorted_run_ids(d: &Daemon) -> Vec<i64> {
+    let mut ids: Vec<i64> = d.runs().iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn retention_keeps_exactly_the_newest_finished_runs_when_duplicates_leave_id_gaps() {
+    let b = Builder::new().config("retention: { runs: 5 }");
+    let origin = Origin::new(b.path());
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline(&origin, "", &[step("say", "echo run $HOOKCI_RUN_ID")]),
+        )
+        .start();
+    let mut before = ZERO.to_owned();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let sha = origin.commit("main", &[("n", &i.to_string())], "x");
+        let body = push_body("refs/heads/main", &before, &sha, "change");
+        let id = push(
+            &d,
+            &format!("org-hook-{i}"),
+            "refs/heads/main",
+            &before,
+            &sha,
+        );
+        // The same push from a second hook (another delivery id): the lock refuses a
+        // second run, and the refused insert uses a run id up.
+        let r = d.deliver("push", &format!("repo-hook-{i}"), &body);
+        assert_eq!(r.json()["runs"][0]["id"], id, "{}", r.text());
+        assert_eq!(r.json()["runs"][0]["existing"], true, "{}", r.text());
+        assert_eq!(d.wait_run(id)["status"], "succeeded");
+        ids.push(id);
+        before = sha;
+    }
+    assert!(
+        ids.windows(2).all(|w| w[1] > w[0] + 1),
+        "ids have gaps: {ids:?}"
+    );
+    eventually("exactly the newest 5 runs are kept", || {
+        sorted_run_ids(&d) == ids[3..]
+    });
+    assert_eq!(rows(&d, "runs"), 5);
+    for old in &ids[..3] {
+        let dir = d.state_dir().join(format!("logs/{old}"));
+        eventually(&format!("{} is removed", dir.display()), || !dir.exists());
+    }
+    for kept in &ids[3..] {
+        assert!(d.run_log(*kept).contains(&format!("run {kept}")));
+    }
+}
+
+#[test]
+fn retention_bounds_deliveries_and_decisions_on_its_timer_without_any_run_ending() {
+    let b = Builder::new().config("retention: { runs: 3, interval: 1s }");
+    let origin = Origin::new(b.path());
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("never", "exit 1")]))
+        .start();
+    // Nothing here executes: skipped runs end as they are made, and pushes to a
+    // repository no pipeline watches make none. Only the timer prunes.
+    let mut skipped = Vec::new();
+    for i in 1..=5 {
+        let body = push_body("refs/heads/main", ZERO, &format!("{i:040x}"), "[skip ci]");
+        let runs = push_runs(&d, &format!("skip-{i}"), &body);
+        skipped.push(runs[0].1);
+    }
+    for i in 1..=6 {
+        let body = PushPayload::new(
+            "nobody/watches",
+            "refs/heads/main",
+            ZERO,
+            &format!("{:040x}", 100 + i),
+            "https://example.invalid/nobody.git",
+        )
+        .bytes();
+        let r = d.deliver("push", &format!("unwatched-{i}"), &body);
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    eventually("only the newest 3 finished runs are kept", || {
+        sorted_run_ids(&d) == skipped[2..]
+    });
+    // The newest 3 deliveries, and those the kept runs came from.
+    let kept = [
+        "skip-3",
+        "skip-4",
+        "skip-5",
+        "unwatched-4",
+        "unwatched-5",
+        "unwatched-6",
+    ];
+    eventually("old deliveries are pruned", || rows(&d, "deliveries") == 6);
+    for id in (1..=5)
+        .map(|i| format!("skip-{i}"))
+        .chain((1..=6).map(|i| format!("unwatched-{i}")))
+    {
+        let status = d.get(&format!("/api/deliveries/{id}")).status;
+        let expected = if kept.contains(&id.as_str()) {
+            200
+        } else {
+            404
+        };
+        assert_eq!(status, expected, "delivery {id}");
+    }
+    // One decision each: the one pipeline of the repository, or the one saying none.
+    assert_eq!(rows(&d, "decisions"), 6);
+}
+
+#[test]
+fn decisions_name_only_the_pipelines_of_the_pushed_repository() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("ok", "true")]))
+        .pipeline(
+            "lint",
+            &pipeline(
+                &origin,
+                "on:\n  branches: [release]\n",
+                &[step("ok", "true")],
+            ),
+        )
+        .pipeline(
+            "elsewhere",
+            &format!(
+                "repo: someone/else\nclone_url: {}\nsteps:\n{}",
+                origin.url(),
+                step("ok", "true")
+            ),
+        )
+        .start();
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    push(&d, "ours", "refs/heads/main", ZERO, &sha);
+    let why = d.get_json("/api/deliveries/ours");
+    let mut named: Vec<&str> = why["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["pipeline"].as_str().unwrap())
+        .collect();
+    named.sort_unstable();
+    assert_eq!(named, ["ci", "lint"], "{why:#}");
+
+    let body = PushPayload::new(
+        "nobody/watches",
+        "refs/heads/main",
+        ZERO,
+        &sha,
+        "https://example.invalid/nobody.git",
+    )
+    .bytes();
+    let r = d.deliver("push", "theirs", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["runs"], json!([]));
+    let why = d.get_json("/api/deliveries/theirs");
+    let decisions = why["decisions"].as_array().unwrap();
+    assert_eq!(
+        decisions.len(),
+        1,
+        "one row says no pipeline watches it: {why:#}"
+    );
+    let only = &decisions[0];
+    assert!(only["pipeline"].is_null(), "{only}");
+    assert!(only["run"].is_null(), "{only}");
+    assert_eq!(only["outcome"], "not_triggered");
+    let reason = only["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no pipeline watches") && reason.contains("nobody/watches"),
+        "{reason}"
+    );
+
+    let out = run_cli(&["why", "theirs", "--url", &d.url("")], None);
+    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{printed}{}", text(&out.stderr));
+    assert!(printed.contains(reason), "{printed}");
+    assert_eq!(
+        printed.lines().count(),
+        2,
+        "the delivery and its one decision:\n{printed}"
+    );
 }
 
 #[test]
