@@ -115,6 +115,17 @@ UPDATE ref_heads SET repo = lower(repo) WHERE repo != lower(repo);
 CREATE INDEX runs_finished ON runs(id, status)
     WHERE status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped');
 "#,
+    // The repositories reconcile has listed once: after that first pass, which only
+    // records, a ref seen for the first time is a creation and is built. A repository
+    // with a head that reconcile recorded was listed before this table existed.
+    r#"
+CREATE TABLE reconciled (
+    repo        TEXT PRIMARY KEY,
+    first_at    INTEGER NOT NULL
+);
+INSERT INTO reconciled (repo, first_at)
+    SELECT repo, MIN(updated_at) FROM ref_heads WHERE source = 'reconcile' GROUP BY repo;
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -299,6 +310,22 @@ impl Store {
             .query_map([repo_key(repo)], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// What a reconcile pass of `repo` compares the remote with, read before it lists.
+    pub fn reconcile_view(&self, repo: &str) -> Result<ReconcileView, StoreError> {
+        let heads = self.ref_heads(repo)?;
+        let reconciled = self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM reconciled WHERE repo = ?1",
+                [repo_key(repo)],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .is_some();
+        Ok(ReconcileView { heads, reconciled })
     }
 
     /// The clone URL of `repo` from its latest delivery.
@@ -881,6 +908,79 @@ mod tests {
                 ("refs/heads/dev".to_owned(), "dev".to_owned()),
             ])
         );
+    }
+
+    #[test]
+    fn reconcile_applies_a_ref_only_where_its_head_is_still_the_one_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = store.reconcile_view("o/r").unwrap();
+        assert_eq!(first, ReconcileView::default());
+        let change = |git_ref: &str, seen: Option<&str>, head: &str, key: &str| RefChange {
+            git_ref: git_ref.into(),
+            seen: seen.map(str::to_owned),
+            head: head.into(),
+            runs: vec![run("ci", key)],
+        };
+        let done = store
+            .record_reconcile(
+                "o/r".into(),
+                vec![change("refs/heads/main", None, "a", "ka")],
+            )
+            .unwrap();
+        assert_eq!((done.runs.len(), done.stale.len()), (1, 0));
+        let view = store.reconcile_view("O/R").unwrap();
+        assert!(view.reconciled);
+        assert_eq!(view.heads["refs/heads/main"], "a");
+
+        // A push lands between the pass's read and its write: main is now at c.
+        let mut pushed = delivery("d1", vec![]);
+        pushed.head = Some("c".repeat(40));
+        store.record_delivery(pushed).unwrap();
+        let done = store
+            .record_reconcile(
+                "o/r".into(),
+                vec![
+                    change("refs/heads/main", Some("a"), "b", "kb"),
+                    change("refs/tags/v1", None, "t", "kt"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(done.stale, ["refs/heads/main"]);
+        assert_eq!(done.runs.len(), 1, "the tag's run only: {done:?}");
+        let heads = store.ref_heads("o/r").unwrap();
+        assert_eq!(
+            heads["refs/heads/main"],
+            "c".repeat(40),
+            "the push's head stays"
+        );
+        assert_eq!(heads["refs/tags/v1"], "t");
+        assert_eq!(all(&store).len(), 2, "no run for the stale listing of main");
+    }
+
+    #[test]
+    fn repositories_reconciled_before_the_marker_existed_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = SCHEMA
+            .iter()
+            .position(|m| m.contains("CREATE TABLE reconciled"))
+            .unwrap();
+        {
+            let conn = Connection::open(dir.path().join("hookci.db")).unwrap();
+            for migration in &SCHEMA[..marker] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.execute_batch(&format!(
+                "PRAGMA user_version = {marker};
+                 INSERT INTO ref_heads VALUES ('o/listed', 'refs/heads/main', 'a', 'reconcile', 1),
+                                              ('o/listed', 'refs/heads/dev', 'b', 'push', 2),
+                                              ('o/pushed', 'refs/heads/main', 'c', 'push', 3);"
+            ))
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.reconcile_view("o/listed").unwrap().reconciled);
+        assert!(!store.reconcile_view("o/pushed").unwrap().reconciled);
     }
 
     #[test]

@@ -232,6 +232,34 @@ pub struct StepEnd {
     pub reason: Option<String>,
 }
 
+/// What a reconcile pass read of a repository before listing its remote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileView {
+    /// Where each ref pointed when hookci last saw it.
+    pub heads: std::collections::HashMap<String, String>,
+    /// A pass has listed the repository before (the first one only records).
+    pub reconciled: bool,
+}
+
+/// A ref a reconcile pass found at a new head, with the runs that triggers.
+#[derive(Debug, Clone)]
+pub struct RefChange {
+    pub git_ref: String,
+    /// The stored head the pass read before listing (`None`: none). The change is
+    /// applied only if it still is: a push recorded meanwhile wins.
+    pub seen: Option<String>,
+    pub head: String,
+    pub runs: Vec<NewRun>,
+}
+
+/// What [`RefChange`]s a reconcile pass applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub runs: Vec<RunRef>,
+    /// Refs left alone: their stored head moved after the pass read it.
+    pub stale: Vec<String>,
+}
+
 /// What one call of retention deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pruned {

@@ -5,8 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
 use super::{
-    DeliveryOutcome, NewDelivery, NewRun, Pruned, Run, RunRef, RunStatus, StepEnd, StepStatus,
-    Supersede,
+    DeliveryOutcome, NewDelivery, NewRun, Pruned, Reconciled, RefChange, Run, RunRef, RunStatus,
+    StepEnd, StepStatus, Supersede,
 };
 use crate::clock::now_ms;
 
@@ -185,23 +185,38 @@ impl Store {
         })
     }
 
-    /// Records what a reconcile found: the runs it triggers (under the per-commit lock)
-    /// and the refs' new heads.
+    /// Records what a reconcile pass of `repo` found, and that the repository has been
+    /// reconciled. Each ref's change (its runs, under the per-commit lock, and its new
+    /// head) is applied only if the ref's stored head is still the one the pass read
+    /// before listing: a push recorded in between knows better than that listing.
     pub fn record_reconcile(
         &self,
         repo: String,
-        heads: Vec<(String, String)>,
-        runs: Vec<NewRun>,
-    ) -> Result<Vec<RunRef>, StoreError> {
+        changes: Vec<RefChange>,
+    ) -> Result<Reconciled, StoreError> {
         self.writer.exec(move |c| {
-            let made = runs
-                .iter()
-                .map(|run| insert_run(c, run, None))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            for (git_ref, sha) in &heads {
-                note_head(c, &repo, git_ref, Some(sha), "reconcile")?;
+            let mut out = Reconciled::default();
+            for change in &changes {
+                let stored: Option<String> = c
+                    .prepare_cached(
+                        "SELECT commit_sha FROM ref_heads WHERE repo = ?1 AND ref = ?2",
+                    )?
+                    .query_row(params![repo_key(&repo), change.git_ref], |r| r.get(0))
+                    .optional()?;
+                if stored != change.seen {
+                    out.stale.push(change.git_ref.clone());
+                    continue;
+                }
+                for run in &change.runs {
+                    out.runs.push(insert_run(c, run, None)?);
+                }
+                note_head(c, &repo, &change.git_ref, Some(&change.head), "reconcile")?;
             }
-            Ok(made)
+            c.prepare_cached(
+                "INSERT INTO reconciled (repo, first_at) VALUES (?1, ?2) ON CONFLICT(repo) DO NOTHING",
+            )?
+            .execute(params![repo_key(&repo), now_ms()])?;
+            Ok(out)
         })
     }
 }
