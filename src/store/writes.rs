@@ -255,9 +255,9 @@ impl Store {
     }
 }
 
-/// What retention deletes of a table, oldest first: the rows up to `beyond` (the newest
-/// row past the `keep` newest) and those older than the cutoff; `end` is the last id
-/// either rule can reach, so that a walk stops there.
+/// Where retention's walk of a table (oldest first) goes: it deletes the rows up to
+/// `beyond`, the newest row past the `keep` newest (0: none), and the rows older than
+/// the cutoff; past `end` is neither, so the walk stops there.
 struct PruneFrom {
     beyond: i64,
     end: i64,
