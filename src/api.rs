@@ -143,14 +143,30 @@ async fn list_runs(state: Arc<AppState>, q: HashMap<String, String>) -> Result<R
                 )
             })?,
     };
+    let before = match q.get("before").filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(b.parse::<i64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            error_reply(
+                StatusCode::BAD_REQUEST,
+                "before must be a run id (a number from 1)",
+            )
+        })?),
+    };
     let filter = RunFilter {
         pipeline: q.get("pipeline").filter(|p| !p.is_empty()).cloned(),
         status,
-        limit,
+        before,
+        // One more than asked: whether it exists says whether there is a next page.
+        limit: limit + 1,
     };
-    let runs = blocking(&state.store, move |s| s.runs(&filter)).await?;
+    let mut runs = blocking(&state.store, move |s| s.runs(&filter)).await?;
+    let more = runs.len() > limit as usize;
+    runs.truncate(limit as usize);
+    let next_before = runs.last().filter(|_| more).map(|r| r.id);
     let runs: Vec<Value> = runs.iter().map(|r| run_json(r, None)).collect();
-    Ok(ok_json(&json!({ "runs": runs })))
+    Ok(ok_json(
+        &json!({ "runs": runs, "next_before": next_before }),
+    ))
 }
 
 async fn get_run(state: Arc<AppState>, id: i64) -> Result<Response, Response> {

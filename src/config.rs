@@ -35,6 +35,8 @@ impl fmt::Debug for Secret {
 pub struct Retention {
     pub runs: u64,
     pub days: u64,
+    /// How often retention runs besides after each run; zero: only after runs.
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +158,8 @@ pub struct FileConfig {
 pub struct FileRetention {
     pub runs: Option<u64>,
     pub days: Option<u64>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +299,7 @@ impl Config {
             retention: Retention {
                 runs: retention.runs.unwrap_or(1000),
                 days: retention.days.unwrap_or(30),
+                interval: retention.interval.unwrap_or(Duration::from_secs(600)),
             },
             github: GithubConfig {
                 token: match github.token_file {
@@ -393,7 +398,7 @@ mod tests {
         let path = dir.path().join("hookci.yml");
         std::fs::write(
             &path,
-            "listen: 127.0.0.1:9000\npipelines: pl\nwebhook_secret_file: secret\nstep_grace: 2s\nretention: { runs: 5 }\n",
+            "listen: 127.0.0.1:9000\npipelines: pl\nwebhook_secret_file: secret\nstep_grace: 2s\nretention: { runs: 5, interval: 30s }\n",
         )
         .unwrap();
         let env = FakeEnv(HashMap::from([("HOOKCI_API_TOKEN", "tok")]));
@@ -412,7 +417,14 @@ mod tests {
         assert_eq!(c.api_token.as_ref().map(Secret::expose), Some("tok"));
         assert_eq!(c.step_grace, Duration::from_secs(2));
         assert_eq!(c.shutdown_grace, Duration::from_secs(60));
-        assert_eq!(c.retention, Retention { runs: 5, days: 30 });
+        assert_eq!(
+            c.retention,
+            Retention {
+                runs: 5,
+                days: 30,
+                interval: Duration::from_secs(30)
+            }
+        );
         assert_eq!(c.max_body_bytes, 26_214_400);
         assert!(
             !format!("{c:?}").contains("s3cret"),

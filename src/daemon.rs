@@ -222,6 +222,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     scheduler::prune(&state).await;
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), stop_rx.clone()));
+    tokio::spawn(scheduler::prune_every(Arc::clone(&state), stop_rx.clone()));
     // Not awaited at stop: a listing in progress has nothing to finish or lose.
     tokio::spawn(reconcile::run(Arc::clone(&state), stop_rx));
 

@@ -5,7 +5,8 @@ use serde::Deserialize;
 
 use crate::repo::RepoName;
 
-const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
+/// The id GitHub sends for "no commit": `before` of a new ref, `after` of a deletion.
+pub const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 
 /// What a push moved.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -330,14 +330,18 @@ pub fn concurrency_group(p: &Pipeline, git_ref: &str) -> Option<String> {
     }
 }
 
-/// Every pipeline's decision for `push`, with the run to create where one triggers.
+/// The decision of each pipeline of the pushed repository, with the run to create
+/// where one triggers. The other pipelines are not named: a decision row per pipeline
+/// and push would grow with every pipeline added, for pushes they never watch. A push
+/// no pipeline watches gets one decision that says so.
 pub fn decisions(
     push: &Push,
     pipelines: &crate::pipeline::PipelineSet,
     trigger: &'static str,
 ) -> Vec<NewDecision> {
-    matcher::decide(push, pipelines)
+    let decided: Vec<NewDecision> = matcher::decide(push, pipelines)
         .into_iter()
+        .filter(|d| d.pipeline.repo.same_as(&push.repo))
         .map(|d| {
             let p = &d.pipeline;
             let run = |key: String, commit: String, skipped: Option<String>| NewRun {
@@ -363,7 +367,7 @@ pub fn decisions(
             };
             match d.verdict {
                 Verdict::Build { key, commit } => NewDecision {
-                    pipeline: p.name.clone(),
+                    pipeline: Some(p.name.clone()),
                     reason: format!("{} matched", push.git_ref),
                     run: Some(run(key, commit, None)),
                 },
@@ -372,18 +376,26 @@ pub fn decisions(
                     commit,
                     reason,
                 } => NewDecision {
-                    pipeline: p.name.clone(),
+                    pipeline: Some(p.name.clone()),
                     reason: reason.clone(),
                     run: Some(run(key, commit, Some(reason))),
                 },
                 Verdict::Ignore { reason } => NewDecision {
-                    pipeline: p.name.clone(),
+                    pipeline: Some(p.name.clone()),
                     reason,
                     run: None,
                 },
             }
         })
-        .collect()
+        .collect();
+    if decided.is_empty() {
+        return vec![NewDecision {
+            pipeline: None,
+            reason: format!("no pipeline watches repository {}", push.repo),
+            run: None,
+        }];
+    }
+    decided
 }
 
 #[cfg(test)]

@@ -98,6 +98,9 @@ enum Command {
         pipeline: Option<String>,
         #[arg(long)]
         status: Option<String>,
+        /// Only runs older than this run id (the next page of a listing)
+        #[arg(long, value_name = "RUN")]
+        before: Option<i64>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[command(flatten)]
@@ -359,11 +362,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Runs {
             pipeline,
             status,
+            before,
             limit,
             remote,
         } => Ok(ExitCode::from(remote.remote()?.runs(
             pipeline.as_deref(),
             status.as_deref(),
+            before,
             limit,
         )?)),
         Command::Logs {

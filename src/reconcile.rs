@@ -1,8 +1,11 @@
 //! Missed pushes: at start and every `reconcile_interval`, list each configured
 //! repository's remote heads (connect and list, no object download) and compare them
 //! with the last head hookci saw. A branch or tag that moved, matches a pipeline and has
-//! no run for its key gets one, with `trigger: reconcile`. A ref seen for the first time
-//! is only recorded. Only the store and the matcher decide; nothing here runs steps.
+//! no run for its key gets one, with `trigger: reconcile`; so does a ref seen for the
+//! first time (a creation: `before` is all zeros), except in the first pass over a
+//! repository, which only records what exists. What a pass writes is applied only to
+//! refs whose stored head is still the one it read before listing: a push recorded
+//! meanwhile wins. Only the store and the matcher decide; nothing here runs steps.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,10 +13,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::daemon::AppState;
-use crate::event::{Push, RefKind};
+use crate::event::{Push, RefKind, ZERO_SHA};
 use crate::intake;
 use crate::repo::RepoName;
 use crate::scheduler::blocking;
+use crate::store::RefChange;
 
 /// Reconciles at start, then every interval, until `stop` turns true. An interval of 0
 /// disables reconciling altogether.
@@ -86,25 +90,22 @@ async fn reconcile_repo(
     repo: &RepoName,
     url: &str,
 ) -> Result<usize, String> {
-    let remote = state.git.remote_heads(url).await?;
-    let known = blocking(&state.store, {
+    // Read before listing: the store applies a ref's change only where this is still
+    // its head, so a push recorded while the remote answers is never undone by the
+    // older listing.
+    let view = blocking(&state.store, {
         let repo = repo.to_string();
-        move |s| s.ref_heads(&repo)
+        move |s| s.reconcile_view(&repo)
     })
     .await?;
+    let remote = state.git.remote_heads(url).await?;
     let pipelines = state.pipelines();
-    let mut heads = Vec::new();
-    let mut runs = Vec::new();
+    let mut changes = Vec::new();
     for (git_ref, commit) in remote {
-        let before = match known.get(&git_ref) {
-            Some(seen) if *seen == commit => continue,
-            Some(seen) => seen.clone(),
-            None => {
-                // First sight: remember it; building every existing ref would be a surprise.
-                heads.push((git_ref, commit));
-                continue;
-            }
-        };
+        let seen = view.heads.get(&git_ref).cloned();
+        if seen.as_deref() == Some(commit.as_str()) {
+            continue;
+        }
         let kind = match (
             git_ref.strip_prefix("refs/heads/"),
             git_ref.strip_prefix("refs/tags/"),
@@ -113,36 +114,53 @@ async fn reconcile_repo(
             (_, Some(t)) => RefKind::Tag(t.to_owned()),
             _ => continue,
         };
-        let push = Push {
-            git_ref: git_ref.clone(),
-            kind,
-            before,
-            after: commit.clone(),
-            commit: Some(commit.clone()),
-            deleted: false,
-            created: false,
-            forced: false,
-            repo: repo.clone(),
-            clone_url: url.to_owned(),
-            default_branch: None,
-            head_message: None,
-        };
-        for decision in intake::decisions(&push, &pipelines, "reconcile") {
-            match decision.run {
-                Some(run) => runs.push(run),
-                None => {
-                    tracing::debug!(pipeline = %decision.pipeline, reason = %decision.reason, %git_ref, "not triggered")
+        let mut runs = Vec::new();
+        // The first pass over a repository only records: building every ref that
+        // already existed would be a surprise. After it, a new ref was created while
+        // hookci was not listening.
+        if seen.is_some() || view.reconciled {
+            let push = Push {
+                git_ref: git_ref.clone(),
+                kind,
+                before: seen.clone().unwrap_or_else(|| ZERO_SHA.to_owned()),
+                after: commit.clone(),
+                commit: Some(commit.clone()),
+                deleted: false,
+                created: seen.is_none(),
+                forced: false,
+                repo: repo.clone(),
+                clone_url: url.to_owned(),
+                default_branch: None,
+                head_message: None,
+            };
+            for decision in intake::decisions(&push, &pipelines, "reconcile") {
+                match decision.run {
+                    Some(run) => runs.push(run),
+                    None => tracing::debug!(
+                        pipeline = decision.pipeline.as_deref().unwrap_or_default(),
+                        reason = %decision.reason,
+                        %git_ref,
+                        "not triggered"
+                    ),
                 }
             }
         }
-        heads.push((git_ref, commit));
+        changes.push(RefChange {
+            git_ref,
+            seen,
+            head: commit,
+            runs,
+        });
     }
-    if heads.is_empty() {
+    if changes.is_empty() && view.reconciled {
         return Ok(0);
     }
     let name = repo.to_string();
-    let made = blocking(&state.store, move |s| s.record_reconcile(name, heads, runs)).await?;
-    let new: Vec<_> = made.iter().filter(|r| !r.existing).collect();
+    let outcome = blocking(&state.store, move |s| s.record_reconcile(name, changes)).await?;
+    for git_ref in &outcome.stale {
+        tracing::info!(%repo, %git_ref, "a push moved this ref while the remote was listed: left to that push");
+    }
+    let new: Vec<_> = outcome.runs.iter().filter(|r| !r.existing).collect();
     for r in &new {
         tracing::info!(run = r.id, pipeline = %r.pipeline, %repo, "missed push found: run queued");
         // `cancel: running`, as for a pushed commit.

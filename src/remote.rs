@@ -91,6 +91,10 @@ impl Remote {
             .max()
             .unwrap_or(0);
         for d in &decisions {
+            if d["pipeline"].is_null() {
+                println!("  {}", s(&d["reason"]));
+                continue;
+            }
             let verdict = match (s(&d["outcome"]), d["run"].as_i64()) {
                 ("run", Some(id)) => format!("ran as run {id}"),
                 ("duplicate", Some(id)) => {
@@ -111,14 +115,22 @@ impl Remote {
         Ok(0)
     }
 
+    /// Lists runs newest first; `before` starts below that run id (the next page), and
+    /// when more runs exist the `--before` that lists them is said on stderr.
     pub fn runs(
         &self,
         pipeline: Option<&str>,
         status: Option<&str>,
+        before: Option<i64>,
         limit: u32,
     ) -> Result<u8, ClientError> {
         let mut query = format!("?limit={limit}");
-        for (k, v) in [("pipeline", pipeline), ("status", status)] {
+        let before = before.map(|b| b.to_string());
+        for (k, v) in [
+            ("pipeline", pipeline),
+            ("status", status),
+            ("before", before.as_deref()),
+        ] {
             if let Some(v) = v {
                 query.push_str(&format!("&{k}={v}"));
             }
@@ -127,11 +139,12 @@ impl Remote {
         if r.status != 200 {
             return Ok(refused(&r));
         }
+        let body = r.json();
         println!(
             "{:>6}  {:<12} {:<16} {:<24} {:<8} {:<8} CREATED",
             "RUN", "STATUS", "PIPELINE", "REF", "COMMIT", "TRIGGER"
         );
-        for run in r.json()["runs"].as_array().cloned().unwrap_or_default() {
+        for run in body["runs"].as_array().cloned().unwrap_or_default() {
             let git_ref = s(&run["ref"]);
             let short_ref = git_ref.strip_prefix("refs/heads/").unwrap_or(git_ref);
             println!(
@@ -143,6 +156,12 @@ impl Remote {
                 s(&run["commit"]).get(..7).unwrap_or("-"),
                 s(&run["trigger"]),
                 s(&run["created_at"]),
+            );
+        }
+        if let Some(next) = body["next_before"].as_i64() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "hookci: more runs: list them with --before {next}"
             );
         }
         Ok(0)

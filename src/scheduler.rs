@@ -256,34 +256,59 @@ async fn execute(
     prune(&state).await;
 }
 
-/// Retention (`retention: {runs, days}`): old runs go with their logs and workspaces.
+/// Retention (`retention: {runs, days}`): old runs go with their logs and workspaces,
+/// old deliveries with their decisions; batch after batch until none is left.
 /// Mirrors are kept.
 pub async fn prune(state: &Arc<AppState>) {
     let retention = state.config.retention;
-    let cutoff = crate::clock::now_ms() - (retention.days as i64).saturating_mul(86_400_000);
-    let pruned = match blocking(&state.store, move |s| s.prune(retention.runs, cutoff)).await {
-        Ok(ids) => ids,
-        Err(e) => {
-            tracing::warn!(error = %e, "pruning old runs failed");
-            return;
+    let (mut runs, mut deliveries) = (0, 0);
+    loop {
+        let cutoff = crate::clock::now_ms() - (retention.days as i64).saturating_mul(86_400_000);
+        let pruned = match blocking(&state.store, move |s| s.prune(retention.runs, cutoff)).await {
+            Ok(pruned) => pruned,
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning old runs failed");
+                break;
+            }
+        };
+        runs += pruned.runs.len();
+        deliveries += pruned.deliveries;
+        let dirs: Vec<_> = pruned
+            .runs
+            .iter()
+            .flat_map(|id| [state.log_dir(*id), state.workspace(*id)])
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                if let Err(e) = remove_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a pruned run's files");
+                }
+            }
+        })
+        .await;
+        if !pruned.more {
+            break;
         }
-    };
-    if pruned.is_empty() {
+    }
+    if runs > 0 || deliveries > 0 {
+        tracing::info!(runs, deliveries, "pruned old runs and deliveries");
+    }
+}
+
+/// Retention every `retention.interval` as well, until `stop` turns true: runs that
+/// never execute (skipped, canceled while queued), deliveries that start none, and
+/// age itself would otherwise wait for the next run to end.
+pub async fn prune_every(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let interval = state.config.retention.interval;
+    if interval.is_zero() {
         return;
     }
-    let dirs: Vec<_> = pruned
-        .iter()
-        .flat_map(|id| [state.log_dir(*id), state.workspace(*id)])
-        .collect();
-    let _ = tokio::task::spawn_blocking(move || {
-        for dir in dirs {
-            if let Err(e) = remove_dir(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a pruned run's files");
-            }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => prune(&state).await,
+            _ = stop.changed() => return,
         }
-    })
-    .await;
-    tracing::info!(runs = pruned.len(), "pruned old runs");
+    }
 }
 
 fn remove_dir(path: &Path) -> std::io::Result<()> {

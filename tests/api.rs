@@ -259,7 +259,8 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
 
     // GET /api/runs: newest first, each without steps.
     let list = d.get_json("/api/runs");
-    assert_eq!(keys(&list), set(&["runs"]));
+    assert_eq!(keys(&list), set(&["runs", "next_before"]));
+    assert!(list["next_before"].is_null(), "one page holds them all");
     let mut newest_first = vec![ci, lint, lint_dev];
     newest_first.sort_unstable_by(|a, b| b.cmp(a));
     assert_eq!(ids(&list), newest_first);
@@ -315,6 +316,8 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
         "/api/runs?limit=-1",
         "/api/runs?limit=abc",
         "/api/runs?limit=100000",
+        "/api/runs?before=abc",
+        "/api/runs?before=0",
     ] {
         assert_json_error(&d.get(bad), 400, bad);
     }

@@ -758,6 +758,18 @@ const DRONE: &str = "bradrydzewski/drone-test-go";
 /// (pipeline, outcome, fragments its reason must contain)
 type Expect = &'static [(&'static str, &'static str, &'static [&'static str])];
 
+/// The outcome of a pipeline of another repository: it has no decision at all.
+const ABSENT: &str = "absent";
+
+/// The pipelines of `real_push_payloads_are_decided_by_their_exact_bytes` by repository.
+const WATCHERS: [(&str, &str); 5] = [
+    ("drone", DRONE),
+    ("drone-release", DRONE),
+    ("hello-tags", "Codertocat/Hello-World"),
+    ("envs", "org/repo"),
+    ("sample", "binkkatal/sample_app"),
+];
+
 #[test]
 fn real_push_payloads_are_decided_by_their_exact_bytes() {
     let b = Builder::new();
@@ -803,11 +815,7 @@ fn real_push_payloads_are_decided_by_their_exact_bytes() {
                     &["refs/heads/feature-branch", "deleted"],
                 ),
                 ("drone-release", "not_triggered", &["deleted"]),
-                (
-                    "envs",
-                    "not_triggered",
-                    &["bradrydzewski/drone-test-go", "org/repo"],
-                ),
+                ("envs", ABSENT, &[]),
             ],
         ),
         (
@@ -826,7 +834,7 @@ fn real_push_payloads_are_decided_by_their_exact_bytes() {
                     "not_triggered",
                     &["refs/tags/simple-tag", "deleted"],
                 ),
-                ("drone", "not_triggered", &["Codertocat/Hello-World", DRONE]),
+                ("drone", ABSENT, &[]),
             ],
         ),
         (
@@ -841,11 +849,7 @@ fn real_push_payloads_are_decided_by_their_exact_bytes() {
             "push/argocd-slash-branch-env-dev.json",
             &[
                 ("envs", "run", &["refs/heads/env/dev"]),
-                (
-                    "sample",
-                    "not_triggered",
-                    &["org/repo", "binkkatal/sample_app"],
-                ),
+                ("sample", ABSENT, &[]),
             ],
         ),
         (
@@ -853,11 +857,7 @@ fn real_push_payloads_are_decided_by_their_exact_bytes() {
             &[
                 ("drone-release", "run", &["refs/tags/v0.0.1"]),
                 ("drone", "not_triggered", &["v0.0.1", "tags"]),
-                (
-                    "hello-tags",
-                    "not_triggered",
-                    &[DRONE, "Codertocat/Hello-World"],
-                ),
+                ("hello-tags", ABSENT, &[]),
             ],
         ),
         (
@@ -868,7 +868,7 @@ fn real_push_payloads_are_decided_by_their_exact_bytes() {
                     "not_triggered",
                     &["\"master\"", "on.branches", "main"],
                 ),
-                ("drone", "not_triggered", &["binkkatal/sample_app", DRONE]),
+                ("drone", ABSENT, &[]),
             ],
         ),
         (
@@ -897,8 +897,30 @@ fn real_push_payloads_are_decided_by_their_exact_bytes() {
         assert_eq!(why["ref"], source["ref"], "{file}");
         assert_eq!(why["after"], source["after"], "{file}");
         let decisions = why["decisions"].as_array().unwrap();
-        assert_eq!(decisions.len(), 5, "one decision per pipeline: {why:#}");
+        let repo = source["repository"]["full_name"].as_str().unwrap();
+        let mut watching: Vec<&str> = WATCHERS
+            .iter()
+            .filter(|(_, r)| r.eq_ignore_ascii_case(repo))
+            .map(|(p, _)| *p)
+            .collect();
+        watching.sort_unstable();
+        let mut named: Vec<&str> = decisions
+            .iter()
+            .map(|x| x["pipeline"].as_str().unwrap())
+            .collect();
+        named.sort_unstable();
+        assert_eq!(
+            named, watching,
+            "one decision per pipeline of the pushed repository: {why:#}"
+        );
         for (pipeline, outcome, fragments) in expect.iter() {
+            if *outcome == ABSENT {
+                assert!(
+                    decisions.iter().all(|x| x["pipeline"] != *pipeline),
+                    "{file}: {pipeline} watches another repository: {why:#}"
+                );
+                continue;
+            }
             let dec = decisions
                 .iter()
                 .find(|x| x["pipeline"] == *pipeline)
@@ -976,8 +998,19 @@ fn every_real_push_fixture_is_accepted_and_recorded_as_sent() {
         assert_eq!(why["ref"], source["ref"], "{name}");
         assert_eq!(why["after"], source["after"], "{name}");
         assert_eq!(why["repo"], source["repository"]["full_name"], "{name}");
+        // One decision, naming no pipeline: none watches the pushed repository.
+        assert_eq!(
+            why["decisions"].as_array().unwrap().len(),
+            1,
+            "{name}: {why:#}"
+        );
+        assert!(why["decisions"][0]["pipeline"].is_null(), "{name}: {why:#}");
         let reason = why["decisions"][0]["reason"].as_str().unwrap();
-        assert!(reason.contains("nobody/nothing"), "{name}: {reason}");
+        let repo = source["repository"]["full_name"].as_str().unwrap();
+        assert!(
+            reason.contains("no pipeline watches") && reason.contains(repo),
+            "{name}: {reason}"
+        );
         // The same bytes again: a redelivery.
         let again = d.deliver("push", &delivery, &body);
         assert_eq!(again.status, 200, "{name}");

@@ -120,6 +120,26 @@ UPDATE runs SET generation = attempt WHERE trigger = 'rerun';
 UPDATE steps SET attempt = 1 WHERE run_id IN (SELECT id FROM runs WHERE trigger = 'rerun');
 UPDATE runs SET attempt = 1 WHERE trigger = 'rerun';
 "#,
+    // Retention keeps the newest N finished runs by rank: this index holds exactly the
+    // runs it may delete, so a rank is a walk of N entries of the index alone (with
+    // `status` in it, SQLite need not read the rows to check the predicate again).
+    // The predicate is `writes::FINISHED`, which the queries repeat word for word and
+    // name the index: SQLite refuses such a query when the index cannot serve it.
+    r#"
+CREATE INDEX runs_finished ON runs(id, status)
+    WHERE status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped');
+"#,
+    // The repositories reconcile has listed once: after that first pass, which only
+    // records, a ref seen for the first time is a creation and is built. A repository
+    // with a head that reconcile recorded was listed before this table existed.
+    r#"
+CREATE TABLE reconciled (
+    repo        TEXT PRIMARY KEY,
+    first_at    INTEGER NOT NULL
+);
+INSERT INTO reconciled (repo, first_at)
+    SELECT repo, MIN(updated_at) FROM ref_heads WHERE source = 'reconcile' GROUP BY repo;
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -307,6 +327,22 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
+    /// What a reconcile pass of `repo` compares the remote with, read before it lists.
+    pub fn reconcile_view(&self, repo: &str) -> Result<ReconcileView, StoreError> {
+        let heads = self.ref_heads(repo)?;
+        let reconciled = self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM reconciled WHERE repo = ?1",
+                [repo_key(repo)],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .is_some();
+        Ok(ReconcileView { heads, reconciled })
+    }
+
     /// The clone URL of `repo` from its latest delivery.
     pub fn clone_url_of(&self, repo: &str) -> Result<Option<String>, StoreError> {
         self.conn()
@@ -363,25 +399,38 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// Newest first.
+    /// Newest first. Only the filters given become conditions, so each query can walk
+    /// its index (`runs_pipeline`, `runs_status`, the id itself) from `before` down,
+    /// however deep the page.
     pub fn runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let mut conditions = Vec::new();
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(pipeline) = &filter.pipeline {
+            conditions.push("pipeline = ?");
+            values.push(pipeline.clone().into());
+        }
+        if let Some(status) = filter.status {
+            conditions.push("status = ?");
+            values.push(status.as_str().to_owned().into());
+        }
+        if let Some(before) = filter.before {
+            conditions.push("id < ?");
+            values.push(before.into());
+        }
+        values.push(i64::from(filter.limit).into());
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs
-                 WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2)
-                 ORDER BY id DESC LIMIT ?3"
+                "SELECT {RUN_COLUMNS} FROM runs {clause} ORDER BY id DESC LIMIT ?"
             ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(
-                params![
-                    filter.pipeline,
-                    filter.status.map(RunStatus::as_str),
-                    filter.limit
-                ],
-                run_from_row,
-            )
+            .query_map(rusqlite::params_from_iter(values), run_from_row)
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
@@ -418,7 +467,7 @@ impl Store {
         let rows = stmt
             .query_map([id], |r| {
                 Ok(Decision {
-                    pipeline: r.get(0)?,
+                    pipeline: Some(r.get::<_, String>(0)?).filter(|p| !p.is_empty()),
                     outcome: r.get(1)?,
                     reason: r.get(2)?,
                     run_id: r.get(3)?,
@@ -486,13 +535,13 @@ mod tests {
             decisions: runs
                 .into_iter()
                 .map(|r| NewDecision {
-                    pipeline: r.pipeline.clone(),
+                    pipeline: Some(r.pipeline.clone()),
                     reason: "matched".into(),
                     run: Some(r),
                 })
                 .chain(std::iter::once(NewDecision {
-                    pipeline: "zz-other".into(),
-                    reason: "repository differs".into(),
+                    pipeline: Some("zz-other".into()),
+                    reason: "branch not matched".into(),
                     run: None,
                 }))
                 .collect(),
@@ -714,14 +763,15 @@ mod tests {
                 .finish_run(*id, RunStatus::Succeeded, None, StepStatus::Skipped)
                 .unwrap();
         }
-        // Keep the newest 2: the 4 oldest are beyond them; all finished but none is old.
+        // Keep the newest 2: the 3 oldest are beyond them; all finished but none is old.
         let pruned = store.prune(2, 0).unwrap();
-        assert_eq!(pruned, ids[..4].to_vec());
+        assert_eq!(pruned.runs, ids[..3].to_vec());
+        assert!(!pruned.more);
         assert!(store.run(ids[0]).unwrap().is_none());
-        assert!(store.run(ids[4]).unwrap().is_some());
+        assert!(store.run(ids[3]).unwrap().is_some());
         // Older than the cutoff: every finished run goes, the queued one stays.
         let pruned = store.prune(1000, crate::clock::now_ms() + 1).unwrap();
-        assert_eq!(pruned, vec![ids[4]]);
+        assert_eq!(pruned.runs, ids[3..5].to_vec());
         let left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
         assert_eq!(left, vec![ids[5]]);
     }
@@ -868,6 +918,79 @@ mod tests {
     }
 
     #[test]
+    fn retention_keeps_the_newest_finished_runs_by_rank_despite_id_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut finished = Vec::new();
+        for i in 0..8 {
+            let made = store.create_run(run("ci", &format!("k{i}"))).unwrap();
+            // A second push of the same commit: refused by the lock, it uses an id up.
+            assert!(
+                store
+                    .create_run(run("ci", &format!("k{i}")))
+                    .unwrap()
+                    .existing
+            );
+            store
+                .finish_run(made.id, RunStatus::Succeeded, None, StepStatus::Skipped)
+                .unwrap();
+            finished.push(made.id);
+        }
+        let queued = store.create_run(run("ci", "queued")).unwrap().id;
+        let interrupted = store.create_run(run("ci", "interrupted")).unwrap().id;
+        store
+            .finish_run(
+                interrupted,
+                RunStatus::Interrupted,
+                None,
+                StepStatus::Interrupted,
+            )
+            .unwrap();
+        assert!(finished.windows(2).all(|w| w[1] > w[0] + 1), "{finished:?}");
+
+        store.prune(5, 0).unwrap();
+        let mut left: Vec<i64> = all(&store).iter().map(|r| r.id).collect();
+        left.sort_unstable();
+        let mut expected = finished[3..].to_vec();
+        // Neither counts as finished nor is pruned: one waits, one is queued again at start.
+        expected.extend([queued, interrupted]);
+        assert_eq!(left, expected);
+        assert_eq!(store.prune(5, 0).unwrap(), Pruned::default());
+    }
+
+    #[test]
+    fn retention_bounds_deliveries_and_their_decisions_but_keeps_those_of_kept_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // d0 starts a run that stays queued; d1..d9 start nothing.
+        store
+            .record_delivery(delivery("d0", vec![run("ci", "k0")]))
+            .unwrap();
+        for i in 1..10 {
+            store
+                .record_delivery(delivery(&format!("d{i}"), vec![]))
+                .unwrap();
+        }
+        let pruned = store.prune(3, 0).unwrap();
+        assert_eq!(pruned.deliveries, 6);
+        let kept: Vec<String> = (0..10)
+            .map(|i| format!("d{i}"))
+            .filter(|id| store.delivery(id).unwrap().is_some())
+            .collect();
+        assert_eq!(kept, ["d0", "d7", "d8", "d9"]);
+        let decisions: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM decisions", [], |r| r.get(0))
+            .unwrap();
+        // d0: its run and zz-other; d7..d9: zz-other each.
+        assert_eq!(decisions, 5);
+        // Age: older than the cutoff goes too, unless a kept run came from it.
+        let pruned = store.prune(1000, crate::clock::now_ms() + 1).unwrap();
+        assert_eq!(pruned.deliveries, 3);
+        assert!(store.delivery("d0").unwrap().is_some());
+    }
+
+    #[test]
     fn repository_keys_ignore_case() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -941,6 +1064,79 @@ mod tests {
                 ("refs/heads/dev".to_owned(), "dev".to_owned()),
             ])
         );
+    }
+
+    #[test]
+    fn reconcile_applies_a_ref_only_where_its_head_is_still_the_one_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = store.reconcile_view("o/r").unwrap();
+        assert_eq!(first, ReconcileView::default());
+        let change = |git_ref: &str, seen: Option<&str>, head: &str, key: &str| RefChange {
+            git_ref: git_ref.into(),
+            seen: seen.map(str::to_owned),
+            head: head.into(),
+            runs: vec![run("ci", key)],
+        };
+        let done = store
+            .record_reconcile(
+                "o/r".into(),
+                vec![change("refs/heads/main", None, "a", "ka")],
+            )
+            .unwrap();
+        assert_eq!((done.runs.len(), done.stale.len()), (1, 0));
+        let view = store.reconcile_view("O/R").unwrap();
+        assert!(view.reconciled);
+        assert_eq!(view.heads["refs/heads/main"], "a");
+
+        // A push lands between the pass's read and its write: main is now at c.
+        let mut pushed = delivery("d1", vec![]);
+        pushed.head = Some("c".repeat(40));
+        store.record_delivery(pushed).unwrap();
+        let done = store
+            .record_reconcile(
+                "o/r".into(),
+                vec![
+                    change("refs/heads/main", Some("a"), "b", "kb"),
+                    change("refs/tags/v1", None, "t", "kt"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(done.stale, ["refs/heads/main"]);
+        assert_eq!(done.runs.len(), 1, "the tag's run only: {done:?}");
+        let heads = store.ref_heads("o/r").unwrap();
+        assert_eq!(
+            heads["refs/heads/main"],
+            "c".repeat(40),
+            "the push's head stays"
+        );
+        assert_eq!(heads["refs/tags/v1"], "t");
+        assert_eq!(all(&store).len(), 2, "no run for the stale listing of main");
+    }
+
+    #[test]
+    fn repositories_reconciled_before_the_marker_existed_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = SCHEMA
+            .iter()
+            .position(|m| m.contains("CREATE TABLE reconciled"))
+            .unwrap();
+        {
+            let conn = Connection::open(dir.path().join("hookci.db")).unwrap();
+            for migration in &SCHEMA[..marker] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.execute_batch(&format!(
+                "PRAGMA user_version = {marker};
+                 INSERT INTO ref_heads VALUES ('o/listed', 'refs/heads/main', 'a', 'reconcile', 1),
+                                              ('o/listed', 'refs/heads/dev', 'b', 'push', 2),
+                                              ('o/pushed', 'refs/heads/main', 'c', 'push', 3);"
+            ))
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.reconcile_view("o/listed").unwrap().reconciled);
+        assert!(!store.reconcile_view("o/pushed").unwrap().reconciled);
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub struct NewDelivery {
 
 #[derive(Debug, Clone)]
 pub struct NewDecision {
-    pub pipeline: String,
+    /// `None`: the one decision of a push to a repository no pipeline watches.
+    pub pipeline: Option<String>,
     pub reason: String,
     /// `None`: the pipeline is not triggered.
     pub run: Option<NewRun>,
@@ -239,7 +240,8 @@ pub struct Delivery {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub pipeline: String,
+    /// `None`: the push's repository had no pipeline.
+    pub pipeline: Option<String>,
     /// `run`, `skipped`, `duplicate` or `not_triggered`.
     pub outcome: String,
     pub reason: String,
@@ -255,9 +257,49 @@ pub struct StepEnd {
     pub reason: Option<String>,
 }
 
+/// What a reconcile pass read of a repository before listing its remote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileView {
+    /// Where each ref pointed when hookci last saw it.
+    pub heads: std::collections::HashMap<String, String>,
+    /// A pass has listed the repository before (the first one only records).
+    pub reconciled: bool,
+}
+
+/// A ref a reconcile pass found at a new head, with the runs that triggers.
+#[derive(Debug, Clone)]
+pub struct RefChange {
+    pub git_ref: String,
+    /// The stored head the pass read before listing (`None`: none). The change is
+    /// applied only if it still is: a push recorded meanwhile wins.
+    pub seen: Option<String>,
+    pub head: String,
+    pub runs: Vec<NewRun>,
+}
+
+/// What [`RefChange`]s a reconcile pass applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub runs: Vec<RunRef>,
+    /// Refs left alone: their stored head moved after the pass read it.
+    pub stale: Vec<String>,
+}
+
+/// What one call of retention deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// The deleted runs (their logs and workspaces are the caller's to remove).
+    pub runs: Vec<i64>,
+    pub deliveries: usize,
+    /// A batch was full: another call deletes more.
+    pub more: bool,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     pub pipeline: Option<String>,
     pub status: Option<RunStatus>,
+    /// Only runs with a smaller id: the next page after a page that ended there.
+    pub before: Option<i64>,
     pub limit: u32,
 }

@@ -5,8 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
 use super::{
-    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Run, RunRef, RunStatus, StepEnd, StepStatus,
-    Supersede,
+    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, Reconciled, RefChange, Run, RunRef,
+    RunStatus, StepEnd, StepStatus, Supersede,
 };
 use crate::clock::now_ms;
 
@@ -210,85 +210,176 @@ impl Store {
         })
     }
 
-    /// Records what a reconcile found: the runs it triggers (under the per-commit lock)
-    /// and the refs' new heads.
+    /// Records what a reconcile pass of `repo` found, and that the repository has been
+    /// reconciled. Each ref's change (its runs, under the per-commit lock, and its new
+    /// head) is applied only if the ref's stored head is still the one the pass read
+    /// before listing: a push recorded in between knows better than that listing.
     pub fn record_reconcile(
         &self,
         repo: String,
-        heads: Vec<(String, String)>,
-        runs: Vec<NewRun>,
-    ) -> Result<Vec<RunRef>, StoreError> {
+        changes: Vec<RefChange>,
+    ) -> Result<Reconciled, StoreError> {
         self.writer.exec(move |c| {
-            let made = runs
-                .iter()
-                .map(|run| insert_run(c, run, None))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            for (git_ref, sha) in &heads {
-                note_head(c, &repo, git_ref, Some(sha), "reconcile")?;
+            let mut out = Reconciled::default();
+            for change in &changes {
+                let stored: Option<String> = c
+                    .prepare_cached(
+                        "SELECT commit_sha FROM ref_heads WHERE repo = ?1 AND ref = ?2",
+                    )?
+                    .query_row(params![repo_key(&repo), change.git_ref], |r| r.get(0))
+                    .optional()?;
+                if stored != change.seen {
+                    out.stale.push(change.git_ref.clone());
+                    continue;
+                }
+                for run in &change.runs {
+                    out.runs.push(insert_run(c, run, None)?);
+                }
+                note_head(c, &repo, &change.git_ref, Some(&change.head), "reconcile")?;
             }
-            Ok(made)
+            c.prepare_cached(
+                "INSERT INTO reconciled (repo, first_at) VALUES (?1, ?2) ON CONFLICT(repo) DO NOTHING",
+            )?
+            .execute(params![repo_key(&repo), now_ms()])?;
+            Ok(out)
         })
     }
 }
 
+/// The runs retention may delete: those finished for good. `interrupted` is not among
+/// them, since such a run is queued again at the next start. Word for word the
+/// predicate of the `runs_finished` index, so queries with it can walk that index, and
+/// do (`INDEXED BY`): without statistics SQLite would rather sort the `runs_status`
+/// entries of every finished run.
+const FINISHED: &str = "status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped')";
+
+/// The most runs, and deliveries, one call of [`Store::prune`] deletes, so that one call
+/// never holds the writer long.
+const PRUNE_RUNS: usize = 200;
+const PRUNE_DELIVERIES: usize = 500;
+
 impl Store {
-    /// Retention: deletes finished runs beyond the newest `keep_runs`, or finished
-    /// before `cutoff_ms`, with their steps, and deliveries older than the cutoff that
-    /// no kept run came from. Returns the deleted runs' ids (their logs and workspaces
-    /// are the caller's to remove). At most 200 runs a call, so one call never holds the
-    /// writer long; calls after each run catch up. A redelivery of a pruned push would
+    /// Retention: deletes finished runs beyond the newest `keep` of them (by rank: run
+    /// ids have gaps, since every insert the per-commit lock refuses uses one up) or
+    /// created before `cutoff_ms`, with their steps; and deliveries, with their
+    /// decisions, beyond the newest `keep` or received before the cutoff, but never
+    /// one that a kept run came from. Runs and deliveries go oldest first, a bounded
+    /// batch a call; `more` says a batch was full. A redelivery of a pruned push would
     /// build again.
-    pub fn prune(&self, keep_runs: u64, cutoff_ms: i64) -> Result<Vec<i64>, StoreError> {
+    pub fn prune(&self, keep: u64, cutoff_ms: i64) -> Result<Pruned, StoreError> {
         self.writer.exec(move |c| {
-            // Ids grow with creation time, so "beyond the newest N" and "older than D days"
-            // are both a prefix of the ids: find its end without scanning the table.
-            // Run ids are dense (only prefixes are ever deleted), so the newest N are the
-            // ids above max - N; OFFSET N would walk N index entries on every call.
-            let beyond_newest: Option<i64> = c
-                .prepare_cached("SELECT MAX(id) - ?1 FROM runs")?
-                .query_row([i64::try_from(keep_runs.max(1)).unwrap_or(i64::MAX)], |r| r.get(0))?;
-            let beyond_newest = beyond_newest.filter(|b| *b > 0);
-            let oldest: Option<i64> = c
-                .prepare_cached("SELECT created_at FROM runs ORDER BY id LIMIT 1")?
-                .query_row([], |r| r.get(0))
-                .optional()?;
-            let too_old: Option<i64> = match oldest {
-                Some(t) if t < cutoff_ms => c
-                    .prepare_cached(
-                        "SELECT MAX(id) FROM (SELECT id FROM runs WHERE created_at < ?1 ORDER BY id LIMIT 200)",
-                    )?
-                    .query_row([cutoff_ms], |r| r.get(0))?,
-                _ => None,
-            };
-            let Some(bound) = beyond_newest.max(too_old) else {
-                return Ok(Vec::new());
-            };
-            let ids: Vec<i64> = c
-                .prepare_cached(
-                    "SELECT id FROM runs WHERE id <= ?1 AND status NOT IN ('queued', 'running') ORDER BY id LIMIT 200",
-                )?
-                .query_map([bound], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for id in &ids {
-                c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?.execute([id])?;
-                c.prepare_cached("DELETE FROM runs WHERE id = ?1")?.execute([id])?;
-            }
-            let oldest_delivery: Option<i64> = c
-                .prepare_cached("SELECT received_at FROM deliveries ORDER BY seq LIMIT 1")?
-                .query_row([], |r| r.get(0))
-                .optional()?;
-            if oldest_delivery.is_some_and(|t| t < cutoff_ms) {
-                // Old deliveries no kept run came from; retention keeps `runs` small, so
-                // one pass over it is cheap.
-                let old = "SELECT seq FROM deliveries WHERE seq <= (SELECT MAX(seq) FROM
-                             (SELECT seq FROM deliveries WHERE received_at < ?1 ORDER BY seq LIMIT 500))
-                           AND id NOT IN (SELECT delivery_id FROM runs WHERE delivery_id IS NOT NULL)";
-                c.execute(&format!("DELETE FROM decisions WHERE delivery IN ({old})"), [cutoff_ms])?;
-                c.execute(&format!("DELETE FROM deliveries WHERE seq IN ({old})"), [cutoff_ms])?;
-            }
-            Ok(ids)
+            let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
+            let runs = prune_runs(c, keep, cutoff_ms)?;
+            let deliveries = prune_deliveries(c, keep, cutoff_ms)?;
+            Ok(Pruned {
+                more: runs.len() == PRUNE_RUNS || deliveries == PRUNE_DELIVERIES,
+                runs,
+                deliveries,
+            })
         })
     }
+}
+
+/// Where retention's walk of a table (oldest first) goes: it deletes the rows up to
+/// `beyond`, the newest row past the `keep` newest (0: none), and the rows older than
+/// the cutoff; past `end` is neither, so the walk stops there.
+struct PruneFrom {
+    beyond: i64,
+    end: i64,
+}
+
+/// Where retention ends in a table: `newest_beyond` (given `keep`) finds the newest row
+/// past the kept ones, `oldest_time` the time of the oldest row. `None`: nothing to
+/// delete.
+fn prune_from(
+    c: &Connection,
+    newest_beyond: &str,
+    oldest_time: &str,
+    keep: i64,
+    cutoff_ms: i64,
+) -> rusqlite::Result<Option<PruneFrom>> {
+    let beyond: Option<i64> = c
+        .prepare_cached(newest_beyond)?
+        .query_row([keep], |r| r.get(0))
+        .optional()?;
+    let oldest: Option<i64> = c
+        .prepare_cached(oldest_time)?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let aged = oldest.is_some_and(|t| t < cutoff_ms);
+    Ok(match (beyond, aged) {
+        (None, false) => None,
+        (beyond, false) => beyond.map(|b| PruneFrom { beyond: b, end: b }),
+        (beyond, true) => Some(PruneFrom {
+            beyond: beyond.unwrap_or(0),
+            end: i64::MAX,
+        }),
+    })
+}
+
+fn prune_runs(c: &Connection, keep: i64, cutoff_ms: i64) -> rusqlite::Result<Vec<i64>> {
+    let Some(from) = prune_from(
+        c,
+        &format!(
+            "SELECT id FROM runs INDEXED BY runs_finished WHERE {FINISHED}
+             ORDER BY id DESC LIMIT 1 OFFSET ?1"
+        ),
+        &format!(
+            "SELECT created_at FROM runs INDEXED BY runs_finished WHERE {FINISHED}
+             ORDER BY id LIMIT 1"
+        ),
+        keep,
+        cutoff_ms,
+    )?
+    else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<i64> = c
+        .prepare_cached(&format!(
+            "SELECT id FROM runs INDEXED BY runs_finished
+             WHERE {FINISHED} AND id <= ?1 AND (id <= ?2 OR created_at < ?3)
+             ORDER BY id LIMIT {PRUNE_RUNS}"
+        ))?
+        .query_map(params![from.end, from.beyond, cutoff_ms], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?
+            .execute([id])?;
+        c.prepare_cached("DELETE FROM runs WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok(ids)
+}
+
+fn prune_deliveries(c: &Connection, keep: i64, cutoff_ms: i64) -> rusqlite::Result<usize> {
+    let Some(from) = prune_from(
+        c,
+        "SELECT seq FROM deliveries ORDER BY seq DESC LIMIT 1 OFFSET ?1",
+        "SELECT received_at FROM deliveries ORDER BY seq LIMIT 1",
+        keep,
+        cutoff_ms,
+    )?
+    else {
+        return Ok(0);
+    };
+    // The runs table is small (retention keeps it so): the set of deliveries its runs
+    // came from is cheap to build once a call.
+    let seqs: Vec<i64> = c
+        .prepare_cached(&format!(
+            "SELECT seq FROM deliveries
+             WHERE seq <= ?1 AND (seq <= ?2 OR received_at < ?3)
+               AND id NOT IN (SELECT delivery_id FROM runs WHERE delivery_id IS NOT NULL)
+             ORDER BY seq LIMIT {PRUNE_DELIVERIES}"
+        ))?
+        .query_map(params![from.end, from.beyond, cutoff_ms], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for seq in &seqs {
+        c.prepare_cached("DELETE FROM decisions WHERE delivery = ?1")?
+            .execute([seq])?;
+        c.prepare_cached("DELETE FROM deliveries WHERE seq = ?1")?
+            .execute([seq])?;
+    }
+    Ok(seqs.len())
 }
 
 fn finish_in(
@@ -346,7 +437,15 @@ fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOut
         conn.prepare_cached(
             "INSERT INTO decisions (delivery, pipeline, outcome, reason, run_id) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![seq, decision.pipeline, outcome, reason, run_id])?;
+        // The pipeline is part of the key, which cannot be NULL: the one decision of a
+        // push no pipeline watches is stored under the empty name (never a file stem).
+        .execute(params![
+            seq,
+            decision.pipeline.as_deref().unwrap_or_default(),
+            outcome,
+            reason,
+            run_id
+        ])?;
     }
     note_head(conn, &d.repo, &d.git_ref, d.head.as_deref(), "push")?;
     conn.prepare_cached(
