@@ -13,7 +13,7 @@ use crate::daemon::AppState;
 use crate::event::{Push, RefKind};
 use crate::intake;
 use crate::repo::RepoName;
-use crate::scheduler::blocking;
+use crate::scheduler::{self, blocking};
 
 /// Reconciles at start, then every interval, until `stop` turns true. An interval of 0
 /// disables reconciling altogether.
@@ -147,9 +147,7 @@ async fn reconcile_repo(
         tracing::info!(run = r.id, pipeline = %r.pipeline, %repo, "missed push found: run queued");
         // `cancel: running`, as for a pushed commit.
         for old in &r.supersedes {
-            state
-                .running
-                .cancel(*old, format!("superseded by run {}", r.id));
+            scheduler::supersede(state, *old, r.id).await;
         }
     }
     Ok(new.len())
