@@ -452,6 +452,7 @@ mod concurrency;
 mod git_jobs;
 mod live_logs;
 mod retention;
+mod run_end;
 mod secrets;
 mod triggers;
 mod write_api;
