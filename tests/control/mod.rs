@@ -448,6 +448,7 @@ fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
+mod cleanup_steps;
 mod concurrency;
 mod git_jobs;
 mod live_logs;
