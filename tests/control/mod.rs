@@ -450,6 +450,7 @@ fn sha256_hex(value: &str) -> String {
 
 mod cleanup_steps;
 mod concurrency;
+mod exact_cancel;
 mod git_jobs;
 mod live_logs;
 mod retention;
