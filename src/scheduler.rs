@@ -47,8 +47,9 @@ pub struct Running {
 
 enum Slot {
     Executing(Arc<RunControl>),
-    /// Its end is decided (this status) and being stored: too late to cancel.
-    Ending(RunStatus),
+    /// Its end is decided (this status) and being stored: too late to cancel, but a
+    /// stop still reaches it (its store writes give up then).
+    Ending(RunStatus, Arc<RunControl>),
 }
 
 /// What the registry did with a cancel.
@@ -81,20 +82,18 @@ impl Running {
     /// with the status returned.
     fn close(&self, id: i64, ending: Ending) -> Ending {
         let mut slots = self.lock();
-        let ending = match slots.get(&id) {
-            Some(Slot::Executing(control)) => {
-                let canceled = lock(&control.canceled).clone();
-                match (canceled, ending.status) {
-                    (Some(reason), RunStatus::Succeeded | RunStatus::Skipped) => Ending {
-                        status: RunStatus::Canceled,
-                        reason: Some(reason),
-                    },
-                    _ => ending,
-                }
-            }
+        let Some(Slot::Executing(control)) = slots.remove(&id) else {
+            return ending;
+        };
+        let canceled = lock(&control.canceled).clone();
+        let ending = match (canceled, ending.status) {
+            (Some(reason), RunStatus::Succeeded | RunStatus::Skipped) => Ending {
+                status: RunStatus::Canceled,
+                reason: Some(reason),
+            },
             _ => ending,
         };
-        slots.insert(id, Slot::Ending(ending.status));
+        slots.insert(id, Slot::Ending(ending.status, control));
         ending
     }
 
@@ -117,7 +116,7 @@ impl Running {
                 control.stop.send_replace(true);
                 Cancel::Stopping
             }
-            Some(Slot::Ending(status)) => Cancel::Ended(*status),
+            Some(Slot::Ending(status, _)) => Cancel::Ended(*status),
             None => Cancel::NotHere,
         }
     }
@@ -126,12 +125,11 @@ impl Running {
     /// `hookci run` was interrupted twice).
     pub fn stop_all(&self) {
         for slot in self.lock().values() {
-            if let Slot::Executing(control) = slot {
-                // Halt first: a run that sees its stop without a cancel reason takes it
-                // for a shutdown, and must then find its cleanup steps stopped too.
-                control.halt.send_replace(true);
-                control.stop.send_replace(true);
-            }
+            let (Slot::Executing(control) | Slot::Ending(_, control)) = slot;
+            // Halt first: a run that sees its stop without a cancel reason takes it for
+            // a shutdown, and must then find its cleanup steps stopped too.
+            control.halt.send_replace(true);
+            control.stop.send_replace(true);
         }
     }
 }
@@ -856,6 +854,13 @@ mod tests {
             Cancel::Ended(RunStatus::Succeeded)
         );
         assert!(!*rx.borrow(), "a refused cancel stops nothing");
+        // A stop still reaches it while its end is being stored.
+        let control = match running.lock().get(&7) {
+            Some(Slot::Ending(_, control)) => Arc::clone(control),
+            _ => panic!("run 7 is ending"),
+        };
+        running.stop_all();
+        assert!(*control.halt.borrow(), "its store writes give up at a stop");
         // Stored: the store answers from now on, and the registry holds nothing.
         running.remove(7);
         assert_eq!(
