@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
@@ -15,6 +16,7 @@ use crate::api::{blocking, flatten, run_json};
 use crate::daemon::AppState;
 use crate::intake::{concurrency_group, error_reply};
 use crate::repo::RepoName;
+use crate::scheduler::{self, Canceled};
 use crate::store::{NewRun, Run, RunStatus, Supersede};
 
 const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
@@ -70,26 +72,26 @@ async fn run_reply(state: &AppState, id: i64, status: StatusCode) -> Result<Resp
 }
 
 async fn cancel(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
-    let run = load_run(&state, id).await?;
     let reason = "canceled through the API".to_owned();
-    match run.status {
-        RunStatus::Queued => {
-            let r = reason.clone();
-            if !blocking(&state.store, move |s| s.cancel_queued(id, r)).await? {
-                // It started meanwhile: stop it like a running one.
-                state.running.cancel(id, reason);
-            }
+    match scheduler::cancel(&state, id, reason).await {
+        Ok(Canceled::Applied) => {
+            tracing::info!(run = id, "cancel requested");
+            run_reply(&state, id, StatusCode::ACCEPTED).await
         }
-        RunStatus::Running => state.running.cancel(id, reason),
-        done => {
-            return Err(error_reply(
-                StatusCode::CONFLICT,
-                format!("run {id} already ended ({})", done.as_str()),
-            ))
+        Ok(Canceled::TooLate(status)) => Err(warp::reply::with_status(
+            warp::reply::json(&json!({
+                "error": format!("run {id} already ended ({})", status.as_str()),
+                "status": status,
+            })),
+            StatusCode::CONFLICT,
+        )
+        .into_response()),
+        Ok(Canceled::NoSuchRun) => Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}"))),
+        Err(e) => {
+            tracing::error!(run = id, error = %e, "cancel failed");
+            Err(error_reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
         }
     }
-    tracing::info!(run = id, "cancel requested");
-    run_reply(&state, id, StatusCode::ACCEPTED).await
 }
 
 /// A run like `old`, explicit: the per-commit lock does not stop it.

@@ -159,6 +159,7 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
             }
         }
     }
+    remove_leftover_workspaces(&state_dir.join("workspaces"));
     for (id, attempt, status) in store.requeue_interrupted()? {
         // A run that ends here keeps its logs where its last attempt's are read from.
         if status == RunStatus::Queued {
@@ -172,6 +173,21 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
         );
     }
     Ok((store, state_dir, lock))
+}
+
+/// Removes every workspace a previous daemon left: a run's end is stored before its
+/// workspace is removed, so a crash in between leaves the workspace of an ended run
+/// behind. Nothing executes yet, so every workspace found is a leftover.
+fn remove_leftover_workspaces(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(workspace = %path.display(), error = %e, "cannot remove a leftover workspace");
+        }
+    }
 }
 
 /// Moves an attempt's step logs (`N.log`) into `attempt-K/`, so the next attempt

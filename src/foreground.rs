@@ -1,7 +1,8 @@
 //! `hookci run PIPELINE --repo PATH|URL`: one pipeline, now, in the foreground, with
 //! its output on stdout. It goes through the same checkout, runner and store as the
 //! daemon, on a throwaway state directory, so what passes here passes there. SIGINT
-//! (Ctrl-C) or SIGTERM stops the run as a cancel does in the daemon.
+//! (Ctrl-C) or SIGTERM stops the run as a cancel does in the daemon (its cleanup steps
+//! still run); a second one stops those too.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -139,14 +140,24 @@ async fn run_in(
     });
     let execution = scheduler::execute_now(Arc::clone(&state), id);
     let mut execution = std::pin::pin!(execution);
-    let mut stopping = false;
+    let mut signals = 0;
     loop {
         tokio::select! {
             done = &mut execution => break done?,
-            signal = interrupts.recv(), if !stopping => {
-                tracing::warn!(signal, "stopping the run");
-                state.running.cancel(id, format!("stopped by {signal}"));
-                stopping = true;
+            signal = interrupts.recv(), if signals < 2 => {
+                signals += 1;
+                if signals == 1 {
+                    tracing::warn!(signal, "stopping the run; its cleanup steps still run (a second signal stops them)");
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move {
+                        if let Err(e) = scheduler::cancel(&state, id, format!("stopped by {signal}")).await {
+                            tracing::error!(error = %e, "cannot stop the run");
+                        }
+                    });
+                } else {
+                    tracing::warn!(signal, "stopping the cleanup steps too");
+                    state.running.stop_all();
+                }
             }
         }
     }

@@ -295,9 +295,7 @@ async fn record_and_wake(
     if let DeliveryOutcome::New(runs) = &outcome {
         for new in runs {
             for old in &new.supersedes {
-                state
-                    .running
-                    .cancel(*old, format!("superseded by run {}", new.id));
+                crate::scheduler::supersede(&state, *old, new.id).await;
             }
         }
         if runs.iter().any(|r| !r.existing) {

@@ -16,7 +16,7 @@ use crate::daemon::AppState;
 use crate::event::{Push, RefKind, ZERO_SHA};
 use crate::intake;
 use crate::repo::RepoName;
-use crate::scheduler::blocking;
+use crate::scheduler::{self, blocking};
 use crate::store::RefChange;
 
 /// Reconciles at start, then every interval, until `stop` turns true. An interval of 0
@@ -165,9 +165,7 @@ async fn reconcile_repo(
         tracing::info!(run = r.id, pipeline = %r.pipeline, %repo, "missed push found: run queued");
         // `cancel: running`, as for a pushed commit.
         for old in &r.supersedes {
-            state
-                .running
-                .cancel(*old, format!("superseded by run {}", r.id));
+            scheduler::supersede(state, *old, r.id).await;
         }
     }
     Ok(new.len())

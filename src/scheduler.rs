@@ -3,11 +3,12 @@
 //! every transition. A queued run lives only in the store: it holds no task, thread or
 //! process until a permit is free.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -23,72 +24,184 @@ use crate::store::{
     OnInterrupt, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
 };
 
-/// The stop switch of one executing run.
+/// The stop switches of one executing run.
 pub struct RunControl {
+    /// Stops the run's steps: a cancel, or the daemon stopping.
     stop: watch::Sender<bool>,
-    /// Why it was stopped, when a user or a newer run canceled it (else: a shutdown).
+    /// Stops the cleanup steps a cancel or a timeout leaves to run, too: only the daemon
+    /// stopping does that.
+    halt: watch::Sender<bool>,
+    /// Why it was canceled, when a user or a newer run did (else a stop is a shutdown).
+    /// Set and read at the end under the registry's lock, so a cancel is either applied
+    /// or refused, never both.
     canceled: std::sync::Mutex<Option<String>>,
 }
 
-/// Executing runs by id, so that cancel can reach their steps.
+/// Executing runs by id, so that cancel can reach their steps. A run's slot lives from
+/// its registration until its end is stored, and nothing else ever adds one: a cancel
+/// leaves nothing behind.
 #[derive(Default)]
-pub struct Running(std::sync::Mutex<std::collections::HashMap<i64, Slot>>);
+pub struct Running {
+    slots: std::sync::Mutex<HashMap<i64, Slot>>,
+    /// Woken at every registration: a cancel may wait for a claimed run to register.
+    registered: Notify,
+}
 
-/// A run's entry: executing here, or asked to stop before it got that far (between
-/// being claimed and being registered).
 enum Slot {
     Executing(Arc<RunControl>),
-    CancelRequested(String),
+    /// Its end is decided (this status) and being stored: too late to cancel, but a
+    /// stop still reaches it (its store writes give up then).
+    Ending(RunStatus, Arc<RunControl>),
+}
+
+/// What the registry did with a cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// The run executes here: its steps are being stopped, and it ends `canceled`
+    /// unless it had already failed or timed out.
+    Stopping,
+    /// Too late: its end is decided, with this status.
+    Ended(RunStatus),
+    /// Not executing here: queued, claimed but not registered yet, or ended and stored.
+    NotHere,
 }
 
 impl Running {
     fn register(&self, id: i64, stop: watch::Sender<bool>) -> Arc<RunControl> {
-        let mut slots = self.lock();
-        let early = match slots.remove(&id) {
-            Some(Slot::CancelRequested(reason)) => Some(reason),
-            _ => None,
-        };
-        if early.is_some() {
-            stop.send_replace(true);
-        }
         let control = Arc::new(RunControl {
             stop,
-            canceled: std::sync::Mutex::new(early),
+            halt: watch::Sender::new(false),
+            canceled: std::sync::Mutex::new(None),
         });
-        slots.insert(id, Slot::Executing(Arc::clone(&control)));
+        self.lock()
+            .insert(id, Slot::Executing(Arc::clone(&control)));
+        self.registered.notify_waiters();
         control
     }
 
+    /// Decides the run's end: a cancel that came after its steps were done still makes
+    /// it `canceled`, since it was answered as applied; a cancel from now on is refused
+    /// with the status returned.
+    fn close(&self, id: i64, ending: Ending) -> Ending {
+        let mut slots = self.lock();
+        let Some(Slot::Executing(control)) = slots.remove(&id) else {
+            return ending;
+        };
+        let canceled = lock(&control.canceled).clone();
+        let ending = match (canceled, ending.status) {
+            (Some(reason), RunStatus::Succeeded | RunStatus::Skipped) => Ending {
+                status: RunStatus::Canceled,
+                reason: Some(reason),
+            },
+            _ => ending,
+        };
+        slots.insert(id, Slot::Ending(ending.status, control));
+        ending
+    }
+
+    /// Once the run's end is stored (or the daemon gave up storing it).
     fn remove(&self, id: i64) {
         self.lock().remove(&id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Slot>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Slot>> {
+        lock(&self.slots)
     }
 
-    /// Stops a running run's steps (SIGTERM, grace, SIGKILL); it ends `canceled` with
-    /// `reason`. A run claimed but not yet executing is stopped as soon as it starts.
-    pub fn cancel(&self, id: i64, reason: String) {
-        let mut slots = self.lock();
-        match slots.get(&id) {
+    /// Stops an executing run's steps (SIGTERM, grace, SIGKILL); it ends `canceled` with
+    /// `reason` (the first one given) unless it had already failed or timed out. Never
+    /// adds a slot: see [`cancel`] for a run that is not executing here.
+    pub fn cancel(&self, id: i64, reason: &str) -> Cancel {
+        match self.lock().get(&id) {
             Some(Slot::Executing(control)) => {
-                *control.canceled.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                lock(&control.canceled).get_or_insert_with(|| reason.to_owned());
                 control.stop.send_replace(true);
+                Cancel::Stopping
             }
-            _ => {
-                slots.insert(id, Slot::CancelRequested(reason));
-            }
+            Some(Slot::Ending(status, _)) => Cancel::Ended(*status),
+            None => Cancel::NotHere,
         }
     }
 
-    /// Stops every executing run (the daemon is stopping).
-    fn stop_all(&self) {
+    /// Stops every executing run, cleanup steps included (the daemon is stopping, or
+    /// `hookci run` was interrupted twice).
+    pub fn stop_all(&self) {
         for slot in self.lock().values() {
-            if let Slot::Executing(control) = slot {
-                control.stop.send_replace(true);
-            }
+            let (Slot::Executing(control) | Slot::Ending(_, control)) = slot;
+            // Halt first: a run that sees its stop without a cancel reason takes it for
+            // a shutdown, and must then find its cleanup steps stopped too.
+            control.halt.send_replace(true);
+            control.stop.send_replace(true);
         }
+    }
+}
+
+/// A lock whose holder panicked still guards consistent data here (plain values).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a cancel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canceled {
+    /// Applied: a queued run ended `canceled`, or a running one is being stopped.
+    Applied,
+    /// Too late: the run ended (or its end is decided) with this status.
+    TooLate(RunStatus),
+    NoSuchRun,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("cannot cancel run {run}: {message}")]
+    Store { run: i64, message: String },
+    #[error(
+        "cannot cancel run {run}: the store has it running, but it is not executing in this daemon"
+    )]
+    NotExecuting { run: i64 },
+}
+
+/// How long a cancel waits for a run that the store has running to be registered: it
+/// was claimed a moment ago, and registering follows at once.
+const REGISTER_WAIT: Duration = Duration::from_secs(10);
+
+/// Cancels run `id`, exactly: it is either applied (and the run ends `canceled` unless
+/// it had already failed or timed out) or refused with the status the run ends with.
+pub async fn cancel(state: &AppState, id: i64, reason: String) -> Result<Canceled, CancelError> {
+    let deadline = Instant::now() + REGISTER_WAIT;
+    loop {
+        // Armed before looking, so a registration right after the look still wakes it.
+        let registered = state.running.registered.notified();
+        let mut registered = std::pin::pin!(registered);
+        registered.as_mut().enable();
+        match state.running.cancel(id, &reason) {
+            Cancel::Stopping => return Ok(Canceled::Applied),
+            Cancel::Ended(status) => return Ok(Canceled::TooLate(status)),
+            Cancel::NotHere => {}
+        }
+        // A slot goes only once the run's end is stored, so the store, asked after the
+        // registry, knows the rest: `running` there means claimed, about to register.
+        let r = reason.clone();
+        let found = blocking(&state.store, move |s| s.cancel_queued(id, r))
+            .await
+            .map_err(|message| CancelError::Store { run: id, message })?;
+        match found {
+            None => return Ok(Canceled::NoSuchRun),
+            Some(RunStatus::Queued) => return Ok(Canceled::Applied),
+            Some(RunStatus::Running) => {}
+            Some(done) => return Ok(Canceled::TooLate(done)),
+        }
+        if tokio::time::timeout_at(deadline, registered).await.is_err() {
+            return Err(CancelError::NotExecuting { run: id });
+        }
+    }
+}
+
+/// Cancels the running run `old` that the new run `by` supersedes (`cancel: running`).
+pub async fn supersede(state: &AppState, old: i64, by: i64) {
+    match cancel(state, old, format!("superseded by run {by}")).await {
+        Ok(outcome) => tracing::debug!(run = old, ?outcome, "superseded"),
+        Err(e) => tracing::warn!(run = old, error = %e, "cannot stop a superseded run"),
     }
 }
 
@@ -231,11 +344,7 @@ async fn execute(
             },
         },
     };
-    state.running.remove(run.id);
-    let ws = workspace.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
-        tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
-    }
+    let ending = state.running.close(run.id, ending);
     tracing::info!(
         status = ending.status.as_str(),
         reason = ending.reason.as_deref().unwrap_or(""),
@@ -245,15 +354,69 @@ async fn execute(
         RunStatus::Interrupted => StepStatus::Interrupted,
         _ => StepStatus::Skipped,
     };
-    let id = run.id;
-    if let Err(e) = blocking(&state.store, move |s| {
-        s.finish_run(id, ending.status, ending.reason, leftover)
+    let (id, status, reason) = (run.id, ending.status, ending.reason);
+    // Stored before the workspace goes: a crash while it is removed must not run this
+    // run again (the next start removes what is left of it).
+    let _ = until_stored(&state, &control, "the end of the run", move |s| {
+        s.finish_run(id, status, reason.clone(), leftover)
     })
-    .await
-    {
-        tracing::error!(error = %e, "cannot record the end of the run");
+    .await;
+    state.running.remove(run.id);
+    let ws = workspace.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
+        tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
     }
     prune(&state).await;
+}
+
+/// The first pause before a failed write of a run's progress is tried again; each
+/// failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Runs a store write until it succeeds. The run keeps its permit meanwhile, so a store
+/// that refuses writes holds new runs back rather than leave an ended one `running`
+/// and its concurrency group blocked. It gives up only when the daemon stops its runs
+/// (`halt`): not stored, the run is still `running` in the store, and the next start
+/// recovers it as interrupted.
+async fn until_stored<T: Send + 'static>(
+    state: &Arc<AppState>,
+    control: &RunControl,
+    what: &'static str,
+    write: impl Fn(&Store) -> Result<T, StoreError> + Send + Sync + 'static,
+) -> Result<T, String> {
+    let write = Arc::new(write);
+    let mut halt = control.halt.subscribe();
+    let mut pause = RETRY_FIRST;
+    let mut failures = 0u32;
+    loop {
+        let attempt = Arc::clone(&write);
+        let error = match blocking(&state.store, move |s| attempt(s)).await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(what, failures, "stored after failed attempts");
+                }
+                return Ok(v);
+            }
+            Err(e) => e,
+        };
+        failures += 1;
+        if *halt.borrow() {
+            tracing::error!(
+                what,
+                failures,
+                error = %error,
+                "cannot record; giving up as the daemon stops: the next start recovers the run as interrupted"
+            );
+            return Err(error);
+        }
+        tracing::warn!(what, failures, error = %error, retry_in = ?pause, "cannot record; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = halt.changed() => {}
+        }
+        pause = (pause * 2).min(RETRY_MAX);
+    }
 }
 
 /// Retention (`retention: {runs, days}`): old runs go with their logs and workspaces,
@@ -446,6 +609,10 @@ fn describe(step: &str, end: StepEnd, timeout: Option<Duration>) -> String {
     }
 }
 
+/// How long a cleanup step that sets no `timeout` may run once a timeout or a cancel
+/// has cut its run short (the pipeline's deadline is then behind it).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn run_steps(
     state: &Arc<AppState>,
     run: &Run,
@@ -458,20 +625,30 @@ async fn run_steps(
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
     // A timeout too large for the clock to represent is no limit at all.
     let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
+    let halt = control.halt.subscribe();
     let mut ending: Option<Ending> = None;
+    // Once a timeout or a cancel has cut the run short, the `if: failure` and
+    // `if: always` steps left still run, each on its own time, and only the daemon
+    // stopping stops them: they are how a pipeline cleans up after itself.
+    let mut cut = false;
     for (i, step) in pipeline.steps.iter().enumerate() {
         let number = i as i64 + 1;
-        let failed = ending.is_some();
-        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-        if *stop.borrow() {
-            // Stopped between steps (or during the checkout): the rest never starts.
-            ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
+        let halted = *halt.borrow();
+        if halted || (!cut && *stop.borrow()) {
+            // Stopped between steps (or during the checkout).
+            let end = stopped(control, &format!("step {:?}", step.name));
+            let canceled = end.status == RunStatus::Canceled;
+            ending.get_or_insert(end);
+            if halted || !canceled {
+                // The daemon is stopping: no step starts any more, cleanup included.
+                continue;
+            }
+            cut = true;
+        }
+        if !step.when.runs_after(ending.is_some()) {
             continue;
         }
-        if !step.when.runs_after(failed) {
-            continue;
-        }
-        if out_of_time {
+        if !cut && deadline.is_some_and(|d| Instant::now() >= d) {
             // The time ran out between steps: the pipeline did not get to finish, so
             // the run must not end `succeeded` with this step and the rest skipped.
             ending.get_or_insert_with(|| Ending {
@@ -482,24 +659,33 @@ async fn run_steps(
                     step.name
                 )),
             });
-            continue;
+            cut = true;
+            if !step.when.runs_after(true) {
+                continue;
+            }
         }
         let span = tracing::info_span!("step", step = %step.name);
         let id = run.id;
         if let Err(e) = blocking(&state.store, move |s| s.step_started(id, number)).await {
             tracing::error!(error = %e, "cannot record the step start");
         }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let pipeline_limits = match (remaining, step.timeout) {
-            (Some(r), Some(s)) => r < s,
-            (Some(_), None) => true,
-            _ => false,
+        let (timeout, pipeline_limits, until) = if cut {
+            let own = step.timeout.unwrap_or(CLEANUP_TIMEOUT);
+            (Some(own), false, halt.clone())
+        } else {
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let pipeline_limits = match (remaining, step.timeout) {
+                (Some(r), Some(s)) => r < s,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let timeout = match (remaining, step.timeout) {
+                (Some(r), Some(s)) => Some(r.min(s)),
+                (r, s) => r.or(s),
+            };
+            (timeout, pipeline_limits, stop.clone())
         };
-        let timeout = match (remaining, step.timeout) {
-            (Some(r), Some(s)) => Some(r.min(s)),
-            (r, s) => r.or(s),
-        };
-        let mut env = step_env(run, pipeline, i, workspace, failed);
+        let mut env = step_env(run, pipeline, i, workspace, ending.is_some());
         env.extend(
             secrets
                 .iter()
@@ -515,9 +701,7 @@ async fn run_steps(
             grace: state.config.step_grace,
             mask: &mask,
         };
-        let outcome = runner::run_step(cmd, stop.clone())
-            .instrument(span.clone())
-            .await;
+        let outcome = runner::run_step(cmd, until).instrument(span.clone()).await;
         let (record, step_ending) = match outcome {
             Err(e) => {
                 let reason = format!("step {:?} could not start: {e}", step.name);
@@ -530,7 +714,7 @@ async fn run_steps(
                 let shown_timeout = if pipeline_limits {
                     pipeline.timeout
                 } else {
-                    step.timeout
+                    timeout
                 };
                 let reason = describe(&step.name, o.end, shown_timeout);
                 match o.end {
@@ -546,6 +730,7 @@ async fn run_steps(
                         Some((RunStatus::Failed, reason)),
                     ),
                     StepEnd::TimedOut => {
+                        cut = true;
                         let reason = if pipeline_limits {
                             format!(
                                 "pipeline timed out after {:?} (in step {:?})",
@@ -560,6 +745,11 @@ async fn run_steps(
                             Some((RunStatus::TimedOut, reason)),
                         )
                     }
+                    // A cleanup step listens to the daemon's stop only.
+                    StepEnd::Canceled if cut => (
+                        record_of(StepStatus::Interrupted, None, None, Some(reason.clone())),
+                        Some((RunStatus::Interrupted, reason)),
+                    ),
                     StepEnd::Canceled => {
                         let end = stopped(control, &format!("step {:?}", step.name));
                         let step_status = match end.status {
@@ -576,9 +766,11 @@ async fn run_steps(
             }
         };
         span.in_scope(|| tracing::info!(status = record.status.as_str(), "step finished"));
-        if let Err(e) = blocking(&state.store, move |s| s.step_finished(id, number, record)).await {
-            tracing::error!(error = %e, "cannot record the step end");
-        }
+        let _ = until_stored(state, control, "the end of a step", move |s| {
+            s.step_finished(id, number, record.clone())
+        })
+        .instrument(span)
+        .await;
         if let (None, Some((status, reason))) = (&ending, step_ending) {
             ending = Some(Ending {
                 status,
@@ -595,12 +787,7 @@ async fn run_steps(
 /// How a run stopped from outside ends: `canceled` with the canceller's reason, else
 /// (the daemon is stopping) `interrupted`.
 fn stopped(control: &RunControl, what: &str) -> Ending {
-    match control
-        .canceled
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-    {
+    match lock(&control.canceled).clone() {
         Some(reason) => Ending {
             status: RunStatus::Canceled,
             reason: Some(reason),
@@ -630,26 +817,87 @@ fn record_of(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_cancel_between_claim_and_start_stops_the_run_when_it_starts() {
-        let running = Running::default();
-        running.cancel(7, "superseded by run 8".into());
-        let (tx, rx) = watch::channel(false);
-        let control = running.register(7, tx);
-        assert!(*rx.borrow(), "stopped as it starts");
-        let end = stopped(&control, "build");
-        assert_eq!(end.status, RunStatus::Canceled);
-        assert_eq!(end.reason.as_deref(), Some("superseded by run 8"));
+    fn ending(status: RunStatus) -> Ending {
+        Ending {
+            status,
+            reason: None,
+        }
+    }
 
-        // Registered first, canceled later: the same outcome.
+    #[test]
+    fn a_cancel_stops_an_executing_run_and_makes_it_end_canceled() {
+        let running = Running::default();
         let (tx, rx) = watch::channel(false);
         let control = running.register(9, tx);
-        running.cancel(9, "canceled through the API".into());
-        assert!(*rx.borrow());
-        assert_eq!(stopped(&control, "build").status, RunStatus::Canceled);
-        // Not canceled by anyone: a stop is a shutdown.
+        assert_eq!(
+            running.cancel(9, "canceled through the API"),
+            Cancel::Stopping
+        );
+        assert!(*rx.borrow(), "its steps are stopped");
+        assert!(!*control.halt.borrow(), "its cleanup steps may still run");
+        // A second cancel changes nothing: the first reason stands.
+        assert_eq!(running.cancel(9, "superseded by run 10"), Cancel::Stopping);
+        let end = stopped(&control, "build");
+        assert_eq!(end.status, RunStatus::Canceled);
+        assert_eq!(end.reason.as_deref(), Some("canceled through the API"));
+        // Its steps were all done when the cancel came: answered as applied, so applied.
+        let end = running.close(9, ending(RunStatus::Succeeded));
+        assert_eq!(end.status, RunStatus::Canceled);
+        // What happened first stays.
+        let (tx, _rx) = watch::channel(false);
+        running.register(11, tx);
+        running.cancel(11, "canceled through the API");
+        assert_eq!(
+            running.close(11, ending(RunStatus::Failed)).status,
+            RunStatus::Failed
+        );
+
+        // Not canceled by anyone: a stop is a shutdown, and it halts cleanup steps too.
         let (tx, _rx) = watch::channel(false);
         let control = running.register(10, tx);
+        running.stop_all();
+        assert!(*control.halt.borrow());
         assert_eq!(stopped(&control, "build").status, RunStatus::Interrupted);
+    }
+
+    #[test]
+    fn a_cancel_at_or_after_the_end_is_refused_and_leaves_no_slot_behind() {
+        let running = Running::default();
+        // Never registered here (queued, or claimed and not yet registered).
+        assert_eq!(
+            running.cancel(7, "canceled through the API"),
+            Cancel::NotHere
+        );
+        assert!(
+            running.lock().is_empty(),
+            "nothing is added for a run not here"
+        );
+
+        let (tx, rx) = watch::channel(false);
+        running.register(7, tx);
+        assert_eq!(
+            running.close(7, ending(RunStatus::Succeeded)).status,
+            RunStatus::Succeeded
+        );
+        // Its end is decided but not yet stored: refused, with the status it ends with.
+        assert_eq!(
+            running.cancel(7, "canceled through the API"),
+            Cancel::Ended(RunStatus::Succeeded)
+        );
+        assert!(!*rx.borrow(), "a refused cancel stops nothing");
+        // A stop still reaches it while its end is being stored.
+        let control = match running.lock().get(&7) {
+            Some(Slot::Ending(_, control)) => Arc::clone(control),
+            _ => panic!("run 7 is ending"),
+        };
+        running.stop_all();
+        assert!(*control.halt.borrow(), "its store writes give up at a stop");
+        // Stored: the store answers from now on, and the registry holds nothing.
+        running.remove(7);
+        assert_eq!(
+            running.cancel(7, "canceled through the API"),
+            Cancel::NotHere
+        );
+        assert!(running.lock().is_empty(), "no slot left behind");
     }
 }

@@ -134,14 +134,28 @@ impl Store {
             .exec(move |c| finish_in(c, run_id, status, reason.as_deref(), leftover))
     }
 
-    /// Cancels a run that has not started; false when it is not queued (any more).
-    pub fn cancel_queued(&self, run_id: i64, reason: String) -> Result<bool, StoreError> {
+    /// Cancels a run that has not started, compare and set: returns the status the run
+    /// had (`queued`: it is `canceled` now; anything else: unchanged), `None` when there
+    /// is no such run.
+    pub fn cancel_queued(
+        &self,
+        run_id: i64,
+        reason: String,
+    ) -> Result<Option<RunStatus>, StoreError> {
         self.writer.exec(move |c| {
             let changed = c.execute(
                 "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3 WHERE id = ?1 AND status = 'queued'",
                 params![run_id, reason, now_ms()],
             )?;
-            Ok(changed == 1)
+            if changed == 1 {
+                return Ok(Some(RunStatus::Queued));
+            }
+            let status: Option<String> = c
+                .prepare_cached("SELECT status FROM runs WHERE id = ?1")?
+                .query_row([run_id], |r| r.get(0))
+                .optional()?;
+            // As `run_from_row` reads it.
+            Ok(status.map(|s| RunStatus::parse(&s).unwrap_or(RunStatus::Failed)))
         })
     }
 

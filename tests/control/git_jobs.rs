@@ -7,7 +7,7 @@ use super::*;
 
 /// A "remote" that accepts connections and never answers: every fetch from it hangs.
 /// The accepted connections are kept open until the listener's thread ends with the test.
-fn hung_remote() -> (String, std::thread::JoinHandle<()>) {
+pub(super) fn hung_remote() -> (String, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/{REPO}.git", listener.local_addr().unwrap());
     let held = std::thread::spawn(move || {
@@ -28,7 +28,7 @@ fn pipeline_from(url: &str) -> String {
 }
 
 /// The daemon's live `git-worker` children.
-fn git_workers(daemon: i32) -> Vec<i32> {
+pub(super) fn git_workers(daemon: i32) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry

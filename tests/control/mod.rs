@@ -448,10 +448,13 @@ fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
+mod cleanup_steps;
 mod concurrency;
+mod exact_cancel;
 mod git_jobs;
 mod live_logs;
 mod retention;
+mod run_end;
 mod secrets;
 mod triggers;
 mod write_api;
