@@ -202,6 +202,12 @@ impl http_body::Body for UpdateBody {
                 Update::RunFinished(run) => {
                     format!("==> run {} {}\n", run.id, run.status.as_str()).into_bytes()
                 }
+                Update::Stopping(run) => format!(
+                    "\n==> hookci is stopping; run {} was {} (follow it again once hookci is back)\n",
+                    run.id,
+                    run.status.as_str()
+                )
+                .into_bytes(),
             };
             if !bytes.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));

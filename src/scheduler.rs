@@ -61,6 +61,15 @@ impl Running {
         self.lock().remove(&id);
     }
 
+    /// The reason of a cancel asked for run `id`, which was claimed but never registered
+    /// (so it has no other slot), if one was.
+    fn take_cancel(&self, id: i64) -> Option<String> {
+        match self.lock().remove(&id) {
+            Some(Slot::CancelRequested(reason)) => Some(reason),
+            _ => None,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Slot>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -114,6 +123,10 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         };
         let store = Arc::clone(&state.store);
         match tokio::task::spawn_blocking(move || store.claim_next()).await {
+            Ok(Ok(Some(run))) if *stop.borrow() => {
+                give_back(&state, run.id).await;
+                break;
+            }
             Ok(Ok(Some(run))) => {
                 let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
                 let (stop_tx, stop_rx) = watch::channel(false);
@@ -151,6 +164,21 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         tracing::warn!("shutdown grace is over: killing the steps still running");
         state.running.stop_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Puts a run claimed just as the stop began back in the queue, unstarted: started now
+/// it would be killed at the end of the grace and lose an attempt. A cancel asked for
+/// it meanwhile still applies.
+async fn give_back(state: &Arc<AppState>, id: i64) {
+    if let Err(e) = blocking(&state.store, move |s| s.unclaim(id)).await {
+        tracing::error!(run = id, error = %e, "cannot queue a run claimed as the stop began again; the next start will find it interrupted");
+        return;
+    }
+    if let Some(reason) = state.running.take_cancel(id) {
+        if let Err(e) = blocking(&state.store, move |s| s.cancel_queued(id, reason)).await {
+            tracing::error!(run = id, error = %e, "cannot record the cancel of a run claimed as the stop began");
+        }
     }
 }
 

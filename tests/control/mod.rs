@@ -1,7 +1,7 @@
 //! Run control against the real daemon: concurrency groups and their cancel policies,
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
-//! path filters and skip tokens, live logs (SSE and `hookci logs -f`), retention, and
-//! the API client commands.
+//! path filters and skip tokens, live logs (SSE and `hookci logs -f`), retention, the
+//! API client commands, and what stops and signals do to runs and open streams.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -453,5 +453,6 @@ mod git_jobs;
 mod live_logs;
 mod retention;
 mod secrets;
+mod signals;
 mod triggers;
 mod write_api;
