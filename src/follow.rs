@@ -1,8 +1,10 @@
 //! Watching a run as it happens: a task polls the store and the step log files and
 //! sends what is new (steps starting and ending, output, the run's end) to one reader.
 //! Reading plain files means a slow reader never slows a step: the step writes its log
-//! whatever the reader does, and the reader catches up from the file. A daemon stop
-//! ends the stream, so that it does not hold the stop's HTTP drain.
+//! whatever the reader does, and the reader catches up from the file. A quiet stretch
+//! (a silent step, a run still queued) gets keep-alives, so that proxies and clients
+//! that drop idle connections keep the reader connected; a daemon stop ends the
+//! stream, so that it does not hold the stop's HTTP drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,9 @@ use crate::store::{Run, Step, StepStatus};
 const POLL: Duration = Duration::from_millis(200);
 /// The most output sent in one update.
 const CHUNK: usize = 16 * 1024;
+/// The longest a reader goes without an update: well under the idle limits of common
+/// proxies and load balancers (often 30 or 60 s), and under the 15 s README promises.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// What changed.
 #[derive(Debug, Clone)]
@@ -30,6 +35,8 @@ pub enum Update {
     },
     StepFinished(Step),
     RunFinished(Run),
+    /// Nothing new for [`KEEP_ALIVE`]: the reader still hears from the daemon.
+    KeepAlive,
     /// The daemon is stopping and the stream ends here, before the run did (it is
     /// shown as it was last seen).
     Stopping(Run),
@@ -106,6 +113,9 @@ async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(
         }
         if done {
             return tx.send(Update::RunFinished(run)).await;
+        }
+        if tx.last.elapsed() >= KEEP_ALIVE {
+            tx.send(Update::KeepAlive).await?;
         }
         // A reader that went away while nothing was new is noticed here, not only at the
         // next send: a quiet step could otherwise keep this task polling for hours.

@@ -360,7 +360,12 @@ fn log_text_contains(v: &Value, needle: &str) -> bool {
 
 /// Waits for a child process to exit (generous deadline) and returns its exit code.
 fn wait_child(child: &mut Child, what: &str) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_child_within(Duration::from_secs(60), child, what)
+}
+
+/// [`wait_child`] for up to `limit`.
+fn wait_child_within(limit: Duration, child: &mut Child, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.code();
