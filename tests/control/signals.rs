@@ -1,5 +1,5 @@
 //! Stops and signals: a SIGTERM starts no new run and ends open log streams at once;
-//! a SIGHUP changes nothing.
+//! a SIGHUP changes nothing; both are handled from before recovery on.
 
 use super::*;
 
@@ -191,4 +191,62 @@ fn a_sighup_is_logged_and_leaves_the_daemon_and_its_running_run_alone() {
     assert_eq!(d.wait_run(second)["status"], "succeeded");
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait(), Some(0), "{}", d.log());
+}
+
+/// Whether process `pid` has a file named `name` open.
+fn has_open(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.ends_with(name)))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn signals_during_recovery_find_their_handlers_and_a_stop_then_ends_the_start_cleanly() {
+    let mut d = Builder::new().start();
+    // Sent as soon as the daemon says it listens: its handlers are in place by then.
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(), Some(0), "{}", d.log());
+
+    // The store's write lock, held from here, keeps the next start in its recovery.
+    let db = rusqlite::Connection::open(d.state_dir().join("hookci.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .arg("-c")
+        .arg(d.path().join("hookci.yml"))
+        .env_remove("HOOKCI_WEBHOOK_SECRET")
+        .env_remove("HOOKCI_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = Captured::spawn(child.stderr.take().unwrap());
+    let pid = child.id();
+    eventually("the new daemon opened its store", || {
+        has_open(pid, "hookci.db")
+    });
+
+    // SAFETY (both): signalling our own child process by pid.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    eventually("the SIGHUP is logged and ignored", || {
+        err.text().contains("SIGHUP received and ignored")
+    });
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    eventually("the stop is heard during recovery", || {
+        err.text().contains("stop requested during recovery")
+    });
+    db.execute_batch("COMMIT").unwrap();
+    let code = wait_child(&mut child, "a daemon stopped during recovery");
+    eventually("its log is read", || err.ended());
+    let log = err.text();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains(" listening"), "it never served: {log}");
+
+    // Recovery was finished, not cut: the next start serves.
+    d.spawn();
+    assert_eq!(d.get("/healthz").status, 200);
 }
