@@ -342,7 +342,8 @@ async fn metrics(state: Arc<AppState>) -> Result<Response, Response> {
 
 /// `GET /api/runs/{id}/events`: server-sent events for a dashboard: `step_started`,
 /// `log` (`{"step", "text"}`), `step_finished`, `run_finished`; the stream ends with
-/// the run.
+/// the run, or with `stopping` (the run as last seen) when the daemon stops first. A
+/// `:keep-alive` comment comes while nothing else does.
 async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     if blocking(&state.store, move |s| s.run(id)).await?.is_none() {
         return Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}")));
@@ -362,6 +363,10 @@ async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
                 .data(step_json(&step).to_string()),
             Update::RunFinished(run) => Event::default()
                 .event("run_finished")
+                .data(run_json(&run, None).to_string()),
+            Update::KeepAlive => Event::default().comment("keep-alive"),
+            Update::Stopping(run) => Event::default()
+                .event("stopping")
                 .data(run_json(&run, None).to_string()),
         };
         Some((Ok::<_, std::convert::Infallible>(event), rx))

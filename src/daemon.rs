@@ -54,6 +54,8 @@ pub struct AppState {
     pub running: scheduler::Running,
     /// Runs git jobs (fetch, checkout, ref listings) in child processes.
     pub git: GitWorker,
+    /// Turns true once when the daemon begins to stop.
+    stopping: watch::Sender<bool>,
 }
 
 impl AppState {
@@ -65,7 +67,18 @@ impl AppState {
             pipelines: RwLock::new(Arc::new(pipelines)),
             wake: Notify::new(),
             running: scheduler::Running::default(),
+            stopping: watch::Sender::new(false),
         }
+    }
+
+    /// Begins the stop: the scheduler claims no more runs, followers end their streams.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Turns true when the stop begins (see [`AppState::stop`]).
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// The current pipelines; a reload swaps in a whole new set.
@@ -210,7 +223,9 @@ fn archive_logs(dir: &Path, attempt: i64) {
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops accepting, lets running steps
-/// finish for up to `shutdown_grace`, and returns.
+/// finish for up to `shutdown_grace`, and returns. `shutdown` is watched from the
+/// start: a stop asked for during recovery ends the daemon as soon as recovery is done,
+/// without serving.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -218,10 +233,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
     let mut config = config;
+    let mut shutdown = std::pin::pin!(shutdown);
     let state_dir = config.state_dir.clone();
+    let mut recovery = tokio::task::spawn_blocking(move || open_and_recover(&state_dir));
     // Held until this function returns, after the last run has stopped.
-    let (store, state_dir, _lock) =
-        tokio::task::spawn_blocking(move || open_and_recover(&state_dir)).await??;
+    let (store, state_dir, _lock) = tokio::select! {
+        recovered = &mut recovery => recovered??,
+        () = &mut shutdown => {
+            crate::notify::notify("STOPPING=1");
+            tracing::info!("stop requested during recovery: exiting once it is done, without serving");
+            // Recovery runs on a blocking thread and cannot be cut short; the lock
+            // it takes is released when it is done and dropped here.
+            recovery.await??;
+            return Ok(());
+        }
+    };
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
     config.state_dir = state_dir;
     // Only now: a daemon refused its state directory, or stopped by a damaged store,
@@ -235,12 +261,11 @@ pub async fn run(
         );
     }
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
-    let (stop_tx, stop_rx) = watch::channel(false);
     scheduler::prune(&state).await;
-    let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), stop_rx.clone()));
-    tokio::spawn(scheduler::prune_every(Arc::clone(&state), stop_rx.clone()));
+    let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), state.stopping()));
+    tokio::spawn(scheduler::prune_every(Arc::clone(&state), state.stopping()));
     // Not awaited at stop: a listing in progress has nothing to finish or lose.
-    tokio::spawn(reconcile::run(Arc::clone(&state), stop_rx));
+    tokio::spawn(reconcile::run(Arc::clone(&state), state.stopping()));
 
     let routes = intake::routes(Arc::clone(&state))
         .or(api::routes(Arc::clone(&state)))
@@ -249,9 +274,15 @@ pub async fn run(
         .unify()
         .recover(rejection);
     crate::notify::notify("READY=1");
+    // The scheduler and the followers hear the stop as HTTP stops accepting, not after
+    // the drain: a run claimed during the drain would be killed at the end of a grace
+    // period that started late, and lose an attempt; an open follow stream would hold
+    // the drain for as long as the drain lasts.
     let shutdown = async {
         shutdown.await;
+        state.stop();
         crate::notify::notify("STOPPING=1");
+        tracing::info!("stopping: no new run starts; running ones get shutdown_grace");
     };
     http::serve(
         listener,
@@ -261,8 +292,7 @@ pub async fn run(
         HTTP_DRAIN,
     )
     .await;
-    tracing::info!("stopped accepting; stopping runs");
-    let _ = stop_tx.send(true);
+    tracing::info!("stopped accepting; waiting for running runs");
     scheduler.await?;
     tracing::info!("stopped");
     Ok(())

@@ -1,14 +1,18 @@
 //! Watching a run as it happens: a task polls the store and the step log files and
 //! sends what is new (steps starting and ending, output, the run's end) to one reader.
 //! Reading plain files means a slow reader never slows a step: the step writes its log
-//! whatever the reader does, and the reader catches up from the file.
+//! whatever the reader does, and the reader catches up from the file. A quiet stretch
+//! (a silent step, a run still queued) gets keep-alives, so that proxies and clients
+//! that drop idle connections keep the reader connected; a daemon stop ends the
+//! stream, so that it does not hold the stop's HTTP drain.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::daemon::AppState;
 use crate::store::{Run, Step, StepStatus};
@@ -17,18 +21,29 @@ use crate::store::{Run, Step, StepStatus};
 const POLL: Duration = Duration::from_millis(200);
 /// The most output sent in one update.
 const CHUNK: usize = 16 * 1024;
+/// The longest a reader goes without an update: well under the idle limits of common
+/// proxies and load balancers (often 30 or 60 s), and under the 15 s README promises.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// What changed.
 #[derive(Debug, Clone)]
 pub enum Update {
     StepStarted(Step),
-    Output { step: i64, bytes: Vec<u8> },
+    Output {
+        step: i64,
+        bytes: Vec<u8>,
+    },
     StepFinished(Step),
     RunFinished(Run),
+    /// Nothing new for [`KEEP_ALIVE`]: the reader still hears from the daemon.
+    KeepAlive,
+    /// The daemon is stopping and the stream ends here, before the run did (it is
+    /// shown as it was last seen).
+    Stopping(Run),
 }
 
 /// Starts following run `id` (current attempt). The receiver ends after
-/// `RunFinished`, or when the run disappears; dropping it stops the task.
+/// `RunFinished` or `Stopping`, or when the run disappears; dropping it stops the task.
 pub fn follow(state: Arc<AppState>, id: i64) -> mpsc::Receiver<Update> {
     spawn(state, id).0
 }
@@ -44,6 +59,12 @@ fn spawn(state: Arc<AppState>, id: i64) -> (mpsc::Receiver<Update>, JoinHandle<(
 }
 
 async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(), String> {
+    let mut stopping = state.stopping();
+    let mut tx = ToReader {
+        tx,
+        last: Instant::now(),
+    };
+    let tx = &mut tx;
     let mut offsets: Vec<u64> = Vec::new();
     let mut started: Vec<bool> = Vec::new();
     let mut finished: Vec<bool> = Vec::new();
@@ -67,7 +88,7 @@ async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(
             let reached = !matches!(step.status, StepStatus::Pending);
             if reached && step.started_at.is_some() && !started[i] {
                 started[i] = true;
-                send(tx, Update::StepStarted(step.clone())).await?;
+                tx.send(Update::StepStarted(step.clone())).await?;
             }
             if started[i] {
                 let path = state.log_path(id, step.number);
@@ -77,38 +98,55 @@ async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(
                         break;
                     }
                     offsets[i] += bytes.len() as u64;
-                    send(
-                        tx,
-                        Update::Output {
-                            step: step.number,
-                            bytes,
-                        },
-                    )
+                    tx.send(Update::Output {
+                        step: step.number,
+                        bytes,
+                    })
                     .await?;
                 }
             }
             let ended = !matches!(step.status, StepStatus::Pending | StepStatus::Running);
             if ended && started[i] && !finished[i] {
                 finished[i] = true;
-                send(tx, Update::StepFinished(step.clone())).await?;
+                tx.send(Update::StepFinished(step.clone())).await?;
             }
         }
         if done {
-            return send(tx, Update::RunFinished(run)).await;
+            return tx.send(Update::RunFinished(run)).await;
+        }
+        if tx.last.elapsed() >= KEEP_ALIVE {
+            tx.send(Update::KeepAlive).await?;
         }
         // A reader that went away while nothing was new is noticed here, not only at the
         // next send: a quiet step could otherwise keep this task polling for hours.
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
-            () = tx.closed() => return Err("reader went away".to_owned()),
+            () = tx.tx.closed() => return Err("reader went away".to_owned()),
+            () = stopped(&mut stopping) => return tx.send(Update::Stopping(run)).await,
         }
     }
 }
 
-async fn send(tx: &mpsc::Sender<Update>, update: Update) -> Result<(), String> {
-    tx.send(update)
-        .await
-        .map_err(|_| "reader went away".to_owned())
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // The sender lives in the state this task holds: it cannot go away first.
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// The channel to the reader, and when the reader was last sent anything.
+struct ToReader<'a> {
+    tx: &'a mpsc::Sender<Update>,
+    last: Instant,
+}
+
+impl ToReader<'_> {
+    async fn send(&mut self, update: Update) -> Result<(), String> {
+        self.tx
+            .send(update)
+            .await
+            .map_err(|_| "reader went away".to_owned())?;
+        self.last = Instant::now();
+        Ok(())
+    }
 }
 
 /// Up to `CHUNK` bytes of `path` from `offset` (nothing when it does not exist yet).

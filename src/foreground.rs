@@ -133,6 +133,8 @@ async fn run_in(
                         run.reason.map(|r| format!(": {r}")).unwrap_or_default()
                     )
                 }
+                // A terminal drops no idle output, and no daemon stop ends this run.
+                Update::KeepAlive | Update::Stopping(_) => Ok(()),
             };
             let _ = out.flush();
         }

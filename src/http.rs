@@ -29,6 +29,11 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// How long a client may take to send a request's headers (slow-loris guard).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The keep-alive of a followed log: ASCII SYN ("synchronous idle"), sent while nothing
+/// else is new. Terminals do not show it, and `hookci logs -f` drops it; a newline or
+/// a marker line would change the text, and could break a line a step left unfinished.
+pub const KEEP_ALIVE_BYTE: u8 = 0x16;
+
 /// Serves until `shutdown` resolves, then stops accepting and gives open requests up
 /// to `drain` to finish.
 pub async fn serve<S>(
@@ -202,6 +207,13 @@ impl http_body::Body for UpdateBody {
                 Update::RunFinished(run) => {
                     format!("==> run {} {}\n", run.id, run.status.as_str()).into_bytes()
                 }
+                Update::KeepAlive => vec![KEEP_ALIVE_BYTE],
+                Update::Stopping(run) => format!(
+                    "\n==> hookci is stopping; run {} was {} (follow it again once hookci is back)\n",
+                    run.id,
+                    run.status.as_str()
+                )
+                .into_bytes(),
             };
             if !bytes.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));

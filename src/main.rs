@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hookci::config::{Config, FileConfig, Overrides, ProcessEnv};
 use hookci::pipeline::PipelineSet;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -195,18 +196,41 @@ fn random_delivery_id() -> anyhow::Result<String> {
     ))
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+/// The signals the daemon acts on, listened for from before recovery on: until then a
+/// SIGTERM or a SIGHUP would find the default action (the end of the process, like a
+/// crash) in place.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT. A SIGHUP is logged and ignored: it
+    /// asks for a reload, which hookci does not have yet, and must not stop the daemon
+    /// in the middle of its runs.
+    async fn stop(mut self) {
+        let name = loop {
+            tokio::select! {
+                Some(()) = self.term.recv() => break "SIGTERM",
+                Some(()) = self.int.recv() => break "SIGINT",
+                Some(()) = self.hup.recv() => tracing::warn!(
+                    "SIGHUP received and ignored: hookci does not reload its config or \
+                     pipelines yet; restart it to apply changes"
+                ),
+                // The streams end only with the runtime, when nothing is left to stop.
+                else => return std::future::pending().await,
+            }
+        };
+        tracing::info!("{name} received");
     }
 }
 
@@ -225,13 +249,14 @@ fn serve(config: Config, allow_unsigned: bool) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let signals = Signals::install().context("cannot listen for signals")?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         if config.webhook_secret.is_none() {
             tracing::warn!("no webhook secret: accepting UNSIGNED webhooks (--allow-unsigned)");
         }
-        hookci::daemon::run(listener, config, pipelines, shutdown_signal()).await?;
+        hookci::daemon::run(listener, config, pipelines, signals.stop()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::client::{self, ClientError, Response};
 use crate::config::{Config, Secret};
+use crate::http::KEEP_ALIVE_BYTE;
 
 /// A daemon to talk to.
 pub struct Remote {
@@ -167,15 +168,30 @@ impl Remote {
         Ok(0)
     }
 
-    /// The run's log; with `follow`, streamed until the run ends.
+    /// The run's log, printed as it arrives; with `follow`, streamed until the run ends
+    /// (or the daemon stops), however long a step stays silent.
     pub fn logs(&self, run: i64, follow: bool) -> Result<u8, ClientError> {
-        let query = if follow { "?follow=1" } else { "" };
+        let (query, read_timeout) = if follow {
+            ("?follow=1", None)
+        } else {
+            ("", Some(client::READ_TIMEOUT))
+        };
         let url = format!("{}/api/runs/{run}/log{query}", self.base);
         let mut out = std::io::stdout();
-        let r = client::request_streaming("GET", &url, &[], b"", &mut |chunk| {
-            let _ = out.write_all(chunk);
+        let mut print = |piece: &[u8]| {
+            let _ = if follow && piece.contains(&KEEP_ALIVE_BYTE) {
+                let text: Vec<u8> = piece
+                    .iter()
+                    .copied()
+                    .filter(|b| *b != KEEP_ALIVE_BYTE)
+                    .collect();
+                out.write_all(&text)
+            } else {
+                out.write_all(piece)
+            };
             let _ = out.flush();
-        })?;
+        };
+        let r = client::request_streaming("GET", &url, &[], b"", read_timeout, &mut print)?;
         Ok(if r.status == 200 { 0 } else { refused(&r) })
     }
 

@@ -229,6 +229,10 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         };
         let store = Arc::clone(&state.store);
         match tokio::task::spawn_blocking(move || store.claim_next()).await {
+            Ok(Ok(Some(run))) if *stop.borrow() => {
+                give_back(&state, run.id).await;
+                break;
+            }
             Ok(Ok(Some(run))) => {
                 let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
                 let (stop_tx, stop_rx) = watch::channel(false);
@@ -267,6 +271,17 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         state.running.stop_all();
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// Puts a run claimed just as the stop began back in the queue, unstarted: started now
+/// it would be killed at the end of the grace and lose an attempt. A cancel asked for
+/// it meanwhile still applies: finding it neither registered nor queued, [`cancel`]
+/// waits for a registration, and is woken here to find it queued again.
+async fn give_back(state: &Arc<AppState>, id: i64) {
+    if let Err(e) = blocking(&state.store, move |s| s.unclaim(id)).await {
+        tracing::error!(run = id, error = %e, "cannot queue a run claimed as the stop began again; the next start will find it interrupted");
+    }
+    state.running.registered.notify_waiters();
 }
 
 /// Claims run `id` (queued, the only one in its store) and executes it now, in the

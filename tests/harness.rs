@@ -471,8 +471,13 @@ pub fn process_gone(pid: i32) -> bool {
 }
 
 /// Polls `cond` for up to 20 s.
-pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+pub fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_within(Duration::from_secs(20), what, cond);
+}
+
+/// Polls `cond` for up to `limit`.
+pub fn eventually_within(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(50));

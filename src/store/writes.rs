@@ -65,6 +65,18 @@ impl Store {
         })
     }
 
+    /// Gives back a run [`Store::claim_next`] took but that never started (the daemon
+    /// began to stop meanwhile): it is queued again as it was, the attempt unspent.
+    pub fn unclaim(&self, run_id: i64) -> Result<(), StoreError> {
+        self.writer.exec(move |c| {
+            c.execute(
+                "UPDATE runs SET status = 'queued', started_at = NULL WHERE id = ?1 AND status = 'running'",
+                [run_id],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Records the steps the run's current attempt will go through, all `pending`, and
     /// what an interruption of them leads to: both from the pipeline this attempt runs.
     pub fn plan_steps(

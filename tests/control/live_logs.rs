@@ -97,3 +97,94 @@ fn hookci_logs_follow_prints_output_as_it_comes_and_exits_when_the_run_ends() {
     assert!(second.is_some_and(|s| s > first), "{printed}");
     assert_eq!(d.wait_run(id)["status"], "succeeded");
 }
+
+/// The keep-alive byte of a followed text log (README, HTTP API).
+const SYN: char = '\u{16}';
+
+#[test]
+fn quiet_followers_get_keep_alives_while_a_step_is_silent_or_the_run_is_queued() {
+    let b = Builder::new().config("max_parallel_runs: 1");
+    let origin = Origin::new(b.path());
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let running = {
+        let sha = origin.commit("main", &[("a", "1")], "x");
+        push(&d, "quiet-1", "refs/heads/main", ZERO, &sha)
+    };
+    let queued = {
+        let sha = origin.commit("other", &[("a", "2")], "x");
+        push(&d, "quiet-2", "refs/heads/other", ZERO, &sha)
+    };
+    let (_, sse) = stream_get(&d.addr, &format!("/api/runs/{running}/events"));
+    let (_, text) = stream_get(&d.addr, &format!("/api/runs/{running}/log?follow=1"));
+    let (_, waiting) = stream_get(&d.addr, &format!("/api/runs/{queued}/log?follow=1"));
+    eventually("the step printed its first line and went silent", || {
+        text.text().contains("first")
+    });
+
+    eventually_within(
+        Duration::from_secs(40),
+        "keep-alives on all three streams",
+        || {
+            sse.text().contains("\n:keep-alive\n")
+                && text.text().contains(SYN)
+                && waiting.text().contains(SYN)
+        },
+    );
+    assert_eq!(run_of(&d, queued)["status"], "queued");
+    assert!(!text.text().contains("second") && !sse.ended() && !text.ended());
+
+    std::fs::write(&gate, "go").unwrap();
+    eventually("all three streams end with their runs", || {
+        sse.ended() && text.ended() && waiting.ended()
+    });
+    // The keep-alives are no events and no log text.
+    let events = sse_events(&sse.text());
+    assert_eq!(
+        find_event(&events, "run_finished", |v| v["id"] == running),
+        Some(events.len() - 1),
+        "{events:?}"
+    );
+    let printed = text.text().replace(SYN, "");
+    assert!(printed.contains("first\nsecond\n"), "{printed}");
+    assert!(
+        printed.ends_with(&format!("==> run {running} succeeded\n")),
+        "{printed}"
+    );
+    assert!(waiting
+        .text()
+        .ends_with(&format!("==> run {queued} succeeded\n")));
+}
+
+#[test]
+fn hookci_logs_follow_outlasts_a_silence_longer_than_its_read_timeout() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let silence = hookci::client::READ_TIMEOUT + Duration::from_secs(5);
+    let script = format!("echo before\nsleep {}\necho after", silence.as_secs());
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("quiet", &script)]))
+        .start();
+    let id = push(&d, "long-quiet-1", "refs/heads/main", ZERO, &sha);
+    let mut child = cli(&["logs", "-f", &id.to_string(), "--url", &d.url("")], None)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Captured::spawn(child.stdout.take().unwrap());
+    let err = Captured::spawn(child.stderr.take().unwrap());
+
+    let code = wait_child_within(silence * 2, &mut child, "hookci logs -f");
+    eventually("its output is read", || out.ended());
+    let printed = out.text();
+    assert_eq!(code, Some(0), "{printed}{}", err.text());
+    assert!(
+        printed.contains("before\nafter\n")
+            && printed.ends_with(&format!("==> run {id} succeeded\n")),
+        "{printed}"
+    );
+    assert!(!printed.contains(SYN), "the keep-alives are dropped");
+}

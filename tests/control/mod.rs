@@ -1,7 +1,7 @@
 //! Run control against the real daemon: concurrency groups and their cancel policies,
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
-//! path filters and skip tokens, live logs (SSE and `hookci logs -f`), retention, and
-//! the API client commands.
+//! path filters and skip tokens, live logs (SSE and `hookci logs -f`), retention, the
+//! API client commands, and what stops and signals do to runs and open streams.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -360,7 +360,12 @@ fn log_text_contains(v: &Value, needle: &str) -> bool {
 
 /// Waits for a child process to exit (generous deadline) and returns its exit code.
 fn wait_child(child: &mut Child, what: &str) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_child_within(Duration::from_secs(60), child, what)
+}
+
+/// [`wait_child`] for up to `limit`.
+fn wait_child_within(limit: Duration, child: &mut Child, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.code();
@@ -456,5 +461,6 @@ mod live_logs;
 mod retention;
 mod run_end;
 mod secrets;
+mod signals;
 mod triggers;
 mod write_api;
