@@ -1,26 +1,27 @@
 //! Wires the stages together: opens the store, starts the scheduler, serves HTTP on a
 //! listener the caller bound, and stops everything in order when `shutdown` resolves.
-//! Owns [`AppState`], the immutable-by-default state every stage shares.
+//! The state the stages share is [`AppState`] (`state`); no stage imports this module.
 
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::config::Config;
-use crate::gitwork::GitWorker;
 use crate::intake::error_reply;
+use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
+use crate::run::{runner, scheduler};
+use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
-use crate::{api, control, http, intake, reconcile, runner, scheduler};
+use crate::web::{api, control, http};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -41,65 +42,6 @@ pub enum DaemonError {
     InUse { path: PathBuf },
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-}
-
-/// What every stage shares.
-pub struct AppState {
-    pub config: Config,
-    pub store: Arc<Store>,
-    pipelines: RwLock<Arc<PipelineSet>>,
-    /// Wakes the scheduler when runs were queued.
-    pub wake: Notify,
-    /// The runs executing now, with their stop switches.
-    pub running: scheduler::Running,
-    /// Runs git jobs (fetch, checkout, ref listings) in child processes.
-    pub git: GitWorker,
-    /// Turns true once when the daemon begins to stop.
-    stopping: watch::Sender<bool>,
-}
-
-impl AppState {
-    pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
-        AppState {
-            git: GitWorker::new(&config.state_dir, config.github.clone_token()),
-            config,
-            store,
-            pipelines: RwLock::new(Arc::new(pipelines)),
-            wake: Notify::new(),
-            running: scheduler::Running::default(),
-            stopping: watch::Sender::new(false),
-        }
-    }
-
-    /// Begins the stop: the scheduler claims no more runs, followers end their streams.
-    pub fn stop(&self) {
-        self.stopping.send_replace(true);
-    }
-
-    /// Turns true when the stop begins (see [`AppState::stop`]).
-    pub fn stopping(&self) -> watch::Receiver<bool> {
-        self.stopping.subscribe()
-    }
-
-    /// The current pipelines; a reload swaps in a whole new set.
-    pub fn pipelines(&self) -> Arc<PipelineSet> {
-        Arc::clone(&self.pipelines.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    pub fn log_dir(&self, run: i64) -> PathBuf {
-        self.config.state_dir.join("logs").join(run.to_string())
-    }
-
-    pub fn log_path(&self, run: i64, step: i64) -> PathBuf {
-        self.log_dir(run).join(format!("{step}.log"))
-    }
-
-    pub fn workspace(&self, run: i64) -> PathBuf {
-        self.config
-            .state_dir
-            .join("workspaces")
-            .join(run.to_string())
-    }
 }
 
 async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible> {
@@ -240,7 +182,7 @@ pub async fn run(
     let (store, state_dir, _lock) = tokio::select! {
         recovered = &mut recovery => recovered??,
         () = &mut shutdown => {
-            crate::notify::notify("STOPPING=1");
+            crate::systemd::notify("STOPPING=1");
             tracing::info!("stop requested during recovery: exiting once it is done, without serving");
             // Recovery runs on a blocking thread and cannot be cut short; the lock
             // it takes is released when it is done and dropped here.
@@ -273,7 +215,7 @@ pub async fn run(
         .or(control::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
-    crate::notify::notify("READY=1");
+    crate::systemd::notify("READY=1");
     // The scheduler and the followers hear the stop as HTTP stops accepting, not after
     // the drain: a run claimed during the drain would be killed at the end of a grace
     // period that started late, and lose an attempt; an open follow stream would hold
@@ -281,7 +223,7 @@ pub async fn run(
     let shutdown = async {
         shutdown.await;
         state.stop();
-        crate::notify::notify("STOPPING=1");
+        crate::systemd::notify("STOPPING=1");
         tracing::info!("stopping: no new run starts; running ones get shutdown_grace");
     };
     http::serve(

@@ -1,32 +1,23 @@
-//! hookci: a CI/CD trigger daemon. A signed GitHub push is verified (`intake`), read
-//! (`event`), matched against the pipelines (`pipeline`, `pattern`, `matcher`), recorded
-//! durably (`store`), then built: fetched (`checkout`) and run step by step (`runner`),
-//! driven by the `scheduler`. `daemon` wires the stages; `api` serves what happened.
+//! hookci: a CI/CD trigger daemon, laid out in folders by stage of the data flow:
+//!
+//! `intake` (a signed push, and missed pushes found by reconcile) → `pipeline` (which
+//! pipelines it triggers) → `store` (recorded durably; the queue) → `git` (fetched and
+//! checked out) → `run` (steps executed) → `web` (what happened, live). `daemon` wires
+//! the stages around the shared `state`; `cli` holds the command line's own work.
+//! `config`, `yaml`, `duration` and `clock` serve every stage; `systemd` speaks to the
+//! service manager.
 
-pub mod api;
-pub mod changes;
-pub mod checkout;
-pub mod client;
+pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod duration;
-pub mod event;
-pub mod follow;
-pub mod foreground;
-pub mod gitwork;
-pub mod http;
+pub mod git;
 pub mod intake;
-pub mod mask;
-pub mod matcher;
-pub mod notify;
-pub mod pattern;
 pub mod pipeline;
-pub mod reconcile;
-pub mod remote;
-pub mod repo;
-pub mod runner;
-pub mod scheduler;
+pub mod run;
+pub mod state;
 pub mod store;
+pub mod systemd;
+pub mod web;
 pub mod yaml;

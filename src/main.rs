@@ -116,7 +116,7 @@ enum Command {
         remote: RemoteArgs,
     },
     /// One git job for the daemon: a request on stdin, the reply on stdout (internal)
-    #[command(name = hookci::gitwork::SUBCOMMAND, hide = true)]
+    #[command(name = hookci::git::worker::SUBCOMMAND, hide = true)]
     GitWorker,
     /// Cancel a queued or running run (needs the API token)
     Cancel {
@@ -154,9 +154,9 @@ struct RemoteArgs {
 }
 
 impl RemoteArgs {
-    fn remote(&self) -> anyhow::Result<hookci::remote::Remote> {
+    fn remote(&self) -> anyhow::Result<hookci::cli::remote::Remote> {
         let config = load_config(&self.config, Overrides::default())?;
-        Ok(hookci::remote::Remote::new(self.url.clone(), &config))
+        Ok(hookci::cli::remote::Remote::new(self.url.clone(), &config))
     }
 }
 
@@ -340,7 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(sig) = &signature {
                 headers.push(("X-Hub-Signature-256", sig.as_str()));
             }
-            let response = hookci::client::request("POST", &url, &headers, &body)?;
+            let response = hookci::cli::client::request("POST", &url, &headers, &body)?;
             println!("{} {}", response.status, response.text().trim_end());
             Ok(if response.status < 400 {
                 ExitCode::SUCCESS
@@ -365,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(set) => set,
                 Err(code) => return Ok(code),
             };
-            let req = hookci::foreground::Request {
+            let req = hookci::cli::foreground::Request {
                 pipeline,
                 repo,
                 git_ref,
@@ -375,7 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             let status = runtime
-                .block_on(hookci::foreground::run(config, set, req))
+                .block_on(hookci::cli::foreground::run(config, set, req))
                 .map_err(anyhow::Error::msg)?;
             Ok(if status == hookci::store::RunStatus::Succeeded {
                 ExitCode::SUCCESS
@@ -401,7 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
             remote,
         } => Ok(ExitCode::from(remote.remote()?.logs(run, follow)?)),
-        Command::GitWorker => Ok(hookci::gitwork::worker_main()),
+        Command::GitWorker => Ok(hookci::git::worker::worker_main()),
         Command::Cancel { run, remote } => Ok(ExitCode::from(remote.remote()?.cancel(run)?)),
         Command::Rerun { run, remote } => Ok(ExitCode::from(remote.remote()?.rerun(run)?)),
         Command::Trigger {

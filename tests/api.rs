@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use hookci::client::Response;
+use hookci::cli::client::Response;
 use serde_json::{json, Value};
 
 use crate::harness::*;

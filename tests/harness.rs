@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hookci::client::{self, Response};
+use hookci::cli::client::{self, Response};
 use serde_json::{json, Value};
 
 pub const SECRET: &str = "test-secret-5a1f3c9e-do-not-log";

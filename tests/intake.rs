@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use hookci::client::Response;
+use hookci::cli::client::Response;
 use hookci::intake::sign;
 use serde_json::{json, Value};
 

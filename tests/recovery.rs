@@ -16,7 +16,7 @@ fn pipeline(origin: &Origin, steps: &str) -> String {
     )
 }
 
-fn first_run(r: &hookci::client::Response) -> i64 {
+fn first_run(r: &hookci::cli::client::Response) -> i64 {
     assert_eq!(r.status, 202, "{}", r.text());
     r.json()["runs"][0]["id"].as_i64().unwrap()
 }
@@ -224,7 +224,8 @@ fn flood(d: &Daemon, sha: &str, round: usize, acked: &Acked, stop: &AtomicBool) 
                         ("X-GitHub-Delivery", delivery.as_str()),
                         ("X-Hub-Signature-256", sig.as_str()),
                     ];
-                    match hookci::client::request("POST", &d.url("/webhook"), &headers, &body) {
+                    match hookci::cli::client::request("POST", &d.url("/webhook"), &headers, &body)
+                    {
                         Ok(r) if (200..300).contains(&r.status) => {
                             let ids = r.json()["runs"]
                                 .as_array()

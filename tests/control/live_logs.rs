@@ -163,7 +163,7 @@ fn hookci_logs_follow_outlasts_a_silence_longer_than_its_read_timeout() {
     let b = Builder::new();
     let origin = Origin::new(b.path());
     let sha = origin.commit("main", &[("a", "1")], "x");
-    let silence = hookci::client::READ_TIMEOUT + Duration::from_secs(5);
+    let silence = hookci::cli::client::READ_TIMEOUT + Duration::from_secs(5);
     let script = format!("echo before\nsleep {}\necho after", silence.as_secs());
     let d = b
         .pipeline("ci", &pipeline(&origin, "", &[step("quiet", &script)]))

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hookci::client::Response;
+use hookci::cli::client::Response;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 

@@ -5,7 +5,7 @@
 //! Why a child: a hung remote, a cancel or a stop ends the job with a kill, which no
 //! in-process libgit2 call allows; a fault inside libgit2 fails one run, not the daemon;
 //! and the memory libgit2 and its TLS library take while they work goes back with the
-//! child, so the idle daemon stays small. The git work itself is `checkout.rs`, run in
+//! child, so the idle daemon stays small. The git work itself is `checkout` (src/git/checkout.rs), run in
 //! the child. This module also owns the daemon's side: one fetch at a time per mirror.
 
 use std::collections::HashMap;
@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::changes::Changes;
-use crate::checkout::{self, Mirrors, Request as Checkout};
 use crate::config::{HostToken, Secret};
-use crate::repo::RepoName;
+use crate::git::changes::Changes;
+use crate::git::checkout::{self, Mirrors, Request as Checkout};
+use crate::git::repo::RepoName;
 
 /// The subcommand that runs one job (hidden from `--help`).
 pub const SUBCOMMAND: &str = "git-worker";

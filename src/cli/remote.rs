@@ -6,9 +6,9 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 
-use crate::client::{self, ClientError, Response};
+use crate::cli::client::{self, ClientError, Response};
 use crate::config::{Config, Secret};
-use crate::http::KEEP_ALIVE_BYTE;
+use crate::web::http::KEEP_ALIVE_BYTE;
 
 /// A daemon to talk to.
 pub struct Remote {

@@ -16,10 +16,10 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::clock::rfc3339;
-use crate::daemon::AppState;
-use crate::follow::Update;
 use crate::intake::error_reply;
+use crate::state::AppState;
 use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, Store, StoreError};
+use crate::web::follow::Update;
 use warp::sse::Event;
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -348,7 +348,7 @@ async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     if blocking(&state.store, move |s| s.run(id)).await?.is_none() {
         return Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}")));
     }
-    let updates = crate::follow::follow(state, id);
+    let updates = crate::web::follow::follow(state, id);
     let stream = futures_util::stream::unfold(updates, |mut rx| async move {
         let update = rx.recv().await?;
         let event = match update {

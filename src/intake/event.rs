@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::repo::RepoName;
+use crate::git::repo::RepoName;
 
 /// The id GitHub sends for "no commit": `before` of a new ref, `after` of a deletion.
 pub const ZERO_SHA: &str = "0000000000000000000000000000000000000000";

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::Config;
-use crate::daemon::AppState;
-use crate::follow::{self, Update};
 use crate::intake::concurrency_group;
 use crate::pipeline::PipelineSet;
-use crate::scheduler;
+use crate::run::scheduler;
+use crate::state::AppState;
 use crate::store::{NewRun, RunStatus, Store, Supersede};
+use crate::web::follow::{self, Update};
 
 const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 

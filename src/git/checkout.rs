@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use git2::build::CheckoutBuilder;
 use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
 
-use crate::changes::{self, Changes};
 use crate::config::HostToken;
-use crate::repo::RepoName;
+use crate::git::changes::{self, Changes};
+use crate::git::repo::RepoName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {

@@ -12,12 +12,12 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::api::{blocking, flatten, run_json};
-use crate::daemon::AppState;
+use crate::git::repo::RepoName;
 use crate::intake::{concurrency_group, error_reply};
-use crate::repo::RepoName;
-use crate::scheduler::{self, Canceled};
+use crate::run::scheduler::{self, Canceled};
+use crate::state::AppState;
 use crate::store::{NewRun, Run, RunStatus, Supersede};
+use crate::web::api::{blocking, flatten, run_json};
 
 const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 

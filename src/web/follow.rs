@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::daemon::AppState;
+use crate::state::AppState;
 use crate::store::{Run, Step, StepStatus};
 
 /// How often the store and the log files are looked at.

@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 
-use crate::mask::Masker;
+use crate::run::mask::Masker;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 

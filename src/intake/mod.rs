@@ -3,6 +3,9 @@
 //! records the delivery; the 202 goes out only after the store has committed it.
 //! It starts nothing itself: the scheduler is woken and takes runs from the store.
 
+pub mod event;
+pub mod reconcile;
+
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -15,10 +18,10 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::daemon::AppState;
-use crate::event::{EventError, Push};
-use crate::matcher::{self, Verdict};
+use crate::intake::event::{EventError, Push};
+use crate::pipeline::matcher::{self, Verdict};
 use crate::pipeline::{CancelPolicy, Group, Pipeline};
+use crate::state::AppState;
 use crate::store::{DeliveryOutcome, NewDecision, NewDelivery, NewRun, Supersede};
 
 /// A JSON error body with `status`.
@@ -295,7 +298,7 @@ async fn record_and_wake(
     if let DeliveryOutcome::New(runs) = &outcome {
         for new in runs {
             for old in &new.supersedes {
-                crate::scheduler::supersede(&state, *old, new.id).await;
+                crate::run::scheduler::supersede(&state, *old, new.id).await;
             }
         }
         if runs.iter().any(|r| !r.existing) {
@@ -420,7 +423,8 @@ mod tests {
 
     #[test]
     fn raw_fixture_signature() {
-        let body = include_bytes!("../tests/fixtures/github/ping/jenkins-raw-body-secret-123.json");
+        let body =
+            include_bytes!("../../tests/fixtures/github/ping/jenkins-raw-body-secret-123.json");
         let header = "sha256=85e61999573c7023720a12375e1e55d18a0870e1ef880736f6ffc9273d0519e3";
         assert_eq!(verify_signature(b"123", body, Some(header)), Ok(()));
         assert!(verify_signature(b"124", body, Some(header)).is_err());

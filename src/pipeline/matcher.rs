@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::event::{Push, RefKind};
-use crate::pattern::PatternList;
+use crate::intake::event::{Push, RefKind};
+use crate::pipeline::pattern::PatternList;
 use crate::pipeline::{Dedupe, Pipeline, PipelineSet};
 
 /// Commit-message tokens that ask for no build.

@@ -2,6 +2,9 @@
 //! immutable [`Pipeline`]. Every problem is reported as a [`SourceError`] with its place.
 //! Loading reads files; nothing here touches the network, the store or processes.
 
+pub mod matcher;
+pub mod pattern;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,8 +13,8 @@ use std::time::Duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
-use crate::pattern::PatternList;
-use crate::repo::RepoName;
+use crate::git::repo::RepoName;
+use crate::pipeline::pattern::PatternList;
 use crate::yaml::{self, value_error, SourceError};
 
 /// One compiled pipeline. The name is the file stem.

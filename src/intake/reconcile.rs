@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::daemon::AppState;
-use crate::event::{Push, RefKind, ZERO_SHA};
+use crate::git::repo::RepoName;
 use crate::intake;
-use crate::repo::RepoName;
-use crate::scheduler::{self, blocking};
+use crate::intake::event::{Push, RefKind, ZERO_SHA};
+use crate::run::scheduler::{self, blocking};
+use crate::state::AppState;
 use crate::store::RefChange;
 
 /// Reconciles at start, then every interval, until `stop` turns true. An interval of 0

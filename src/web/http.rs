@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use warp::http::{header, Request, Response, StatusCode};
 
-use crate::daemon::AppState;
-use crate::follow::{self, Update};
+use crate::state::AppState;
+use crate::web::follow::{self, Update};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;

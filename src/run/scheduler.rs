@@ -14,12 +14,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{resolve_secret, ProcessEnv, Secret};
-use crate::daemon::AppState;
-use crate::gitwork::{Fetch, GitError};
-use crate::mask::Masker;
+use crate::git::repo::RepoName;
+use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
-use crate::repo::RepoName;
-use crate::runner::{self, StepCommand, StepEnd};
+use crate::run::mask::Masker;
+use crate::run::runner::{self, StepCommand, StepEnd};
+use crate::state::AppState;
 use crate::store::{
     OnInterrupt, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
 };

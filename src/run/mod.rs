@@ -1,0 +1,7 @@
+//! The run stage: the `scheduler` takes queued runs from the store and executes them,
+//! the `runner` runs one step as a process group with its log, and `mask` keeps secrets
+//! out of that log. Everything a run does to the machine happens here.
+
+pub mod mask;
+pub mod runner;
+pub mod scheduler;
