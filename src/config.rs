@@ -385,6 +385,64 @@ mod tests {
 
     struct FakeEnv(HashMap<&'static str, &'static str>);
 
+    /// The keys a config section accepts, as its "unknown field" error lists them: the
+    /// list serde itself checks against, so it cannot drift from the struct.
+    fn keys_of<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+        let err = serde_yaml::from_str::<T>("zz-no-such-key: 1")
+            .unwrap_err()
+            .to_string();
+        let list = err
+            .split_once("expected one of ")
+            .or_else(|| err.split_once("expected "))
+            .map(|(_, list)| list)
+            .unwrap_or_else(|| panic!("no key list in {err:?}"));
+        list.split(", ")
+            .map(|k| {
+                k.split('`')
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("{err:?}"))
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_config_key_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+        let row_of = |key: &str| {
+            rows.iter()
+                .find(|r| r.starts_with(&format!("| `{key}` |")))
+                .copied()
+        };
+        let mut missing = Vec::new();
+        for key in keys_of::<FileConfig>() {
+            let nested = match key.as_str() {
+                "retention" => keys_of::<FileRetention>(),
+                "github" => keys_of::<FileGithub>(),
+                _ => Vec::new(),
+            };
+            if nested.is_empty() {
+                if row_of(&key).is_none() {
+                    missing.push(key);
+                }
+                continue;
+            }
+            for inner in nested {
+                // A row of its own (`github.api_url`), or named in its section's row.
+                let own = row_of(&format!("{key}.{inner}")).is_some();
+                let in_section = row_of(&key).is_some_and(|r| r.contains(&inner));
+                if !own && !in_section {
+                    missing.push(format!("{key}.{inner}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "config keys without a row in README's configuration table: {missing:?}"
+        );
+    }
+
     impl EnvSource for FakeEnv {
         fn var(&self, name: &str) -> Option<String> {
             self.0.get(name).map(|v| (*v).to_owned())
