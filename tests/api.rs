@@ -1,4 +1,4 @@
-//! The read API's shapes are a contract (STYLE.md 5): every key, its type, and the
+//! The read API's shapes are a contract: every key, its type, and the
 //! errors, pinned against the real daemon after real runs.
 
 use std::collections::BTreeSet;

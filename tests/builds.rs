@@ -572,6 +572,7 @@ fn a_run_queued_without_waking_the_scheduler_is_still_built() {
             key: None,
             group: None,
             supersede: hookci::store::Supersede::Nothing,
+            supersede_own_ref: false,
             generation: 1,
             pipeline: "ci".into(),
             repo: REPO.into(),

@@ -1,7 +1,7 @@
 //! `POST /webhook` at the door: every kind of bad request is refused with the right
 //! status and a JSON error, records nothing and runs nothing, and the daemon keeps
 //! serving; real GitHub payloads (signed over their exact bytes) are decided as
-//! DESIGN.md says.
+//! README says.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -1049,10 +1049,7 @@ fn a_push_that_touches_none_of_on_paths_is_skipped_with_a_reason() {
     match decision["run"].as_i64() {
         Some(id) => {
             let run = d.wait_run(id);
-            assert_eq!(
-                run["status"], "skipped",
-                "DESIGN.md: a path filter skips: {run:#}"
-            );
+            assert_eq!(run["status"], "skipped", "a path filter skips: {run:#}");
             assert!(run["reason"].as_str().unwrap().contains("paths"), "{run:#}");
             assert!(
                 run["steps"]

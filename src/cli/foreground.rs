@@ -202,6 +202,7 @@ async fn create(
         key: None,
         group: concurrency_group(pipeline, &git_ref),
         supersede: Supersede::Nothing,
+        supersede_own_ref: false,
         generation: 1,
         pipeline: pipeline.name.clone(),
         repo: pipeline.repo.to_string(),

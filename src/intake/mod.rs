@@ -322,7 +322,7 @@ fn new_delivery(id: &str, push: &Push, pipelines: &crate::pipeline::PipelineSet)
     }
 }
 
-/// The concurrency group of a run of `p` on `git_ref` (DESIGN.md `concurrency.group`).
+/// The concurrency group of a run of `p` on `git_ref` (the pipeline's `concurrency.group`).
 pub fn concurrency_group(p: &Pipeline, git_ref: &str) -> Option<String> {
     match p.concurrency.group {
         Group::Ref => Some(format!("{}\n{git_ref}", p.name)),
@@ -353,6 +353,8 @@ pub fn decisions(
                     CancelPolicy::Pending => Supersede::Pending,
                     CancelPolicy::Running => Supersede::Running,
                 },
+                // Path filters apply to branches only (README, "Pipelines").
+                supersede_own_ref: p.on.paths.is_some() && push.git_ref.starts_with("refs/heads/"),
                 generation: 1,
                 pipeline: p.name.clone(),
                 repo: p.repo.to_string(),

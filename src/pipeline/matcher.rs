@@ -32,7 +32,7 @@ pub enum Verdict {
     Ignore { reason: String },
 }
 
-/// The run key: the per-commit lock of DESIGN.md.
+/// The run key: the per-commit lock (README, "Why").
 pub fn run_key(pipeline: &Pipeline, git_ref: &str, commit: &str) -> String {
     match pipeline.dedupe {
         Dedupe::Ref => format!("{}\n{git_ref}\n{commit}", pipeline.name),

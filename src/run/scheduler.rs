@@ -527,7 +527,7 @@ async fn prepare(
         .await
         .map_err(GitError::Failed)?;
     let repo = RepoName::parse(&run.repo).map_err(GitError::Failed)?;
-    // Path filters never apply to tags (DESIGN.md).
+    // Path filters never apply to tags (README, "Pipelines").
     let paths = pipeline
         .on
         .paths
@@ -562,7 +562,7 @@ async fn prepare(
 /// The daemon's own variables a step may see; nothing else of its environment passes.
 const INHERITED: [&str; 4] = ["PATH", "HOME", "LANG", "USER"];
 
-/// The complete environment of one step (DESIGN.md "Runs").
+/// The complete environment of one step, as README lists it.
 pub fn step_env(
     run: &Run,
     pipeline: &Pipeline,

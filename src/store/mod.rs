@@ -130,15 +130,17 @@ CREATE INDEX runs_finished ON runs(id, status)
     WHERE status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped');
 "#,
     // The repositories reconcile has listed once: after that first pass, which only
-    // records, a ref seen for the first time is a creation and is built. A repository
-    // with a head that reconcile recorded was listed before this table existed.
+    // records, a ref seen for the first time is a creation and is built. Before this
+    // table existed, every start listed each repository with a known head (reconcile
+    // runs at start), so a repository with any recorded head counts as listed: a tag
+    // pushed while the daemon was stopped for this upgrade is then built.
     r#"
 CREATE TABLE reconciled (
     repo        TEXT PRIMARY KEY,
     first_at    INTEGER NOT NULL
 );
 INSERT INTO reconciled (repo, first_at)
-    SELECT repo, MIN(updated_at) FROM ref_heads WHERE source = 'reconcile' GROUP BY repo;
+    SELECT repo, MIN(updated_at) FROM ref_heads GROUP BY repo;
 "#,
 ];
 
@@ -507,6 +509,7 @@ mod tests {
             key: Some(key.into()),
             group: group.map(str::to_owned),
             supersede,
+            supersede_own_ref: false,
             generation: 1,
             pipeline: pipeline.into(),
             repo: "o/r".into(),
@@ -1136,7 +1139,8 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert!(store.reconcile_view("o/listed").unwrap().reconciled);
-        assert!(!store.reconcile_view("o/pushed").unwrap().reconciled);
+        assert!(store.reconcile_view("o/pushed").unwrap().reconciled);
+        assert!(!store.reconcile_view("o/never-seen").unwrap().reconciled);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-/// A run's state (DESIGN.md "Runs").
+/// A run's state, as the API and README name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -158,6 +158,10 @@ pub struct NewRun {
     /// The concurrency group: at most one run of a group runs at a time.
     pub group: Option<String>,
     pub supersede: Supersede,
+    /// Supersede only runs of the group on this run's own ref. A path-filtered run may
+    /// end `skipped`, and a run of another ref it canceled would then never build its
+    /// push: so such a run leaves other refs' runs to run.
+    pub supersede_own_ref: bool,
     /// 1 for a run of its own; a rerun's is one more than its original's.
     pub generation: i64,
     pub pipeline: String,

@@ -581,15 +581,26 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
         }
         conn.prepare_cached(
             "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
-             WHERE grp = ?1 AND status = 'queued' AND id < ?2",
+             WHERE grp = ?1 AND status = 'queued' AND id < ?2 AND (NOT ?6 OR ref = ?5)",
         )?
-        .execute(params![group, id, format!("superseded by run {id}"), now])?;
+        .execute(params![
+            group,
+            id,
+            format!("superseded by run {id}"),
+            now,
+            run.git_ref,
+            run.supersede_own_ref
+        ])?;
         if run.supersede == Supersede::Running {
             supersedes = conn
                 .prepare_cached(
-                    "SELECT id FROM runs WHERE grp = ?1 AND status = 'running' AND id < ?2",
+                    "SELECT id FROM runs WHERE grp = ?1 AND status = 'running' AND id < ?2
+                     AND (NOT ?4 OR ref = ?3)",
                 )?
-                .query_map(params![group, id], |r| r.get(0))?
+                .query_map(
+                    params![group, id, run.git_ref, run.supersede_own_ref],
+                    |r| r.get(0),
+                )?
                 .collect::<Result<_, _>>()?;
         }
     }

@@ -104,6 +104,7 @@ fn explicit_run(old: &Run, trigger: &'static str, generation: i64, state: &AppSt
         key: None,
         group,
         supersede: Supersede::Nothing,
+        supersede_own_ref: false,
         generation,
         pipeline: old.pipeline.clone(),
         repo: old.repo.clone(),

@@ -196,6 +196,7 @@ mod tests {
                 key: None,
                 group: None,
                 supersede: Supersede::Nothing,
+                supersede_own_ref: false,
                 generation: 1,
                 pipeline: "ci".into(),
                 repo: "o/r".into(),

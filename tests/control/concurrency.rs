@@ -277,6 +277,52 @@ fn a_run_that_supersedes_a_queued_src_change_builds_it_though_its_own_push_is_do
 }
 
 #[test]
+fn a_path_filtered_run_leaves_the_queued_runs_of_other_refs_of_its_group_to_run() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let gate = b.path().join("gate");
+    let build = step(
+        "build",
+        &format!(
+            "while [ ! -f {} ]; do sleep 0.05; done\necho built $HOOKCI_REF",
+            gate.display()
+        ),
+    );
+    let base = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "0")], "base");
+    let extra = "on:\n  branches: [main, feature]\n  paths: [\"src/**\"]\n\
+                 concurrency: { group: pipeline, cancel: pending }\n";
+    let d = b
+        .pipeline("ci", &pipeline(&origin, extra, &[build]))
+        .start();
+    // A first push holds the group; A (feature, touches src/) waits behind it.
+    let held = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "1")], "one");
+    let first = push(&d, "own-held", "refs/heads/main", &base, &held);
+    wait_status(&d, first, "running");
+    let a = commit_paths(
+        &origin.path,
+        "feature",
+        Some(&held),
+        &[("src/x.rs", "a")],
+        "A",
+    );
+    let run_a = push(&d, "own-a", "refs/heads/feature", ZERO, &a);
+    // B (main, docs only) would supersede A across refs, and then skip by its filter.
+    let b_sha = commit_paths(&origin.path, "main", None, &[("docs/guide.md", "g")], "B");
+    let run_b = push(&d, "own-b", "refs/heads/main", &held, &b_sha);
+    std::fs::write(&gate, "go").unwrap();
+
+    assert_eq!(d.wait_run(first)["status"], "succeeded");
+    let one = d.wait_run(run_a);
+    assert_eq!(
+        one["status"], "succeeded",
+        "A's change still builds: {one:#}"
+    );
+    assert!(d.run_log(run_a).contains("built refs/heads/feature"));
+    let two = d.wait_run(run_b);
+    assert_eq!(two["status"], "skipped", "{two:#}");
+}
+
+#[test]
 fn a_run_that_supersedes_a_running_src_change_builds_it_though_its_own_push_is_docs_only() {
     let b = Builder::new();
     let origin = Origin::new(b.path());
