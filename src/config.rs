@@ -316,6 +316,11 @@ impl Config {
                 "max_parallel_runs must be at least 1".into(),
             ));
         }
+        if config.retention.runs == 0 {
+            return Err(ConfigError::Invalid(
+                "retention.runs must be at least 1 (the newest finished runs to keep)".into(),
+            ));
+        }
         if config.github.git_host().is_none() {
             return Err(ConfigError::Invalid(format!(
                 "github.api_url {:?} is not an https:// URL (for example https://api.github.com, \
@@ -565,6 +570,20 @@ mod tests {
         ] {
             assert_eq!(token.for_url(url).is_some(), offered, "{url}");
         }
+    }
+
+    #[test]
+    fn retention_keeps_at_least_one_run() {
+        let keep_none = FileConfig {
+            retention: Some(FileRetention {
+                runs: Some(0),
+                ..FileRetention::default()
+            }),
+            ..FileConfig::default()
+        };
+        let err =
+            Config::build(keep_none, Overrides::default(), &FakeEnv(HashMap::new())).unwrap_err();
+        assert!(err.to_string().contains("retention.runs"), "{err}");
     }
 
     #[test]

@@ -381,7 +381,11 @@ async fn execute(
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
         tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
     }
-    prune(&state).await;
+    // Not while the daemon stops: the stop waits for this task, and the next start
+    // prunes anyway.
+    if !*state.stopping().borrow() {
+        prune(&state).await;
+    }
 }
 
 /// The first pause before a failed write of a run's progress is tried again; each
@@ -681,8 +685,16 @@ async fn run_steps(
         }
         let span = tracing::info_span!("step", step = %step.name);
         let id = run.id;
-        if let Err(e) = blocking(&state.store, move |s| s.step_started(id, number)).await {
-            tracing::error!(error = %e, "cannot record the step start");
+        // Stored before the step starts: recovery tells from it whether a step of an
+        // interrupted run ran (`interrupted: fail`), so an unrecorded start must not run.
+        let started = until_stored(state, control, "the start of a step", move |s| {
+            s.step_started(id, number)
+        })
+        .instrument(span.clone())
+        .await;
+        if started.is_err() {
+            ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
+            continue;
         }
         let (timeout, pipeline_limits, until) = if cut {
             let own = step.timeout.unwrap_or(CLEANUP_TIMEOUT);

@@ -24,7 +24,12 @@ fn a_crash_while_an_ended_runs_workspace_is_removed_does_not_run_it_again() {
         .start();
     let id = push(&d, "slow-removal", "refs/heads/main", ZERO, &sha);
     let workspace = d.state_dir().join(format!("workspaces/{id}"));
-    eventually("the step filled its workspace", || filled.exists());
+    // Thousands of files take a while on a loaded machine.
+    eventually_within(
+        Duration::from_secs(90),
+        "the step filled its workspace",
+        || filled.exists(),
+    );
 
     // Killed as soon as the workspace is being removed (fewer files than the step left,
     // or none): from then on the run must count as ended.
