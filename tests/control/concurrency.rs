@@ -226,6 +226,17 @@ fn a_missed_push_found_by_reconcile_supersedes_a_running_run_too() {
     assert_eq!(two["status"], "succeeded", "{two:#}");
 }
 
+/// A step `build` that waits until the file `gate` exists, then runs `then`.
+fn gated_step(gate: &Path, then: &str) -> String {
+    step(
+        "build",
+        &format!(
+            "while [ ! -f {} ]; do sleep 0.05; done\n{then}",
+            gate.display()
+        ),
+    )
+}
+
 /// A base commit with a `src/` file, and a daemon whose one pipeline builds only
 /// changes to `src/**` on main, with `concurrency` as given and `step` its only step.
 fn src_only(b: Builder, origin: &Origin, concurrency: &str, step: String) -> (Daemon, String) {
@@ -240,13 +251,7 @@ fn a_run_that_supersedes_a_queued_src_change_builds_it_though_its_own_push_is_do
     let b = Builder::new();
     let origin = Origin::new(b.path());
     let gate = b.path().join("gate");
-    let build = step(
-        "build",
-        &format!(
-            "while [ ! -f {} ]; do sleep 0.05; done\necho built $HOOKCI_COMMIT since $HOOKCI_BEFORE",
-            gate.display()
-        ),
-    );
+    let build = gated_step(&gate, "echo built $HOOKCI_COMMIT since $HOOKCI_BEFORE");
     let (d, base) = src_only(b, &origin, "", build);
     // A first push holds the group, so the next ones wait in the queue.
     let held = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "1")], "one");
@@ -281,13 +286,7 @@ fn a_path_filtered_run_leaves_the_queued_runs_of_other_refs_of_its_group_to_run(
     let b = Builder::new();
     let origin = Origin::new(b.path());
     let gate = b.path().join("gate");
-    let build = step(
-        "build",
-        &format!(
-            "while [ ! -f {} ]; do sleep 0.05; done\necho built $HOOKCI_REF",
-            gate.display()
-        ),
-    );
+    let build = gated_step(&gate, "echo built $HOOKCI_REF");
     let base = commit_paths(&origin.path, "main", None, &[("src/lib.rs", "0")], "base");
     let extra = "on:\n  branches: [main, feature]\n  paths: [\"src/**\"]\n\
                  concurrency: { group: pipeline, cancel: pending }\n";
