@@ -37,6 +37,7 @@ BIN="$ROOT/target/release/hookci"
 MATCH="$ROOT/target/release/examples/match-bench"
 CLIENT="$BENCH/client.py"
 STARTED=$(date +%s)
+REV=$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?')
 
 say() { printf '\n== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
@@ -231,7 +232,7 @@ for C in $LEVELS; do
         TARGET="≥ 2.50× webhook, 0 acked lost: $OK"
     fi
     row "signed push intake, $C conn., vs webhook" "$HCELL" \
-        "webhook: $WRPS/s, $WS of $WA acked recorded ($WLOST lost; $(( ${WA:-0} - ${WD:-0} )) when left ${DRAIN_SECS} s to finish)" \
+        "webhook: $WRPS/s, $WS of $WA acked recorded ($WLOST lost; $(( ${WA:-0} - ${WD:-0} )) still lost when left up to ${DRAIN_SECS} s to finish)" \
         "$(ratio "$HRPS" "$WRPS")" "$TARGET"
     row "signed push intake, $C conn., vs bare handler" "$HRPS/s" "bare handler: $BRPS/s" \
         "$(ratio "$HRPS" "$BRPS")" "—"
@@ -467,7 +468,6 @@ row "RSS with $QUEUED_NOW runs queued (1 running)" "$(fmt_mib "$Q_MANY")" \
 
 # ===== the table ========================================================================
 ELAPSED=$(( $(date +%s) - STARTED ))
-REV=$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?')
 echo "hookci $REV, $(nproc) cores, load average before/after: $LOAD_BEFORE / $(cut -d' ' -f1-3 /proc/loadavg), $ELAPSED s in all"
 echo
 echo "| what | hookci | comparison | ratio | target |"
