@@ -70,9 +70,18 @@ done
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hookci-run.XXXXXX")
 DPID=""        # the hookci daemon of the current section
 DLOG=""
+INTAKE_PID=""  # bench/intake.sh, which cleans up after itself on SIGTERM
 cleanup() {
-    # A blocked step waits for this file (see the queued-runs section).
-    : >"$WORK/release" 2>/dev/null || true
+    if [ -n "$INTAKE_PID" ] && kill -0 "$INTAKE_PID" 2>/dev/null; then
+        kill -TERM "$INTAKE_PID" 2>/dev/null || true
+        wait "$INTAKE_PID" 2>/dev/null || true
+    fi
+    # A blocked step waits for this file (see the queued-runs section); it looks every
+    # 0.1 s, so give it the time to see the file before the temp dir goes.
+    if [ -d "$WORK/queue" ]; then
+        : >"$WORK/release" 2>/dev/null || true
+        sleep 0.3
+    fi
     if [ -n "$DPID" ] && kill -0 "$DPID" 2>/dev/null; then
         kill -TERM "$DPID" 2>/dev/null || true
         for _ in $(seq 100); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
@@ -206,11 +215,14 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ===== 1. signed push intake: hookci, the bare handler, webhook =============================
 say "intake at $LEVELS connections (bench/intake.sh: hookci, bare handler, webhook)"
-set +e
 RESULTS="$WORK/intake.results" SKIP_BUILD=1 LEVELS="$LEVELS" DURATION="$INTAKE_DURATION" \
-    PAYLOADS="$PAYLOADS" DRAIN_SECS="$DRAIN_SECS" KEEP="${KEEP:-0}" bash "$BENCH/intake.sh" >"$WORK/intake.md"
+    PAYLOADS="$PAYLOADS" DRAIN_SECS="$DRAIN_SECS" KEEP="${KEEP:-0}" bash "$BENCH/intake.sh" >"$WORK/intake.md" &
+INTAKE_PID=$!
+set +e
+wait "$INTAKE_PID"
 INTAKE_RC=$?
 set -e
+INTAKE_PID=""
 cat "$WORK/intake.md" >&2
 [ "$INTAKE_RC" = 0 ] || NOTES+=("bench/intake.sh exited $INTAKE_RC (a durability check failed or the daemon died): see its output above the table.")
 intake() { grep "^INTAKE target=$1 conns=$2 " "$WORK/intake.results" || true; }   # intake TARGET CONNS
