@@ -12,8 +12,8 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hookci::event::Push;
-use hookci::matcher::{self, Verdict};
+use hookci::intake::event::Push;
+use hookci::pipeline::matcher::{self, Verdict};
 use hookci::pipeline::{Pipeline, PipelineSet};
 
 /// Each measured batch lasts about this long; the median batch is reported, so a batch
