@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Benchmark of signed push intake: wrk POSTs distinct, signed push deliveries to a
 # release hookci on loopback at several connection counts, then checks that every
-# delivery answered 202 is in the store with exactly one run. See bench/README.md.
+# delivery answered 202 is in the store with exactly one run. The same load goes to the
+# bare handler (the ceiling) and to webhook (Debian's package, the same secret and a
+# signature rule; its command records each delivery id), whose acknowledged deliveries
+# are checked against what its command recorded. See bench/README.md.
 #
 # Knobs (environment): LEVELS="1 16 64"  DURATION=10s  PAYLOADS=250000  IDLE_SECS=2
 #   MAX_PARALLEL_RUNS=2  SKIP_BUILD=1 (use the existing target/release/hookci)
 #   KEEP=1 (keep the temp dir: daemon logs, wrk output, state dirs)
+#   WEBHOOK=0 (leave webhook out)  DRAIN_SECS=30 (how long webhook may finish its commands)
+#   RESULTS=FILE (append one "INTAKE key=value ..." line per measurement, for run.sh)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,6 +22,9 @@ IDLE_SECS=${IDLE_SECS:-2}
 MAX_PARALLEL_RUNS=${MAX_PARALLEL_RUNS:-2}
 BIN=${BIN:-"$ROOT/target/release/hookci"}
 BARE=${BARE:-"$ROOT/target/release/examples/bare-handler"}
+WEBHOOK=${WEBHOOK:-1}
+DRAIN_SECS=${DRAIN_SECS:-30}
+RESULTS=${RESULTS:-}
 
 say() { printf '\n== %s\n' "$*" >&2; }
 die() { printf 'intake.sh: %s\n' "$*" >&2; exit 1; }
@@ -25,6 +33,10 @@ die() { printf 'intake.sh: %s\n' "$*" >&2; exit 1; }
 if ! command -v wrk >/dev/null 2>&1; then
     say "installing wrk"
     apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
+fi
+if [ "$WEBHOOK" != 0 ] && ! command -v webhook >/dev/null 2>&1; then
+    say "installing webhook"
+    apt-get install -y webhook || { apt-get update && apt-get install -y webhook; }
 fi
 command -v python3 >/dev/null || die "python3 is required"
 command -v git >/dev/null || die "git is required"
@@ -41,10 +53,13 @@ DAEMON_PID=""
 SAMPLER_PID=""
 BARE_PID=""
 REMOTE_PID=""
+WEBHOOK_PID=""
 cleanup() {
-    [ -n "$BARE_PID" ] && kill "$BARE_PID" 2>/dev/null || true
-    [ -n "$REMOTE_PID" ] && kill "$REMOTE_PID" 2>/dev/null || true
-    [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null || true
+    if [ -n "$BARE_PID" ]; then kill "$BARE_PID" 2>/dev/null || true; fi
+    # webhook leads its own process group, with the hook commands it started.
+    if [ -n "$WEBHOOK_PID" ]; then kill -KILL -- "-$WEBHOOK_PID" 2>/dev/null || true; fi
+    if [ -n "$REMOTE_PID" ]; then kill "$REMOTE_PID" 2>/dev/null || true; fi
+    if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null || true; fi
     if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
         kill -KILL "$DAEMON_PID" 2>/dev/null || true
         wait "$DAEMON_PID" 2>/dev/null || true
@@ -104,8 +119,85 @@ cpu_ticks() { # cpu_ticks PID -> user + system time of PID in clock ticks
 }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 ms() { awk -v u="$1" 'BEGIN { printf "%.2f ms", u / 1000 }'; }
+result() { # result KEY=VALUE ... -> one line of RESULTS, if asked for
+    if [ -n "$RESULTS" ]; then echo "INTAKE $*" >>"$RESULTS"; fi
+}
+# load OUT ACK_FILE URL [VAR=VALUE ...]: the wrk run of one level against one receiver,
+# with intake.lua; VAR=VALUE go to the script's environment.
+load() {
+    local out=$1 ack=$2 url=$3
+    shift 3
+    env BENCH_DATA="$WORK/payloads.tsv" BENCH_THREADS="$T" BENCH_ACK_FILE="$ack" "$@" \
+        wrk -t"$T" -c"$C" -d"$DURATION" --timeout 10s --latency \
+            -s "$BENCH/intake.lua" "$url" >"$out" 2>&1
+}
+start_sampler() { # start_sampler PID FILE: VmRSS of PID every 100 ms into FILE
+    : >"$2"
+    ( while rss_kib "$1" VmRSS >>"$2" 2>/dev/null; do sleep 0.1; done ) &
+    SAMPLER_PID=$!
+}
+stop_sampler() { # stop_sampler PID FILE -> the peak of the samples and of VmHWM, KiB
+    local hwm peak
+    hwm=$(rss_kib "$1" VmHWM 2>/dev/null || echo 0)
+    kill "$SAMPLER_PID" 2>/dev/null || true
+    wait "$SAMPLER_PID" 2>/dev/null || true
+    SAMPLER_PID=""
+    peak=$(sort -n "$2" | tail -1)
+    peak=${peak:-0}
+    [ "$hwm" -gt "$peak" ] && peak=$hwm
+    echo "$peak"
+}
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+# webhook's hooks: "push-J" for every slot J (see intake.lua), each with the same secret,
+# a payload-hmac-sha256 rule on X-Hub-Signature-256 and a command that appends the
+# delivery id to $2. It answers 200 "slot=J" as soon as the rule holds and runs the
+# command after that, which is webhook's default.
+write_hooks() { # write_hooks HOOKS_JSON RECORDED_FILE
+    python3 - "$1" "$2" "$WORK/secret" "$SLOTS" <<'PY'
+import json, sys
+out, recorded, secret_file, slots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+secret = open(secret_file).read().strip()
+hooks = [{
+    "id": "push-%d" % j,
+    "execute-command": "/bin/sh",
+    "pass-arguments-to-command": [
+        {"source": "string", "name": "-c"},
+        {"source": "string", "name": 'printf "%s\\n" "$1" >>"$2"'},
+        {"source": "string", "name": "record"},
+        {"source": "header", "name": "X-GitHub-Delivery"},
+        {"source": "string", "name": recorded},
+    ],
+    "response-message": "slot=%d" % j,
+    "http-methods": ["POST"],
+    "trigger-rule": {"match": {
+        "type": "payload-hmac-sha256",
+        "secret": secret,
+        "parameter": {"source": "header", "name": "X-Hub-Signature-256"},
+    }},
+} for j in range(slots)]
+with open(out, "w") as f:
+    json.dump(hooks, f, indent=1)
+PY
+    chmod 600 "$1"
+}
+pgid_of() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $3 }'; }
+group_size() { # group_size PGID -> how many processes are in process group PGID
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v g="$1" '{ sub(/.*\) /, ""); if ($3 == g) n++ } END { print n + 0 }'
+}
+
+# Slots per wrk thread: more than the connections one thread holds, so one is free
+# whenever a request is made (intake.lua).
+SLOTS=0
+for C in $LEVELS; do
+    T=$(( C < 2 ? C : 2 ))
+    PER=$(( (C + T - 1) / T ))
+    [ $(( 2 * PER + 4 )) -gt "$SLOTS" ] && SLOTS=$(( 2 * PER + 4 ))
+done
 
 declare -A R_CPU R_BARE R_BARE_P99 R_RPS R_P50 R_P99 R_NON2XX R_PEAK R_IDLE R_ACK R_STORED R_RUNS R_NOTE
+declare -A R_WH R_WH_P99 R_WH_ACK R_WH_REC R_WH_DRAINED R_WH_IDLE R_WH_PEAK R_WH_NOTE
 FAILED=0
 
 for C in $LEVELS; do
@@ -141,29 +233,18 @@ EOF
     IDLE=$(rss_kib "$DAEMON_PID" VmRSS)
     echo "listening on $ADDR (pid $DAEMON_PID), idle RSS after ${IDLE_SECS}s: $(mib "$IDLE") MiB" >&2
 
-    : >"$D/rss.samples"
-    ( while rss_kib "$DAEMON_PID" VmRSS >>"$D/rss.samples" 2>/dev/null; do sleep 0.1; done ) &
-    SAMPLER_PID=$!
-
+    start_sampler "$DAEMON_PID" "$D/rss.samples"
     CPU0=$(cpu_ticks "$DAEMON_PID")
     set +e
-    BENCH_DATA="$WORK/payloads.tsv" BENCH_THREADS=$T BENCH_ACK_FILE="$D/acked.txt" \
-        wrk -t"$T" -c"$C" -d"$DURATION" --timeout 10s --latency \
-            -s "$BENCH/intake.lua" "http://$ADDR/webhook" >"$D/wrk.txt" 2>&1
+    load "$D/wrk.txt" "$D/acked.txt" "http://$ADDR/webhook"
     WRK_RC=$?
     set -e
     grep -v '^BENCH ' "$D/wrk.txt" >&2 || true
 
     ALIVE=1
     kill -0 "$DAEMON_PID" 2>/dev/null || ALIVE=0
-    HWM=$(rss_kib "$DAEMON_PID" VmHWM 2>/dev/null || echo 0)
     CPU1=$(cpu_ticks "$DAEMON_PID" 2>/dev/null || echo "$CPU0")
-    kill "$SAMPLER_PID" 2>/dev/null || true
-    wait "$SAMPLER_PID" 2>/dev/null || true
-    SAMPLER_PID=""
-    PEAK=$(sort -n "$D/rss.samples" | tail -1)
-    PEAK=${PEAK:-0}
-    [ "$HWM" -gt "$PEAK" ] && PEAK=$HWM
+    PEAK=$(stop_sampler "$DAEMON_PID" "$D/rss.samples")
     # A crash-style stop: only what the store committed survives it.
     kill -KILL "$DAEMON_PID" 2>/dev/null || true
     wait "$DAEMON_PID" 2>/dev/null || true
@@ -226,6 +307,9 @@ EOF
     R_CPU[$C]=$(awk -v t=$(( CPU1 - CPU0 )) -v hz="$(getconf CLK_TCK)" -v n="${R_ACK[$C]:-0}" \
         'BEGIN { if (n > 0) printf "%.0f", t / hz * 1e6 / n; else print "-" }')
     R_NOTE[$C]=$NOTE
+    result target=hookci conns="$C" rps="${R_RPS[$C]}" p99_us="$(field p99_us)" \
+        acked="${R_ACK[$C]}" stored="${R_STORED[$C]}" runs="${R_RUNS[$C]}" \
+        missing="$(vfield missing)" idle_kib="$IDLE" peak_kib="$PEAK" ok="$(vfield ok)"
 
     # The ceiling, measured in the same run: warp answering 202 and nothing else.
     say "connections=$C: bare warp handler"
@@ -238,11 +322,8 @@ EOF
         sleep 0.1
     done
     case "$BADDR" in 127.*) ;; *) die "bare handler did not start on loopback" ;; esac
-    CPU0=$(cpu_ticks "$DAEMON_PID")
     set +e
-    BENCH_DATA="$WORK/payloads.tsv" BENCH_THREADS=$T BENCH_ACK_FILE="$D/bare-acked.txt" \
-        wrk -t"$T" -c"$C" -d"$DURATION" --timeout 10s --latency \
-            -s "$BENCH/intake.lua" "http://$BADDR/webhook" >"$D/bare-wrk.txt" 2>&1
+    load "$D/bare-wrk.txt" "$D/bare-acked.txt" "http://$BADDR/webhook"
     set -e
     kill "$BARE_PID" 2>/dev/null || true
     wait "$BARE_PID" 2>/dev/null || true
@@ -250,6 +331,78 @@ EOF
     BLINE=$(grep '^BENCH ' "$D/bare-wrk.txt" || true)
     R_BARE[$C]=$(awk -v r="$(sed -n 's/.* rps=\([^ ]*\).*/\1/p' <<<"$BLINE")" 'BEGIN { printf "%.0f", r }')
     R_BARE_P99[$C]=$(ms "$(sed -n 's/.* p99_us=\([^ ]*\).*/\1/p' <<<"$BLINE")")
+    result target=bare conns="$C" rps="${R_BARE[$C]}" \
+        p99_us="$(sed -n 's/.* p99_us=\([^ ]*\).*/\1/p' <<<"$BLINE")"
+
+    [ "$WEBHOOK" != 0 ] || continue
+    # What users run today, measured in the same run: webhook with the same secret and a
+    # signature rule. The acknowledged deliveries are looked for in what its commands
+    # recorded twice: when the load ends (what a crash then keeps, as for hookci above:
+    # webhook keeps nothing else), and once it was left to finish its commands (up to
+    # DRAIN_SECS); then its whole process group is killed.
+    say "connections=$C: webhook"
+    sync
+    write_hooks "$D/hooks.json" "$D/webhook-recorded.txt"
+    WPORT=$(free_port)
+    setsid webhook -hooks "$D/hooks.json" -ip 127.0.0.1 -port "$WPORT" >"$D/webhook.log" 2>&1 &
+    WEBHOOK_PID=$!
+    UP=0
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$WPORT") 2>/dev/null; then UP=1; break; fi
+        kill -0 "$WEBHOOK_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    [ "$UP" = 1 ] || { cat "$D/webhook.log" >&2; die "webhook did not listen on 127.0.0.1:$WPORT"; }
+    [ "$(pgid_of "$WEBHOOK_PID")" = "$WEBHOOK_PID" ] || die "webhook does not lead its own process group"
+    sleep "$IDLE_SECS"
+    WIDLE=$(rss_kib "$WEBHOOK_PID" VmRSS)
+    start_sampler "$WEBHOOK_PID" "$D/webhook-rss.samples"
+    set +e
+    load "$D/webhook-wrk.txt" "$D/webhook-acked.txt" "http://127.0.0.1:$WPORT/" \
+        BENCH_SLOTS="$SLOTS" BENCH_SLOT_PATH=/hooks/push-
+    set -e
+    WPEAK=$(stop_sampler "$WEBHOOK_PID" "$D/webhook-rss.samples")
+    touch "$D/webhook-recorded.txt"
+    cp "$D/webhook-recorded.txt" "$D/webhook-recorded-at-end.txt"
+    # Left to finish: until no hook command is left in its process group and nothing
+    # was recorded for a second.
+    LINES=-1
+    for _ in $(seq "$DRAIN_SECS"); do
+        sleep 1
+        NOW=$(wc -l <"$D/webhook-recorded.txt")
+        [ "$NOW" = "$LINES" ] && [ "$(group_size "$WEBHOOK_PID")" -le 1 ] && break
+        LINES=$NOW
+    done
+    kill -KILL -- "-$WEBHOOK_PID" 2>/dev/null || true
+    wait "$WEBHOOK_PID" 2>/dev/null || true
+    WEBHOOK_PID=""
+    WLINE=$(grep '^BENCH ' "$D/webhook-wrk.txt" || true)
+    [ -n "$WLINE" ] || { cat "$D/webhook-wrk.txt" >&2; die "wrk against webhook gave no summary"; }
+    echo "$WLINE" >&2
+    wfield() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$WLINE"; }
+    echo "webhook, when the load ended:" >&2
+    python3 "$BENCH/verify.py" --recorded "$D/webhook-acked.txt" "$D/webhook-recorded-at-end.txt" "$C" \
+        | tee "$D/webhook-verify.txt" >&2
+    echo "webhook, left to finish (up to $DRAIN_SECS s):" >&2
+    python3 "$BENCH/verify.py" --recorded "$D/webhook-acked.txt" "$D/webhook-recorded.txt" "$C" \
+        | tee "$D/webhook-verify-drained.txt" >&2
+    WV=$(grep '^VERIFY ' "$D/webhook-verify.txt")
+    R_WH_DRAINED[$C]=$(sed -n 's/.* stored=\([^ ]*\).*/\1/p' <<<"$(grep '^VERIFY ' "$D/webhook-verify-drained.txt")")
+    R_WH[$C]=$(awk -v r="$(wfield rps)" 'BEGIN { printf "%.0f", r }')
+    R_WH_P99[$C]=$(ms "$(wfield p99_us)")
+    R_WH_ACK[$C]=$(sed -n 's/.* acked=\([^ ]*\).*/\1/p' <<<"$WV")
+    R_WH_REC[$C]=$(sed -n 's/.* stored=\([^ ]*\).*/\1/p' <<<"$WV")
+    R_WH_IDLE[$C]=$(mib "$WIDLE")
+    R_WH_PEAK[$C]=$(mib "$WPEAK")
+    WNOTE=""
+    [ "$(wfield noslot)" != 0 ] && WNOTE="$WNOTE $(wfield noslot) slots taken over (broken connections);"
+    [ "$(wfield noid)" != 0 ] && WNOTE="$WNOTE $(wfield noid) 200s naming no slot;"
+    [ "$(wfield statuses)" != "-" ] && WNOTE="$WNOTE statuses other than 200: $(wfield statuses);"
+    [ "$(wfield wrapped)" != 0 ] && WNOTE="$WNOTE payloads ran out (raise PAYLOADS);"
+    R_WH_NOTE[$C]=$WNOTE
+    result target=webhook conns="$C" rps="${R_WH[$C]}" p99_us="$(wfield p99_us)" \
+        acked="${R_WH_ACK[$C]}" stored="${R_WH_REC[$C]}" drained="${R_WH_DRAINED[$C]}" \
+        idle_kib="$WIDLE" peak_kib="$WPEAK"
 done
 
 # --- report ---------------------------------------------------------------------------------
@@ -257,11 +410,12 @@ say "results"
 {
     echo "hookci $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'), $(nproc) cores, wrk $DURATION per level, --timeout 10s, max_parallel_runs $MAX_PARALLEL_RUNS"
     echo
-    echo "| connections | req/s | p50 | p99 | non-2xx | peak RSS MiB | stored/acked | CPU µs/push | bare req/s (p99) | intake/bare |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| connections | req/s | p50 | p99 | non-2xx | peak RSS MiB | stored/acked | CPU µs/push | bare req/s (p99) | intake/bare | webhook req/s (p99) | webhook recorded/acked | intake/webhook |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for C in $LEVELS; do
         RATIO=$(awk -v a="${R_RPS[$C]}" -v b="${R_BARE[$C]:-0}" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }')
-        echo "| $C | ${R_RPS[$C]} | ${R_P50[$C]} | ${R_P99[$C]} | ${R_NON2XX[$C]} | ${R_PEAK[$C]} | ${R_STORED[$C]}/${R_ACK[$C]} | ${R_CPU[$C]:--} | ${R_BARE[$C]:--} (${R_BARE_P99[$C]:--}) | $RATIO |"
+        WRATIO=$(awk -v a="${R_RPS[$C]}" -v b="${R_WH[$C]:-0}" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "-" }')
+        echo "| $C | ${R_RPS[$C]} | ${R_P50[$C]} | ${R_P99[$C]} | ${R_NON2XX[$C]} | ${R_PEAK[$C]} | ${R_STORED[$C]}/${R_ACK[$C]} | ${R_CPU[$C]:--} | ${R_BARE[$C]:--} (${R_BARE_P99[$C]:--}) | $RATIO | ${R_WH[$C]:--} (${R_WH_P99[$C]:--}) | ${R_WH_REC[$C]:--}/${R_WH_ACK[$C]:--} | $WRATIO |"
     done
     echo
     IDLES=""
@@ -269,6 +423,9 @@ say "results"
     echo "Idle RSS after startup (${IDLE_SECS} s, before load): $IDLES MiB (one per level)."
     for C in $LEVELS; do
         echo "- $C connections: runs ${R_RUNS[$C]:--}.${R_NOTE[$C]:+ ${R_NOTE[$C]}}"
+        if [ -n "${R_WH[$C]:-}" ]; then
+            echo "  webhook: RSS idle ${R_WH_IDLE[$C]} MiB, peak ${R_WH_PEAK[$C]} MiB; ${R_WH_DRAINED[$C]} of the acknowledged deliveries recorded once left to finish.${R_WH_NOTE[$C]:+ ${R_WH_NOTE[$C]}}"
+        fi
     done
 }
 if [ "$FAILED" != 0 ]; then

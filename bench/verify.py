@@ -2,6 +2,11 @@
 """Check that every delivery hookci acknowledged (202) is in its store, with one run.
 
 Usage: verify.py ACK_FILE STATE_DIR/hookci.db CONNECTIONS
+       verify.py --recorded ACK_FILE RECORDED_FILE CONNECTIONS
+
+The second form checks a receiver without a store (webhook, in bench/intake.sh): its
+hook command appends each delivery id it ran for to RECORDED_FILE, and every
+acknowledged delivery should be there, once.
 
 ACK_FILE holds the delivery id of every 202 that wrk saw, one a line (bench/intake.lua).
 Run it after the daemon was killed (SIGKILL): only what was committed counts.
@@ -18,10 +23,48 @@ from collections import Counter
 import sys
 
 
+def read_ids(path: str) -> list:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def recorded(ack_file: str, rec_file: str, conns: int) -> int:
+    acked_list = read_ids(ack_file)
+    acked = set(acked_list)
+    rec_list = read_ids(rec_file)
+    rec = set(rec_list)
+    lost = sorted(acked - rec)
+    unacked = len(rec - acked)
+    twice = len(rec_list) - len(rec)
+    print("acknowledged %d, recorded %d" % (len(acked_list), len(rec_list)))
+    if lost:
+        print(
+            "  %d acknowledged deliveries were never recorded by the hook command, e.g. %s"
+            % (len(lost), ", ".join(lost[:3]))
+        )
+    if twice:
+        print("  %d deliveries were recorded more than once" % twice)
+    if unacked:
+        note = "expected: wrk drops in-flight answers when it stops"
+        if unacked > conns:
+            note = "MORE than the %d connections in flight at the end" % conns
+        print("  %d recorded deliveries were never acknowledged to wrk (%s)" % (unacked, note))
+    print(
+        "VERIFY acked=%d stored=%d runs=%d missing=%d unacked=%d bad_runs=%d ok=%d"
+        % (len(acked_list), len(acked & rec), len(rec_list), len(lost), unacked, twice,
+           int(not lost and not twice))
+    )
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "--recorded":
+        return recorded(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     ack_file, db, conns = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with open(ack_file, encoding="ascii") as f:
-        acked_list = [line.strip() for line in f if line.strip()]
+    acked_list = read_ids(ack_file)
     acked = set(acked_list)
     repeated_acks = len(acked_list) - len(acked)
 
