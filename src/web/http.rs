@@ -160,7 +160,15 @@ async fn follow_log(state: Arc<AppState>, id: i64) -> Response<Body> {
             )
         }
     }
-    let updates = follow::follow(state, id);
+    let updates = match follow::follow(state, id) {
+        Ok(updates) => updates,
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": e.to_string() }).to_string(),
+            )
+        }
+    };
     let mut r = Response::new(BodyExt::boxed(UpdateBody(updates)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -196,7 +204,7 @@ impl http_body::Body for UpdateBody {
                 Update::StepStarted(step) => {
                     format!("==> step {}: {}\n", step.number, step.name).into_bytes()
                 }
-                Update::Output { bytes, .. } => bytes,
+                Update::Output { bytes, .. } => bytes.to_vec(),
                 Update::StepFinished(step) => {
                     let mut line = format!("==> step {} {}", step.number, step.status.as_str());
                     if let Some(reason) = step.reason {
