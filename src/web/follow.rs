@@ -144,8 +144,10 @@ impl Followers {
         feeds.followers += 1;
         Ok(Subscription {
             rx,
-            id,
-            feeds: Arc::clone(&self.feeds),
+            _place: Place {
+                id,
+                feeds: Arc::clone(&self.feeds),
+            },
         })
     }
 }
@@ -176,22 +178,28 @@ async fn route(mut events: events::Receiver, feeds: Arc<Mutex<Feeds>>) {
     }
 }
 
-/// One follower's place: leaving it frees the place, and the run's feed with the last.
+/// One follower's feed and place.
 struct Subscription {
     rx: broadcast::Receiver<Feed>,
+    // Dropped after `rx` (fields drop in order), so it finds the feed's receivers
+    // without this one.
+    _place: Place,
+}
+
+/// Leaving frees the place, and the run's feed with its last follower.
+struct Place {
     id: i64,
     feeds: Arc<Mutex<Feeds>>,
 }
 
-impl Drop for Subscription {
+impl Drop for Place {
     fn drop(&mut self) {
         let mut feeds = lock(&self.feeds);
         feeds.followers -= 1;
-        // This receiver is still alive here: it is the last one when it is the only one.
         if feeds
             .runs
             .get(&self.id)
-            .is_some_and(|feed| feed.receiver_count() <= 1)
+            .is_some_and(|feed| feed.receiver_count() == 0)
         {
             feeds.runs.remove(&self.id);
         }
@@ -603,6 +611,16 @@ mod tests {
             assert!(Instant::now() < deadline, "the place was never freed");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(follow(Arc::clone(&state), id).is_ok());
+        let last = follow(Arc::clone(&state), id).unwrap();
+
+        // All gone: so is the run's feed.
+        drop(readers);
+        drop(last);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while state.followers.count() > 0 {
+            assert!(Instant::now() < deadline, "places were never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(lock(&state.followers.feeds).runs.is_empty());
     }
 }
