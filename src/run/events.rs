@@ -12,6 +12,12 @@
 //! subscription are not replayed; a subscriber that needs the past reads it after
 //! subscribing, and drops what it then sees twice (output carries its offset in the
 //! log for that).
+//!
+//! A subscriber is a task: subscribe where it is spawned (so nothing made after the
+//! spawn is missed), then loop on `recv().await`: `Ok(event)` is the next transition
+//! (an `Arc`, shared with the other subscribers), `Err(RecvError::Lagged(n))` says `n`
+//! were missed, `Err(RecvError::Closed)` that the daemon's state is gone. `web::metrics`
+//! is the smallest example, `web::follow` the one that re-reads after a lag.
 
 use std::sync::Arc;
 

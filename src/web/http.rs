@@ -200,31 +200,31 @@ impl http_body::Body for UpdateBody {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(update)) => update,
             };
-            let bytes = match update {
+            let bytes: Bytes = match update {
                 Update::StepStarted(step) => {
-                    format!("==> step {}: {}\n", step.number, step.name).into_bytes()
+                    format!("==> step {}: {}\n", step.number, step.name).into()
                 }
-                Update::Output { bytes, .. } => bytes.to_vec(),
+                Update::Output { bytes, .. } => bytes,
                 Update::StepFinished(step) => {
                     let mut line = format!("==> step {} {}", step.number, step.status.as_str());
                     if let Some(reason) = step.reason {
                         line.push_str(&format!(": {reason}"));
                     }
-                    format!("\n{line}\n").into_bytes()
+                    format!("\n{line}\n").into()
                 }
                 Update::RunFinished(run) => {
-                    format!("==> run {} {}\n", run.id, run.status.as_str()).into_bytes()
+                    format!("==> run {} {}\n", run.id, run.status.as_str()).into()
                 }
-                Update::KeepAlive => vec![KEEP_ALIVE_BYTE],
+                Update::KeepAlive => Bytes::from_static(&[KEEP_ALIVE_BYTE]),
                 Update::Stopping(run) => format!(
                     "\n==> hookci is stopping; run {} was {} (follow it again once hookci is back)\n",
                     run.id,
                     run.status.as_str()
                 )
-                .into_bytes(),
+                .into(),
             };
             if !bytes.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
         }
     }
