@@ -203,6 +203,8 @@ pub async fn run(
         );
     }
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    // Subscribed before anything can make a run change.
+    tokio::spawn(state.metrics.record(state.events.subscribe()));
     scheduler::prune(&state).await;
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), state.stopping()));
     tokio::spawn(scheduler::prune_every(Arc::clone(&state), state.stopping()));

@@ -1,6 +1,7 @@
 //! The state every stage shares: the immutable config, the store, the current pipeline
 //! set (swapped whole by a reload), the scheduler's registry of executing runs, the git
-//! worker, and the wake-up and stop signals. Owned here, apart from `daemon` (the
+//! worker, the run event stream with its followers and metrics, and the wake-up and
+//! stop signals. Owned here, apart from `daemon` (the
 //! wiring), so that no stage imports the wiring.
 
 use std::path::PathBuf;
@@ -11,8 +12,10 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::git::worker::GitWorker;
 use crate::pipeline::PipelineSet;
-use crate::run::scheduler;
+use crate::run::{scheduler, Events};
 use crate::store::Store;
+use crate::web::follow::Followers;
+use crate::web::metrics::Metrics;
 
 /// What every stage shares.
 pub struct AppState {
@@ -25,6 +28,12 @@ pub struct AppState {
     pub running: scheduler::Running,
     /// Runs git jobs (fetch, checkout, ref listings) in child processes.
     pub git: GitWorker,
+    /// Every run transition, once stored: subscribe with `events.subscribe()`.
+    pub events: Events,
+    /// Who follows runs live (log and event streams).
+    pub followers: Followers,
+    /// What `/metrics` shows; fed from `events` by [`Metrics::record`].
+    pub metrics: Metrics,
     /// Turns true once when the daemon begins to stop.
     stopping: watch::Sender<bool>,
 }
@@ -38,6 +47,9 @@ impl AppState {
             pipelines: RwLock::new(Arc::new(pipelines)),
             wake: Notify::new(),
             running: scheduler::Running::default(),
+            events: Events::new(),
+            followers: Followers::default(),
+            metrics: Metrics::new(),
             stopping: watch::Sender::new(false),
         }
     }

@@ -110,7 +110,7 @@ async fn run_in(
             return Err(format!("{signal} received before the run started; nothing ran"))
         }
     };
-    let mut updates = follow::follow(Arc::clone(&state), id);
+    let mut updates = follow::follow(Arc::clone(&state), id).map_err(|e| e.to_string())?;
     let printer = tokio::spawn(async move {
         let mut end = None;
         while let Some(update) = updates.recv().await {
@@ -218,5 +218,6 @@ async fn create(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    state.events.runs_changed(made.changed);
     Ok((state, made.id))
 }

@@ -296,6 +296,9 @@ async fn record_and_wake(
 ) -> Result<DeliveryOutcome, crate::store::StoreError> {
     let outcome = state.store.record_delivery_async(record).await?;
     if let DeliveryOutcome::New(runs) = &outcome {
+        state
+            .events
+            .runs_changed(runs.iter().flat_map(|r| r.changed.iter().cloned()));
         for new in runs {
             for old in &new.supersedes {
                 crate::run::scheduler::supersede(&state, *old, new.id).await;

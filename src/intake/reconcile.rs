@@ -157,6 +157,9 @@ async fn reconcile_repo(
     }
     let name = repo.to_string();
     let outcome = blocking(&state.store, move |s| s.record_reconcile(name, changes)).await?;
+    state
+        .events
+        .runs_changed(outcome.runs.iter().flat_map(|r| r.changed.iter().cloned()));
     for git_ref in &outcome.stale {
         tracing::info!(%repo, %git_ref, "a push moved this ref while the remote was listed: left to that push");
     }

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 
+use crate::run::events::OutputTap;
 use crate::run::mask::Masker;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -53,6 +54,8 @@ pub struct StepCommand<'a> {
     pub grace: Duration,
     /// Secret values to replace with `***` in the log (see `mask`).
     pub mask: &'a Masker,
+    /// Where the output is published as the log is written (after masking).
+    pub output: Option<&'a OutputTap>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +156,7 @@ pub async fn run_step(
     debug!(pgid, cwd = %cmd.cwd.display(), log = %cmd.log_path.display(), "step spawned");
 
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let mut writer = tokio::spawn(write_log(log, rx, cmd.mask.clone()));
+    let mut writer = tokio::spawn(write_log(log, rx, cmd.mask.clone(), cmd.output.cloned()));
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(pump(out, tx.clone()));
@@ -401,21 +404,55 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
 /// Writes the step's interleaved output as it comes, secrets masked: a value split
 /// across chunks is held back until it is known whether it is a secret.
 async fn write_log(
-    mut log: File,
+    log: File,
     mut rx: mpsc::Receiver<Vec<u8>>,
     mut mask: Masker,
+    tap: Option<OutputTap>,
 ) -> io::Result<()> {
+    let mut log = TappedLog {
+        file: log,
+        offset: 0,
+        tap,
+    };
     while let Some(chunk) = rx.recv().await {
-        if mask.is_active() {
-            log.write_all(&mask.push(&chunk)).await?;
+        let piece = if mask.is_active() {
+            mask.push(&chunk)
         } else {
-            log.write_all(&chunk).await?;
-        }
+            chunk
+        };
+        log.write(piece).await?;
     }
-    log.write_all(&mask.finish()).await?;
+    log.write(mask.finish()).await?;
     // tokio's File writes in the background; flush waits for the last write
     // and surfaces its error.
-    log.flush().await
+    log.file.flush().await
+}
+
+/// A step's log file, and where what is written to it is published.
+struct TappedLog {
+    file: File,
+    /// How much has been written.
+    offset: u64,
+    tap: Option<OutputTap>,
+}
+
+impl TappedLog {
+    /// Writes `piece`, then publishes it: once it is in the file, so that a follower
+    /// who reads the file and then follows the events misses nothing in between.
+    async fn write(&mut self, piece: Vec<u8>) -> io::Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&piece).await?;
+        let at = self.offset;
+        self.offset += piece.len() as u64;
+        if let Some(tap) = &self.tap {
+            // Only after the flush can a reader of the file see what the event announces.
+            self.file.flush().await?;
+            tap.written(at, piece.into());
+        }
+        Ok(())
+    }
 }
 
 fn flatten(joined: Result<io::Result<()>, JoinError>) -> io::Result<()> {
@@ -490,6 +527,7 @@ mod tests {
         timeout: Option<Duration>,
         grace: Duration,
         secrets: Vec<String>,
+        output: Option<OutputTap>,
     }
 
     impl Step {
@@ -504,6 +542,7 @@ mod tests {
                 timeout: None,
                 grace: Duration::from_secs(1),
                 secrets: Vec::new(),
+                output: None,
             }
         }
 
@@ -526,6 +565,7 @@ mod tests {
                 timeout: self.timeout,
                 grace: self.grace,
                 mask: &mask,
+                output: self.output.as_ref(),
             };
             tokio::time::timeout(Duration::from_secs(60), run_step(cmd, cancel))
                 .await
@@ -759,6 +799,7 @@ mod tests {
             timeout: None,
             grace: Duration::from_secs(1),
             mask: &Masker::new(Vec::<String>::new()),
+            output: None,
         };
         let err = run_step(cmd, never_cancel()).await.unwrap_err();
         assert!(

@@ -17,11 +17,12 @@ use crate::config::{resolve_secret, ProcessEnv, Secret};
 use crate::git::repo::RepoName;
 use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
+use crate::run::events::RunEvent;
 use crate::run::mask::Masker;
 use crate::run::runner::{self, StepCommand, StepEnd};
 use crate::state::AppState;
 use crate::store::{
-    OnInterrupt, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
+    OnInterrupt, QueuedCancel, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
 };
 
 /// The stop switches of one executing run.
@@ -186,10 +187,13 @@ pub async fn cancel(state: &AppState, id: i64, reason: String) -> Result<Cancele
             .await
             .map_err(|message| CancelError::Store { run: id, message })?;
         match found {
-            None => return Ok(Canceled::NoSuchRun),
-            Some(RunStatus::Queued) => return Ok(Canceled::Applied),
-            Some(RunStatus::Running) => {}
-            Some(done) => return Ok(Canceled::TooLate(done)),
+            QueuedCancel::NoSuchRun => return Ok(Canceled::NoSuchRun),
+            QueuedCancel::Canceled(run) => {
+                state.events.runs_changed([*run]);
+                return Ok(Canceled::Applied);
+            }
+            QueuedCancel::NotQueued(RunStatus::Running) => {}
+            QueuedCancel::NotQueued(done) => return Ok(Canceled::TooLate(done)),
         }
         if tokio::time::timeout_at(deadline, registered).await.is_err() {
             return Err(CancelError::NotExecuting { run: id });
@@ -237,6 +241,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
                 let (stop_tx, stop_rx) = watch::channel(false);
                 let control = state.running.register(run.id, stop_tx);
+                state.events.publish(RunEvent::Started(run.clone()));
                 let job = execute(Arc::clone(&state), run, (control, stop_rx), permit);
                 tasks.spawn(job.instrument(span));
             }
@@ -300,6 +305,7 @@ pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let control = state.running.register(id, stop_tx);
+    state.events.publish(RunEvent::Started(run.clone()));
     execute(state, run, (control, stop_rx), permit).await;
     Ok(())
 }
@@ -372,10 +378,13 @@ async fn execute(
     let (id, status, reason) = (run.id, ending.status, ending.reason);
     // Stored before the workspace goes: a crash while it is removed must not run this
     // run again (the next start removes what is left of it).
-    let _ = until_stored(&state, &control, "the end of the run", move |s| {
+    let ended = until_stored(&state, &control, "the end of the run", move |s| {
         s.finish_run(id, status, reason.clone(), leftover)
     })
     .await;
+    if let Ok(Some((run, steps))) = ended {
+        state.events.publish(RunEvent::Finished { run, steps });
+    }
     state.running.remove(run.id);
     let ws = workspace.clone();
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
@@ -692,9 +701,15 @@ async fn run_steps(
         })
         .instrument(span.clone())
         .await;
-        if started.is_err() {
-            ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
-            continue;
+        match started {
+            Ok(Some(step)) => state
+                .events
+                .publish(RunEvent::StepStarted { run: id, step }),
+            Ok(None) => {}
+            Err(_) => {
+                ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
+                continue;
+            }
         }
         let (timeout, pipeline_limits, until) = if cut {
             let own = step.timeout.unwrap_or(CLEANUP_TIMEOUT);
@@ -719,6 +734,7 @@ async fn run_steps(
                 .map(|(k, v)| (k.clone(), v.expose().to_owned())),
         );
         let log = state.log_path(run.id, number);
+        let output = state.events.output_of(run.id, number);
         let cmd = StepCommand {
             script: &step.run,
             cwd: workspace,
@@ -727,6 +743,7 @@ async fn run_steps(
             timeout,
             grace: state.config.step_grace,
             mask: &mask,
+            output: Some(&output),
         };
         let outcome = runner::run_step(cmd, until).instrument(span.clone()).await;
         let (record, step_ending) = match outcome {
@@ -793,11 +810,16 @@ async fn run_steps(
             }
         };
         span.in_scope(|| tracing::info!(status = record.status.as_str(), "step finished"));
-        let _ = until_stored(state, control, "the end of a step", move |s| {
+        let finished = until_stored(state, control, "the end of a step", move |s| {
             s.step_finished(id, number, record.clone())
         })
         .instrument(span)
         .await;
+        if let Ok(Some(step)) = finished {
+            state
+                .events
+                .publish(RunEvent::StepFinished { run: id, step });
+        }
         if let (None, Some((status, reason))) = (&ending, step_ending) {
             ending = Some(Ending {
                 status,

@@ -226,6 +226,35 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     })
 }
 
+const STEP_COLUMNS: &str =
+    "number, name, status, exit_code, signal, reason, started_at, finished_at";
+
+fn step_from_row(r: &Row<'_>) -> rusqlite::Result<Step> {
+    let status: String = r.get(2)?;
+    Ok(Step {
+        number: r.get(0)?,
+        name: r.get(1)?,
+        status: StepStatus::parse(&status),
+        exit_code: r.get(3)?,
+        signal: r.get(4)?,
+        reason: r.get(5)?,
+        started_at: r.get(6)?,
+        finished_at: r.get(7)?,
+    })
+}
+
+/// The steps of one attempt of a run (`None`: the current one), on any connection: the
+/// readers' and the writer's (which returns them with the transition it commits).
+fn steps_in(c: &Connection, run_id: i64, attempt: Option<i64>) -> rusqlite::Result<Vec<Step>> {
+    c.prepare_cached(&format!(
+        "SELECT {STEP_COLUMNS}
+         FROM steps WHERE run_id = ?1 AND attempt = COALESCE(?2, (SELECT attempt FROM runs WHERE id = ?1))
+         ORDER BY number"
+    ))?
+    .query_map(params![run_id, attempt], step_from_row)?
+    .collect()
+}
+
 impl Store {
     /// Opens (creating if needed, mode 0600) `state_dir/hookci.db` and brings its schema
     /// up to date.
@@ -375,30 +404,7 @@ impl Store {
 
     /// The steps of one attempt of a run (`None`: the current one).
     pub fn steps_of(&self, run_id: i64, attempt: Option<i64>) -> Result<Vec<Step>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT number, name, status, exit_code, signal, reason, started_at, finished_at
-                 FROM steps WHERE run_id = ?1 AND attempt = COALESCE(?2, (SELECT attempt FROM runs WHERE id = ?1))
-                 ORDER BY number",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![run_id, attempt], |r| {
-                let status: String = r.get(2)?;
-                Ok(Step {
-                    number: r.get(0)?,
-                    name: r.get(1)?,
-                    status: StepStatus::parse(&status),
-                    exit_code: r.get(3)?,
-                    signal: r.get(4)?,
-                    reason: r.get(5)?,
-                    started_at: r.get(6)?,
-                    finished_at: r.get(7)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+        steps_in(&self.conn(), run_id, attempt).map_err(|e| self.err(e))
     }
 
     /// Newest first. Only the filters given become conditions, so each query can walk
@@ -578,7 +584,17 @@ mod tests {
         let again = store
             .record_delivery(delivery("d1", vec![run("ci", "k1")]))
             .unwrap();
-        assert_eq!(again, DeliveryOutcome::Duplicate(runs.clone()));
+        // Named as they were; what the first one changed is not repeated.
+        let named: Vec<RunRef> = runs
+            .iter()
+            .map(|r| RunRef {
+                changed: Vec::new(),
+                ..r.clone()
+            })
+            .collect();
+        assert_eq!(again, DeliveryOutcome::Duplicate(named));
+        assert_eq!(runs[0].changed.len(), 1);
+        assert_eq!(runs[0].changed[0].status, RunStatus::Queued);
 
         // Another delivery of the same push: the existing run is named.
         let other = store

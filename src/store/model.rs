@@ -186,6 +186,11 @@ pub struct RunRef {
     /// Running runs of its group that this new run supersedes (`cancel: running`).
     #[serde(skip)]
     pub supersedes: Vec<i64>,
+    /// The runs whose state this creation changed, as committed: the new run (queued,
+    /// or skipped) and the queued runs of its group it superseded (now canceled); none
+    /// for an existing run. What the caller publishes on the run event stream.
+    #[serde(skip)]
+    pub changed: Vec<Run>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +198,16 @@ pub enum DeliveryOutcome {
     New(Vec<RunRef>),
     /// The delivery id was recorded before; nothing new was created.
     Duplicate(Vec<RunRef>),
+}
+
+/// What [`Store::cancel_queued`](super::Store::cancel_queued) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueuedCancel {
+    /// It was queued, and is `canceled` now (as committed).
+    Canceled(Box<Run>),
+    /// It had left the queue: unchanged, with this status.
+    NotQueued(RunStatus),
+    NoSuchRun,
 }
 
 /// A run as stored.

@@ -3,11 +3,12 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
+use super::{repo_key, run_from_row, step_from_row, steps_in, Store, StoreError};
 use super::{
-    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, Reconciled, RefChange, Run, RunRef,
-    RunStatus, StepEnd, StepStatus, Supersede,
+    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel, Reconciled, RefChange,
+    Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede,
 };
+use super::{RUN_COLUMNS, STEP_COLUMNS};
 use crate::clock::now_ms;
 
 /// How many times a run is started before interruptions make it fail. A rerun is a
@@ -103,71 +104,90 @@ impl Store {
         })
     }
 
-    pub fn step_started(&self, run_id: i64, number: i64) -> Result<(), StoreError> {
+    /// Marks a step running; returns it as committed (`None`: no such step).
+    pub fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
         self.writer.exec(move |c| {
             c.prepare_cached(&format!(
                 "UPDATE steps SET status = 'running', started_at = ?3
-                 WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2"
+                 WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2
+                 RETURNING {STEP_COLUMNS}"
             ))?
-            .execute(params![run_id, number, now_ms()])
-            .map(drop)
+            .query_row(params![run_id, number, now_ms()], step_from_row)
+            .optional()
         })
     }
 
-    pub fn step_finished(&self, run_id: i64, number: i64, end: StepEnd) -> Result<(), StoreError> {
+    /// Records a step's end; returns it as committed (`None`: no such step).
+    pub fn step_finished(
+        &self,
+        run_id: i64,
+        number: i64,
+        end: StepEnd,
+    ) -> Result<Option<Step>, StoreError> {
         self.writer.exec(move |c| {
             c.prepare_cached(&format!(
                 "UPDATE steps SET status = ?3, exit_code = ?4, signal = ?5, reason = ?6,
                         started_at = COALESCE(started_at, ?7), finished_at = ?7
-                 WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2"
+                 WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2
+                 RETURNING {STEP_COLUMNS}"
             ))?
-            .execute(params![
-                run_id,
-                number,
-                end.status.as_str(),
-                end.exit_code,
-                end.signal,
-                end.reason,
-                now_ms()
-            ])
-            .map(drop)
+            .query_row(
+                params![
+                    run_id,
+                    number,
+                    end.status.as_str(),
+                    end.exit_code,
+                    end.signal,
+                    end.reason,
+                    now_ms()
+                ],
+                step_from_row,
+            )
+            .optional()
         })
     }
 
     /// Ends a run; steps still pending or running take `leftover` as their state.
+    /// Returns the run and its current attempt's steps as committed (`None`: no such run).
     pub fn finish_run(
         &self,
         run_id: i64,
         status: RunStatus,
         reason: Option<String>,
         leftover: StepStatus,
-    ) -> Result<(), StoreError> {
-        self.writer
-            .exec(move |c| finish_in(c, run_id, status, reason.as_deref(), leftover))
+    ) -> Result<Option<(Run, Vec<Step>)>, StoreError> {
+        self.writer.exec(move |c| {
+            let Some(run) = finish_in(c, run_id, status, reason.as_deref(), leftover)? else {
+                return Ok(None);
+            };
+            Ok(Some((run, steps_in(c, run_id, None)?)))
+        })
     }
 
-    /// Cancels a run that has not started, compare and set: returns the status the run
-    /// had (`queued`: it is `canceled` now; anything else: unchanged), `None` when there
-    /// is no such run.
-    pub fn cancel_queued(
-        &self,
-        run_id: i64,
-        reason: String,
-    ) -> Result<Option<RunStatus>, StoreError> {
+    /// Cancels a run that has not started, compare and set.
+    pub fn cancel_queued(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError> {
         self.writer.exec(move |c| {
-            let changed = c.execute(
-                "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3 WHERE id = ?1 AND status = 'queued'",
-                params![run_id, reason, now_ms()],
-            )?;
-            if changed == 1 {
-                return Ok(Some(RunStatus::Queued));
+            let canceled = c
+                .prepare_cached(&format!(
+                    "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3
+                     WHERE id = ?1 AND status = 'queued' RETURNING {RUN_COLUMNS}"
+                ))?
+                .query_row(params![run_id, reason, now_ms()], run_from_row)
+                .optional()?;
+            if let Some(run) = canceled {
+                return Ok(QueuedCancel::Canceled(Box::new(run)));
             }
             let status: Option<String> = c
                 .prepare_cached("SELECT status FROM runs WHERE id = ?1")?
                 .query_row([run_id], |r| r.get(0))
                 .optional()?;
             // As `run_from_row` reads it.
-            Ok(status.map(|s| RunStatus::parse(&s).unwrap_or(RunStatus::Failed)))
+            Ok(match status {
+                Some(s) => {
+                    QueuedCancel::NotQueued(RunStatus::parse(&s).unwrap_or(RunStatus::Failed))
+                }
+                None => QueuedCancel::NoSuchRun,
+            })
         })
     }
 
@@ -408,22 +428,28 @@ fn prune_deliveries(c: &Connection, keep: i64, cutoff_ms: i64) -> rusqlite::Resu
     Ok(seqs.len())
 }
 
+/// Ends a run; returns it as committed (`None`: no such run).
 fn finish_in(
     c: &Connection,
     run_id: i64,
     status: RunStatus,
     reason: Option<&str>,
     leftover: StepStatus,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Option<Run>> {
     let now = now_ms();
-    c.prepare_cached("UPDATE runs SET status = ?2, reason = ?3, finished_at = ?4 WHERE id = ?1")?
-        .execute(params![run_id, status.as_str(), reason, now])?;
+    let run = c
+        .prepare_cached(&format!(
+            "UPDATE runs SET status = ?2, reason = ?3, finished_at = ?4 WHERE id = ?1
+             RETURNING {RUN_COLUMNS}"
+        ))?
+        .query_row(params![run_id, status.as_str(), reason, now], run_from_row)
+        .optional()?;
     c.prepare_cached(&format!(
         "UPDATE steps SET status = ?2, finished_at = CASE WHEN started_at IS NULL THEN NULL ELSE ?3 END
          WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND status IN ('pending', 'running')"
     ))?
     .execute(params![run_id, leftover.as_str(), now])?;
-    Ok(())
+    Ok(run)
 }
 
 /// Records one delivery inside the writer's savepoint.
@@ -552,9 +578,11 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
             pipeline: run.pipeline.clone(),
             existing: true,
             supersedes: Vec::new(),
+            changed: Vec::new(),
         });
     };
     let mut supersedes = Vec::new();
+    let mut changed = Vec::new();
     if let (Some(group), None, true) = (
         &run.group,
         &run.skipped,
@@ -579,18 +607,25 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
             conn.prepare_cached("UPDATE runs SET before_sha = ?2 WHERE id = ?1")?
                 .execute(params![id, base])?;
         }
-        conn.prepare_cached(
-            "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
-             WHERE grp = ?1 AND status = 'queued' AND id < ?2 AND (NOT ?6 OR ref = ?5)",
-        )?
-        .execute(params![
-            group,
-            id,
-            format!("superseded by run {id}"),
-            now,
-            run.git_ref,
-            run.supersede_own_ref
-        ])?;
+        let canceled = conn
+            .prepare_cached(&format!(
+                "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
+                 WHERE grp = ?1 AND status = 'queued' AND id < ?2 AND (NOT ?6 OR ref = ?5)
+                 RETURNING {RUN_COLUMNS}"
+            ))?
+            .query_map(
+                params![
+                    group,
+                    id,
+                    format!("superseded by run {id}"),
+                    now,
+                    run.git_ref,
+                    run.supersede_own_ref
+                ],
+                run_from_row,
+            )?
+            .collect::<rusqlite::Result<Vec<Run>>>()?;
+        changed.extend(canceled);
         if run.supersede == Supersede::Running {
             supersedes = conn
                 .prepare_cached(
@@ -604,11 +639,17 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
                 .collect::<Result<_, _>>()?;
         }
     }
+    // Read back after the base change above, so it is the run as committed.
+    let created = conn
+        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?
+        .query_row([id], run_from_row)?;
+    changed.insert(0, created);
     Ok(RunRef {
         id,
         pipeline: run.pipeline.clone(),
         existing: false,
         supersedes,
+        changed,
     })
 }
 
@@ -623,6 +664,7 @@ fn delivery_runs(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RunRef>> {
             pipeline: r.get(1)?,
             existing: r.get::<_, String>(2)? == "duplicate",
             supersedes: Vec::new(),
+            changed: Vec::new(),
         })
     })?
     .collect()

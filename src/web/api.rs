@@ -19,7 +19,8 @@ use crate::clock::rfc3339;
 use crate::intake::error_reply;
 use crate::state::AppState;
 use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, Store, StoreError};
-use crate::web::follow::Update;
+use crate::web::follow::{self, Update};
+use crate::web::metrics;
 use warp::sse::Event;
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -325,19 +326,13 @@ async fn get_delivery(state: Arc<AppState>, id: String) -> Result<Response, Resp
 
 async fn metrics(state: Arc<AppState>) -> Result<Response, Response> {
     let counts = blocking(&state.store, |s| s.count_by_status()).await?;
-    let mut text =
-        String::from("# HELP hookci_runs Runs in the store by status.\n# TYPE hookci_runs gauge\n");
-    for status in RunStatus::ALL {
-        let n = counts
-            .iter()
-            .find(|(s, _)| *s == status)
-            .map_or(0, |(_, n)| *n);
-        text.push_str(&format!(
-            "hookci_runs{{status=\"{}\"}} {n}\n",
-            status.as_str()
-        ));
-    }
-    Ok(warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response())
+    let text = state.metrics.encode(&counts).map_err(|e| {
+        error_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write the metrics: {e}"),
+        )
+    })?;
+    Ok(warp::reply::with_header(text, "content-type", metrics::CONTENT_TYPE).into_response())
 }
 
 /// `GET /api/runs/{id}/events`: server-sent events for a dashboard: `step_started`,
@@ -348,7 +343,8 @@ async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     if blocking(&state.store, move |s| s.run(id)).await?.is_none() {
         return Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}")));
     }
-    let updates = crate::web::follow::follow(state, id);
+    let updates = follow::follow(state, id)
+        .map_err(|e| error_reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let stream = futures_util::stream::unfold(updates, |mut rx| async move {
         let update = rx.recv().await?;
         let event = match update {

@@ -127,6 +127,7 @@ async fn rerun(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     }
     let new = explicit_run(&old, "rerun", old.generation + 1, &state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
+    state.events.runs_changed(made.changed);
     state.wake.notify_one();
     tracing::info!(run = made.id, of = id, "rerun queued");
     run_reply(&state, made.id, StatusCode::CREATED).await
@@ -234,6 +235,7 @@ async fn trigger(
     };
     let new = explicit_run(&template, "manual", 1, &state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
+    state.events.runs_changed(made.changed);
     state.wake.notify_one();
     tracing::info!(run = made.id, pipeline = %name, "manual run queued");
     run_reply(&state, made.id, StatusCode::CREATED).await

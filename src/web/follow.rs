@@ -1,29 +1,43 @@
-//! Watching a run as it happens: a task polls the store and the step log files and
-//! sends what is new (steps starting and ending, output, the run's end) to one reader.
-//! Reading plain files means a slow reader never slows a step: the step writes its log
-//! whatever the reader does, and the reader catches up from the file. A quiet stretch
-//! (a silent step, a run still queued) gets keep-alives, so that proxies and clients
-//! that drop idle connections keep the reader connected; a daemon stop ends the
-//! stream, so that it does not hold the stop's HTTP drain.
+//! Watching a run as it happens: a follower sends one reader what is new (steps
+//! starting and ending, output, the run's end), taking it from the run event stream.
+//! The store and the log files stay the source of truth: a follower first catches up
+//! from them, then follows the events, dropping what it has seen already (output
+//! carries its offset in the log); a follower that fell behind the events reads the
+//! store and the files again instead of losing anything. Reading the files means a
+//! slow reader never slows a step: the step writes its log whatever the reader does.
+//!
+//! All followers of a run share one feed: a single router subscribes to the stream and
+//! hands each run's events to that run's followers only. At most [`MAX_FOLLOWERS`]
+//! follow at once. A quiet stretch (a silent step, a run still queued) gets
+//! keep-alives, so that proxies and clients that drop idle connections keep the reader
+//! connected; a daemon stop ends the stream, so that it does not hold the stop's HTTP
+//! drain.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::run::events::{self, Events, RecvError, RunEvent};
 use crate::state::AppState;
 use crate::store::{Run, Step, StepStatus};
 
-/// How often the store and the log files are looked at.
-const POLL: Duration = Duration::from_millis(200);
 /// The most output sent in one update.
 const CHUNK: usize = 16 * 1024;
 /// The longest a reader goes without an update: well under the idle limits of common
 /// proxies and load balancers (often 30 or 60 s), and under the 15 s README promises.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// The most followers (log and event streams together) at once: each holds a
+/// connection, a task and a buffer of events, and a dashboard left open by many people
+/// must not hold the daemon's memory and descriptors.
+pub const MAX_FOLLOWERS: usize = 256;
+/// How many events one run's followers may fall behind before they re-read.
+const FEED_CAPACITY: usize = 1024;
 
 /// What changed.
 #[derive(Debug, Clone)]
@@ -31,7 +45,7 @@ pub enum Update {
     StepStarted(Step),
     Output {
         step: i64,
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
     StepFinished(Step),
     RunFinished(Run),
@@ -42,34 +56,220 @@ pub enum Update {
     Stopping(Run),
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("too many followers: at most {MAX_FOLLOWERS} logs and event streams are followed at once; try again later")]
+pub struct TooManyFollowers;
+
 /// Starts following run `id` (current attempt). The receiver ends after
-/// `RunFinished` or `Stopping`, or when the run disappears; dropping it stops the task.
-pub fn follow(state: Arc<AppState>, id: i64) -> mpsc::Receiver<Update> {
-    spawn(state, id).0
+/// `RunFinished` or `Stopping`, or when the run disappears; dropping it stops the
+/// follower.
+pub fn follow(state: Arc<AppState>, id: i64) -> Result<mpsc::Receiver<Update>, TooManyFollowers> {
+    spawn(state, id).map(|(rx, _)| rx)
 }
 
-fn spawn(state: Arc<AppState>, id: i64) -> (mpsc::Receiver<Update>, JoinHandle<()>) {
+fn spawn(
+    state: Arc<AppState>,
+    id: i64,
+) -> Result<(mpsc::Receiver<Update>, JoinHandle<()>), TooManyFollowers> {
+    // Joined here, before the follower's first look at the store and the files: what
+    // that look misses arrives on the feed.
+    let feed = state.followers.join(&state.events, id)?;
     let (tx, rx) = mpsc::channel(16);
     let task = tokio::spawn(async move {
-        if let Err(e) = watch(&state, id, &tx).await {
+        let mut follower = Follower {
+            state: &state,
+            id,
+            tx: ToReader {
+                tx: &tx,
+                last: Instant::now(),
+            },
+            run: None,
+            steps: Vec::new(),
+        };
+        if let Err(e) = follower.follow(feed).await {
             tracing::debug!(run = id, error = %e, "follower ended");
         }
     });
-    (rx, task)
+    Ok((rx, task))
 }
 
-async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(), String> {
-    let mut stopping = state.stopping();
-    let mut tx = ToReader {
-        tx,
-        last: Instant::now(),
-    };
-    let tx = &mut tx;
-    let mut offsets: Vec<u64> = Vec::new();
-    let mut started: Vec<bool> = Vec::new();
-    let mut finished: Vec<bool> = Vec::new();
+/// What a run's followers get from the router.
+#[derive(Debug, Clone)]
+enum Feed {
+    Event(Arc<RunEvent>),
+    /// The router fell behind the stream: events of this run may be missing.
+    Lagged,
+}
+
+/// The runs being followed, each with its feed; and how many follow.
+#[derive(Default)]
+pub struct Followers {
+    feeds: Arc<Mutex<Feeds>>,
+}
+
+#[derive(Default)]
+struct Feeds {
+    runs: HashMap<i64, broadcast::Sender<Feed>>,
+    followers: usize,
+    routing: bool,
+}
+
+fn lock(feeds: &Mutex<Feeds>) -> std::sync::MutexGuard<'_, Feeds> {
+    // Plain counters and senders: consistent whoever panicked holding the lock.
+    feeds.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Followers {
+    /// How many follow now.
+    pub fn count(&self) -> usize {
+        lock(&self.feeds).followers
+    }
+
+    /// A place among the followers of run `id`, with the run's feed. The router
+    /// starts with the first follower (it needs the async runtime).
+    fn join(&self, events: &Events, id: i64) -> Result<Subscription, TooManyFollowers> {
+        let mut feeds = lock(&self.feeds);
+        if feeds.followers >= MAX_FOLLOWERS {
+            return Err(TooManyFollowers);
+        }
+        if !feeds.routing {
+            feeds.routing = true;
+            tokio::spawn(route(events.subscribe(), Arc::clone(&self.feeds)));
+        }
+        let rx = feeds
+            .runs
+            .entry(id)
+            .or_insert_with(|| broadcast::Sender::new(FEED_CAPACITY))
+            .subscribe();
+        feeds.followers += 1;
+        Ok(Subscription {
+            rx,
+            _place: Place {
+                id,
+                feeds: Arc::clone(&self.feeds),
+            },
+        })
+    }
+}
+
+/// Hands each event to the followers of its run.
+async fn route(mut events: events::Receiver, feeds: Arc<Mutex<Feeds>>) {
     loop {
-        let store = Arc::clone(&state.store);
+        match events.recv().await {
+            Ok(event) => {
+                if let Some(feed) = lock(&feeds).runs.get(&event.run_id()) {
+                    let _ = feed.send(Feed::Event(event));
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "live-log followers fell behind the run events; they read the store and the logs again"
+                );
+                for feed in lock(&feeds).runs.values() {
+                    let _ = feed.send(Feed::Lagged);
+                }
+            }
+            Err(RecvError::Closed) => {
+                lock(&feeds).routing = false;
+                return;
+            }
+        }
+    }
+}
+
+/// One follower's feed and place.
+struct Subscription {
+    rx: broadcast::Receiver<Feed>,
+    // Dropped after `rx` (fields drop in order), so it finds the feed's receivers
+    // without this one.
+    _place: Place,
+}
+
+/// Leaving frees the place, and the run's feed with its last follower.
+struct Place {
+    id: i64,
+    feeds: Arc<Mutex<Feeds>>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut feeds = lock(&self.feeds);
+        feeds.followers -= 1;
+        if feeds
+            .runs
+            .get(&self.id)
+            .is_some_and(|feed| feed.receiver_count() == 0)
+        {
+            feeds.runs.remove(&self.id);
+        }
+    }
+}
+
+/// What the reader has been sent of one step.
+#[derive(Debug, Clone, Default)]
+struct Sent {
+    started: bool,
+    finished: bool,
+    /// How much of the step's log.
+    offset: u64,
+}
+
+struct Follower<'a> {
+    state: &'a AppState,
+    id: i64,
+    tx: ToReader<'a>,
+    /// The run as last seen.
+    run: Option<Run>,
+    /// By step number - 1.
+    steps: Vec<Sent>,
+}
+
+/// Whether the stream is over.
+type Ended = bool;
+
+impl Follower<'_> {
+    async fn follow(&mut self, mut feed: Subscription) -> Result<(), String> {
+        let mut stopping = self.state.stopping();
+        if self.sync().await? {
+            return Ok(());
+        }
+        loop {
+            let tx = self.tx.tx;
+            let quiet_until = self.tx.last + KEEP_ALIVE;
+            tokio::select! {
+                item = feed.rx.recv() => {
+                    let ended = match item {
+                        Ok(Feed::Event(event)) => self.apply(&event).await?,
+                        Ok(Feed::Lagged) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            tracing::debug!(run = self.id, "follower fell behind: reading the store and the logs again");
+                            self.sync().await?
+                        }
+                        // The feed's sender goes only with this subscription.
+                        Err(broadcast::error::RecvError::Closed) => return Err("the run's feed ended".into()),
+                    };
+                    if ended {
+                        return Ok(());
+                    }
+                }
+                () = tokio::time::sleep_until(quiet_until) => self.tx.send(Update::KeepAlive).await?,
+                // A reader that went away while nothing was new is noticed here, not only
+                // at the next send: a quiet step could otherwise keep this follower for hours.
+                () = tx.closed() => return Err("reader went away".to_owned()),
+                () = stopped(&mut stopping) => {
+                    return match self.run.clone() {
+                        Some(run) => self.tx.send(Update::Stopping(run)).await,
+                        None => Ok(()),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Catches up from the store and the log files: at the start, and after falling
+    /// behind the events.
+    async fn sync(&mut self) -> Result<Ended, String> {
+        let (store, id) = (Arc::clone(&self.state.store), self.id);
         let (run, steps) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let run = store.run(id).map_err(|e| e.to_string())?;
             let steps = store.steps(id).map_err(|e| e.to_string())?;
@@ -78,57 +278,124 @@ async fn watch(state: &AppState, id: i64, tx: &mpsc::Sender<Update>) -> Result<(
         .await
         .map_err(|e| e.to_string())??;
         let Some(run) = run else {
+            return Ok(true);
+        };
+        for step in &steps {
+            self.advance(step).await?;
+        }
+        self.seen(run).await
+    }
+
+    async fn apply(&mut self, event: &RunEvent) -> Result<Ended, String> {
+        match event {
+            RunEvent::Queued(_) => {}
+            RunEvent::Started(run) => self.run = Some(run.clone()),
+            RunEvent::StepStarted { step, .. } | RunEvent::StepFinished { step, .. } => {
+                self.advance(step).await?;
+            }
+            RunEvent::Output {
+                step,
+                offset,
+                bytes,
+                ..
+            } => self.output(*step, *offset, bytes).await?,
+            RunEvent::Finished { run, steps } => {
+                for step in steps {
+                    self.advance(step).await?;
+                }
+                return self.seen(run.clone()).await;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Sends what is new of `step` as the store has it: its start, its log up to what the
+    /// file holds, its end.
+    async fn advance(&mut self, step: &Step) -> Result<(), String> {
+        let Some(i) = index(step.number) else {
             return Ok(());
         };
-        offsets.resize(steps.len(), 0);
-        started.resize(steps.len(), false);
-        finished.resize(steps.len(), false);
-        let done = run.status.is_final();
-        for (i, step) in steps.iter().enumerate() {
-            let reached = !matches!(step.status, StepStatus::Pending);
-            if reached && step.started_at.is_some() && !started[i] {
-                started[i] = true;
-                tx.send(Update::StepStarted(step.clone())).await?;
+        if self.steps.len() <= i {
+            self.steps.resize(i + 1, Sent::default());
+        }
+        let reached = !matches!(step.status, StepStatus::Pending) && step.started_at.is_some();
+        if reached && !self.steps[i].started {
+            self.steps[i].started = true;
+            self.tx.send(Update::StepStarted(step.clone())).await?;
+        }
+        if self.steps[i].started {
+            self.catch_up(step.number, i).await?;
+        }
+        let ended = !matches!(step.status, StepStatus::Pending | StepStatus::Running);
+        if ended && self.steps[i].started && !self.steps[i].finished {
+            self.steps[i].finished = true;
+            self.tx.send(Update::StepFinished(step.clone())).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the part of a published piece of output that the reader has not had.
+    async fn output(&mut self, number: i64, offset: u64, bytes: &Bytes) -> Result<(), String> {
+        let Some(i) = index(number).filter(|i| self.steps.get(*i).is_some_and(|s| s.started))
+        else {
+            // Its step's start, when it comes, reads the file from the beginning.
+            return Ok(());
+        };
+        if offset > self.steps[i].offset {
+            // Pieces went missing: the file holds them (it is written before publishing).
+            self.catch_up(number, i).await?;
+        }
+        let have = self.steps[i].offset;
+        let end = offset + bytes.len() as u64;
+        if end <= have || offset > have {
+            return Ok(());
+        }
+        self.steps[i].offset = end;
+        let fresh = bytes.slice((have - offset) as usize..);
+        self.tx
+            .send(Update::Output {
+                step: number,
+                bytes: fresh,
+            })
+            .await
+    }
+
+    /// Sends step `number`'s log from where the reader is to the end of the file.
+    async fn catch_up(&mut self, number: i64, i: usize) -> Result<(), String> {
+        let path = self.state.log_path(self.id, number);
+        loop {
+            let bytes = read_from(&path, self.steps[i].offset).await;
+            if bytes.is_empty() {
+                return Ok(());
             }
-            if started[i] {
-                let path = state.log_path(id, step.number);
-                loop {
-                    let bytes = read_from(&path, offsets[i]).await;
-                    if bytes.is_empty() {
-                        break;
-                    }
-                    offsets[i] += bytes.len() as u64;
-                    tx.send(Update::Output {
-                        step: step.number,
-                        bytes,
-                    })
-                    .await?;
-                }
-            }
-            let ended = !matches!(step.status, StepStatus::Pending | StepStatus::Running);
-            if ended && started[i] && !finished[i] {
-                finished[i] = true;
-                tx.send(Update::StepFinished(step.clone())).await?;
-            }
+            self.steps[i].offset += bytes.len() as u64;
+            self.tx
+                .send(Update::Output {
+                    step: number,
+                    bytes: bytes.into(),
+                })
+                .await?;
         }
-        if done {
-            return tx.send(Update::RunFinished(run)).await;
+    }
+
+    /// Notes the run as it is now; sends its end if it has ended.
+    async fn seen(&mut self, run: Run) -> Result<Ended, String> {
+        let ended = run.status.is_final();
+        if ended {
+            self.tx.send(Update::RunFinished(run.clone())).await?;
         }
-        if tx.last.elapsed() >= KEEP_ALIVE {
-            tx.send(Update::KeepAlive).await?;
-        }
-        // A reader that went away while nothing was new is noticed here, not only at the
-        // next send: a quiet step could otherwise keep this task polling for hours.
-        tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
-            () = tx.tx.closed() => return Err("reader went away".to_owned()),
-            () = stopped(&mut stopping) => return tx.send(Update::Stopping(run)).await,
-        }
+        self.run = Some(run);
+        Ok(ended)
     }
 }
 
+/// A step's place in the list: numbers start at 1.
+fn index(number: i64) -> Option<usize> {
+    usize::try_from(number.checked_sub(1)?).ok()
+}
+
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
-    // The sender lives in the state this task holds: it cannot go away first.
+    // The sender lives in the state this follower holds: it cannot go away first.
     let _ = stopping.wait_for(|stop| *stop).await;
 }
 
@@ -172,7 +439,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, EnvSource, FileConfig, Overrides};
     use crate::pipeline::PipelineSet;
-    use crate::store::{NewRun, OnInterrupt, Store, Supersede};
+    use crate::store::{NewRun, OnInterrupt, RunStatus, StepEnd, Store, Supersede};
 
     struct NoEnv;
 
@@ -182,15 +449,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_follower_stops_when_its_reader_is_gone_while_the_run_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A daemon's state whose store holds one run, running, with `steps` steps of which
+    /// the first has started (and is silent so far); the run's id.
+    fn running_step(dir: &std::path::Path, steps: usize) -> (Arc<AppState>, i64) {
         let flags = Overrides {
-            state_dir: Some(dir.path().to_path_buf()),
+            state_dir: Some(dir.to_path_buf()),
             ..Overrides::default()
         };
         let config = Config::build(FileConfig::default(), flags, &NoEnv).unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir).unwrap();
         let run = store
             .create_run(NewRun {
                 key: None,
@@ -208,10 +475,13 @@ mod tests {
                 skipped: None,
             })
             .unwrap();
-        // Running, with a step that never writes a byte: nothing for the follower to send.
         assert_eq!(store.claim_next().unwrap().map(|r| r.id), Some(run.id));
         store
-            .plan_steps(run.id, vec!["quiet".into()], OnInterrupt::Retry)
+            .plan_steps(
+                run.id,
+                (1..=steps).map(|n| format!("step {n}")).collect(),
+                OnInterrupt::Retry,
+            )
             .unwrap();
         store.step_started(run.id, 1).unwrap();
         let state = Arc::new(AppState::new(
@@ -219,18 +489,139 @@ mod tests {
             Arc::new(store),
             PipelineSet::new(Vec::new()),
         ));
+        (state, run.id)
+    }
 
-        let (mut rx, task) = spawn(Arc::clone(&state), run.id);
+    #[tokio::test]
+    async fn the_follower_stops_when_its_reader_is_gone_while_the_run_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, id) = running_step(dir.path(), 1);
+
+        let (mut rx, task) = spawn(Arc::clone(&state), id).unwrap();
         assert!(matches!(rx.recv().await, Some(Update::StepStarted(_))));
         drop(rx);
-        // Without noticing the reader is gone it would poll until the run ends, never here.
+        // Without noticing the reader is gone it would wait until the run ends, never here.
         tokio::time::timeout(Duration::from_secs(30), task)
             .await
-            .expect("the follower kept polling for a reader that is gone")
+            .expect("the follower kept going for a reader that is gone")
             .unwrap();
         assert_eq!(
-            state.store.run(run.id).unwrap().unwrap().status,
-            crate::store::RunStatus::Running
+            state.store.run(id).unwrap().unwrap().status,
+            RunStatus::Running
         );
+        assert_eq!(state.followers.count(), 0, "its place is free again");
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_fell_behind_the_events_reads_the_store_and_log_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, id) = running_step(dir.path(), 2);
+        let (mut rx, _task) = spawn(Arc::clone(&state), id).unwrap();
+        // It has looked at the store and the (empty) log, and waits for events.
+        assert!(matches!(rx.recv().await, Some(Update::StepStarted(s)) if s.number == 1));
+
+        // Step 1 ends, step 2 starts and is far noisier than the follower is quick: this
+        // runtime has one thread, so neither the router nor the follower runs until the
+        // test awaits, and both fall behind by more than their channels hold. The
+        // oldest events are lost: step 1's end, step 2's start, its first lines.
+        let succeeded = || StepEnd {
+            status: StepStatus::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            reason: None,
+        };
+        let step = state.store.step_finished(id, 1, succeeded()).unwrap();
+        let step = step.unwrap();
+        state
+            .events
+            .publish(RunEvent::StepFinished { run: id, step });
+        let step = state.store.step_started(id, 2).unwrap().unwrap();
+        state
+            .events
+            .publish(RunEvent::StepStarted { run: id, step });
+        let path = state.log_path(id, 2);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut log = std::fs::File::create(&path).unwrap();
+        let tap = state.events.output_of(id, 2);
+        let mut offset = 0u64;
+        for i in 0..events::CAPACITY + FEED_CAPACITY + 100 {
+            let line = format!("line {i}\n");
+            std::io::Write::write_all(&mut log, line.as_bytes()).unwrap();
+            tap.written(offset, Bytes::from(line.clone()));
+            offset += line.len() as u64;
+        }
+        let written = std::fs::read_to_string(&path).unwrap();
+
+        // While the run goes on, all of it arrives, each byte once and in order.
+        let next = async |rx: &mut mpsc::Receiver<Update>| {
+            tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("the follower stalled")
+                .expect("the follower ended")
+        };
+        assert!(
+            matches!(next(&mut rx).await, Update::StepFinished(s) if s.number == 1),
+            "step 1's end"
+        );
+        assert!(
+            matches!(next(&mut rx).await, Update::StepStarted(s) if s.number == 2),
+            "step 2's start"
+        );
+        let mut output = Vec::new();
+        while output.len() < written.len() {
+            match next(&mut rx).await {
+                Update::Output { step: 2, bytes } => output.extend_from_slice(&bytes),
+                other => panic!("{other:?} after {} bytes", output.len()),
+            }
+        }
+        assert_eq!(String::from_utf8(output).unwrap(), written);
+
+        let step = state.store.step_finished(id, 2, succeeded()).unwrap();
+        let step = step.unwrap();
+        state
+            .events
+            .publish(RunEvent::StepFinished { run: id, step });
+        let (run, steps) = state
+            .store
+            .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+            .unwrap()
+            .unwrap();
+        state.events.publish(RunEvent::Finished { run, steps });
+        assert!(matches!(next(&mut rx).await, Update::StepFinished(s) if s.number == 2));
+        assert!(
+            matches!(next(&mut rx).await, Update::RunFinished(r) if r.status == RunStatus::Succeeded)
+        );
+        assert!(rx.recv().await.is_none(), "the stream ends with the run");
+    }
+
+    #[tokio::test]
+    async fn followers_are_capped_and_a_place_frees_when_one_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, id) = running_step(dir.path(), 1);
+        let mut readers: Vec<_> = (0..MAX_FOLLOWERS)
+            .map(|_| follow(Arc::clone(&state), id).unwrap())
+            .collect();
+        assert!(follow(Arc::clone(&state), id).is_err(), "one too many");
+        assert_eq!(state.followers.count(), MAX_FOLLOWERS);
+        // One feed for all of them.
+        assert_eq!(lock(&state.followers.feeds).runs.len(), 1);
+
+        drop(readers.pop());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while state.followers.count() == MAX_FOLLOWERS {
+            assert!(Instant::now() < deadline, "the place was never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last = follow(Arc::clone(&state), id).unwrap();
+
+        // All gone: so is the run's feed.
+        drop(readers);
+        drop(last);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while state.followers.count() > 0 {
+            assert!(Instant::now() < deadline, "places were never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(lock(&state.followers.feeds).runs.is_empty());
     }
 }

@@ -160,7 +160,15 @@ async fn follow_log(state: Arc<AppState>, id: i64) -> Response<Body> {
             )
         }
     }
-    let updates = follow::follow(state, id);
+    let updates = match follow::follow(state, id) {
+        Ok(updates) => updates,
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": e.to_string() }).to_string(),
+            )
+        }
+    };
     let mut r = Response::new(BodyExt::boxed(UpdateBody(updates)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -192,9 +200,9 @@ impl http_body::Body for UpdateBody {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(update)) => update,
             };
-            let bytes = match update {
+            let bytes: Bytes = match update {
                 Update::StepStarted(step) => {
-                    format!("==> step {}: {}\n", step.number, step.name).into_bytes()
+                    format!("==> step {}: {}\n", step.number, step.name).into()
                 }
                 Update::Output { bytes, .. } => bytes,
                 Update::StepFinished(step) => {
@@ -202,21 +210,21 @@ impl http_body::Body for UpdateBody {
                     if let Some(reason) = step.reason {
                         line.push_str(&format!(": {reason}"));
                     }
-                    format!("\n{line}\n").into_bytes()
+                    format!("\n{line}\n").into()
                 }
                 Update::RunFinished(run) => {
-                    format!("==> run {} {}\n", run.id, run.status.as_str()).into_bytes()
+                    format!("==> run {} {}\n", run.id, run.status.as_str()).into()
                 }
-                Update::KeepAlive => vec![KEEP_ALIVE_BYTE],
+                Update::KeepAlive => Bytes::from_static(&[KEEP_ALIVE_BYTE]),
                 Update::Stopping(run) => format!(
                     "\n==> hookci is stopping; run {} was {} (follow it again once hookci is back)\n",
                     run.id,
                     run.status.as_str()
                 )
-                .into_bytes(),
+                .into(),
             };
             if !bytes.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
         }
     }

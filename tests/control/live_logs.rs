@@ -188,3 +188,109 @@ fn hookci_logs_follow_outlasts_a_silence_longer_than_its_read_timeout() {
     );
     assert!(!printed.contains(SYN), "the keep-alives are dropped");
 }
+
+#[test]
+fn followers_hear_each_step_as_it_starts_and_ends_not_as_a_later_look_finds_it() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    // Quick steps after the gate: each starts, prints and ends within a few milliseconds,
+    // so only a follower told of every transition sees each of them running.
+    let quick = 2..=6;
+    let mut steps = vec![gated_step(&gate)];
+    steps.extend(
+        quick
+            .clone()
+            .map(|n| step(&format!("quick-{n}"), &format!("echo line-{n}"))),
+    );
+    let d = b.pipeline("ci", &pipeline(&origin, "", &steps)).start();
+    let id = push(&d, "events-1", "refs/heads/main", ZERO, &sha);
+    let (_, sse) = stream_get(&d.addr, &format!("/api/runs/{id}/events"));
+    let (_, text) = stream_get(&d.addr, &format!("/api/runs/{id}/log?follow=1"));
+    eventually("both followers have the first line", || {
+        text.text().contains("first")
+            && find_event(&sse_events(&sse.text()), "log", |v| {
+                log_text_contains(v, "first")
+            })
+            .is_some()
+    });
+    std::fs::write(&gate, "go").unwrap();
+
+    eventually("both streams end with the run", || {
+        sse.ended() && text.ended()
+    });
+    let events = sse_events(&sse.text());
+    let mut last = 0;
+    for n in quick {
+        let started = find_event(&events, "step_started", |v| v["number"] == n)
+            .unwrap_or_else(|| panic!("step {n} started in {events:?}"));
+        let (_, data) = &events[started];
+        let step: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(step["status"], "running", "as it started: {step}");
+        assert_eq!(step["finished_at"], Value::Null, "{step}");
+        let line = find_event(&events, "log", |v| {
+            v["step"] == n && log_text_contains(v, &format!("line-{n}"))
+        })
+        .unwrap_or_else(|| panic!("step {n}'s line in {events:?}"));
+        let finished = find_event(&events, "step_finished", |v| {
+            v["number"] == n && v["status"] == "succeeded"
+        })
+        .unwrap_or_else(|| panic!("step {n} finished in {events:?}"));
+        assert!(
+            last < started && started < line && line < finished,
+            "step {n} in order: {events:?}"
+        );
+        last = finished;
+    }
+    let run_finished = find_event(&events, "run_finished", |v| v["status"] == "succeeded");
+    assert_eq!(run_finished, Some(events.len() - 1), "{events:?}");
+    let printed = text.text().replace(SYN, "");
+    for n in 2..=6 {
+        assert!(
+            printed.contains(&format!(
+                "==> step {n}: quick-{n}\nline-{n}\n\n==> step {n} succeeded\n"
+            )),
+            "{printed}"
+        );
+    }
+}
+
+#[test]
+fn followers_past_the_cap_are_refused_with_503_until_places_free() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let id = push(&d, "cap-1", "refs/heads/main", ZERO, &sha);
+    let paths = [
+        format!("/api/runs/{id}/events"),
+        format!("/api/runs/{id}/log?follow=1"),
+    ];
+    // Each returns once its answer's head is in, that is once it is following.
+    let open: Vec<(String, Captured)> = (0..hookci::web::follow::MAX_FOLLOWERS)
+        .map(|i| stream_get(&d.addr, &paths[i % 2]))
+        .collect();
+    assert!(
+        open.iter()
+            .all(|(head, _)| head.starts_with("HTTP/1.1 200")),
+        "all followed"
+    );
+    for path in &paths {
+        let r = d.get(path);
+        assert_json_error(&r, 503, path);
+        assert!(r.text().contains("too many followers"), "{}", r.text());
+    }
+
+    std::fs::write(&gate, "go").unwrap();
+    eventually("every stream ends with the run", || {
+        open.iter().all(|(_, body)| body.ended())
+    });
+    eventually("a follower is let in again", || {
+        let r = d.get(&paths[1]);
+        r.status == 200 && r.text().ends_with(&format!("==> run {id} succeeded\n"))
+    });
+}

@@ -1,7 +1,8 @@
 //! Run control against the real daemon: concurrency groups and their cancel policies,
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
-//! path filters and skip tokens, live logs (SSE and `hookci logs -f`), retention, the
-//! API client commands, and what stops and signals do to runs and open streams.
+//! path filters and skip tokens, live logs (SSE and `hookci logs -f`) and the metrics
+//! kept from the same run events, retention, the API client commands, and what stops
+//! and signals do to runs and open streams.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -458,6 +459,7 @@ mod concurrency;
 mod exact_cancel;
 mod git_jobs;
 mod live_logs;
+mod metrics;
 mod retention;
 mod run_end;
 mod secrets;

@@ -1,0 +1,250 @@
+//! `GET /metrics` in the Prometheus text format (0.0.4): `hookci_runs{status}`, gauges of
+//! the runs in the store, read at each scrape; and, kept from the run event stream
+//! since the daemon started, `hookci_runs_total{pipeline,status}` (runs that ended),
+//! `hookci_run_duration_seconds{pipeline}` (start to end of the runs that ended) and
+//! `hookci_queue_wait_seconds` (creation to start of a run's first attempt). Encoded by
+//! `prometheus-client`, so the text is valid whatever the label values hold.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::run::events::{self, RecvError, RunEvent};
+use crate::store::{Run, RunStatus};
+
+/// The content type of the text format these metrics are written in.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Seconds: from a quick check to a long release build.
+const DURATION_BUCKETS: [f64; 12] = [
+    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+/// Seconds: from a free runner at once to a backlog of builds.
+const WAIT_BUCKETS: [f64; 13] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Ended {
+    pipeline: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabel {
+    pipeline: String,
+}
+
+type Histograms = Family<PipelineLabel, Histogram, fn() -> Histogram>;
+
+/// The daemon's metrics; cloning shares them.
+#[derive(Clone)]
+struct Kept {
+    in_store: Family<StatusLabel, Gauge>,
+    ended: Family<Ended, Counter>,
+    duration: Histograms,
+    queue_wait: Histogram,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    kept: Kept,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let kept = Kept {
+            in_store: Family::default(),
+            ended: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            queue_wait: Histogram::new(WAIT_BUCKETS),
+        };
+        let mut registry = Registry::default();
+        registry.register(
+            "hookci_runs",
+            "Runs in the store by status",
+            kept.in_store.clone(),
+        );
+        // Encoded as `hookci_runs_total`.
+        registry.register(
+            "hookci_runs",
+            "Runs that ended since the daemon started, by pipeline and status",
+            kept.ended.clone(),
+        );
+        registry.register(
+            "hookci_run_duration_seconds",
+            "How long runs that ended ran, from start to end",
+            kept.duration.clone(),
+        );
+        registry.register(
+            "hookci_queue_wait_seconds",
+            "How long runs waited from being queued to their first start",
+            kept.queue_wait.clone(),
+        );
+        Metrics { registry, kept }
+    }
+
+    /// Counts and observes the runs on `events` until the stream ends: the subscriber
+    /// of the metrics, to be spawned as a task.
+    pub fn record(&self, mut events: events::Receiver) -> impl std::future::Future<Output = ()> {
+        let kept = self.kept.clone();
+        async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => kept.count(&event),
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(
+                            missed,
+                            "metrics fell behind the run events; the counters miss what they held"
+                        );
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+
+    /// The text of a scrape, given how many runs the store holds in each state.
+    pub fn encode(&self, in_store: &[(RunStatus, i64)]) -> Result<String, std::fmt::Error> {
+        for status in RunStatus::ALL {
+            let n = in_store
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            self.kept
+                .in_store
+                .get_or_create(&StatusLabel {
+                    status: status.as_str(),
+                })
+                .set(n);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+impl Kept {
+    fn count(&self, event: &RunEvent) {
+        match event {
+            RunEvent::Started(run) if run.attempt == 1 => {
+                if let Some(wait) = seconds(Some(run.created_at), run.started_at) {
+                    self.queue_wait.observe(wait);
+                }
+            }
+            RunEvent::Finished { run, .. } => self.ended(run),
+            _ => {}
+        }
+    }
+
+    fn ended(&self, run: &Run) {
+        self.ended
+            .get_or_create(&Ended {
+                pipeline: run.pipeline.clone(),
+                status: run.status.as_str(),
+            })
+            .inc();
+        if let Some(ran) = seconds(run.started_at, run.finished_at) {
+            self.duration
+                .get_or_create(&PipelineLabel {
+                    pipeline: run.pipeline.clone(),
+                })
+                .observe(ran);
+        }
+    }
+}
+
+/// Seconds from `from` to `to` (milliseconds since the epoch), when both are known.
+fn seconds(from: Option<i64>, to: Option<i64>) -> Option<f64> {
+    let (from, to) = (from?, to?);
+    Some((to - from).max(0) as f64 / 1000.0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn run(
+        id: i64,
+        status: RunStatus,
+        created: i64,
+        started: Option<i64>,
+        end: Option<i64>,
+    ) -> Run {
+        Run {
+            id,
+            pipeline: "ci \"main\"\n".into(),
+            repo: "o/r".into(),
+            git_ref: "refs/heads/main".into(),
+            commit: "c".repeat(40),
+            before: "b".repeat(40),
+            clone_url: "/nowhere".into(),
+            trigger: "push".into(),
+            delivery: None,
+            status,
+            reason: None,
+            attempt: 1,
+            generation: 1,
+            created_at: created,
+            started_at: started,
+            finished_at: end,
+        }
+    }
+
+    #[test]
+    fn runs_from_the_stream_are_counted_and_timed_with_labels_escaped() {
+        let metrics = Metrics::new();
+        let started = run(1, RunStatus::Running, 1_000, Some(1_500), None);
+        metrics.kept.count(&RunEvent::Started(started));
+        for (id, status, end) in [
+            (1, RunStatus::Succeeded, 4_500),
+            (2, RunStatus::Failed, 2_000),
+        ] {
+            metrics.kept.count(&RunEvent::Finished {
+                run: run(id, status, 1_000, Some(1_500), Some(end)),
+                steps: Vec::new(),
+            });
+        }
+        // Never started: counted, not timed.
+        metrics.kept.count(&RunEvent::Finished {
+            run: run(3, RunStatus::Skipped, 1_000, None, Some(1_000)),
+            steps: Vec::new(),
+        });
+        let text = metrics.encode(&[(RunStatus::Queued, 4)]).unwrap();
+        let pipeline = r#"pipeline="ci \"main\"\n""#;
+        for line in [
+            "# TYPE hookci_runs gauge".to_owned(),
+            r#"hookci_runs{status="queued"} 4"#.to_owned(),
+            r#"hookci_runs{status="running"} 0"#.to_owned(),
+            "# TYPE hookci_runs_total counter".to_owned(),
+            format!(r#"hookci_runs_total{{{pipeline},status="succeeded"}} 1"#),
+            format!(r#"hookci_runs_total{{{pipeline},status="failed"}} 1"#),
+            format!(r#"hookci_runs_total{{{pipeline},status="skipped"}} 1"#),
+            "# TYPE hookci_run_duration_seconds histogram".to_owned(),
+            format!("hookci_run_duration_seconds_count{{{pipeline}}} 2"),
+            format!("hookci_run_duration_seconds_sum{{{pipeline}}} 3.5"),
+            format!(r#"hookci_run_duration_seconds_bucket{{{pipeline},le="1"}} 1"#),
+            format!(r#"hookci_run_duration_seconds_bucket{{{pipeline},le="5"}} 2"#),
+            "hookci_queue_wait_seconds_bucket{le=\"0.5\"} 1".to_owned(),
+            "hookci_queue_wait_seconds_count 1".to_owned(),
+            "hookci_queue_wait_seconds_sum 0.5".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+}
