@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 mod batch;
 mod model;
+mod views;
 mod writes;
 pub use model::*;
 pub use writes::MAX_ATTEMPTS;

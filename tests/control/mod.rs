@@ -455,6 +455,7 @@ fn sha256_hex(value: &str) -> String {
 
 mod cleanup_steps;
 mod concurrency;
+mod dashboard;
 mod exact_cancel;
 mod git_jobs;
 mod live_logs;
