@@ -453,6 +453,7 @@ fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
+mod browser;
 mod cleanup_steps;
 mod concurrency;
 mod dashboard;
