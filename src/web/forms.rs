@@ -158,7 +158,7 @@ pub fn routes(
     let login_form = warp::path!("login")
         .and(warp::get())
         .and(with_state.clone())
-        .and(headers.clone())
+        .and(headers)
         .and(warp::query::<Form>())
         .map(|s: Arc<AppState>, h: HeaderMap, q: Form| {
             let viewer = viewer(&s, &h);
@@ -172,8 +172,8 @@ pub fn routes(
     let login = warp::path!("login")
         .and(warp::post())
         .and(with_state.clone())
-        .and(headers.clone())
-        .and(form.clone())
+        .and(headers)
+        .and(form)
         .then(login);
     let logout = warp::path!("logout")
         .and(warp::post())
@@ -182,14 +182,14 @@ pub fn routes(
     let cancel = warp::path!("runs" / i64 / "cancel")
         .and(warp::post())
         .and(with_state.clone())
-        .and(headers.clone())
-        .and(form.clone())
+        .and(headers)
+        .and(form)
         .then(|id, s, h, f| press(s, h, Press::Cancel(id), f));
     let rerun = warp::path!("runs" / i64 / "rerun")
         .and(warp::post())
         .and(with_state.clone())
-        .and(headers.clone())
-        .and(form.clone())
+        .and(headers)
+        .and(form)
         .then(|id, s, h, f| press(s, h, Press::Rerun(id), f));
     let run_now = warp::path!("pipelines" / String / "run")
         .and(warp::post())

@@ -510,23 +510,23 @@ pub fn routes(
     let index = warp::path::end()
         .and(warp::get())
         .and(with_state.clone())
-        .and(headers.clone())
-        .and(query.clone())
+        .and(headers)
+        .and(query)
         .then(runs);
     let run = warp::path!("runs" / i64)
         .and(warp::get())
         .and(with_state.clone())
-        .and(headers.clone())
+        .and(headers)
         .then(|id, s, h| run_page(s, h, id));
     let pipelines = warp::path!("pipelines")
         .and(warp::get())
         .and(with_state.clone())
-        .and(headers.clone())
+        .and(headers)
         .then(pipelines);
     let pipeline = warp::path!("pipelines" / String)
         .and(warp::get())
         .and(with_state.clone())
-        .and(headers.clone())
+        .and(headers)
         .and(query)
         .then(|name: String, s, h, q| async move {
             match percent_decode(&name) {
