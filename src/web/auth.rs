@@ -201,7 +201,8 @@ fn secure(config: &Config) -> &'static str {
     }
 }
 
-/// `text` percent-encoded for a query value.
+/// `text` percent-encoded for a query value or a path segment (it keeps `/`, which
+/// neither a pipeline name nor a delivery id holds).
 pub fn encode_query(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {

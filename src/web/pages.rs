@@ -240,14 +240,14 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
         div.run data-run=(run.id) data-live[live] {
             h1 { "Run #" (run.id) " " span #run-status { (status(run.status.as_str())) } }
             dl.facts {
-                dt { "pipeline" } dd { a href={ "/pipelines/" (run.pipeline) } { (run.pipeline) } }
+                dt { "pipeline" } dd { a href={ "/pipelines/" (auth::encode_query(&run.pipeline)) } { (run.pipeline) } }
                 dt { "repository" } dd { (run.repo) }
                 dt { "ref" } dd { (short_ref(&run.git_ref)) }
                 dt { "commit" } dd { (commit(&state.config, &run)) }
                 dt { "trigger" } dd {
                     (run.trigger)
                     @if let Some(d) = &run.delivery {
-                        " (delivery " a href={ "/deliveries/" (d) } { (d) } ")"
+                        " (delivery " a href={ "/deliveries/" (auth::encode_query(d)) } { (d) } ")"
                     }
                 }
                 @if run.attempt > 1 || run.generation > 1 {
@@ -294,7 +294,7 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
             }
             p.note #stopping hidden { "hookci is stopping; reload this page once it is back." }
             @if let Some(d) = &delivery {
-                h2 { "Delivery " a href={ "/deliveries/" (d.id) } { (d.id) } }
+                h2 { "Delivery " a href={ "/deliveries/" (auth::encode_query(&d.id)) } { (d.id) } }
                 (decisions(d))
             }
         }
@@ -334,7 +334,7 @@ fn decisions(d: &Delivery) -> Markup {
                 tbody {
                     @for x in &d.decisions {
                         tr {
-                            td { @if let Some(p) = &x.pipeline { a href={ "/pipelines/" (p) } { (p) } } @else { "—" } }
+                            td { @if let Some(p) = &x.pipeline { a href={ "/pipelines/" (auth::encode_query(p)) } { (p) } } @else { "—" } }
                             td { (status(&x.outcome)) }
                             td { (x.reason) }
                             td { @if let Some(r) = x.run_id { a href={ "/runs/" (r) } { "#" (r) } } }
@@ -391,7 +391,7 @@ async fn pipelines(state: Arc<AppState>, headers: HeaderMap) -> Response {
         @if set.is_empty() { p.empty { "No pipelines are loaded." } }
         @for p in set.iter() {
             section.pipeline {
-                h2 { a href={ "/pipelines/" (p.name) } { (p.name) } }
+                h2 { a href={ "/pipelines/" (auth::encode_query(&p.name)) } { (p.name) } }
                 p { (p.repo.to_string()) " · " (triggers(p)) }
                 @let runs = by_pipeline.get(p.name.as_str()).cloned().unwrap_or_default();
                 @if runs.is_empty() {
@@ -441,7 +441,7 @@ async fn pipeline(
         p { (p.repo.to_string()) " · " (triggers(&p)) }
         ol.stepnames { @for st in &p.steps { li { (st.name) } } }
         @if viewer.can_change() {
-            form.runnow method="post" action={ "/pipelines/" (p.name) "/run" } {
+            form.runnow method="post" action={ "/pipelines/" (auth::encode_query(&p.name)) "/run" } {
                 (csrf_field(&viewer))
                 label { "ref " input name="ref" required placeholder="main" value="main"; }
                 label { "commit " input name="sha" placeholder="newest" pattern="[0-9a-fA-F]{40}"; }

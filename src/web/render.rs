@@ -10,7 +10,7 @@ use warp::Reply;
 use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::store::Run;
-use crate::web::auth::Access;
+use crate::web::auth::{self, Access};
 
 /// Who is looking: what the page may offer them.
 pub struct Viewer {
@@ -176,7 +176,7 @@ pub fn runs_table(config: &Config, runs: &[Run], now: i64) -> Markup {
                             tr data-run=(run.id) data-live[!run.status.is_final()] {
                                 td { a href={ "/runs/" (run.id) } { "#" (run.id) } }
                                 td { (status(run.status.as_str())) }
-                                td { a href={ "/pipelines/" (run.pipeline) } { (run.pipeline) } }
+                                td { a href={ "/pipelines/" (auth::encode_query(&run.pipeline)) } { (run.pipeline) } }
                                 td { (short_ref(&run.git_ref)) }
                                 td { (commit(config, run)) }
                                 td { (run.trigger) }

@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: headless Chromium driven through chromedriver
 //! (WebDriver) against the real daemon. A run's page follows its log as it is printed
-//! and shows its end without a reload; the runs page lists the run; with the API
-//! token, the cancel button cancels a running run.
+//! and shows its end without a reload; the runs page lists the run and keeps a
+//! running one's row up to date; with the API token, the cancel button cancels a
+//! running run.
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -157,6 +158,7 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
     let origin = Origin::new(b.path());
     let main = origin.commit("main", &[("a", "1")], "count");
     let hang = origin.commit("hang", &[("a", "2")], "hang");
+    let hang2 = origin.commit("hang2", &[("a", "3")], "hang too");
     let config = token_config(&b);
     let d = b
         .pipeline(
@@ -174,7 +176,7 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
             "hang",
             &pipeline(
                 &origin,
-                "on:\n  branches: [hang]\n",
+                "on:\n  branches: [hang, hang2]\n",
                 &[step("wait", "echo waiting\nsleep 600")],
             ),
         )
@@ -226,6 +228,29 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
         browser.text_of("#runs")
     );
     assert!(browser.text_of(&row).contains("count"));
+
+    // A running run's row follows it there without a reload.
+    let other = push(&d, "browser-hang2", "refs/heads/hang2", ZERO, &hang2);
+    wait_status(&d, other, "running");
+    browser.goto(&d.url("/"));
+    browser.js("window.hookciTestMark = 43; return null;");
+    let other_row = format!("tr[data-run=\"{other}\"]");
+    assert!(browser.text_of(&other_row).contains("running"));
+    let r = api_post(
+        &d,
+        &format!("/api/runs/{other}/cancel"),
+        Some(TOKEN),
+        &json!({}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    eventually("the runs page shows the run canceled", || {
+        browser.text_of(&other_row).contains("canceled")
+    });
+    assert_eq!(
+        browser.js("return window.hookciTestMark === 43;"),
+        json!(true),
+        "the runs page was not reloaded"
+    );
 
     // With the API token, the cancel button cancels a running run.
     let hang_id = push(&d, "browser-hang", "refs/heads/hang", ZERO, &hang);
