@@ -204,3 +204,115 @@ pub fn csrf_field(viewer: &Viewer) -> Markup {
 pub fn trusted(html: String) -> PreEscaped<String> {
     PreEscaped(html)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{EnvSource, FileConfig, FileGithub, Overrides};
+
+    struct NoEnv;
+
+    impl EnvSource for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn config(api_url: Option<&str>) -> Config {
+        let file = FileConfig {
+            github: Some(FileGithub {
+                token_file: None,
+                api_url: api_url.map(str::to_owned),
+            }),
+            ..FileConfig::default()
+        };
+        Config::build(file, Overrides::default(), &NoEnv).unwrap()
+    }
+
+    fn run(clone_url: &str, repo: &str) -> Run {
+        Run {
+            id: 1,
+            pipeline: "ci".into(),
+            repo: repo.into(),
+            git_ref: "refs/heads/main".into(),
+            commit: "ab".repeat(20),
+            before: "0".repeat(40),
+            clone_url: clone_url.into(),
+            trigger: "push".into(),
+            delivery: None,
+            status: crate::store::RunStatus::Succeeded,
+            reason: None,
+            attempt: 1,
+            generation: 1,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn commits_link_to_github_only_when_cloned_from_there() {
+        let sha = "ab".repeat(20);
+        let cases = [
+            (
+                None,
+                "https://github.com/o/r.git",
+                "o/r",
+                Some(format!("https://github.com/o/r/commit/{sha}")),
+            ),
+            (
+                None,
+                "https://GitHub.com/o/r",
+                "o/r",
+                Some(format!("https://github.com/o/r/commit/{sha}")),
+            ),
+            (None, "/srv/git/r.git", "o/r", None),
+            (None, "https://gitlab.example/o/r.git", "o/r", None),
+            (None, "https://github.com/o/r.git", "o/r\"><x", None),
+            (
+                Some("https://ghe.example/api/v3"),
+                "https://ghe.example/o/r.git",
+                "o/r",
+                Some(format!("https://ghe.example/o/r/commit/{sha}")),
+            ),
+            (
+                Some("https://ghe.example/api/v3"),
+                "https://github.com/o/r.git",
+                "o/r",
+                None,
+            ),
+        ];
+        for (api, url, repo, want) in cases {
+            assert_eq!(
+                commit_url(&config(api), &run(url, repo)),
+                want,
+                "{api:?} {url}"
+            );
+        }
+    }
+
+    #[test]
+    fn ages_and_durations_read_as_people_say_them() {
+        let cases = [
+            (0, "0 s ago"),
+            (59_999, "59 s ago"),
+            (60_000, "1 min ago"),
+            (7_200_000, "2 h ago"),
+            (90_000_000, "1 d ago"),
+        ];
+        for (ms, want) in cases {
+            assert_eq!(age(0, ms), want);
+        }
+        let cases = [
+            (250, "250 ms"),
+            (1_500, "1 s"),
+            (61_000, "1 min 1 s"),
+            (3_720_000, "1 h 2 min"),
+        ];
+        for (ms, want) in cases {
+            assert_eq!(length(ms), want);
+        }
+        assert_eq!(took(Some(0), None, 2_000), "2 s so far");
+        assert_eq!(took(None, None, 2_000), "");
+    }
+}
