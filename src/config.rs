@@ -103,6 +103,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub webhook_secret: Option<Secret>,
     pub api_token: Option<Secret>,
+    /// When set, pages and the read API need it (or the API token).
+    pub read_token: Option<Secret>,
     pub max_parallel_runs: usize,
     pub max_body_bytes: u64,
     pub public_url: Option<String>,
@@ -139,6 +141,7 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     pub webhook_secret_file: Option<PathBuf>,
     pub api_token_file: Option<PathBuf>,
+    pub read_token_file: Option<PathBuf>,
     pub max_parallel_runs: Option<usize>,
     pub max_body_bytes: Option<u64>,
     pub public_url: Option<String>,
@@ -203,6 +206,7 @@ impl FileConfig {
             &mut file.state_dir,
             &mut file.webhook_secret_file,
             &mut file.api_token_file,
+            &mut file.read_token_file,
             &mut file.secrets_dir,
         ]
         .into_iter()
@@ -287,6 +291,12 @@ impl Config {
                 "API token",
                 file.api_token_file.as_deref(),
                 "HOOKCI_API_TOKEN",
+                env,
+            )?,
+            read_token: secret(
+                "read token",
+                file.read_token_file.as_deref(),
+                "HOOKCI_READ_TOKEN",
                 env,
             )?,
             max_parallel_runs: file.max_parallel_runs.unwrap_or(2),

@@ -21,7 +21,7 @@ use crate::pipeline::PipelineSet;
 use crate::run::{runner, scheduler};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
-use crate::web::{api, control, http};
+use crate::web::{api, badge, control, forms, http, pages};
 
 /// How long in-flight HTTP requests may take to finish once a stop begins.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -215,6 +215,12 @@ pub async fn run(
         .or(api::routes(Arc::clone(&state)))
         .unify()
         .or(control::routes(Arc::clone(&state)))
+        .unify()
+        .or(pages::routes(Arc::clone(&state)))
+        .unify()
+        .or(forms::routes(Arc::clone(&state)))
+        .unify()
+        .or(badge::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
     crate::systemd::notify("READY=1");

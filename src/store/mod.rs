@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 mod batch;
 mod model;
+mod views;
 mod writes;
 pub use model::*;
 pub use writes::MAX_ATTEMPTS;
@@ -141,6 +142,11 @@ CREATE TABLE reconciled (
 );
 INSERT INTO reconciled (repo, first_at)
     SELECT repo, MIN(updated_at) FROM ref_heads GROUP BY repo;
+"#,
+    // The dashboard's newest run per branch or tag, and a badge's last run of a ref,
+    // read from the index alone instead of every run.
+    r#"
+CREATE INDEX runs_pipeline_ref ON runs(pipeline, ref, id);
 "#,
 ];
 

@@ -72,11 +72,17 @@ async fn run_reply(state: &AppState, id: i64, status: StatusCode) -> Result<Resp
 }
 
 async fn cancel(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
-    let reason = "canceled through the API".to_owned();
-    match scheduler::cancel(&state, id, reason).await {
+    cancel_run(&state, id, "canceled through the API").await?;
+    run_reply(&state, id, StatusCode::ACCEPTED).await
+}
+
+/// Cancels run `id` (the API's and the dashboard's button); the refusal as the API
+/// gives it.
+pub(crate) async fn cancel_run(state: &AppState, id: i64, reason: &str) -> Result<(), Response> {
+    match scheduler::cancel(state, id, reason.to_owned()).await {
         Ok(Canceled::Applied) => {
             tracing::info!(run = id, "cancel requested");
-            run_reply(&state, id, StatusCode::ACCEPTED).await
+            Ok(())
         }
         Ok(Canceled::TooLate(status)) => Err(warp::reply::with_status(
             warp::reply::json(&json!({
@@ -118,19 +124,25 @@ fn explicit_run(old: &Run, trigger: &'static str, generation: i64, state: &AppSt
 }
 
 async fn rerun(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
-    let old = load_run(&state, id).await?;
+    let made = rerun_run(&state, id).await?;
+    run_reply(&state, made, StatusCode::CREATED).await
+}
+
+/// Queues a rerun of run `id`; the new run's id.
+pub(crate) async fn rerun_run(state: &AppState, id: i64) -> Result<i64, Response> {
+    let old = load_run(state, id).await?;
     if state.pipelines().get(&old.pipeline).is_none() {
         return Err(error_reply(
             StatusCode::CONFLICT,
             format!("pipeline {:?} no longer exists", old.pipeline),
         ));
     }
-    let new = explicit_run(&old, "rerun", old.generation + 1, &state);
+    let new = explicit_run(&old, "rerun", old.generation + 1, state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
     state.events.runs_changed(made.changed);
     state.wake.notify_one();
     tracing::info!(run = made.id, of = id, "rerun queued");
-    run_reply(&state, made.id, StatusCode::CREATED).await
+    Ok(made.id)
 }
 
 #[derive(Deserialize)]
@@ -153,15 +165,27 @@ async fn trigger(
             format!("expected {{\"ref\": \"main\", \"sha\": optional}}: {e}"),
         )
     })?;
+    let made = trigger_run(&state, &name, &body.git_ref, body.sha).await?;
+    run_reply(&state, made, StatusCode::CREATED).await
+}
+
+/// Queues a manual run of pipeline `name` on `git_ref` (a branch name or a full
+/// ref), at `sha` or else the ref's newest commit; the new run's id.
+pub(crate) async fn trigger_run(
+    state: &AppState,
+    name: &str,
+    git_ref: &str,
+    sha: Option<String>,
+) -> Result<i64, Response> {
     let pipeline = state
         .pipelines()
-        .get(&name)
+        .get(name)
         .cloned()
         .ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no pipeline {name:?}")))?;
-    let git_ref = if body.git_ref.starts_with("refs/") {
-        body.git_ref.clone()
+    let git_ref = if git_ref.starts_with("refs/") {
+        git_ref.to_owned()
     } else {
-        format!("refs/heads/{}", body.git_ref)
+        format!("refs/heads/{git_ref}")
     };
     if !(git_ref.starts_with("refs/heads/") || git_ref.starts_with("refs/tags/"))
         || git_ref.contains("..")
@@ -186,7 +210,7 @@ async fn trigger(
                 })?
         }
     };
-    let sha = match body.sha {
+    let sha = match sha {
         Some(sha) if sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) => {
             sha.to_ascii_lowercase()
         }
@@ -233,12 +257,12 @@ async fn trigger(
         started_at: None,
         finished_at: None,
     };
-    let new = explicit_run(&template, "manual", 1, &state);
+    let new = explicit_run(&template, "manual", 1, state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
     state.events.runs_changed(made.changed);
     state.wake.notify_one();
     tracing::info!(run = made.id, pipeline = %name, "manual run queued");
-    run_reply(&state, made.id, StatusCode::CREATED).await
+    Ok(made.id)
 }
 
 pub fn routes(

@@ -1,7 +1,8 @@
 //! Serving HTTP: accepts connections on the caller's listener and serves each with
 //! hyper, routing to warp's filters (`intake`, `api`, `control`) except for the one
 //! response warp cannot give, a plain-text stream (`GET /api/runs/{id}/log?follow=1`).
-//! Also bounds how long a client may take to send its headers.
+//! Also bounds how long a client may take to send its headers, and refuses requests
+//! that need the read token and lack it (`auth`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 use warp::http::{header, Request, Response, StatusCode};
 
 use crate::state::AppState;
+use crate::web::auth;
 use crate::web::follow::{self, Update};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -102,11 +104,41 @@ where
         Error = Infallible,
     >,
 {
+    if let Some(refusal) = auth::check(&state.config, req.method(), req.uri(), req.headers()) {
+        return Ok(refuse(refusal));
+    }
     if let Some(id) = follow_request(&req) {
         return Ok(follow_log(state, id).await);
     }
     let response = routes.call(req).await?;
     Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+}
+
+/// Here, before any route, so that no route can be left open by mistake.
+fn refuse(refusal: auth::Refusal) -> Response<Body> {
+    match refusal {
+        auth::Refusal::Api => {
+            let (status, body) = auth::api_refusal();
+            let mut r = text(status, body);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+        auth::Refusal::Login { next } => {
+            let mut r = text(StatusCode::SEE_OTHER, String::new());
+            let location = format!("/login?next={}", auth::encode_query(&next));
+            if let Ok(v) = header::HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+    }
 }
 
 /// `GET /api/runs/{id}/log` with `follow=1` (or `follow=true`) in the query.

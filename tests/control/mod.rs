@@ -454,8 +454,10 @@ fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
+mod browser;
 mod cleanup_steps;
 mod concurrency;
+mod dashboard;
 mod exact_cancel;
 mod git_jobs;
 mod live_logs;
