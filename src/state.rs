@@ -4,13 +4,14 @@
 //! wiring), so that no stage imports the wiring.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::git::worker::GitWorker;
 use crate::pipeline::PipelineSet;
+use crate::run::contain::Cgroups;
 use crate::run::scheduler;
 use crate::store::Store;
 
@@ -27,6 +28,10 @@ pub struct AppState {
     pub git: GitWorker,
     /// Turns true once when the daemon begins to stop.
     stopping: watch::Sender<bool>,
+    /// Where runs' cgroups are made, if anywhere.
+    pub cgroups: Cgroups,
+    /// Why no run starts now (the state directory's disk is short of space), if so.
+    paused: Mutex<Option<String>>,
 }
 
 impl AppState {
@@ -39,7 +44,28 @@ impl AppState {
             wake: Notify::new(),
             running: scheduler::Running::default(),
             stopping: watch::Sender::new(false),
+            cgroups: Cgroups::none(),
+            paused: Mutex::new(None),
         }
+    }
+
+    /// With the run cgroups of `cgroups` (the daemon's; `hookci run` makes none).
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> AppState {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// Why no run starts now, if none does.
+    pub fn paused(&self) -> Option<String> {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets (or clears) why no run starts; returns the reason it replaces.
+    pub fn set_paused(&self, why: Option<String>) -> Option<String> {
+        std::mem::replace(
+            &mut *self.paused.lock().unwrap_or_else(|e| e.into_inner()),
+            why,
+        )
     }
 
     /// Begins the stop: the scheduler claims no more runs, followers end their streams.
@@ -63,6 +89,11 @@ impl AppState {
 
     pub fn log_path(&self, run: i64, step: i64) -> PathBuf {
         self.log_dir(run).join(format!("{step}.log"))
+    }
+
+    /// The `HOME` of a run's steps when they run as `run_as`.
+    pub fn home(&self, run: i64) -> PathBuf {
+        self.config.state_dir.join("homes").join(run.to_string())
     }
 
     pub fn workspace(&self, run: i64) -> PathBuf {

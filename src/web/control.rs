@@ -230,6 +230,7 @@ async fn trigger(
         created_at: 0,
         started_at: None,
         finished_at: None,
+        log_dropped: 0,
     };
     let new = explicit_run(&template, "manual", 1, &state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
