@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::Config;
 use crate::git::worker::GitWorker;
@@ -32,10 +32,15 @@ pub struct AppState {
     pub cgroups: Cgroups,
     /// Why no run starts now (the state directory's disk is short of space), if so.
     paused: Mutex<Option<String>>,
+    /// `max_unverified_bytes`, in KiB: what webhook bodies not yet verified may hold.
+    pub unverified: Arc<Semaphore>,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
+        let unverified_kib = usize::try_from(config.max_unverified_bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         AppState {
             git: GitWorker::new(&config.state_dir, config.github.clone_token()),
             config,
@@ -46,6 +51,7 @@ impl AppState {
             stopping: watch::Sender::new(false),
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),
+            unverified: Arc::new(Semaphore::new(unverified_kib)),
         }
     }
 
