@@ -1,6 +1,10 @@
 //! Protections of the hookci process itself, set once at its start (the daemon's, and
 //! each git worker's): what a step could otherwise read of it, and the file descriptor
-//! limit its connections need.
+//! limit its connections need. Also the registry of the children it started itself
+//! (steps, git jobs), which a run's sweep (`run::contain`) leaves alone.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
 
 /// Makes the process non-dumpable: no process of another user, and no process of its
 /// own user without `CAP_SYS_PTRACE` either, may read its `/proc/PID/environ`,
@@ -29,4 +33,43 @@ pub fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// The pids of the children the daemon started itself (steps, git jobs): the sweep
+/// neither kills nor reaps them.
+static TRACKED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+fn tracked() -> MutexGuard<'static, Option<HashSet<i32>>> {
+    TRACKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A child the daemon waits for itself; untracked when dropped.
+pub struct Tracked(i32);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(set) = tracked().as_mut() {
+            set.remove(&self.0);
+        }
+    }
+}
+
+/// Spawns `cmd` and tracks its pid, both under the registry's lock, so that a sweep
+/// never sees the child untracked, not even if it exits at once.
+pub fn spawn_tracked(
+    cmd: &mut tokio::process::Command,
+) -> std::io::Result<(tokio::process::Child, Tracked)> {
+    let mut set = tracked();
+    let child = cmd.spawn()?;
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .unwrap_or_default();
+    set.get_or_insert_with(HashSet::new).insert(pid);
+    Ok((child, Tracked(pid)))
+}
+
+/// The pids of the children started with [`spawn_tracked`] and not yet dropped.
+pub fn tracked_children() -> HashSet<i32> {
+    tracked().clone().unwrap_or_default()
 }

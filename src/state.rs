@@ -63,7 +63,10 @@ impl AppState {
 
     /// Why no run starts now, if none does.
     pub fn paused(&self) -> Option<String> {
-        self.paused.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sets (or clears) why no run starts; returns the reason it replaces.

@@ -244,7 +244,9 @@ impl GitWorker {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| failed("cannot start", e))?;
+        // Tracked: a run's sweep must neither kill nor reap it (see src/run/contain.rs).
+        let (mut child, _tracked) =
+            crate::process::spawn_tracked(&mut cmd).map_err(|e| failed("cannot start", e))?;
         let mut stdin = child
             .stdin
             .take()

@@ -202,7 +202,10 @@ where
         Err(_) => {
             return Err((
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the body did not arrive within {}s", BODY_DEADLINE.as_secs()),
+                format!(
+                    "the body did not arrive within {}s",
+                    BODY_DEADLINE.as_secs()
+                ),
             ))
         }
     }
@@ -368,10 +371,10 @@ async fn dispatch(
     let push = off_workers(len, move || Push::parse(&json))
         .await?
         .map_err(|e| match e {
-        EventError::Malformed(_) | EventError::BadRepository(_) => {
-            (StatusCode::BAD_REQUEST, e.to_string())
-        }
-    })?;
+            EventError::Malformed(_) | EventError::BadRepository(_) => {
+                (StatusCode::BAD_REQUEST, e.to_string())
+            }
+        })?;
     let record = new_delivery(delivery, &push, &state.pipelines());
     // In a task of its own: hyper drops this handler when the client hangs up, and a
     // delivery the store has committed must still wake the scheduler and stop the runs

@@ -3,55 +3,21 @@
 //! and every step is put in it before its shell starts; when a step ends, `cgroup.kill`
 //! ends whatever it left, however it left its process group. Elsewhere the daemon is a
 //! child subreaper: a process that escapes its step's group is re-parented to the
-//! daemon, which finds it among its own children (a step or git job it did not start
-//! itself) and kills it with everything below it. Either way the daemon reaps the
-//! zombies re-parented to it, and only those: the children it started itself are
-//! tracked, so their exit statuses stay for the code that waits for them.
+//! daemon, which finds it among its own children (those it did not start itself) and
+//! kills it with everything below it. Either way the daemon reaps the zombies
+//! re-parented to it, and only those: the children it started itself are tracked
+//! (src/process.rs), so their exit statuses stay for the code that waits for them.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a sweep keeps at it: killed processes take a moment to go, and killing a
 /// parent re-parents its children, which the next round finds.
 const SWEEP_LIMIT: Duration = Duration::from_secs(5);
 const SWEEP_POLL: Duration = Duration::from_millis(20);
-
-/// The pids of the children the daemon started itself (steps, git jobs): the sweep
-/// neither kills nor reaps them.
-static TRACKED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
-
-fn tracked() -> MutexGuard<'static, Option<HashSet<i32>>> {
-    TRACKED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A child the daemon waits for itself; untracked when dropped.
-pub struct Tracked(i32);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let Some(set) = tracked().as_mut() {
-            set.remove(&self.0);
-        }
-    }
-}
-
-/// Spawns `cmd` and tracks its pid, both under the registry's lock, so that a sweep
-/// never sees the child untracked, not even if it exits at once.
-pub fn spawn_tracked(
-    cmd: &mut tokio::process::Command,
-) -> std::io::Result<(tokio::process::Child, Tracked)> {
-    let mut set = tracked();
-    let child = cmd.spawn()?;
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .unwrap_or_default();
-    set.get_or_insert_with(HashSet::new).insert(pid);
-    Ok((child, Tracked(pid)))
-}
 
 /// Makes the daemon a child subreaper, so that a process orphaned by a step is
 /// re-parented to it rather than to init, where it could be found no more.
@@ -323,7 +289,7 @@ fn belongs(pid: i32, marker: &str) -> bool {
 fn sweep_orphans(marker: &str) -> usize {
     let me = std::process::id() as i32;
     let procs = processes();
-    let tracked: HashSet<i32> = tracked().clone().unwrap_or_default();
+    let tracked: HashSet<i32> = crate::process::tracked_children();
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for (pid, p) in &procs {
         children.entry(p.ppid).or_default().push(*pid);

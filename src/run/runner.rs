@@ -213,7 +213,7 @@ pub async fn run_step(
         }
     }
     let (mut child, _tracked) =
-        contain::spawn_tracked(&mut shell).map_err(|source| RunnerError::Spawn {
+        crate::process::spawn_tracked(&mut shell).map_err(|source| RunnerError::Spawn {
             cwd: cmd.cwd.to_path_buf(),
             source,
         })?;

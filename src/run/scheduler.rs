@@ -551,11 +551,22 @@ async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Path) -> Result<
     };
     let (workspace, home) = (workspace.to_path_buf(), state.home(run));
     let done = tokio::task::spawn_blocking(move || {
-        user::chown_tree(&workspace, &who)
-            .map_err(|e| format!("cannot give the workspace {} to run_as user {}: {e}", workspace.display(), who.name))?;
+        user::chown_tree(&workspace, &who).map_err(|e| {
+            format!(
+                "cannot give the workspace {} to run_as user {}: {e}",
+                workspace.display(),
+                who.name
+            )
+        })?;
         std::fs::create_dir_all(&home)
             .and_then(|()| user::chown_tree(&home, &who))
-            .map_err(|e| format!("cannot make HOME {} for run_as user {}: {e}", home.display(), who.name))
+            .map_err(|e| {
+                format!(
+                    "cannot make HOME {} for run_as user {}: {e}",
+                    home.display(),
+                    who.name
+                )
+            })
     })
     .await;
     done.map_err(|e| e.to_string())?
@@ -572,7 +583,7 @@ fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secr
                 state.config.secrets_dir.as_deref(),
                 &state.config.secret_env,
             )
-                .map(|v| (name.clone(), v))
+            .map(|v| (name.clone(), v))
         })
         .collect()
 }
@@ -826,7 +837,9 @@ async fn run_steps(
             if dropped > 0 {
                 let logged = blocking(&state.store, move |s| s.log_dropped(id, dropped)).await;
                 if let Err(e) = logged {
-                    span.in_scope(|| tracing::error!(error = %e, "cannot record the log's truncation"));
+                    span.in_scope(
+                        || tracing::error!(error = %e, "cannot record the log's truncation"),
+                    );
                 }
             }
         }

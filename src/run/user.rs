@@ -39,8 +39,7 @@ impl RunAs {
                 groups: vec![gid],
             });
         }
-        let cname =
-            CString::new(name).map_err(|_| format!("run_as {name:?}: not a user name"))?;
+        let cname = CString::new(name).map_err(|_| format!("run_as {name:?}: not a user name"))?;
         let (uid, gid) = lookup_user(&cname)
             .ok_or_else(|| format!("run_as {name:?}: no such user (create it, or give uid:gid)"))?;
         if uid == 0 {
@@ -204,7 +203,10 @@ mod tests {
     #[test]
     fn numeric_users_resolve_and_root_is_refused() {
         let u = RunAs::resolve("12345:23456").unwrap();
-        assert_eq!((u.uid, u.gid, u.groups.clone()), (12345, 23456, vec![23456]));
+        assert_eq!(
+            (u.uid, u.gid, u.groups.clone()),
+            (12345, 23456, vec![23456])
+        );
         assert!(RunAs::resolve("0:0").unwrap_err().contains("root"));
         assert!(RunAs::resolve("root").unwrap_err().contains("root"));
         assert!(RunAs::resolve("x:y").unwrap_err().contains("not a number"));

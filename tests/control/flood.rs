@@ -1,0 +1,119 @@
+//! HTTP is bounded before authentication: unsigned clients that announce large bodies
+//! and send them slowly cannot make the daemon hold their bytes, and a signed push
+//! still gets through at once.
+
+use super::*;
+use std::net::TcpStream;
+
+const CONNECTIONS: usize = 300;
+const ANNOUNCED: usize = 25 * 1024 * 1024;
+/// What each connection sends at once before it trickles.
+const UPFRONT: usize = 512 * 1024;
+
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Lets this process hold the flood's sockets.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a struct owned here.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Opens a connection announcing a 25 MiB signed-looking webhook and sends what the
+/// socket takes of `UPFRONT` bytes without waiting.
+fn flood_connection(addr: &str) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    write!(
+        s,
+        "POST /webhook HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         X-GitHub-Event: push\r\nX-GitHub-Delivery: flood\r\n\
+         X-Hub-Signature-256: sha256={}\r\nContent-Length: {ANNOUNCED}\r\n\r\n",
+        "0".repeat(64)
+    )
+    .ok()?;
+    s.set_nonblocking(true).ok()?;
+    let chunk = vec![b' '; UPFRONT];
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while sent < UPFRONT && Instant::now() < deadline {
+        match s.write(&chunk[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => break,
+        }
+    }
+    Some(s)
+}
+
+#[test]
+fn slow_unsigned_bodies_cannot_fill_the_daemon_and_a_signed_push_still_gets_202() {
+    raise_fd_limit();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let d = b
+        .pipeline("p", &pipeline(&origin, "", &[step("s", "true")]))
+        .start();
+    let before = rss_bytes(d.pid());
+    let mut flood: Vec<TcpStream> = (0..CONNECTIONS)
+        .filter_map(|_| flood_connection(&d.addr))
+        .collect();
+    assert!(
+        flood.len() >= CONNECTIONS * 9 / 10,
+        "{} connections",
+        flood.len()
+    );
+    // Trickle: one byte a connection, a few rounds, while measuring.
+    let mut peak = 0;
+    for _ in 0..10 {
+        for s in &mut flood {
+            let _ = s.write(b" ");
+        }
+        peak = peak.max(rss_bytes(d.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let r = d.deliver(
+        "push",
+        "flood-push-1",
+        &push_body("refs/heads/main", ZERO, &sha, "x"),
+    );
+    let answered = started.elapsed();
+    peak = peak.max(rss_bytes(d.pid()));
+    eprintln!(
+        "flood of {} connections: daemon RSS {} KiB before, {} KiB at most during; signed push answered {} in {answered:?}",
+        flood.len(),
+        before / 1024,
+        peak / 1024,
+        r.status
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(
+        answered < Duration::from_secs(1),
+        "the push took {answered:?}"
+    );
+    assert!(
+        peak < 100 * 1024 * 1024,
+        "daemon RSS reached {} KiB",
+        peak / 1024
+    );
+    drop(flood);
+}
