@@ -208,9 +208,22 @@ pub trait EnvSource {
 pub struct ProcessEnv;
 
 impl EnvSource for ProcessEnv {
+    /// A secret variable [`scrub_environment`] removed still reads as it was: a config
+    /// built again (a reload) finds what the first one did.
     fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+        std::env::var(name)
+            .ok()
+            .or_else(|| scrubbed().get(name).map(|s| s.expose().to_owned()))
+            .filter(|v| !v.is_empty())
     }
+}
+
+/// The secret variables removed from the process environment, with their values.
+static SCRUBBED: std::sync::Mutex<std::collections::BTreeMap<String, Secret>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn scrubbed() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, Secret>> {
+    SCRUBBED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The prefix of the variables that hold pipeline secrets.
@@ -257,11 +270,13 @@ impl EnvSource for SecretEnv {
     }
 }
 
-/// The names of the process environment's variables.
+/// The names of the process environment's variables (those scrubbed included).
 pub fn process_env_names() -> Vec<String> {
-    std::env::vars_os()
+    let mut names: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
-        .collect()
+        .collect();
+    names.extend(scrubbed().keys().cloned());
+    names
 }
 
 /// Removes every secret variable from the process environment, once the config holds
@@ -269,9 +284,13 @@ pub fn process_env_names() -> Vec<String> {
 /// never inherits one, and nothing that prints the environment finds one. Call it
 /// before any thread starts (changing the environment is not thread-safe).
 pub fn scrub_environment() {
-    for name in process_env_names() {
+    for (name, value) in std::env::vars_os() {
+        let (Ok(name), Ok(value)) = (name.into_string(), value.into_string()) else {
+            continue;
+        };
         if SECRET_VARS.contains(&name.as_str()) || name.starts_with(SECRET_VAR_PREFIX) {
-            std::env::remove_var(name);
+            std::env::remove_var(&name);
+            scrubbed().insert(name, Secret::new(value));
         }
     }
 }

@@ -830,6 +830,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn output_past_the_budget_is_dropped_and_counted_while_the_step_goes_on() {
+        let mut step = Step::new(&[]);
+        step.max_log = 1000;
+        let out = step
+            .run(
+                "head -c 5000 /dev/zero | tr '\\0' x; echo done > \"$DIR/done\"",
+                never_cancel(),
+            )
+            .await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        assert_eq!(out.log_dropped, 4000);
+        let log = step.log();
+        assert_eq!(
+            log,
+            format!(
+                "{}\n[hookci] max_log_bytes (1000 bytes per run) reached: 4000 bytes of output dropped\n",
+                "x".repeat(1000)
+            )
+        );
+        assert!(step.dir.path().join("done").exists(), "the step went on");
+    }
+
+    #[tokio::test]
     async fn background_job_holding_stdout_does_not_block_the_step() {
         let step = Step::new(&[]);
         let script = "sleep 600 & echo $! > \"$DIR/bg.pid\"; echo done";

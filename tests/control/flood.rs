@@ -117,3 +117,82 @@ fn slow_unsigned_bodies_cannot_fill_the_daemon_and_a_signed_push_still_gets_202(
     );
     drop(flood);
 }
+
+/// Sends `head` on a new connection and returns the status line of the answer, read
+/// within `wait`.
+fn status_line(addr: &str, head: &str, wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    line
+}
+
+#[test]
+fn past_the_unverified_budget_a_body_gets_503_with_retry_after_and_a_slow_one_408() {
+    let d = Builder::new()
+        .config("max_body_bytes: 1048576\nmax_unverified_bytes: 65536")
+        .start();
+    let head = |len: usize| {
+        format!(
+            "POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             X-GitHub-Event: push\r\nX-GitHub-Delivery: budget\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let mut s = TcpStream::connect(&d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head(100 * 1024).as_bytes()).unwrap();
+    let mut answer = String::new();
+    let mut reader = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim_end().is_empty() {
+            break;
+        }
+        answer.push_str(&line.to_ascii_lowercase());
+    }
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 5"), "{answer}");
+
+    // Within the budget, but its body never arrives whole.
+    let line = status_line(
+        &d.addr,
+        &format!("{}{{\"partial\":", head(1000)),
+        Duration::from_secs(60),
+    );
+    assert!(line.starts_with("HTTP/1.1 408"), "{line:?}");
+}
+
+#[test]
+fn past_max_connections_a_new_connection_waits_until_one_closes() {
+    let d = Builder::new().config("max_connections: 2").start();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&d.addr).unwrap())
+        .collect();
+    let mut third = TcpStream::connect(&d.addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = third.read(&mut buf);
+    assert!(
+        early.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "answered past the cap: {early:?}"
+    );
+    drop(held);
+    third
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(third).read_line(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}

@@ -75,25 +75,27 @@ fn check_nothing_outlives_runs(b: Builder) {
     );
     let id_of = |name: &str| runs.iter().find(|(p, _)| p == name).unwrap().1;
     let mut all = Vec::new();
+    let mut outlived = Vec::new();
     for (name, status) in [("succeeds", "succeeded"), ("times-out", "timed_out")] {
         let id = id_of(name);
         let run = d.wait_run(id);
-        assert_eq!(run["status"], status, "{run:#}\n{}", d.run_log(id));
-        assert!(d.run_log(id).contains("escaped"), "{}", d.run_log(id));
-        let left: Vec<i32> = pids_of(dir, id)
-            .into_iter()
-            .filter(|p| exists(*p))
-            .collect();
-        all.extend(pids_of(dir, id));
-        // The end is stored after the sweep: nothing may be left once it reads ended.
-        if !left.is_empty() {
-            kill_all(&left);
-            panic!("{name}: processes outlived the run: {left:?}\n{}", d.log());
+        let pids = pids_of(dir, id);
+        all.extend(&pids);
+        if run["status"] != status || !d.run_log(id).contains("escaped") {
+            kill_all(&all);
+            panic!("{name}: expected {status}: {run:#}\n{}", d.run_log(id));
         }
+        // The end is stored after the sweep: nothing may be left once it reads ended.
+        outlived.extend(pids.into_iter().filter(|p| exists(*p)).map(|p| (name, p)));
     }
+    kill_all(&all);
+    assert!(
+        outlived.is_empty(),
+        "processes outlived their runs: {outlived:?}\n{}",
+        d.log()
+    );
     let zombies = zombie_children(d.pid());
     assert!(zombies.is_empty(), "zombies of the daemon: {zombies:?}");
-    kill_all(&all);
 }
 
 #[test]
