@@ -142,7 +142,13 @@ impl Builder {
     /// Runs `hookci serve` expecting it to refuse to start: its exit code and stderr.
     pub fn serve_expecting_failure(&self) -> (Option<i32>, String) {
         self.write_config();
-        let out = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            chown_tree(self.dir.path(), uid, gid);
+            cmd.uid(uid).gid(gid).env("HOME", self.dir.path());
+        }
+        let out = cmd
             .arg("serve")
             .arg("-c")
             .arg(self.dir.path().join("hookci.yml"))

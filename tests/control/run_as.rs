@@ -145,3 +145,17 @@ fn as_root_without_run_as_serve_and_check_warn_that_steps_run_as_root() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_daemon_that_cannot_switch_users_says_what_it_lacks() {
+    let user = test_user();
+    let b = Builder::new().config("run_as: 54321:54321").daemon_as(user);
+    let (code, err) = b.serve_expecting_failure();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("steps are to run as 54321:54321")
+            && err.contains("CAP_SETUID")
+            && err.contains("CAP_SETGID"),
+        "{err}"
+    );
+}
