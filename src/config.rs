@@ -451,11 +451,13 @@ impl Config {
                 "max_connections must be at least 1".into(),
             ));
         }
-        if config.max_unverified_bytes < config.max_body_bytes.min(64 * 1024) {
+        if config.max_unverified_bytes < config.max_body_bytes {
+            // A body the budget can never hold would get 503 for ever, and GitHub does
+            // not retry.
             return Err(ConfigError::Invalid(format!(
-                "max_unverified_bytes must be at least 65536 (or max_body_bytes, if smaller), so \
-                 that a webhook fits: {} is too small",
-                config.max_unverified_bytes
+                "max_unverified_bytes ({}) must be at least max_body_bytes ({}), so that \
+                 the largest webhook fits",
+                config.max_unverified_bytes, config.max_body_bytes
             )));
         }
         if config.max_parallel_runs == 0 {
