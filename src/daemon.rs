@@ -103,19 +103,23 @@ fn open_and_recover(config: &Config) -> Result<Recovered, DaemonError> {
     };
     std::fs::create_dir_all(state_dir).map_err(dir_err)?;
     let state_dir = std::fs::canonicalize(state_dir).map_err(dir_err)?;
-    // First: a crashed daemon's runs are ended there before anything else is done.
-    let cgroups = Cgroups::setup();
-    if let Some(who) = &config.run_as {
-        can_switch(who, &cgroups)?;
-        secure_state_dir(&state_dir, who)?;
-        check_protected(&config.protected, who)?;
-    }
     // Fail now, with the directory's name, rather than at the first run.
     let probe = state_dir.join(".hookci-write-test");
     std::fs::write(&probe, b"")
         .and_then(|()| std::fs::remove_file(&probe))
         .map_err(dir_err)?;
     let lock = lock_state_dir(&state_dir)?;
+    // Before recovery: the cgroups of crashed daemons' runs are ended on the way.
+    let cgroups = Cgroups::setup();
+    if let Some(who) = &config.run_as {
+        let checked = can_switch(who, &cgroups)
+            .and_then(|()| secure_state_dir(&state_dir, who))
+            .and_then(|()| check_protected(&config.protected, who));
+        if let Err(e) = checked {
+            cgroups.remove();
+            return Err(e);
+        }
+    }
     let store = Store::open(&state_dir)?;
     for id in store.interrupt_running()? {
         let workspace = state_dir.join("workspaces").join(id.to_string());
@@ -127,6 +131,7 @@ fn open_and_recover(config: &Config) -> Result<Recovered, DaemonError> {
         }
     }
     remove_leftover_workspaces(&state_dir.join("workspaces"));
+    remove_leftover_workspaces(&state_dir.join("homes"));
     for (id, attempt, status) in store.requeue_interrupted()? {
         // A run that ends here keeps its logs where its last attempt's are read from.
         if status == RunStatus::Queued {
@@ -246,9 +251,9 @@ pub fn warn_if_steps_run_as_root(config: &Config) -> Option<String> {
     })
 }
 
-/// Removes every workspace a previous daemon left: a run's end is stored before its
-/// workspace is removed, so a crash in between leaves the workspace of an ended run
-/// behind. Nothing executes yet, so every workspace found is a leftover.
+/// Removes every workspace (or run `HOME`) a previous daemon left: a run's end is
+/// stored before its workspace is removed, so a crash in between leaves the workspace
+/// of an ended run behind. Nothing executes yet, so every one found is a leftover.
 fn remove_leftover_workspaces(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
