@@ -607,6 +607,35 @@ mod tests {
     }
 
     #[test]
+    fn pipeline_secrets_from_the_environment_are_captured_once_at_load() {
+        let env = FakeEnv(HashMap::from([
+            ("HOOKCI_SECRET_DEPLOY", "from-env"),
+            ("HOOKCI_WEBHOOK_SECRET", "daemon-only"),
+            ("CREDENTIALS_DIRECTORY", "/run/credentials/hookci.service"),
+        ]));
+        let names = [
+            "HOOKCI_SECRET_DEPLOY",
+            "HOOKCI_WEBHOOK_SECRET",
+            "CREDENTIALS_DIRECTORY",
+        ];
+        let c =
+            Config::build_with(FileConfig::default(), Overrides::default(), &env, names).unwrap();
+        let got = resolve_secret("DEPLOY", None, &c.secret_env).map(|s| s.expose().to_owned());
+        assert_eq!(got.as_deref(), Ok("from-env"));
+        // Only pipeline secrets are kept for steps; the daemon's own never are.
+        assert_eq!(c.secret_env.var("HOOKCI_WEBHOOK_SECRET"), None);
+        assert_eq!(
+            c.secret_env.var("CREDENTIALS_DIRECTORY").as_deref(),
+            Some("/run/credentials/hookci.service")
+        );
+        assert_eq!(
+            c.protected,
+            vec![PathBuf::from("/run/credentials/hookci.service")]
+        );
+        assert!(!format!("{c:?}").contains("from-env"), "Debug hides them");
+    }
+
+    #[test]
     fn the_github_token_belongs_to_the_git_host_of_the_api() {
         let host = |api_url: &str| {
             GithubConfig {
