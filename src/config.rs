@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::run::user::RunAs;
 use crate::yaml::{self, SourceError};
 
 /// A secret value; `Debug` and `Display` print `***`.
@@ -114,6 +115,22 @@ pub struct Config {
     pub secrets_dir: Option<PathBuf>,
     pub retention: Retention,
     pub github: GithubConfig,
+    /// The user every step runs as; `None`: the daemon's own.
+    pub run_as: Option<RunAs>,
+    /// Per run; zero: no limit.
+    pub max_log_bytes: u64,
+    /// Below this much free space in the state directory's file system no run starts.
+    pub min_free_bytes: u64,
+    pub max_connections: usize,
+    /// Body bytes all connections together may hold before their signature is checked.
+    pub max_unverified_bytes: u64,
+    /// The config file and the secret files and folders: with `run_as`, none of them
+    /// may be readable by that user (`serve` refuses to start otherwise).
+    pub protected: Vec<PathBuf>,
+    /// What pipeline secrets may come from in the daemon's environment, read once at
+    /// load: the variables themselves are removed from the process (see
+    /// [`scrub_environment`]).
+    pub secret_env: SecretEnv,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +171,11 @@ pub struct FileConfig {
     pub secrets_dir: Option<PathBuf>,
     pub retention: Option<FileRetention>,
     pub github: Option<FileGithub>,
+    pub run_as: Option<String>,
+    pub max_log_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_unverified_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,8 +211,90 @@ pub trait EnvSource {
 pub struct ProcessEnv;
 
 impl EnvSource for ProcessEnv {
+    /// A secret variable [`scrub_environment`] removed still reads as it was: a config
+    /// built again (a reload) finds what the first one did.
     fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+        std::env::var(name)
+            .ok()
+            .or_else(|| scrubbed().get(name).map(|s| s.expose().to_owned()))
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// The secret variables removed from the process environment, with their values.
+static SCRUBBED: std::sync::Mutex<std::collections::BTreeMap<String, Secret>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn scrubbed() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, Secret>> {
+    SCRUBBED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The prefix of the variables that hold pipeline secrets.
+pub const SECRET_VAR_PREFIX: &str = "HOOKCI_SECRET_";
+
+/// The daemon's own secrets that may come from its environment.
+const SECRET_VARS: [&str; 5] = [
+    "HOOKCI_WEBHOOK_SECRET",
+    "HOOKCI_API_TOKEN",
+    "HOOKCI_GITHUB_TOKEN",
+    "HOOKCI_READ_TOKEN",
+    "HOOKCI_DATABASE_URL",
+];
+
+/// The environment a pipeline secret may be resolved from, captured once when the
+/// config is built: `$CREDENTIALS_DIRECTORY` and every `HOOKCI_SECRET_*` variable.
+#[derive(Debug, Clone, Default)]
+pub struct SecretEnv {
+    credentials_dir: Option<String>,
+    vars: std::collections::BTreeMap<String, Secret>,
+}
+
+impl SecretEnv {
+    /// Captures what `resolve_secret` may look at. `names` lists the variables present
+    /// (the process environment's names; a test's fake environment gives its own).
+    pub fn capture<'a>(env: &dyn EnvSource, names: impl IntoIterator<Item = &'a str>) -> SecretEnv {
+        SecretEnv {
+            credentials_dir: env.var("CREDENTIALS_DIRECTORY"),
+            vars: names
+                .into_iter()
+                .filter(|n| n.starts_with(SECRET_VAR_PREFIX))
+                .filter_map(|n| Some((n.to_owned(), Secret::new(env.var(n)?))))
+                .collect(),
+        }
+    }
+}
+
+impl EnvSource for SecretEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        if name == "CREDENTIALS_DIRECTORY" {
+            return self.credentials_dir.clone();
+        }
+        self.vars.get(name).map(|s| s.expose().to_owned())
+    }
+}
+
+/// The names of the process environment's variables (those scrubbed included).
+pub fn process_env_names() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .collect();
+    names.extend(scrubbed().keys().cloned());
+    names
+}
+
+/// Removes every secret variable from the process environment, once the config holds
+/// what it needs of them: a step, the git worker or anything else the daemon starts
+/// never inherits one, and nothing that prints the environment finds one. Call it
+/// before any thread starts (changing the environment is not thread-safe).
+pub fn scrub_environment() {
+    for (name, value) in std::env::vars_os() {
+        let (Ok(name), Ok(value)) = (name.into_string(), value.into_string()) else {
+            continue;
+        };
+        if SECRET_VARS.contains(&name.as_str()) || name.starts_with(SECRET_VAR_PREFIX) {
+            std::env::remove_var(&name);
+            scrubbed().insert(name, Secret::new(value));
+        }
     }
 }
 
@@ -261,6 +365,17 @@ impl Config {
         flags: Overrides,
         env: &dyn EnvSource,
     ) -> Result<Config, ConfigError> {
+        let names = process_env_names();
+        Config::build_with(file, flags, env, names.iter().map(String::as_str))
+    }
+
+    /// [`Config::build`], with the names of the variables `env` holds.
+    pub fn build_with<'a>(
+        file: FileConfig,
+        flags: Overrides,
+        env: &dyn EnvSource,
+        env_names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Config, ConfigError> {
         let state_dir = flags
             .state_dir
             .or(file.state_dir)
@@ -271,6 +386,16 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("./.hookci"));
         let github = file.github.unwrap_or_default();
         let retention = file.retention.unwrap_or_default();
+        let protected = [
+            file.webhook_secret_file.clone(),
+            file.api_token_file.clone(),
+            github.token_file.clone(),
+            file.secrets_dir.clone(),
+            env.var("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let config = Config {
             listen: flags
                 .listen
@@ -320,7 +445,31 @@ impl Config {
                     .api_url
                     .unwrap_or_else(|| "https://api.github.com".into()),
             },
+            run_as: match file.run_as {
+                Some(user) => Some(RunAs::resolve(&user).map_err(ConfigError::Invalid)?),
+                None => None,
+            },
+            max_log_bytes: file.max_log_bytes.unwrap_or(100 * 1024 * 1024),
+            min_free_bytes: file.min_free_bytes.unwrap_or(1024 * 1024 * 1024),
+            max_connections: file.max_connections.unwrap_or(1024),
+            max_unverified_bytes: file.max_unverified_bytes.unwrap_or(64 * 1024 * 1024),
+            protected,
+            secret_env: SecretEnv::capture(env, env_names),
         };
+        if config.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max_connections must be at least 1".into(),
+            ));
+        }
+        if config.max_unverified_bytes < config.max_body_bytes {
+            // A body the budget can never hold would get 503 for ever, and GitHub does
+            // not retry.
+            return Err(ConfigError::Invalid(format!(
+                "max_unverified_bytes ({}) must be at least max_body_bytes ({}), so that \
+                 the largest webhook fits",
+                config.max_unverified_bytes, config.max_body_bytes
+            )));
+        }
         if config.max_parallel_runs == 0 {
             return Err(ConfigError::Invalid(
                 "max_parallel_runs must be at least 1".into(),
@@ -528,6 +677,35 @@ mod tests {
             missing.contains("secret D not found") && missing.contains("$HOOKCI_SECRET_D"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn pipeline_secrets_from_the_environment_are_captured_once_at_load() {
+        let env = FakeEnv(HashMap::from([
+            ("HOOKCI_SECRET_DEPLOY", "from-env"),
+            ("HOOKCI_WEBHOOK_SECRET", "daemon-only"),
+            ("CREDENTIALS_DIRECTORY", "/run/credentials/hookci.service"),
+        ]));
+        let names = [
+            "HOOKCI_SECRET_DEPLOY",
+            "HOOKCI_WEBHOOK_SECRET",
+            "CREDENTIALS_DIRECTORY",
+        ];
+        let c =
+            Config::build_with(FileConfig::default(), Overrides::default(), &env, names).unwrap();
+        let got = resolve_secret("DEPLOY", None, &c.secret_env).map(|s| s.expose().to_owned());
+        assert_eq!(got.as_deref(), Ok("from-env"));
+        // Only pipeline secrets are kept for steps; the daemon's own never are.
+        assert_eq!(c.secret_env.var("HOOKCI_WEBHOOK_SECRET"), None);
+        assert_eq!(
+            c.secret_env.var("CREDENTIALS_DIRECTORY").as_deref(),
+            Some("/run/credentials/hookci.service")
+        );
+        assert_eq!(
+            c.protected,
+            vec![PathBuf::from("/run/credentials/hookci.service")]
+        );
+        assert!(!format!("{c:?}").contains("from-env"), "Debug hides them");
     }
 
     #[test]

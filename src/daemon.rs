@@ -18,6 +18,8 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
+use crate::run::contain::{self, Cgroups};
+use crate::run::user::{self, RunAs};
 use crate::run::{runner, scheduler};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
@@ -42,6 +44,8 @@ pub enum DaemonError {
     InUse { path: PathBuf },
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("run_as: {0}")]
+    RunAs(String),
 }
 
 async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible> {
@@ -91,7 +95,8 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
 /// are interrupted, their leftover processes killed and workspaces removed, and every
 /// interrupted run is queued again once (its earlier attempt's logs kept apart) unless
 /// its pipeline says `interrupted: fail` or it ran out of attempts.
-fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File), DaemonError> {
+fn open_and_recover(config: &Config) -> Result<Recovered, DaemonError> {
+    let state_dir = config.state_dir.as_path();
     let dir_err = |source| DaemonError::StateDir {
         path: state_dir.to_path_buf(),
         source,
@@ -104,6 +109,17 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
         .and_then(|()| std::fs::remove_file(&probe))
         .map_err(dir_err)?;
     let lock = lock_state_dir(&state_dir)?;
+    // Before recovery: the cgroups of crashed daemons' runs are ended on the way.
+    let cgroups = Cgroups::setup();
+    if let Some(who) = &config.run_as {
+        let checked = can_switch(who, &cgroups)
+            .and_then(|()| secure_state_dir(&state_dir, who))
+            .and_then(|()| check_protected(&config.protected, who));
+        if let Err(e) = checked {
+            cgroups.remove();
+            return Err(e);
+        }
+    }
     let store = Store::open(&state_dir)?;
     for id in store.interrupt_running()? {
         let workspace = state_dir.join("workspaces").join(id.to_string());
@@ -115,6 +131,7 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
         }
     }
     remove_leftover_workspaces(&state_dir.join("workspaces"));
+    remove_leftover_workspaces(&state_dir.join("homes"));
     for (id, attempt, status) in store.requeue_interrupted()? {
         // A run that ends here keeps its logs where its last attempt's are read from.
         if status == RunStatus::Queued {
@@ -127,12 +144,116 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
             "interrupted run recovered"
         );
     }
-    Ok((store, state_dir, lock))
+    Ok(Recovered {
+        store,
+        state_dir,
+        lock,
+        cgroups,
+    })
 }
 
-/// Removes every workspace a previous daemon left: a run's end is stored before its
-/// workspace is removed, so a crash in between leaves the workspace of an ended run
-/// behind. Nothing executes yet, so every workspace found is a leftover.
+struct Recovered {
+    store: Store,
+    state_dir: PathBuf,
+    lock: std::fs::File,
+    cgroups: Cgroups,
+}
+
+/// Whether the daemon may switch users (root, or the capabilities), said with what
+/// is missing.
+fn can_switch(who: &RunAs, cgroups: &Cgroups) -> Result<(), DaemonError> {
+    if user::is_root() {
+        return Ok(());
+    }
+    let missing = user::missing_capabilities(cgroups.available());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    Err(DaemonError::RunAs(format!(
+        "steps are to run as {}, but hookci runs as uid {uid} without {}: run it as root, or \
+         give it these capabilities (systemd: AmbientCapabilities=, see systemd/hookci.service)",
+        who.name,
+        missing.join(", ")
+    )))
+}
+
+/// With `run_as`: the state directory lets that user through to its workspace and its
+/// `HOME` but not look at anything, the database, logs and mirrors are closed to it.
+fn secure_state_dir(state_dir: &Path, who: &RunAs) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |path: &Path, mode: u32| -> Result<(), DaemonError> {
+        std::fs::create_dir_all(path)
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|source| DaemonError::StateDir {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    set(state_dir, 0o711)?;
+    for closed in ["logs", "mirrors"] {
+        set(&state_dir.join(closed), 0o700)?;
+    }
+    for passage in ["workspaces", "homes"] {
+        set(&state_dir.join(passage), 0o711)?;
+    }
+    for file in ["hookci.db", "hookci.db-wal", "hookci.db-shm", "hookci.lock"] {
+        let path = state_dir.join(file);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| DaemonError::StateDir {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+        }
+    }
+    if who.can_read(&state_dir.join("workspaces")).is_none() {
+        return Err(DaemonError::RunAs(format!(
+            "{} cannot reach its workspaces in {}: a folder above it keeps it out (it needs \
+             the x permission on each)",
+            who.name,
+            state_dir.join("workspaces").display()
+        )));
+    }
+    let exposed: Vec<String> = ["hookci.db", "logs", "mirrors"]
+        .iter()
+        .filter_map(|p| who.can_read(&state_dir.join(p)))
+        .collect();
+    if exposed.is_empty() {
+        Ok(())
+    } else {
+        Err(DaemonError::RunAs(exposed.join("; ")))
+    }
+}
+
+/// With `run_as`: the config file and the secret files and folders must be closed to
+/// that user. They are the administrator's, so hookci says what to change rather than
+/// change it.
+fn check_protected(paths: &[PathBuf], who: &RunAs) -> Result<(), DaemonError> {
+    let exposed: Vec<String> = paths.iter().filter_map(|p| who.can_read(p)).collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    Err(DaemonError::RunAs(format!(
+        "{}: steps could read them; make them readable by hookci only (chmod go-rwx)",
+        exposed.join("; ")
+    )))
+}
+
+/// Warns when steps would run as root.
+pub fn warn_if_steps_run_as_root(config: &Config) -> Option<String> {
+    (config.run_as.is_none() && user::is_root()).then(|| {
+        "hookci runs as root and run_as is not set: steps run as root, and can read and change \
+         everything on this machine; set run_as to an unprivileged user"
+            .to_owned()
+    })
+}
+
+/// Removes every workspace (or run `HOME`) a previous daemon left: a run's end is
+/// stored before its workspace is removed, so a crash in between leaves the workspace
+/// of an ended run behind. Nothing executes yet, so every one found is a leftover.
 fn remove_leftover_workspaces(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -176,10 +297,19 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let mut config = config;
     let mut shutdown = std::pin::pin!(shutdown);
-    let state_dir = config.state_dir.clone();
-    let mut recovery = tokio::task::spawn_blocking(move || open_and_recover(&state_dir));
+    if let Some(warning) = warn_if_steps_run_as_root(&config) {
+        tracing::warn!("{warning}");
+    }
+    contain::become_subreaper();
+    let for_recovery = config.clone();
+    let mut recovery = tokio::task::spawn_blocking(move || open_and_recover(&for_recovery));
     // Held until this function returns, after the last run has stopped.
-    let (store, state_dir, _lock) = tokio::select! {
+    let Recovered {
+        store,
+        state_dir,
+        lock: _lock,
+        cgroups,
+    } = tokio::select! {
         recovered = &mut recovery => recovered??,
         () = &mut shutdown => {
             crate::systemd::notify("STOPPING=1");
@@ -202,7 +332,7 @@ pub async fn run(
             "listening"
         );
     }
-    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines).with_cgroups(cgroups));
     // Subscribed before anything can make a run change.
     tokio::spawn(state.metrics.record(state.events.subscribe()));
     scheduler::prune(&state).await;
@@ -244,6 +374,7 @@ pub async fn run(
     .await;
     tracing::info!("stopped accepting; waiting for running runs");
     scheduler.await?;
+    state.cgroups.remove();
     tracing::info!("stopped");
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! checked out) → `run` (steps executed) → `web` (what happened, live). `daemon` wires
 //! the stages around the shared `state`; `cli` holds the command line's own work.
 //! `config`, `yaml`, `duration` and `clock` serve every stage; `systemd` speaks to the
-//! service manager.
+//! service manager; `process` hardens the hookci process itself.
 
 pub mod cli;
 pub mod clock;
@@ -15,6 +15,7 @@ pub mod duration;
 pub mod git;
 pub mod intake;
 pub mod pipeline;
+pub mod process;
 pub mod run;
 pub mod state;
 pub mod store;

@@ -169,7 +169,11 @@ fn load_config(args: &ConfigArgs, flags: Overrides) -> anyhow::Result<Config> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    Ok(Config::build(file, flags, &ProcessEnv)?)
+    let mut config = Config::build(file, flags, &ProcessEnv)?;
+    config.protected.extend(path);
+    // The config holds them now; nothing started from here on inherits one.
+    hookci::config::scrub_environment();
+    Ok(config)
 }
 
 fn load_pipelines(dir: &Path) -> Result<PipelineSet, ExitCode> {
@@ -235,6 +239,8 @@ impl Signals {
 }
 
 fn serve(config: Config, allow_unsigned: bool) -> anyhow::Result<ExitCode> {
+    hookci::process::not_dumpable();
+    hookci::process::raise_fd_limit();
     if config.webhook_secret.is_none() && !allow_unsigned {
         bail!(
             "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
@@ -301,6 +307,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Overrides::default()
             };
             let config = load_config(&config, flags)?;
+            if let Some(warning) = hookci::daemon::warn_if_steps_run_as_root(&config) {
+                eprintln!("warning: {warning}");
+            }
             Ok(match load_pipelines(&config.pipelines) {
                 Ok(set) => {
                     println!(

@@ -27,6 +27,8 @@ const RUN_KEYS: &[&str] = &[
     "started_at",
     "finished_at",
     "duration_ms",
+    "log_truncated",
+    "log_dropped_bytes",
 ];
 
 const STEP_KEYS: &[&str] = &[
@@ -259,7 +261,7 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
 
     // GET /api/runs: newest first, each without steps.
     let list = d.get_json("/api/runs");
-    assert_eq!(keys(&list), set(&["runs", "next_before"]));
+    assert_eq!(keys(&list), set(&["runs", "next_before", "runs_paused"]));
     assert!(list["next_before"].is_null(), "one page holds them all");
     let mut newest_first = vec![ci, lint, lint_dev];
     newest_first.sort_unstable_by(|a, b| b.cmp(a));
@@ -407,7 +409,7 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
     // Ops.
     let r = d.get("/healthz");
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), json!({ "ok": true }));
+    assert_eq!(r.json(), json!({ "ok": true, "runs_paused": null }));
     let r = d.get("/metrics");
     assert_eq!(r.status, 200);
     assert!(r

@@ -137,6 +137,14 @@ const BAD_PIPELINES: &[(&str, &str, usize, usize, &str, &str)] = &[
         "    run: \"\"",
     ),
     (
+        "reserved-env.yml",
+        "repo: octo-org/octo-repo\nenv: { HOOKCI_WORKSPACE: x }\nsteps:\n  - run: make\n",
+        2,
+        8,
+        "HOOKCI_WORKSPACE is reserved",
+        "env: { HOOKCI_WORKSPACE: x }",
+    ),
+    (
         "bad-duration.yml",
         "repo: octo-org/octo-repo\nsteps:\n  - run: make\n    timeout: 10 mins\n",
         4,

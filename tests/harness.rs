@@ -33,6 +33,7 @@ pub struct Builder {
     config: String,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    user: Option<(u32, u32)>,
 }
 
 impl Builder {
@@ -48,7 +49,14 @@ impl Builder {
             config: String::new(),
             env: Vec::new(),
             args: Vec::new(),
+            user: None,
         }
+    }
+
+    /// Runs the daemon itself as `uid:gid` (the test directory is given to it).
+    pub fn daemon_as(mut self, (uid, gid): (u32, u32)) -> Builder {
+        self.user = Some((uid, gid));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -122,6 +130,7 @@ impl Builder {
             secret: self.secret,
             env: self.env,
             args: self.args,
+            user: self.user,
             child: None,
             addr: String::new(),
             log: Arc::new(Mutex::new(String::new())),
@@ -131,9 +140,15 @@ impl Builder {
     }
 
     /// Runs `hookci serve` expecting it to refuse to start: its exit code and stderr.
-    pub fn serve_expecting_failure(self) -> (Option<i32>, String) {
+    pub fn serve_expecting_failure(&self) -> (Option<i32>, String) {
         self.write_config();
-        let out = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            chown_tree(self.dir.path(), uid, gid);
+            cmd.uid(uid).gid(gid).env("HOME", self.dir.path());
+        }
+        let out = cmd
             .arg("serve")
             .arg("-c")
             .arg(self.dir.path().join("hookci.yml"))
@@ -156,6 +171,7 @@ pub struct Daemon {
     secret: Option<String>,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    user: Option<(u32, u32)>,
     child: Option<Child>,
     pub addr: String,
     log: Arc<Mutex<String>>,
@@ -185,6 +201,12 @@ impl Daemon {
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            chown_tree(self.dir.path(), uid, gid);
+            // Root's home is closed to that user (libgit2 looks at it).
+            cmd.uid(uid).gid(gid).env("HOME", self.dir.path());
         }
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -456,6 +478,95 @@ impl PushPayload {
         }))
         .unwrap()
     }
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    if std::fs::symlink_metadata(path).unwrap().is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// The unprivileged user tests run steps (or a daemon) as.
+pub const TEST_USER: &str = "hookci-test-build";
+
+/// Creates [`TEST_USER`] if it is missing (once per test binary) and returns its uid
+/// and gid. Needs root, as CI has: a test that needs this fails, never skips, elsewhere.
+pub fn test_user() -> (u32, u32) {
+    static USER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *USER.get_or_init(|| {
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            root,
+            "this test needs root (CI runs as root): it creates the user {TEST_USER} and \
+             switches to it; run the suite as root"
+        );
+        let id = |flag: &str| {
+            Command::new("id")
+                .args([flag, TEST_USER])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<u32>().ok())
+        };
+        if id("-u").is_none() {
+            let status = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                ])
+                .arg(TEST_USER)
+                .status()
+                .expect("useradd (package passwd) is needed to create the test user");
+            // 9: it exists already (another test binary made it meanwhile).
+            assert!(
+                status.success() || status.code() == Some(9),
+                "useradd {TEST_USER}: {status}"
+            );
+        }
+        (
+            id("-u").expect("the test user's uid"),
+            id("-g").expect("the test user's gid"),
+        )
+    })
+}
+
+/// Sets the permission bits of `path`.
+pub fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The daemon's children that are zombies: nobody reaped them.
+pub fn zombie_children(daemon: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let mut rest = stat
+            .rsplit_once(')')
+            .map(|r| r.1)
+            .unwrap_or("")
+            .split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse::<i32>().ok()));
+        if state == Some("Z") && ppid == Some(daemon) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Whether a process is gone (a zombie waiting for its reaper counts as gone).

@@ -58,6 +58,9 @@ pub async fn run(
         .tempdir()
         .map_err(|e| format!("cannot create a scratch state directory: {e}"))?;
     config.state_dir = scratch.path().to_path_buf();
+    // A trial in the foreground: its steps run as whoever runs it, in a scratch
+    // directory private to that user, which another user could not even enter.
+    config.run_as = None;
     run_in(
         config,
         pipelines.clone(),

@@ -244,7 +244,9 @@ impl GitWorker {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| failed("cannot start", e))?;
+        // Tracked: a run's sweep must neither kill nor reap it (see src/run/contain.rs).
+        let (mut child, _tracked) =
+            crate::process::spawn_tracked(&mut cmd).map_err(|e| failed("cannot start", e))?;
         let mut stdin = child
             .stdin
             .take()
@@ -301,6 +303,8 @@ fn this_binary() -> PathBuf {
 /// `hookci git-worker`: one job from stdin, its reply on stdout. Exit 0 whenever a reply
 /// was written (a failed job is a reply too); 2 when the request was unreadable.
 pub fn worker_main() -> ExitCode {
+    // It holds the GitHub token: no step may read it out of this process.
+    crate::process::not_dumpable();
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().take(1 << 20).read_to_end(&mut input) {
         eprintln!("hookci git-worker: reading the job: {e}");

@@ -7,12 +7,14 @@ pub mod event;
 pub mod reconcile;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
@@ -49,7 +51,16 @@ pub fn routes(
             |headers: HeaderMap, body, state: Arc<AppState>| async move {
                 handle(&state, &headers, body)
                     .await
-                    .unwrap_or_else(|(status, message)| error_reply(status, message))
+                    .unwrap_or_else(|(status, message)| {
+                        let mut reply = error_reply(status, message);
+                        if status == StatusCode::SERVICE_UNAVAILABLE {
+                            reply.headers_mut().insert(
+                                warp::http::header::RETRY_AFTER,
+                                warp::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+                            );
+                        }
+                        reply
+                    })
             },
         )
 }
@@ -85,9 +96,61 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, Failure> {
     }
 }
 
+/// Seconds a client told 503 is asked to wait before it tries again.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// How long a client may take to send a whole body, from the end of its headers.
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Bodies larger than this are verified and parsed on a blocking thread: hashing and
+/// parsing 25 MiB would hold an async worker, and every connection it serves, for
+/// tens of milliseconds.
+const OFF_WORKER_BYTES: usize = 256 * 1024;
+
+/// Chunked bodies (no Content-Length) take their share of the budget in steps this big.
+const BUDGET_STEP: u64 = 64 * 1024;
+
+/// A share of `max_unverified_bytes`, held while a body is read and verified.
+struct Share {
+    budget: Arc<Semaphore>,
+    permits: Vec<OwnedSemaphorePermit>,
+    bytes: u64,
+}
+
+impl Share {
+    /// Grows the share to at least `bytes`, or answers 503 when the budget is spent.
+    fn grow(&mut self, bytes: u64) -> Result<(), Failure> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let kib = bytes.div_ceil(1024) - self.bytes.div_ceil(1024);
+        let permit = u32::try_from(kib)
+            .ok()
+            .and_then(|n| Arc::clone(&self.budget).try_acquire_many_owned(n).ok())
+            .ok_or_else(|| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many webhook bodies are being received at once (max_unverified_bytes); retry later"
+                        .to_owned(),
+                )
+            })?;
+        self.permits.push(permit);
+        self.bytes = bytes.div_ceil(1024) * 1024;
+        Ok(())
+    }
+}
+
 /// Reads the whole body, refusing it as soon as it grows past `limit` (also when no
-/// Content-Length was sent), so an oversized body never sits in memory.
-async fn read_capped<S, B>(headers: &HeaderMap, body: S, limit: u64) -> Result<Bytes, Failure>
+/// Content-Length was sent), so an oversized body never sits in memory. What it holds
+/// counts against the global budget of unverified bytes from before it is read: a
+/// declared length takes its share at once, a chunked body as it grows. The returned
+/// share is to be dropped once the signature is checked.
+async fn read_capped<S, B>(
+    headers: &HeaderMap,
+    body: S,
+    limit: u64,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Share), Failure>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -102,26 +165,67 @@ where
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    let mut share = Share {
+        budget: Arc::clone(budget),
+        permits: Vec::new(),
+        bytes: 0,
+    };
+    share.grow(declared.unwrap_or(BUDGET_STEP.min(limit)))?;
     let mut buf = BytesMut::with_capacity(
         // What a client declares is not trusted for allocation: a header alone must not
         // reserve 25 MiB. The buffer grows with what really arrives.
         declared.unwrap_or(0).min(limit).min(64 * 1024) as usize,
     );
-    let mut body = std::pin::pin!(body);
-    while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
-        if (buf.len() + chunk.remaining()) as u64 > limit {
-            return Err(too_large());
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let mut chunk =
+                chunk.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
+            let len = (buf.len() + chunk.remaining()) as u64;
+            if len > limit {
+                return Err(too_large());
+            }
+            if len > share.bytes {
+                share.grow((len + BUDGET_STEP).min(limit))?;
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                let n = part.len();
+                buf.extend_from_slice(part);
+                chunk.advance(n);
+            }
         }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let n = part.len();
-            buf.extend_from_slice(part);
-            chunk.advance(n);
+        Ok(())
+    };
+    match tokio::time::timeout(BODY_DEADLINE, read).await {
+        Ok(read) => read?,
+        Err(_) => {
+            return Err((
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {}s",
+                    BODY_DEADLINE.as_secs()
+                ),
+            ))
         }
     }
-    Ok(buf.freeze())
+    Ok((buf.freeze(), share))
+}
+
+/// Runs `f` on a blocking thread when `len` bytes are a lot of work, else here.
+async fn off_workers<T: Send + 'static>(
+    len: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failure> {
+    if len <= OFF_WORKER_BYTES {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("verifying the body failed: {e}"),
+        )
+    })
 }
 
 /// Checks `X-Hub-Signature-256` against the raw body; `verify_slice` compares in
@@ -198,15 +302,24 @@ where
     B: Buf,
 {
     let encoding = encoding(headers)?;
-    let raw = read_capped(headers, body, state.config.max_body_bytes).await?;
-    if let Some(secret) = &state.config.webhook_secret {
-        verify_signature(
-            secret.expose().as_bytes(),
-            &raw,
-            header(headers, "x-hub-signature-256"),
-        )
+    let (raw, share) = read_capped(
+        headers,
+        body,
+        state.config.max_body_bytes,
+        &state.unverified,
+    )
+    .await?;
+    if let Some(secret) = state.config.webhook_secret.clone() {
+        let signature = header(headers, "x-hub-signature-256").map(str::to_owned);
+        let body = raw.clone();
+        off_workers(raw.len(), move || {
+            verify_signature(secret.expose().as_bytes(), &body, signature.as_deref())
+        })
+        .await?
         .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_owned()))?;
     }
+    // Verified (or unsigned by choice): the budget is for what nobody vouched for yet.
+    drop(share);
     let event = header(headers, "x-github-event").ok_or((
         StatusCode::BAD_REQUEST,
         "missing X-GitHub-Event header".to_owned(),
@@ -222,11 +335,17 @@ where
         ));
     }
     let json = match encoding {
-        Encoding::Json => raw.to_vec(),
-        Encoding::Form => form_payload(&raw).map_err(|e| (StatusCode::BAD_REQUEST, e))?,
+        Encoding::Json => raw,
+        Encoding::Form => {
+            let form = raw.clone();
+            off_workers(raw.len(), move || form_payload(&form))
+                .await?
+                .map(Bytes::from)
+                .map_err(|e| (StatusCode::BAD_REQUEST, e))?
+        }
     };
     let span = tracing::info_span!("delivery", delivery, event);
-    dispatch(state, event, delivery, &json)
+    dispatch(state, event, delivery, json)
         .instrument(span)
         .await
 }
@@ -235,7 +354,7 @@ async fn dispatch(
     state: &Arc<AppState>,
     event: &str,
     delivery: &str,
-    json: &[u8],
+    json: Bytes,
 ) -> Result<Response, Failure> {
     match event {
         "ping" => return Ok(json_reply(StatusCode::OK, &json!({ "ok": true }))),
@@ -248,11 +367,14 @@ async fn dispatch(
             ));
         }
     }
-    let push = Push::parse(json).map_err(|e| match e {
-        EventError::Malformed(_) | EventError::BadRepository(_) => {
-            (StatusCode::BAD_REQUEST, e.to_string())
-        }
-    })?;
+    let len = json.len();
+    let push = off_workers(len, move || Push::parse(&json))
+        .await?
+        .map_err(|e| match e {
+            EventError::Malformed(_) | EventError::BadRepository(_) => {
+                (StatusCode::BAD_REQUEST, e.to_string())
+            }
+        })?;
     let record = new_delivery(delivery, &push, &state.pipelines());
     // In a task of its own: hyper drops this handler when the client hangs up, and a
     // delivery the store has committed must still wake the scheduler and stop the runs

@@ -239,6 +239,13 @@ fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, 
                 format!("invalid environment variable name {name:?}"),
             )));
         }
+        if name.starts_with("HOOKCI_") {
+            // hookci sets these itself, and finds a run's processes by them.
+            return Err(D::Error::custom(value_error(
+                &name,
+                format!("{name} is reserved: hookci sets the HOOKCI_* variables itself"),
+            )));
+        }
         let value = match value {
             Scalar::Text(s) => s,
             Scalar::Int(n) => n.to_string(),
@@ -532,6 +539,12 @@ interrupted: fail
             2,
             9,
             "invalid environment variable name",
+        ),
+        (
+            "repo: a/b\nsteps:\n  - run: x\n    env: { HOOKCI_WORKSPACE: x }\n",
+            4,
+            12,
+            "HOOKCI_WORKSPACE is reserved",
         ),
         (
             "repo: a/b\nsteps:\n  - run: x\n    if: sometimes\n",

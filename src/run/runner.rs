@@ -19,8 +19,12 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 
+use crate::run::contain::{self, Containment};
 use crate::run::events::OutputTap;
 use crate::run::mask::Masker;
+use crate::run::user::RunAs;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -56,6 +60,58 @@ pub struct StepCommand<'a> {
     pub mask: &'a Masker,
     /// Where the output is published as the log is written (after masking).
     pub output: Option<&'a OutputTap>,
+    /// The run's log budget, which all its steps share.
+    pub budget: &'a Arc<LogBudget>,
+    /// The user the step runs as; `None`: the daemon's own.
+    pub run_as: Option<&'a RunAs>,
+    /// Ends whatever the step leaves behind once its shell is gone; `None`: only its
+    /// process group is killed.
+    pub contain: Option<&'a Containment>,
+}
+
+/// How much of a run's output reaches its log (`max_log_bytes`); what comes past it is
+/// dropped and counted.
+#[derive(Debug)]
+pub struct LogBudget {
+    /// Zero: no limit.
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl LogBudget {
+    pub fn new(limit: u64) -> LogBudget {
+        LogBudget {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// The part of `bytes` that may still be written; the rest is counted in `dropped`.
+    fn admit<'b>(&self, bytes: &'b [u8], dropped: &mut u64) -> &'b [u8] {
+        let granted = self.take(bytes.len());
+        *dropped += (bytes.len() - granted) as u64;
+        &bytes[..granted]
+    }
+
+    /// How many of the next `n` bytes may still be written.
+    fn take(&self, n: usize) -> usize {
+        if self.limit == 0 {
+            return n;
+        }
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let granted = self.limit.saturating_sub(used).min(n as u64);
+            match self.used.compare_exchange_weak(
+                used,
+                used + granted,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return granted as usize,
+                Err(now) => used = now,
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +126,8 @@ pub enum StepEnd {
 pub struct StepOutcome {
     pub end: StepEnd,
     pub duration: Duration,
+    /// Bytes of output the log budget dropped.
+    pub log_dropped: u64,
 }
 
 impl StepOutcome {
@@ -123,10 +181,12 @@ pub async fn run_step(
         return Ok(StepOutcome {
             end: StepEnd::Canceled,
             duration: Duration::ZERO,
+            log_dropped: 0,
         });
     }
 
-    let mut child = Command::new("sh")
+    let mut shell = Command::new("sh");
+    shell
         .arg("-c")
         .arg(cmd.script)
         .process_group(0)
@@ -136,9 +196,27 @@ pub async fn run_step(
         .kill_on_drop(true)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cmd.cwd)
-        .spawn()
-        .map_err(|source| RunnerError::Spawn {
+        .current_dir(cmd.cwd);
+    let cgroup = cmd.contain.and_then(Containment::cgroup_procs_fd);
+    let run_as = cmd.run_as.cloned();
+    if cgroup.is_some() || run_as.is_some() {
+        // SAFETY: between fork and exec only async-signal-safe calls run: a write to a
+        // descriptor opened before the fork, then setgroups, setgid and setuid.
+        unsafe {
+            shell.pre_exec(move || {
+                // Joined first, while the child still has the daemon's rights to do so.
+                if let Some(fd) = cgroup {
+                    contain::join_cgroup(fd)?;
+                }
+                if let Some(user) = &run_as {
+                    user.switch()?;
+                }
+                Ok(())
+            });
+        }
+    }
+    let (mut child, _tracked) =
+        crate::process::spawn_tracked(&mut shell).map_err(|source| RunnerError::Spawn {
             cwd: cmd.cwd.to_path_buf(),
             source,
         })?;
@@ -156,7 +234,14 @@ pub async fn run_step(
     debug!(pgid, cwd = %cmd.cwd.display(), log = %cmd.log_path.display(), "step spawned");
 
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let mut writer = tokio::spawn(write_log(log, rx, cmd.mask.clone(), cmd.output.cloned()));
+    let budget = Arc::clone(cmd.budget);
+    let mut writer = tokio::spawn(write_log(
+        log,
+        rx,
+        cmd.mask.clone(),
+        cmd.output.cloned(),
+        budget,
+    ));
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(pump(out, tx.clone()));
@@ -166,7 +251,7 @@ pub async fn run_step(
     }
 
     let deadline = cmd.timeout.and_then(|t| started.checked_add(t));
-    let mut writer_done = false;
+    let mut early = None;
     let ended = loop {
         tokio::select! {
             status = child.wait() => {
@@ -184,11 +269,12 @@ pub async fn run_step(
                 let stopped = stop_child(&mut child, pgid, cmd.grace).await;
                 break stopped.map(|()| StepEnd::Canceled);
             }
-            joined = &mut writer, if !writer_done => {
-                writer_done = true;
+            joined = &mut writer, if early.is_none() => {
                 // Finishing cleanly only means both pipes were closed while the
                 // step keeps running; a write error means its output is being lost.
-                if let Err(source) = flatten(joined) {
+                let done = early.insert(flatten(joined));
+                if let Err(source) = done {
+                    let source = io::Error::new(source.kind(), source.to_string());
                     warn!(pgid, error = %source, "step log write failed, stopping process group");
                     let _ = stop_child(&mut child, pgid, cmd.grace).await;
                     let path = cmd.log_path.to_path_buf();
@@ -200,6 +286,10 @@ pub async fn run_step(
     // The shell is gone, but anything it left in the background is not.
     signal_group(pgid, libc::SIGKILL);
     guard.armed = false;
+    // Nor what left the group: with it gone, pipes it held close too.
+    if let Some(contain) = cmd.contain {
+        contain.sweep().await;
+    }
     let duration = started.elapsed();
 
     let drained = tokio::time::timeout(DRAIN_LIMIT, async {
@@ -214,14 +304,13 @@ pub async fn run_step(
     }
     // Dropping the set aborts abandoned readers, which closes the channel.
     drop(readers);
-    let written = if writer_done {
-        Ok(())
-    } else {
-        flatten(writer.await)
+    let written = match early {
+        Some(written) => written,
+        None => flatten(writer.await),
     };
 
     let end = ended?;
-    written.map_err(|source| RunnerError::WriteLog {
+    let log_dropped = written.map_err(|source| RunnerError::WriteLog {
         path: cmd.log_path.to_path_buf(),
         source,
     })?;
@@ -229,9 +318,14 @@ pub async fn run_step(
         pgid,
         ?end,
         duration_ms = duration.as_millis(),
+        log_dropped,
         "step finished"
     );
-    Ok(StepOutcome { end, duration })
+    Ok(StepOutcome {
+        end,
+        duration,
+        log_dropped,
+    })
 }
 
 /// SIGTERM to the process group, wait up to `grace` for it to disappear, then SIGKILL.
@@ -403,29 +497,49 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
 
 /// Writes the step's interleaved output as it comes, secrets masked: a value split
 /// across chunks is held back until it is known whether it is a secret.
+/// Past the run's log budget, output is dropped (the step keeps running, its pipes
+/// drained) and the log ends with a line saying how much. Returns that count.
 async fn write_log(
     log: File,
     mut rx: mpsc::Receiver<Vec<u8>>,
     mut mask: Masker,
     tap: Option<OutputTap>,
-) -> io::Result<()> {
+    budget: Arc<LogBudget>,
+) -> io::Result<u64> {
     let mut log = TappedLog {
         file: log,
         offset: 0,
         tap,
     };
+    let mut dropped = 0u64;
     while let Some(chunk) = rx.recv().await {
         let piece = if mask.is_active() {
             mask.push(&chunk)
         } else {
             chunk
         };
-        log.write(piece).await?;
+        log.write(admitted(&budget, piece, &mut dropped)).await?;
     }
-    log.write(mask.finish()).await?;
+    log.write(admitted(&budget, mask.finish(), &mut dropped))
+        .await?;
+    if dropped > 0 {
+        let line = format!(
+            "\n[hookci] max_log_bytes ({} bytes per run) reached: {dropped} bytes of output dropped\n",
+            budget.limit
+        );
+        log.write(line.into_bytes()).await?;
+    }
     // tokio's File writes in the background; flush waits for the last write
     // and surfaces its error.
-    log.file.flush().await
+    log.file.flush().await?;
+    Ok(dropped)
+}
+
+/// What of `piece` the run's log budget still admits.
+fn admitted(budget: &LogBudget, mut piece: Vec<u8>, dropped: &mut u64) -> Vec<u8> {
+    let keep = budget.admit(&piece, dropped).len();
+    piece.truncate(keep);
+    piece
 }
 
 /// A step's log file, and where what is written to it is published.
@@ -455,7 +569,7 @@ impl TappedLog {
     }
 }
 
-fn flatten(joined: Result<io::Result<()>, JoinError>) -> io::Result<()> {
+fn flatten<T>(joined: Result<io::Result<T>, JoinError>) -> io::Result<T> {
     joined.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
@@ -528,6 +642,7 @@ mod tests {
         grace: Duration,
         secrets: Vec<String>,
         output: Option<OutputTap>,
+        max_log: u64,
     }
 
     impl Step {
@@ -543,6 +658,7 @@ mod tests {
                 grace: Duration::from_secs(1),
                 secrets: Vec::new(),
                 output: None,
+                max_log: 0,
             }
         }
 
@@ -566,6 +682,9 @@ mod tests {
                 grace: self.grace,
                 mask: &mask,
                 output: self.output.as_ref(),
+                budget: &Arc::new(LogBudget::new(self.max_log)),
+                run_as: None,
+                contain: None,
             };
             tokio::time::timeout(Duration::from_secs(60), run_step(cmd, cancel))
                 .await
@@ -761,6 +880,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn output_past_the_budget_is_dropped_and_counted_while_the_step_goes_on() {
+        let mut step = Step::new(&[]);
+        step.max_log = 1000;
+        let out = step
+            .run(
+                "head -c 5000 /dev/zero | tr '\\0' x; echo done > \"$DIR/done\"",
+                never_cancel(),
+            )
+            .await;
+        assert_eq!(out.end, StepEnd::Exited(0));
+        assert_eq!(out.log_dropped, 4000);
+        let log = step.log();
+        assert_eq!(
+            log,
+            format!(
+                "{}\n[hookci] max_log_bytes (1000 bytes per run) reached: 4000 bytes of output dropped\n",
+                "x".repeat(1000)
+            )
+        );
+        assert!(step.dir.path().join("done").exists(), "the step went on");
+    }
+
+    #[tokio::test]
     async fn background_job_holding_stdout_does_not_block_the_step() {
         let step = Step::new(&[]);
         let script = "sleep 600 & echo $! > \"$DIR/bg.pid\"; echo done";
@@ -800,6 +942,9 @@ mod tests {
             grace: Duration::from_secs(1),
             mask: &Masker::new(Vec::<String>::new()),
             output: None,
+            budget: &Arc::new(LogBudget::new(0)),
+            run_as: None,
+            contain: None,
         };
         let err = run_step(cmd, never_cancel()).await.unwrap_err();
         assert!(

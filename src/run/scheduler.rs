@@ -13,13 +13,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{resolve_secret, ProcessEnv, Secret};
+use crate::config::{resolve_secret, Secret};
 use crate::git::repo::RepoName;
 use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
+use crate::run::contain::Containment;
 use crate::run::events::RunEvent;
 use crate::run::mask::Masker;
-use crate::run::runner::{self, StepCommand, StepEnd};
+use crate::run::runner::{self, LogBudget, StepCommand, StepEnd};
+use crate::run::user::{self, RunAs};
 use crate::state::AppState;
 use crate::store::{
     OnInterrupt, QueuedCancel, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
@@ -217,6 +219,25 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// notification) still starts.
 const RESCAN: Duration = Duration::from_secs(5);
 
+/// How often the free space is measured again while runs wait for it.
+const DISK_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether the state directory's disk has room for a run (`min_free_bytes`); says in the
+/// log when that changes, and keeps the reason for `/healthz` and the API.
+async fn room_to_run(state: &Arc<AppState>) -> bool {
+    let (dir, min) = (state.config.state_dir.clone(), state.config.min_free_bytes);
+    let short = tokio::task::spawn_blocking(move || crate::run::disk::shortage(&dir, min))
+        .await
+        .unwrap_or_else(|e| Some(e.to_string()));
+    let ok = short.is_none();
+    match (state.set_paused(short.clone()), short) {
+        (None, Some(why)) => tracing::error!(reason = %why, "runs paused"),
+        (Some(_), None) => tracing::info!("enough free space again: runs start"),
+        _ => {}
+    }
+    ok
+}
+
 /// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
 /// kills what is left (those runs end `interrupted`; queued runs stay queued).
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
@@ -231,6 +252,15 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.changed() => break,
         };
+        if !room_to_run(&state).await {
+            drop(permit);
+            tokio::select! {
+                () = tokio::time::sleep(DISK_RECHECK) => {}
+                _ = stop.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+            continue;
+        }
         let store = Arc::clone(&state.store);
         match tokio::task::spawn_blocking(move || store.claim_next()).await {
             Ok(Ok(Some(run))) if *stop.borrow() => {
@@ -336,6 +366,9 @@ async fn execute(
 ) {
     tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
     let workspace = state.workspace(run.id);
+    let contain = state
+        .cgroups
+        .for_run(run.id, format!("HOOKCI_WORKSPACE={}", workspace.display()));
     let ending = match state.pipelines().get(&run.pipeline).cloned() {
         None => Ending {
             status: RunStatus::Failed,
@@ -351,12 +384,21 @@ async fn execute(
                     status: RunStatus::Skipped,
                     reason: Some(skip),
                 },
-                Ok(None) => {
-                    run_steps(
-                        &state, &run, &pipeline, &workspace, &secrets, &control, stop,
-                    )
-                    .await
-                }
+                Ok(None) => match hand_over(&state, run.id, &workspace).await {
+                    Err(reason) => Ending {
+                        status: RunStatus::Failed,
+                        reason: Some(reason),
+                    },
+                    Ok(()) => {
+                        let ctx = StepsContext {
+                            workspace: &workspace,
+                            secrets: &secrets,
+                            control: &control,
+                            contain: &contain,
+                        };
+                        run_steps(&state, &run, &pipeline, ctx, stop).await
+                    }
+                },
                 Err(GitError::Stopped) => stopped(&control, "the checkout"),
                 Err(GitError::Failed(reason)) => Ending {
                     status: RunStatus::Failed,
@@ -365,6 +407,9 @@ async fn execute(
             },
         },
     };
+    // Every step swept after itself; this catches a step cut short by an error.
+    contain.sweep().await;
+    contain.remove();
     let ending = state.running.close(run.id, ending);
     tracing::info!(
         status = ending.status.as_str(),
@@ -387,7 +432,9 @@ async fn execute(
     }
     state.running.remove(run.id);
     let ws = workspace.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
+    let home = state.home(run.id);
+    let removed = tokio::task::spawn_blocking(move || remove_dir(&ws).and(remove_dir(&home))).await;
+    if let Ok(Err(e)) = removed {
         tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
     }
     // Not while the daemon stops: the stop waits for this task, and the next start
@@ -509,14 +556,47 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// With `run_as`: gives the checkout to that user and makes the run's `HOME`, owned by
+/// it. The folders above them let it through but not look (see `daemon`).
+async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Path) -> Result<(), String> {
+    let Some(who) = state.config.run_as.clone() else {
+        return Ok(());
+    };
+    let (workspace, home) = (workspace.to_path_buf(), state.home(run));
+    let done = tokio::task::spawn_blocking(move || {
+        user::chown_tree(&workspace, &who).map_err(|e| {
+            format!(
+                "cannot give the workspace {} to run_as user {}: {e}",
+                workspace.display(),
+                who.name
+            )
+        })?;
+        std::fs::create_dir_all(&home)
+            .and_then(|()| user::chown_tree(&home, &who))
+            .map_err(|e| {
+                format!(
+                    "cannot make HOME {} for run_as user {}: {e}",
+                    home.display(),
+                    who.name
+                )
+            })
+    })
+    .await;
+    done.map_err(|e| e.to_string())?
+}
+
 /// The pipeline's secrets, by name; a missing one fails the run before any step.
 fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secret)>, String> {
     pipeline
         .secrets
         .iter()
         .map(|name| {
-            resolve_secret(name, state.config.secrets_dir.as_deref(), &ProcessEnv)
-                .map(|v| (name.clone(), v))
+            resolve_secret(
+                name,
+                state.config.secrets_dir.as_deref(),
+                &state.config.secret_env,
+            )
+            .map(|v| (name.clone(), v))
         })
         .collect()
 }
@@ -583,10 +663,27 @@ pub fn step_env(
     workspace: &Path,
     failed: bool,
 ) -> Vec<(String, String)> {
+    step_env_as(run, pipeline, step, workspace, failed, None)
+}
+
+/// [`step_env`] for steps that run as `run_as`: its name as `USER`, its own `HOME`.
+fn step_env_as(
+    run: &Run,
+    pipeline: &Pipeline,
+    step: usize,
+    workspace: &Path,
+    failed: bool,
+    run_as: Option<(&RunAs, &Path)>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = INHERITED
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
         .collect();
+    if let Some((who, home)) = run_as {
+        env.retain(|(k, _)| k != "HOME" && k != "USER");
+        env.push(("HOME".into(), home.to_string_lossy().into_owned()));
+        env.push(("USER".into(), who.name.clone()));
+    }
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
@@ -641,16 +738,31 @@ fn describe(step: &str, end: StepEnd, timeout: Option<Duration>) -> String {
 /// has cut its run short (the pipeline's deadline is then behind it).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What the steps of one run share.
+struct StepsContext<'a> {
+    workspace: &'a Path,
+    secrets: &'a [(String, Secret)],
+    control: &'a RunControl,
+    contain: &'a Containment,
+}
+
 async fn run_steps(
     state: &Arc<AppState>,
     run: &Run,
     pipeline: &Pipeline,
-    workspace: &Path,
-    secrets: &[(String, Secret)],
-    control: &RunControl,
+    ctx: StepsContext<'_>,
     stop: watch::Receiver<bool>,
 ) -> Ending {
+    let StepsContext {
+        workspace,
+        secrets,
+        control,
+        contain,
+    } = ctx;
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
+    let budget = Arc::new(LogBudget::new(state.config.max_log_bytes));
+    let home = state.home(run.id);
+    let run_as = state.config.run_as.as_ref();
     // A timeout too large for the clock to represent is no limit at all.
     let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
     let halt = control.halt.subscribe();
@@ -727,7 +839,8 @@ async fn run_steps(
             };
             (timeout, pipeline_limits, stop.clone())
         };
-        let mut env = step_env(run, pipeline, i, workspace, ending.is_some());
+        let who = run_as.map(|u| (u, home.as_path()));
+        let mut env = step_env_as(run, pipeline, i, workspace, ending.is_some(), who);
         env.extend(
             secrets
                 .iter()
@@ -744,8 +857,21 @@ async fn run_steps(
             grace: state.config.step_grace,
             mask: &mask,
             output: Some(&output),
+            budget: &budget,
+            run_as,
+            contain: Some(contain),
         };
         let outcome = runner::run_step(cmd, until).instrument(span.clone()).await;
+        if let Ok(dropped) = outcome.as_ref().map(|o| o.log_dropped) {
+            if dropped > 0 {
+                let logged = blocking(&state.store, move |s| s.log_dropped(id, dropped)).await;
+                if let Err(e) = logged {
+                    span.in_scope(
+                        || tracing::error!(error = %e, "cannot record the log's truncation"),
+                    );
+                }
+            }
+        }
         let (record, step_ending) = match outcome {
             Err(e) => {
                 let reason = format!("step {:?} could not start: {e}", step.name);

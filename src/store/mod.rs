@@ -148,6 +148,11 @@ INSERT INTO reconciled (repo, first_at)
     r#"
 CREATE INDEX runs_pipeline_ref ON runs(pipeline, ref, id);
 "#,
+    // How many bytes of a run's output `max_log_bytes` dropped: the API says the log
+    // was truncated, and by how much.
+    r#"
+ALTER TABLE runs ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -208,7 +213,7 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
-     status, reason, attempt, generation, created_at, started_at, finished_at";
+     status, reason, attempt, generation, created_at, started_at, finished_at, log_dropped";
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status: String = row.get(9)?;
@@ -229,6 +234,7 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         created_at: row.get(13)?,
         started_at: row.get(14)?,
         finished_at: row.get(15)?,
+        log_dropped: row.get(16)?,
     })
 }
 

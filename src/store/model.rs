@@ -232,6 +232,8 @@ pub struct Run {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Bytes of output `max_log_bytes` kept out of the run's log.
+    pub log_dropped: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -147,6 +147,15 @@ impl Store {
         })
     }
 
+    /// Adds `bytes` to what `max_log_bytes` kept out of the run's log.
+    pub fn log_dropped(&self, run_id: i64, bytes: u64) -> Result<(), StoreError> {
+        self.writer.exec(move |c| {
+            c.prepare_cached("UPDATE runs SET log_dropped = log_dropped + ?2 WHERE id = ?1")?
+                .execute(params![run_id, i64::try_from(bytes).unwrap_or(i64::MAX)])
+                .map(drop)
+        })
+    }
+
     /// Ends a run; steps still pending or running take `leftover` as their state.
     /// Returns the run and its current attempt's steps as committed (`None`: no such run).
     pub fn finish_run(

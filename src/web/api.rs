@@ -56,6 +56,8 @@ pub fn run_json(run: &Run, steps: Option<&[Step]>) -> Value {
         "started_at": time(run.started_at),
         "finished_at": time(run.finished_at),
         "duration_ms": duration_ms(run.started_at, run.finished_at),
+        "log_truncated": run.log_dropped > 0,
+        "log_dropped_bytes": run.log_dropped,
     });
     if let Some(steps) = steps {
         v["steps"] = steps.iter().map(step_json).collect();
@@ -166,7 +168,7 @@ async fn list_runs(state: Arc<AppState>, q: HashMap<String, String>) -> Result<R
     let next_before = runs.last().filter(|_| more).map(|r| r.id);
     let runs: Vec<Value> = runs.iter().map(|r| run_json(r, None)).collect();
     Ok(ok_json(
-        &json!({ "runs": runs, "next_before": next_before }),
+        &json!({ "runs": runs, "next_before": next_before, "runs_paused": state.paused() }),
     ))
 }
 
@@ -379,9 +381,11 @@ pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let with_state = warp::any().map(move || Arc::clone(&state));
+    // Up while runs are paused: webhooks are still taken, and a restart frees no space.
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .map(|| ok_json(&json!({ "ok": true })));
+        .and(with_state.clone())
+        .map(|s: Arc<AppState>| ok_json(&json!({ "ok": true, "runs_paused": s.paused() })));
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_state.clone())

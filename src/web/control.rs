@@ -256,6 +256,7 @@ pub(crate) async fn trigger_run(
         created_at: 0,
         started_at: None,
         finished_at: None,
+        log_dropped: 0,
     };
     let new = explicit_run(&template, "manual", 1, state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;

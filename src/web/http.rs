@@ -1,7 +1,9 @@
 //! Serving HTTP: accepts connections on the caller's listener and serves each with
 //! hyper, routing to warp's filters (`intake`, `api`, `control`) except for the one
 //! response warp cannot give, a plain-text stream (`GET /api/runs/{id}/log?follow=1`).
-//! Also bounds how long a client may take to send its headers, and refuses requests
+//! Also bounds the connections before anyone is authenticated: how many are open
+//! (`max_connections`), and how long a client may take to send its headers or keep an
+//! idle connection (the body's deadline and budget are intake's); and refuses requests
 //! that need the read token and lack it (`auth`).
 
 use std::convert::Infallible;
@@ -28,7 +30,9 @@ use crate::web::follow::{self, Update};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// How long a client may take to send a request's headers (slow-loris guard).
+/// How long a client may take to send a request's headers (slow-loris guard). hyper
+/// starts this clock again when a kept-alive connection waits for its next request,
+/// so it is the idle keep-alive timeout as well.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The keep-alive of a followed log: ASCII SYN ("synchronous idle"), sent while nothing
@@ -56,7 +60,17 @@ pub async fn serve<S>(
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // `max_connections`: at the cap, nothing is accepted, and new connections wait in
+    // the listen backlog until one closes.
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -81,6 +95,7 @@ pub async fn serve<S>(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

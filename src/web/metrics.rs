@@ -203,6 +203,7 @@ mod tests {
             created_at: created,
             started_at: started,
             finished_at: end,
+            log_dropped: 0,
         }
     }
 

@@ -247,6 +247,7 @@ mod tests {
             created_at: 0,
             started_at: None,
             finished_at: None,
+            log_dropped: 0,
         }
     }
 

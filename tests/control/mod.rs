@@ -1,8 +1,9 @@
 //! Run control against the real daemon: concurrency groups and their cancel policies,
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
 //! path filters and skip tokens, live logs (SSE and `hookci logs -f`) and the metrics
-//! kept from the same run events, retention, the API client commands, and what stops
-//! and signals do to runs and open streams.
+//! kept from the same run events, retention, the API client commands, what stops and
+//! signals do to runs and open streams, and what keeps a run in its bounds: its user,
+//! its processes, its log, the disk, the HTTP door.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -459,10 +460,14 @@ mod cleanup_steps;
 mod concurrency;
 mod dashboard;
 mod exact_cancel;
+mod flood;
 mod git_jobs;
+mod leftovers;
+mod limits;
 mod live_logs;
 mod metrics;
 mod retention;
+mod run_as;
 mod run_end;
 mod secrets;
 mod signals;

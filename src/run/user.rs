@@ -1,0 +1,234 @@
+//! `run_as`: the user every step runs as. Resolves the user once (at config load),
+//! switches a step's child to it before its shell starts, checks that the daemon can
+//! switch at all (root, or the capabilities), and checks that what the daemon keeps
+//! secret is out of that user's reach. The daemon itself and its git worker never
+//! switch.
+
+use std::ffi::{CStr, CString};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// A resolved `run_as` user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// As the config gave it (a name, or `uid:gid`).
+    pub name: String,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    /// The supplementary groups, the primary one included.
+    pub groups: Vec<libc::gid_t>,
+}
+
+impl RunAs {
+    /// `name` is a user name (its groups come from the group database) or `uid:gid`
+    /// (that group only).
+    pub fn resolve(name: &str) -> Result<RunAs, String> {
+        if let Some((uid, gid)) = name.split_once(':') {
+            let parse = |what: &str, v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("run_as {name:?}: {what} {v:?} is not a number"))
+            };
+            let (uid, gid) = (parse("uid", uid)?, parse("gid", gid)?);
+            if uid == 0 {
+                return Err(format!("run_as {name:?}: steps must not run as root"));
+            }
+            return Ok(RunAs {
+                name: name.to_owned(),
+                uid,
+                gid,
+                groups: vec![gid],
+            });
+        }
+        let cname = CString::new(name).map_err(|_| format!("run_as {name:?}: not a user name"))?;
+        let (uid, gid) = lookup_user(&cname)
+            .ok_or_else(|| format!("run_as {name:?}: no such user (create it, or give uid:gid)"))?;
+        if uid == 0 {
+            return Err(format!("run_as {name:?}: steps must not run as root"));
+        }
+        Ok(RunAs {
+            name: name.to_owned(),
+            uid,
+            gid,
+            groups: group_list(&cname, gid),
+        })
+    }
+
+    /// Whether this user may read `path` (a file) or look into it (a directory): every
+    /// folder above it lets the user through, and the path itself lets the user read
+    /// (a file) or read or enter (a directory). `None` when it cannot; else why it can.
+    pub fn can_read(&self, path: &Path) -> Option<String> {
+        let path = std::fs::canonicalize(path).ok()?;
+        for dir in path.ancestors().skip(1) {
+            let meta = std::fs::metadata(dir).ok()?;
+            if !self.allowed(&meta, 0o1) {
+                return None;
+            }
+        }
+        let meta = std::fs::metadata(&path).ok()?;
+        let wanted = if meta.is_dir() { 0o5 } else { 0o4 };
+        self.allowed(&meta, wanted).then(|| {
+            format!(
+                "{} (mode {:04o}, owner {}:{}) is readable by run_as user {}",
+                path.display(),
+                meta.mode() & 0o7777,
+                meta.uid(),
+                meta.gid(),
+                self.name
+            )
+        })
+    }
+
+    /// Whether the permission class that applies to this user grants any of `bits`
+    /// (in `rwx` = 4, 2, 1 form).
+    fn allowed(&self, meta: &std::fs::Metadata, bits: u32) -> bool {
+        let mode = meta.mode();
+        let class = if meta.uid() == self.uid {
+            mode >> 6
+        } else if meta.gid() == self.gid || self.groups.contains(&meta.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        class & bits != 0
+    }
+
+    /// The switch, for a child between fork and exec: groups, then group, then user
+    /// (the other way round the user would no longer be allowed to change its groups).
+    ///
+    /// # Safety
+    /// Only async-signal-safe calls: for `pre_exec`.
+    pub unsafe fn switch(&self) -> std::io::Result<()> {
+        // SAFETY: plain syscalls on data owned by self, which outlives the call.
+        unsafe {
+            if libc::setgroups(self.groups.len() as _, self.groups.as_ptr()) != 0
+                || libc::setgid(self.gid) != 0
+                || libc::setuid(self.uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lookup_user(name: &CStr) -> Option<(libc::uid_t, libc::gid_t)> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid value for getpwnam_r to fill in.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: every pointer is to memory owned here and sized as passed.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+}
+
+fn group_list(name: &CStr, gid: libc::gid_t) -> Vec<libc::gid_t> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: `groups` holds `n` entries; getgrouplist writes at most that many
+        // and says how many it needs.
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            groups.truncate(n.max(0) as usize);
+            return groups;
+        }
+        if groups.len() >= 65536 {
+            return vec![gid];
+        }
+        groups.resize((n.max(0) as usize).max(groups.len() * 2), 0);
+    }
+}
+
+/// A capability the daemon needs for `run_as`, and its bit in `/proc/self/status`.
+const NEEDED: [(&str, u32); 4] = [
+    ("CAP_SETUID", 7),
+    ("CAP_SETGID", 6),
+    // Hands the checkout to the run's user.
+    ("CAP_CHOWN", 0),
+    // Removes what the run's user left in its workspace and home.
+    ("CAP_DAC_OVERRIDE", 1),
+];
+const CAP_KILL: (&str, u32) = ("CAP_KILL", 5);
+
+/// The capabilities the daemon lacks to run steps as another user; `cgroup`: a cgroup
+/// ends each run, so no signal to another user's process is needed.
+pub fn missing_capabilities(cgroup: bool) -> Vec<&'static str> {
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    NEEDED
+        .iter()
+        .chain((!cgroup).then_some(&CAP_KILL))
+        .filter(|(_, bit)| effective & (1 << bit) == 0)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+/// Whether the daemon runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Gives `path` and everything under it to the user (the checkout the git worker made
+/// as the daemon). Symbolic links are changed themselves, never what they point to.
+pub fn chown_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_users_resolve_and_root_is_refused() {
+        let u = RunAs::resolve("12345:23456").unwrap();
+        assert_eq!(
+            (u.uid, u.gid, u.groups.clone()),
+            (12345, 23456, vec![23456])
+        );
+        assert!(RunAs::resolve("0:0").unwrap_err().contains("root"));
+        assert!(RunAs::resolve("root").unwrap_err().contains("root"));
+        assert!(RunAs::resolve("x:y").unwrap_err().contains("not a number"));
+        assert!(RunAs::resolve("no-such-user-hookci")
+            .unwrap_err()
+            .contains("no such user"));
+    }
+
+    #[test]
+    fn readable_follows_the_permission_class() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let other = RunAs::resolve("54321:54321").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(other.can_read(&file).is_some());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(other.can_read(&file).is_none());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(other.can_read(&file).is_none(), "its folder keeps it out");
+    }
+}

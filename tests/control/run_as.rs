@@ -1,0 +1,161 @@
+//! Steps cannot reach the daemon: `run_as` runs them as another user, kept out of the
+//! state directory, the config and the secrets; and even as the daemon's own user a
+//! step cannot read the daemon's environment.
+
+use super::*;
+
+const DAEMON_TOKEN: &str = "daemon-api-token-9d41c7-never-in-a-step";
+
+/// A step that tries everything a step must not manage, saying `GOT-<what>` for each
+/// success, and `id`, `HOME` and the workspace for the rest.
+fn probe_step(targets: &[(&str, &Path)]) -> String {
+    let mut script = String::from(
+        "echo \"user=$(id -un) uid=$(id -u)\"\nif cat /proc/$PPID/environ >/dev/null 2>&1; then echo GOT-environ; tr '\\0' '\\n' < /proc/$PPID/environ; fi\n",
+    );
+    for (what, path) in targets {
+        script.push_str(&format!(
+            "if cat {p} >/dev/null 2>&1 || {{ [ -d {p} ] && ls {p} >/dev/null 2>&1; }}; then echo GOT-{what}; cat {p} 2>/dev/null; fi\n",
+            p = path.display()
+        ));
+    }
+    script.push_str(
+        "touch \"$HOME/home-file\" && echo home-writable\ntouch ws-file && echo workspace-writable\necho \"home=$HOME\"",
+    );
+    step("probe", &script)
+}
+
+#[test]
+fn with_run_as_a_step_runs_as_that_user_and_reaches_nothing_of_the_daemon() {
+    let (uid, _) = test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let secrets = b.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("DEPLOY_KEY"), "deploy-key-0c8e1f\n").unwrap();
+    let state = b.path().join("state");
+    let targets = [
+        ("db", state.join("hookci.db")),
+        ("logs", state.join("logs")),
+        ("secret", b.path().join("secret")),
+        ("config", b.path().join("hookci.yml")),
+        ("secrets-dir", secrets.clone()),
+        ("deploy-key", secrets.join("DEPLOY_KEY")),
+    ];
+    let targets: Vec<(&str, &Path)> = targets.iter().map(|(w, p)| (*w, p.as_path())).collect();
+    let b = b
+        .pipeline("probe", &pipeline(&origin, "", &[probe_step(&targets)]))
+        .config(&format!("run_as: {TEST_USER}"))
+        .config(&format!("secrets_dir: {}", secrets.display()))
+        .env("HOOKCI_API_TOKEN", DAEMON_TOKEN);
+    // The user must get through the test directory to its workspace.
+    chmod(b.path(), 0o711);
+
+    // The secret file and the config are written world-readable: serve refuses, naming them.
+    let (code, err) = b.serve_expecting_failure();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("readable by run_as user") && err.contains("secret"),
+        "{err}"
+    );
+    for path in ["secret", "hookci.yml"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    chmod(&secrets, 0o700);
+
+    let d = b.start();
+    let id = push(&d, "run-as-1", "refs/heads/main", ZERO, &sha);
+    let run = d.wait_run(id);
+    let log = d.run_log(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{log}");
+    assert!(
+        log.contains(&format!("user={TEST_USER} uid={uid}")),
+        "{log}"
+    );
+    assert!(!log.contains("GOT-"), "the step reached something: {log}");
+    assert!(log.contains("home-writable"), "{log}");
+    assert!(log.contains("workspace-writable"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "home={}",
+            d.state_dir().join("homes").join(id.to_string()).display()
+        )),
+        "{log}"
+    );
+    for secret in [SECRET, DAEMON_TOKEN, "deploy-key-0c8e1f"] {
+        assert!(!log.contains(secret), "{secret} in the log: {log}");
+    }
+    // Its HOME goes with the run.
+    eventually("the run's HOME is removed", || {
+        !d.state_dir().join("homes").join(id.to_string()).exists()
+    });
+    assert!(
+        !d.log().contains("steps run as root"),
+        "no warning with run_as: {}",
+        d.log()
+    );
+}
+
+#[test]
+fn as_the_daemons_own_user_a_step_cannot_read_the_daemons_environment() {
+    let (uid, gid) = test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let d = b
+        .pipeline("probe", &pipeline(&origin, "", &[probe_step(&[])]))
+        .env("HOOKCI_API_TOKEN", DAEMON_TOKEN)
+        .daemon_as((uid, gid))
+        .start();
+    let id = push(&d, "same-uid-1", "refs/heads/main", ZERO, &sha);
+    let run = d.wait_run(id);
+    let log = d.run_log(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{log}");
+    assert!(log.contains(&format!("uid={uid}")), "same uid: {log}");
+    assert!(!log.contains("GOT-environ"), "{log}");
+    assert!(!log.contains(DAEMON_TOKEN), "{log}");
+}
+
+#[test]
+fn as_root_without_run_as_serve_and_check_warn_that_steps_run_as_root() {
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = b
+        .pipeline("p", &pipeline(&origin, "", &[step("s", "true")]))
+        .start();
+    assert!(d.log().contains("steps run as root"), "{}", d.log());
+    let config = d.path().join("hookci.yml");
+    let out = run_cli(&["check", "-c", config.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("warning: hookci runs as root and run_as is not set"),
+        "{}",
+        text(&out.stderr)
+    );
+    let with = d.path().join("with-run-as.yml");
+    let mut yaml = std::fs::read_to_string(&config).unwrap();
+    yaml.push_str(&format!("run_as: {TEST_USER}\n"));
+    std::fs::write(&with, yaml).unwrap();
+    let out = run_cli(&["check", "-c", with.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_daemon_that_cannot_switch_users_says_what_it_lacks() {
+    let user = test_user();
+    let b = Builder::new().config("run_as: 54321:54321").daemon_as(user);
+    let (code, err) = b.serve_expecting_failure();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("steps are to run as 54321:54321")
+            && err.contains("CAP_SETUID")
+            && err.contains("CAP_SETGID"),
+        "{err}"
+    );
+}
