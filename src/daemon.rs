@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
+use crate::report::{self, policy::Policy};
 use crate::run::{runner, scheduler};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
@@ -91,7 +92,10 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
 /// are interrupted, their leftover processes killed and workspaces removed, and every
 /// interrupted run is queued again once (its earlier attempt's logs kept apart) unless
 /// its pipeline says `interrupted: fail` or it ran out of attempts.
-fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File), DaemonError> {
+fn open_and_recover(
+    state_dir: &Path,
+    policy: Arc<Policy>,
+) -> Result<(Store, PathBuf, std::fs::File), DaemonError> {
     let dir_err = |source| DaemonError::StateDir {
         path: state_dir.to_path_buf(),
         source,
@@ -105,6 +109,8 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
         .map_err(dir_err)?;
     let lock = lock_state_dir(&state_dir)?;
     let store = Store::open(&state_dir)?;
+    // Before recovery: a run it queues again, or fails, reports that.
+    store.set_report_policy(policy);
     for id in store.interrupt_running()? {
         let workspace = state_dir.join("workspaces").join(id.to_string());
         runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", workspace.display()));
@@ -177,7 +183,11 @@ pub async fn run(
     let mut config = config;
     let mut shutdown = std::pin::pin!(shutdown);
     let state_dir = config.state_dir.clone();
-    let mut recovery = tokio::task::spawn_blocking(move || open_and_recover(&state_dir));
+    let pipelines = Arc::new(pipelines);
+    let policy = Arc::new(Policy::new(&config, Arc::clone(&pipelines)));
+    let recovery_policy = Arc::clone(&policy);
+    let mut recovery =
+        tokio::task::spawn_blocking(move || open_and_recover(&state_dir, recovery_policy));
     // Held until this function returns, after the last run has stopped.
     let (store, state_dir, _lock) = tokio::select! {
         recovered = &mut recovery => recovered??,
@@ -202,8 +212,12 @@ pub async fn run(
             "listening"
         );
     }
+    let pipelines = Arc::unwrap_or_clone(pipelines);
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    policy.attach(&state);
     scheduler::prune(&state).await;
+    // Not awaited at stop: a report in flight stays pending and goes after the restart.
+    tokio::spawn(report::sender::run(Arc::clone(&state), state.stopping()));
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), state.stopping()));
     tokio::spawn(scheduler::prune_every(Arc::clone(&state), state.stopping()));
     // Not awaited at stop: a listing in progress has nothing to finish or lose.

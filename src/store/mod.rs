@@ -11,8 +11,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 mod batch;
 mod model;
+mod outbox;
 mod writes;
 pub use model::*;
+pub use outbox::{Attempt, NewReport, Report, ReportKind, ReportPolicy, ReportView, Transition};
 pub use writes::MAX_ATTEMPTS;
 
 const SCHEMA: &[&str] = &[
@@ -140,6 +142,30 @@ CREATE TABLE reconciled (
 INSERT INTO reconciled (repo, first_at)
     SELECT repo, MIN(updated_at) FROM ref_heads WHERE source = 'reconcile' GROUP BY repo;
 "#,
+    // The outbox (`outbox`): commit statuses and notifications to send, written with
+    // the run transition that causes them. Of the pending reports with one
+    // `coalesce_key` only the newest is kept; `next_at` is when the next attempt is due.
+    r#"
+CREATE TABLE reports (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    target       TEXT NOT NULL,
+    address      TEXT NOT NULL,
+    coalesce_key TEXT,
+    signing      TEXT,
+    body         TEXT,
+    outcome      TEXT,
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at      INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL
+);
+CREATE INDEX reports_due ON reports(next_at, id) WHERE state = 'pending';
+CREATE INDEX reports_coalesce ON reports(coalesce_key) WHERE state = 'pending';
+CREATE INDEX reports_run ON reports(run_id);
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -182,6 +208,8 @@ pub struct Store {
     /// Reads only; every write goes through `writer`.
     conn: Mutex<Connection>,
     writer: batch::Writer,
+    /// Decides what each run transition reports (`outbox`); none: nothing.
+    policy: std::sync::RwLock<Option<std::sync::Arc<dyn ReportPolicy>>>,
 }
 
 /// A connection with hookci's settings: WAL, every commit synced (`synchronous=FULL`).
@@ -292,6 +320,7 @@ impl Store {
             path,
             conn: Mutex::new(conn),
             writer,
+            policy: std::sync::RwLock::new(None),
         })
     }
 

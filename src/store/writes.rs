@@ -3,6 +3,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::outbox::{self, ReportPolicy, Transition};
 use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
 use super::{
     DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, Reconciled, RefChange, Run, RunRef,
@@ -24,7 +25,13 @@ impl Store {
     /// Records a delivery and creates its runs; returns once committed and synced. A
     /// known delivery id creates nothing.
     pub fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
-        self.writer.exec(move |c| record_in(c, &d))
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(
+            held,
+            self.writer
+                .exec(move |c| record_in(c, &d, policy.as_deref())),
+        )
     }
 
     /// [`Store::record_delivery`] for async callers (intake): no thread is held while
@@ -33,18 +40,33 @@ impl Store {
         &self,
         d: NewDelivery,
     ) -> Result<DeliveryOutcome, StoreError> {
-        self.writer.exec_async(move |c| record_in(c, &d)).await
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(
+            held,
+            self.writer
+                .exec_async(move |c| record_in(c, &d, policy.as_deref()))
+                .await,
+        )
     }
 
     /// Creates one run outside any delivery (reconcile, rerun, manual trigger).
     pub fn create_run(&self, run: NewRun) -> Result<RunRef, StoreError> {
-        self.writer.exec(move |c| insert_run(c, &run, None))
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(
+            held,
+            self.writer
+                .exec(move |c| insert_run(c, &run, None, policy.as_deref())),
+        )
     }
 
     /// Takes the oldest queued run whose concurrency group has nothing running, and
     /// marks it running.
     pub fn claim_next(&self) -> Result<Option<Run>, StoreError> {
-        self.writer.exec(|c| {
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(held, self.writer.exec(move |c| {
             let run = c
                 .prepare_cached(&format!(
                     "SELECT {RUN_COLUMNS} FROM runs r WHERE status = 'queued' AND (grp IS NULL OR NOT EXISTS
@@ -61,8 +83,12 @@ impl Store {
                 .execute(params![run.id, now])?;
             run.status = RunStatus::Running;
             run.started_at = Some(now);
+            if let Some(policy) = policy.as_deref() {
+                let t = transition_of(&run, RunStatus::Running, None);
+                outbox::record(c, policy, &t)?;
+            }
             Ok(Some(run))
-        })
+        }))
     }
 
     /// Gives back a run [`Store::claim_next`] took but that never started (the daemon
@@ -104,14 +130,51 @@ impl Store {
     }
 
     pub fn step_started(&self, run_id: i64, number: i64) -> Result<(), StoreError> {
-        self.writer.exec(move |c| {
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(held, self.writer.exec(move |c| {
             c.prepare_cached(&format!(
                 "UPDATE steps SET status = 'running', started_at = ?3
                  WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2"
             ))?
-            .execute(params![run_id, number, now_ms()])
-            .map(drop)
-        })
+            .execute(params![run_id, number, now_ms()])?;
+            let Some(policy) = policy.as_deref() else {
+                return Ok(());
+            };
+            let found = c
+                .prepare_cached(&format!(
+                    "SELECT pipeline, repo, ref, commit_sha,
+                            (SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT}),
+                            (SELECT name FROM steps WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2)
+                     FROM runs WHERE id = ?1"
+                ))?
+                .query_row(params![run_id, number], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                })
+                .optional()?;
+            if let Some((pipeline, repo, git_ref, commit, total, name)) = found {
+                let name = name.unwrap_or_default();
+                let t = Transition {
+                    run: run_id,
+                    pipeline: &pipeline,
+                    repo: &repo,
+                    git_ref: &git_ref,
+                    commit: &commit,
+                    status: RunStatus::Running,
+                    reason: None,
+                    step: Some((number, total, &name)),
+                };
+                outbox::record(c, policy, &t)?;
+            }
+            Ok(())
+        }))
     }
 
     pub fn step_finished(&self, run_id: i64, number: i64, end: StepEnd) -> Result<(), StoreError> {
@@ -142,8 +205,18 @@ impl Store {
         reason: Option<String>,
         leftover: StepStatus,
     ) -> Result<(), StoreError> {
-        self.writer
-            .exec(move |c| finish_in(c, run_id, status, reason.as_deref(), leftover))
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(
+            held,
+            self.writer.exec(move |c| {
+                finish_in(c, run_id, status, reason.as_deref(), leftover)?;
+                if let Some(policy) = policy.as_deref() {
+                    report_run(c, policy, run_id)?;
+                }
+                Ok(())
+            }),
+        )
     }
 
     /// Cancels a run that has not started, compare and set: returns the status the run
@@ -154,12 +227,17 @@ impl Store {
         run_id: i64,
         reason: String,
     ) -> Result<Option<RunStatus>, StoreError> {
-        self.writer.exec(move |c| {
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(held, self.writer.exec(move |c| {
             let changed = c.execute(
                 "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3 WHERE id = ?1 AND status = 'queued'",
                 params![run_id, reason, now_ms()],
             )?;
             if changed == 1 {
+                if let Some(policy) = policy.as_deref() {
+                    report_run(c, policy, run_id)?;
+                }
                 return Ok(Some(RunStatus::Queued));
             }
             let status: Option<String> = c
@@ -168,7 +246,7 @@ impl Store {
                 .optional()?;
             // As `run_from_row` reads it.
             Ok(status.map(|s| RunStatus::parse(&s).unwrap_or(RunStatus::Failed)))
-        })
+        }))
     }
 
     /// On start: runs left `running` by a daemon that died are `interrupted`.
@@ -198,7 +276,9 @@ impl Store {
     /// (a run cut before its first step runs nothing twice). Returns (run, attempt it
     /// had, now).
     pub fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
-        self.writer.exec(|c| {
+        let reporter = self.active_policy();
+        let held = reporter.clone();
+        outbox::settle(held, self.writer.exec(move |c| {
             let found: Vec<(i64, i64, String, bool)> = c
                 .prepare(
                     "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
@@ -230,10 +310,13 @@ impl Store {
                     )?;
                     RunStatus::Failed
                 };
+                if let Some(reporter) = reporter.as_deref() {
+                    report_run(c, reporter, id)?;
+                }
                 out.push((id, attempt, status));
             }
             Ok(out)
-        })
+        }))
     }
 
     /// Records what a reconcile pass of `repo` found, and that the repository has been
@@ -245,7 +328,9 @@ impl Store {
         repo: String,
         changes: Vec<RefChange>,
     ) -> Result<Reconciled, StoreError> {
-        self.writer.exec(move |c| {
+        let policy = self.active_policy();
+        let held = policy.clone();
+        outbox::settle(held, self.writer.exec(move |c| {
             let mut out = Reconciled::default();
             for change in &changes {
                 let stored: Option<String> = c
@@ -259,7 +344,7 @@ impl Store {
                     continue;
                 }
                 for run in &change.runs {
-                    out.runs.push(insert_run(c, run, None)?);
+                    out.runs.push(insert_run(c, run, None, policy.as_deref())?);
                 }
                 note_head(c, &repo, &change.git_ref, Some(&change.head), "reconcile")?;
             }
@@ -268,7 +353,7 @@ impl Store {
             )?
             .execute(params![repo_key(&repo), now_ms()])?;
             Ok(out)
-        })
+        }))
     }
 }
 
@@ -371,6 +456,7 @@ fn prune_runs(c: &Connection, keep: i64, cutoff_ms: i64) -> rusqlite::Result<Vec
     for id in &ids {
         c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?
             .execute([id])?;
+        outbox::prune_run(c, *id)?;
         c.prepare_cached("DELETE FROM runs WHERE id = ?1")?
             .execute([id])?;
     }
@@ -427,7 +513,11 @@ fn finish_in(
 }
 
 /// Records one delivery inside the writer's savepoint.
-fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOutcome> {
+fn record_in(
+    conn: &Connection,
+    d: &NewDelivery,
+    policy: Option<&dyn ReportPolicy>,
+) -> rusqlite::Result<DeliveryOutcome> {
     // Deliveries are numbered in arrival order, so their decisions append rather than
     // land at random places (delivery ids are random): fewer pages written per commit.
     let seq: Option<i64> = conn
@@ -445,7 +535,7 @@ fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOut
         let (outcome, reason, run_id) = match &decision.run {
             None => ("not_triggered", decision.reason.clone(), None),
             Some(run) => {
-                let made = insert_run(conn, run, Some(&d.id))?;
+                let made = insert_run(conn, run, Some(&d.id), policy)?;
                 let id = made.id;
                 let outcome = match (made.existing, &run.skipped) {
                     (true, _) => (
@@ -509,7 +599,12 @@ fn note_head(
 
 /// Inserts a run unless its key exists (then names the existing run), and applies its
 /// group's cancel policy to older runs.
-fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqlite::Result<RunRef> {
+fn insert_run(
+    conn: &Connection,
+    run: &NewRun,
+    delivery: Option<&str>,
+    policy: Option<&dyn ReportPolicy>,
+) -> rusqlite::Result<RunRef> {
     let now = now_ms();
     let (status, finished_at) = match run.skipped {
         Some(_) => (RunStatus::Skipped, Some(now)),
@@ -554,6 +649,19 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
             supersedes: Vec::new(),
         });
     };
+    if let Some(policy) = policy {
+        let t = Transition {
+            run: id,
+            pipeline: &run.pipeline,
+            repo: &run.repo,
+            git_ref: &run.git_ref,
+            commit: &run.commit,
+            status,
+            reason: run.skipped.as_deref(),
+            step: None,
+        };
+        outbox::record(conn, policy, &t)?;
+    }
     let mut supersedes = Vec::new();
     if let (Some(group), None, true) = (
         &run.group,
@@ -579,11 +687,32 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
             conn.prepare_cached("UPDATE runs SET before_sha = ?2 WHERE id = ?1")?
                 .execute(params![id, base])?;
         }
-        conn.prepare_cached(
-            "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
-             WHERE grp = ?1 AND status = 'queued' AND id < ?2",
-        )?
-        .execute(params![group, id, format!("superseded by run {id}"), now])?;
+        let reason = format!("superseded by run {id}");
+        let canceled: Vec<(i64, String, String, String, String)> = conn
+            .prepare_cached(
+                "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
+                 WHERE grp = ?1 AND status = 'queued' AND id < ?2
+                 RETURNING id, pipeline, repo, ref, commit_sha",
+            )?
+            .query_map(params![group, id, reason, now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        if let Some(policy) = policy {
+            for (old, pipeline, repo, git_ref, commit) in &canceled {
+                let t = Transition {
+                    run: *old,
+                    pipeline,
+                    repo,
+                    git_ref,
+                    commit,
+                    status: RunStatus::Canceled,
+                    reason: Some(&reason),
+                    step: None,
+                };
+                outbox::record(conn, policy, &t)?;
+            }
+        }
         if run.supersede == Supersede::Running {
             supersedes = conn
                 .prepare_cached(
@@ -615,4 +744,30 @@ fn delivery_runs(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RunRef>> {
         })
     })?
     .collect()
+}
+
+fn transition_of<'a>(run: &'a Run, status: RunStatus, reason: Option<&'a str>) -> Transition<'a> {
+    Transition {
+        run: run.id,
+        pipeline: &run.pipeline,
+        repo: &run.repo,
+        git_ref: &run.git_ref,
+        commit: &run.commit,
+        status,
+        reason,
+        step: None,
+    }
+}
+
+/// Writes the reports of run `id` as it now stands (after a write in this transaction).
+fn report_run(c: &Connection, policy: &dyn ReportPolicy, id: i64) -> rusqlite::Result<()> {
+    let run = c
+        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?
+        .query_row([id], run_from_row)
+        .optional()?;
+    if let Some(run) = run {
+        let t = transition_of(&run, run.status, run.reason.as_deref());
+        outbox::record(c, policy, &t)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,356 @@
+//! Delivers the outbox: takes due reports from the store one at a time, in the order
+//! they became due, and settles each (sent, due again later, or given up). Retries
+//! back off exponentially from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], honour
+//! `Retry-After` and GitHub's `X-RateLimit-Reset`, and end after [`GIVE_UP`] or at a
+//! 4xx answer other than 408 and 429. One report at a time keeps the statuses of one
+//! commit in order. Entries are rows: a restart sends what was left.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clock::now_ms;
+use crate::config::{resolve_secret, ProcessEnv, Secret};
+use crate::report::message;
+use crate::report::policy::run_link;
+use crate::state::AppState;
+use crate::store::{Attempt, Report, ReportKind, Store, StoreError};
+
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// A report not delivered this long after it was written is given up.
+pub const GIVE_UP: Duration = Duration::from_secs(24 * 3600);
+/// How long one request may take, connecting included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How many due reports one look at the store takes.
+const BATCH: u32 = 32;
+/// How long the sender sleeps with nothing due before it looks again anyway.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Why an attempt did not deliver.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// Worth another try, after `after` if the receiver said so.
+    #[error("{reason}")]
+    Again {
+        reason: String,
+        after: Option<Duration>,
+    },
+    /// Never worth another try.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The HTTP client, built at the first report: a daemon that reports nothing never
+/// pays for it (its TLS setup is most of its memory).
+struct Client(OnceLock<Result<reqwest::Client, String>>);
+
+impl Client {
+    fn get(&self) -> Result<&reqwest::Client, SendError> {
+        self.0
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .user_agent(concat!("hookci/", env!("CARGO_PKG_VERSION")))
+                    .timeout(REQUEST_TIMEOUT)
+                    // A redirect could carry the token elsewhere; no receiver needs one.
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| format!("cannot set up the HTTP client: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| SendError::Again {
+                reason: e.clone(),
+                after: None,
+            })
+    }
+}
+
+/// Runs store calls on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, String> {
+    crate::run::scheduler::blocking(store, f).await
+}
+
+/// Sends reports until `stop` turns true. A report in flight at the stop stays
+/// pending and is sent again after the next start.
+pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let client = Client(OnceLock::new());
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let due = match blocking(&state.store, |s| s.due_reports(now_ms(), BATCH)).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        let full = due.len() == BATCH as usize;
+        for report in due {
+            let attempt = tokio::select! {
+                a = attempt(&state, &client, &report) => a,
+                _ = stop.changed() => return,
+            };
+            let id = report.id;
+            if let Err(e) = blocking(&state.store, move |s| s.report_attempted(id, attempt)).await {
+                tracing::warn!(run = report.run, error = %e, "cannot record a report's attempt");
+            }
+        }
+        if full {
+            continue;
+        }
+        let wait = match blocking(&state.store, Store::next_report_at).await {
+            Ok(Some(at)) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)),
+            _ => IDLE,
+        }
+        .min(IDLE);
+        tokio::select! {
+            () = state.reports.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One attempt at `report`, and what becomes of it.
+async fn attempt(state: &AppState, client: &Client, report: &Report) -> Attempt {
+    let span = tracing::info_span!("report", run = report.run, target = %report.target);
+    let _enter = span.enter();
+    let result = match send(state, client, report).await {
+        Ok(()) => {
+            tracing::info!(attempts = report.attempts + 1, "report sent");
+            return Attempt::Sent;
+        }
+        Err(e) => e,
+    };
+    match result {
+        SendError::Refused(reason) => {
+            tracing::warn!(%reason, "report refused; not tried again");
+            Attempt::Failed { reason }
+        }
+        SendError::Again { reason, after } => {
+            let backoff = backoff(report.attempts);
+            let wait = after.unwrap_or(backoff);
+            let at = now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+            let deadline = report
+                .created_at
+                .saturating_add(i64::try_from(GIVE_UP.as_millis()).unwrap_or(i64::MAX));
+            if at > deadline {
+                let reason = format!("given up after {} h: {reason}", GIVE_UP.as_secs() / 3600);
+                tracing::warn!(%reason, "report not delivered");
+                Attempt::Failed { reason }
+            } else {
+                tracing::info!(%reason, retry_in = ?wait, "report not delivered; retrying");
+                Attempt::Retry { at, reason }
+            }
+        }
+    }
+}
+
+/// The pause after the `attempts`-th failure: 1 s, doubling, at most 10 min.
+pub fn backoff(attempts: i64) -> Duration {
+    let doublings = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
+    BACKOFF_FIRST
+        .saturating_mul(2u32.saturating_pow(doublings))
+        .min(BACKOFF_MAX)
+}
+
+/// A secret that holds a URL or a key, looked up as `secrets:` are.
+fn secret(state: &AppState, name: &str) -> Result<Secret, SendError> {
+    resolve_secret(name, state.config.secrets_dir.as_deref(), &ProcessEnv).map_err(|reason| {
+        SendError::Again {
+            reason,
+            after: None,
+        }
+    })
+}
+
+async fn send(state: &AppState, client: &Client, report: &Report) -> Result<(), SendError> {
+    let client = client.get()?;
+    let request = match report.kind {
+        ReportKind::Status => {
+            let token = state
+                .config
+                .github
+                .status_token()
+                .ok_or_else(|| SendError::Refused("no GitHub token is configured".into()))?;
+            let url = format!(
+                "{}/{}",
+                state.config.github.api_url.trim_end_matches('/'),
+                report.address
+            );
+            client
+                .post(url)
+                .bearer_auth(token.expose())
+                .header("Accept", "application/vnd.github+json")
+                .header("X-GitHub-Api-Version", "2022-11-28")
+                .header("Content-Type", "application/json")
+                .body(report.body.clone().unwrap_or_default())
+        }
+        ReportKind::Slack | ReportKind::Discord | ReportKind::Webhook => {
+            notification(state, client, report).await?
+        }
+    };
+    let response = request.send().await.map_err(|e| SendError::Again {
+        // Never the URL: it may be a secret.
+        reason: e.without_url().to_string(),
+        after: None,
+    })?;
+    judge(response).await
+}
+
+/// The request of a notification, its body built from the finished run.
+async fn notification(
+    state: &AppState,
+    client: &reqwest::Client,
+    report: &Report,
+) -> Result<reqwest::RequestBuilder, SendError> {
+    let id = report.run;
+    let found = blocking(&state.store, move |s| {
+        Ok(match s.run(id)? {
+            Some(run) => Some((run, s.steps(id)?)),
+            None => None,
+        })
+    })
+    .await
+    .map_err(|reason| SendError::Again {
+        reason,
+        after: None,
+    })?;
+    let (run, steps) =
+        found.ok_or_else(|| SendError::Refused(format!("run {id} no longer exists")))?;
+    let outcome = report.outcome.as_deref().unwrap_or("always");
+    let link = run_link(state.config.public_url.as_deref(), run.id);
+    let text = message::text(&run, &steps, outcome, link.as_deref());
+    Ok(match report.kind {
+        ReportKind::Slack => {
+            let url = secret(state, &report.address)?;
+            client
+                .post(url.expose())
+                .header("Content-Type", "application/json")
+                .body(message::slack(&text).to_string())
+        }
+        ReportKind::Discord => {
+            let url = secret(state, &report.address)?;
+            client
+                .post(url.expose())
+                .header("Content-Type", "application/json")
+                .body(message::discord(&text).to_string())
+        }
+        _ => {
+            let body = message::webhook(&run, &steps, outcome, link.as_deref()).to_string();
+            let mut request = client
+                .post(&report.address)
+                .header("Content-Type", "application/json")
+                .header("X-Hookci-Event", message::EVENT);
+            if let Some(name) = &report.signing {
+                let key = secret(state, name)?;
+                request = request.header("X-Hookci-Signature-256", sign(key.expose(), &body));
+            }
+            request.body(body)
+        }
+    })
+}
+
+/// `sha256=<hex HMAC-SHA256 of body>`, as GitHub signs its webhooks.
+pub fn sign(key: &str, body: &str) -> String {
+    crate::intake::sign(key.as_bytes(), body.as_bytes())
+}
+
+/// What an answer means: delivered, worth another try (when), or refused for good.
+async fn judge(response: reqwest::Response) -> Result<(), SendError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let headers = response.headers().clone();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let retry_after = header("retry-after")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let limited = header("x-ratelimit-remaining") == Some("0");
+    let reset = header("x-ratelimit-reset")
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|_| limited)
+        .map(|epoch| {
+            let ms = epoch.saturating_mul(1000).saturating_sub(now_ms()).max(0);
+            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        });
+    let message = answer_message(&response_text(response).await);
+    let reason = match &message {
+        Some(m) => format!("HTTP {}: {m}", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    };
+    let code = status.as_u16();
+    // GitHub answers a spent rate limit with 403 (or 429) and says when it resets.
+    let again = code == 408
+        || code == 429
+        || status.is_server_error()
+        || limited
+        || (code == 403 && retry_after.is_some());
+    if again {
+        Err(SendError::Again {
+            reason,
+            after: retry_after.or(reset),
+        })
+    } else {
+        Err(SendError::Refused(reason))
+    }
+}
+
+async fn response_text(response: reqwest::Response) -> String {
+    response.text().await.unwrap_or_default()
+}
+
+/// The answer's `message` (GitHub's JSON errors), else its first line of text.
+fn answer_message(body: &str) -> Option<String> {
+    let message = match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) => v.get("message").and_then(|m| m.as_str()).map(str::to_owned),
+        Err(_) => body.lines().next().map(str::to_owned),
+    }?;
+    let message: String = message.trim().chars().take(200).collect();
+    (!message.is_empty()).then_some(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_ten_minutes() {
+        let secs: Vec<u64> = (0..12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]);
+        assert_eq!(backoff(i64::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn the_answers_message_is_what_a_refusal_says() {
+        assert_eq!(
+            answer_message(r#"{"message":"Validation Failed","errors":[]}"#).as_deref(),
+            Some("Validation Failed")
+        );
+        assert_eq!(
+            answer_message("invalid_token\n").as_deref(),
+            Some("invalid_token")
+        );
+        assert_eq!(answer_message(""), None);
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_the_body() {
+        // The example of GitHub's webhook documentation, signed the same way.
+        assert_eq!(
+            sign("It's a Secret to Everybody", "Hello, World!"),
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        );
+    }
+}
