@@ -87,7 +87,7 @@ impl<'de> Deserialize<'de> for NotifyTarget {
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
                     return Err(D::Error::custom(value_error(
                         &url,
-                        format!("notify: webhook {url:?} is not an http:// or https:// URL"),
+                        format!("webhook {url:?} is not an http:// or https:// URL"),
                     )));
                 }
                 NotifyKind::Webhook {
@@ -97,12 +97,12 @@ impl<'de> Deserialize<'de> for NotifyTarget {
             }
             (None, None, None) => {
                 return Err(D::Error::custom(
-                    "notify: a target needs one of `slack`, `discord` or `webhook`",
+                    "a target needs one of `slack`, `discord` or `webhook`",
                 ))
             }
             _ => {
                 return Err(D::Error::custom(
-                    "notify: a target has only one of `slack`, `discord` or `webhook`",
+                    "a target has only one of `slack`, `discord` or `webhook`",
                 ))
             }
         };
@@ -111,23 +111,24 @@ impl<'de> Deserialize<'de> for NotifyTarget {
             if !crate::pipeline::is_env_name(&name) {
                 return Err(D::Error::custom(value_error(
                     &name,
-                    format!("notify: invalid secret name {name:?} (letters, digits and _)"),
+                    format!("invalid secret name {name:?} (letters, digits and _)"),
                 )));
             }
         }
         if raw.secret.is_some() && !matches!(kind, NotifyKind::Webhook { .. }) {
             return Err(D::Error::custom(
-                "notify: `secret` signs a webhook's body; Slack and Discord take none",
+                "`secret` signs a webhook's body; Slack and Discord take none",
             ));
         }
-        let on =
-            match raw.on {
-                Some(on) if on.is_empty() => return Err(D::Error::custom(
-                    "notify: `on` names at least one of success, failure, fixed, canceled, always",
-                )),
-                Some(on) => on,
-                None => DEFAULT_ON.to_vec(),
-            };
+        let on = match raw.on {
+            Some(on) if on.is_empty() => {
+                return Err(D::Error::custom(
+                    "`on` names at least one of success, failure, fixed, canceled, always",
+                ))
+            }
+            Some(on) => on,
+            None => DEFAULT_ON.to_vec(),
+        };
         Ok(NotifyTarget { kind, on })
     }
 }

@@ -196,11 +196,23 @@ async fn send(state: &AppState, client: &Client, report: &Report) -> Result<(), 
         }
     };
     let response = request.send().await.map_err(|e| SendError::Again {
-        // Never the URL: it may be a secret.
-        reason: e.without_url().to_string(),
+        reason: transport_error(e),
         after: None,
     })?;
     judge(response).await
+}
+
+/// What went wrong on the way, with its causes, but never the URL: it may be a
+/// secret (only reqwest's own error names it).
+fn transport_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 /// The request of a notification, its body built from the finished run.

@@ -1168,6 +1168,147 @@ mod tests {
         assert!(!store.reconcile_view("o/pushed").unwrap().reconciled);
     }
 
+    /// Reports every transition as a status of its commit, plus a notification at a
+    /// run's end that says what the previous result of its ref was.
+    struct Recorder;
+
+    impl ReportPolicy for Recorder {
+        fn idle(&self) -> bool {
+            false
+        }
+
+        fn reports(
+            &self,
+            t: &Transition<'_>,
+            previous: &dyn Fn() -> Option<RunStatus>,
+        ) -> Vec<NewReport> {
+            let status = NewReport {
+                kind: ReportKind::Status,
+                target: format!("github:hookci/{}", t.pipeline),
+                address: format!("repos/{}/statuses/{}", t.repo, t.commit),
+                coalesce: Some(format!("{}@{}", t.repo, t.commit)),
+                signing: None,
+                body: Some(format!("{}{:?}", t.status.as_str(), t.step)),
+                outcome: None,
+            };
+            let mut out = vec![status];
+            if t.status.is_final() {
+                out.push(NewReport {
+                    kind: ReportKind::Webhook,
+                    target: "webhook:example.com".into(),
+                    address: "https://example.com/ci".into(),
+                    coalesce: None,
+                    signing: Some("KEY".into()),
+                    body: None,
+                    outcome: Some(format!("after {:?}", previous())),
+                });
+            }
+            out
+        }
+
+        fn committed(&self) {}
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_newest_unsent_status_of_a_commit_and_goes_with_its_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // No policy: nothing is written.
+        let quiet = store.create_run(run("ci", "quiet")).unwrap().id;
+        assert!(store.reports_of(quiet).unwrap().is_empty());
+        store.cancel_queued(quiet, "by hand".into()).unwrap();
+
+        store.set_report_policy(std::sync::Arc::new(Recorder));
+        let id = store.create_run(run("ci", "k1")).unwrap().id;
+        let due = store.due_reports(i64::MAX, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].body.as_deref(), Some("queuedNone"));
+        // Sent: it stays, as sent. The next ones replace each other while unsent.
+        store.report_attempted(due[0].id, Attempt::Sent).unwrap();
+        assert_eq!(store.claim_next().unwrap().unwrap().id, id);
+        store
+            .plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        store.step_started(id, 2).unwrap();
+        let due = store.due_reports(i64::MAX, 10).unwrap();
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(
+            due[0].body.as_deref(),
+            Some("runningSome((2, 2, \"test\"))")
+        );
+        store
+            .report_attempted(
+                due[0].id,
+                Attempt::Retry {
+                    at: 5,
+                    reason: "HTTP 502".into(),
+                },
+            )
+            .unwrap();
+        assert_eq!(store.next_report_at().unwrap(), Some(5));
+        store
+            .finish_run(
+                id,
+                RunStatus::Failed,
+                Some("step test".into()),
+                StepStatus::Skipped,
+            )
+            .unwrap();
+        let due = store.due_reports(i64::MAX, 10).unwrap();
+        let shape: Vec<(ReportKind, Option<&str>, Option<&str>, i64)> = due
+            .iter()
+            .map(|r| (r.kind, r.body.as_deref(), r.outcome.as_deref(), r.attempts))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (ReportKind::Status, Some("failedNone"), None, 0),
+                (ReportKind::Webhook, None, Some("after None"), 0),
+            ],
+            "the retried status is replaced; the run before (canceled) is no result"
+        );
+        store
+            .report_attempted(
+                due[1].id,
+                Attempt::Failed {
+                    reason: "HTTP 404: Not Found".into(),
+                },
+            )
+            .unwrap();
+        let shown = store.reports_of(id).unwrap();
+        let shown: Vec<(&str, &str, Option<&str>, i64)> = shown
+            .iter()
+            .map(|r| {
+                (
+                    r.target.as_str(),
+                    r.state.as_str(),
+                    r.reason.as_deref(),
+                    r.attempts,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("github:hookci/ci", "sent", None, 1),
+                ("github:hookci/ci", "pending", None, 0),
+                (
+                    "webhook:example.com",
+                    "failed",
+                    Some("HTTP 404: Not Found"),
+                    1
+                ),
+            ]
+        );
+        store.prune(1, 0).unwrap();
+        assert!(store.run(quiet).unwrap().is_none());
+        store.prune(1, i64::MAX).unwrap();
+        assert!(
+            store.reports_of(id).unwrap().is_empty(),
+            "pruned with its run"
+        );
+    }
+
     #[test]
     fn database_file_is_private() {
         use std::os::unix::fs::PermissionsExt;

@@ -458,6 +458,7 @@ mod concurrency;
 mod exact_cancel;
 mod git_jobs;
 mod live_logs;
+mod reports;
 mod retention;
 mod run_end;
 mod secrets;
