@@ -4,6 +4,8 @@
 //! store asks the [`ReportPolicy`] it was given (`report::policy`) and writes what it
 //! answers.
 
+use std::sync::Arc;
+
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{RunStatus, Store, StoreError};
@@ -187,8 +189,8 @@ fn insert(c: &Connection, run: i64, r: &NewReport) -> rusqlite::Result<()> {
 }
 
 /// Tells the policy a write it was asked about has committed; passes the result on.
-pub(super) fn settle<T>(
-    policy: Option<std::sync::Arc<dyn ReportPolicy>>,
+fn settle<T>(
+    policy: Option<Arc<dyn ReportPolicy>>,
     result: Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     if let (Some(policy), Ok(_)) = (policy, &result) {
@@ -207,17 +209,45 @@ pub(super) fn prune_run(c: &Connection, run: i64) -> rusqlite::Result<()> {
 impl Store {
     /// Gives the store the policy that decides what each run transition reports.
     /// Without one, nothing is reported.
-    pub fn set_report_policy(&self, policy: std::sync::Arc<dyn ReportPolicy>) {
+    pub fn set_report_policy(&self, policy: Arc<dyn ReportPolicy>) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy);
     }
 
     /// The policy, unless there is none or it reports nothing.
-    pub(super) fn active_policy(&self) -> Option<std::sync::Arc<dyn ReportPolicy>> {
+    fn active_policy(&self) -> Option<Arc<dyn ReportPolicy>> {
         self.policy
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .filter(|p| !p.idle())
+    }
+
+    /// Runs a write of run transitions in the next batch: `f` gets the policy (`None`
+    /// when nothing reports) to record what they report, and the policy hears of the
+    /// commit.
+    pub(super) fn exec_reporting<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Option<&dyn ReportPolicy>) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let policy = self.active_policy();
+        let held = policy.clone();
+        settle(held, self.writer.exec(move |c| f(c, policy.as_deref())))
+    }
+
+    /// [`Store::exec_reporting`] for async callers.
+    pub(super) async fn exec_reporting_async<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Option<&dyn ReportPolicy>) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let policy = self.active_policy();
+        let held = policy.clone();
+        let result = self
+            .writer
+            .exec_async(move |c| f(c, policy.as_deref()))
+            .await;
+        settle(held, result)
     }
 
     /// Pending reports due at `now`, oldest first, at most `limit`.

@@ -25,13 +25,7 @@ impl Store {
     /// Records a delivery and creates its runs; returns once committed and synced. A
     /// known delivery id creates nothing.
     pub fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(
-            held,
-            self.writer
-                .exec(move |c| record_in(c, &d, policy.as_deref())),
-        )
+        self.exec_reporting(move |c, policy| record_in(c, &d, policy))
     }
 
     /// [`Store::record_delivery`] for async callers (intake): no thread is held while
@@ -40,33 +34,19 @@ impl Store {
         &self,
         d: NewDelivery,
     ) -> Result<DeliveryOutcome, StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(
-            held,
-            self.writer
-                .exec_async(move |c| record_in(c, &d, policy.as_deref()))
-                .await,
-        )
+        self.exec_reporting_async(move |c, policy| record_in(c, &d, policy))
+            .await
     }
 
     /// Creates one run outside any delivery (reconcile, rerun, manual trigger).
     pub fn create_run(&self, run: NewRun) -> Result<RunRef, StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(
-            held,
-            self.writer
-                .exec(move |c| insert_run(c, &run, None, policy.as_deref())),
-        )
+        self.exec_reporting(move |c, policy| insert_run(c, &run, None, policy))
     }
 
     /// Takes the oldest queued run whose concurrency group has nothing running, and
     /// marks it running.
     pub fn claim_next(&self) -> Result<Option<Run>, StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(held, self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             let run = c
                 .prepare_cached(&format!(
                     "SELECT {RUN_COLUMNS} FROM runs r WHERE status = 'queued' AND (grp IS NULL OR NOT EXISTS
@@ -83,12 +63,12 @@ impl Store {
                 .execute(params![run.id, now])?;
             run.status = RunStatus::Running;
             run.started_at = Some(now);
-            if let Some(policy) = policy.as_deref() {
+            if let Some(policy) = policy {
                 let t = transition_of(&run, RunStatus::Running, None);
                 outbox::record(c, policy, &t)?;
             }
             Ok(Some(run))
-        }))
+        })
     }
 
     /// Gives back a run [`Store::claim_next`] took but that never started (the daemon
@@ -130,15 +110,13 @@ impl Store {
     }
 
     pub fn step_started(&self, run_id: i64, number: i64) -> Result<(), StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(held, self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             c.prepare_cached(&format!(
                 "UPDATE steps SET status = 'running', started_at = ?3
                  WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2"
             ))?
             .execute(params![run_id, number, now_ms()])?;
-            let Some(policy) = policy.as_deref() else {
+            let Some(policy) = policy else {
                 return Ok(());
             };
             let found = c
@@ -174,7 +152,7 @@ impl Store {
                 outbox::record(c, policy, &t)?;
             }
             Ok(())
-        }))
+        })
     }
 
     pub fn step_finished(&self, run_id: i64, number: i64, end: StepEnd) -> Result<(), StoreError> {
@@ -205,18 +183,13 @@ impl Store {
         reason: Option<String>,
         leftover: StepStatus,
     ) -> Result<(), StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(
-            held,
-            self.writer.exec(move |c| {
-                finish_in(c, run_id, status, reason.as_deref(), leftover)?;
-                if let Some(policy) = policy.as_deref() {
-                    report_run(c, policy, run_id)?;
-                }
-                Ok(())
-            }),
-        )
+        self.exec_reporting(move |c, policy| {
+            finish_in(c, run_id, status, reason.as_deref(), leftover)?;
+            if let Some(policy) = policy {
+                report_run(c, policy, run_id)?;
+            }
+            Ok(())
+        })
     }
 
     /// Cancels a run that has not started, compare and set: returns the status the run
@@ -227,15 +200,13 @@ impl Store {
         run_id: i64,
         reason: String,
     ) -> Result<Option<RunStatus>, StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(held, self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             let changed = c.execute(
                 "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3 WHERE id = ?1 AND status = 'queued'",
                 params![run_id, reason, now_ms()],
             )?;
             if changed == 1 {
-                if let Some(policy) = policy.as_deref() {
+                if let Some(policy) = policy {
                     report_run(c, policy, run_id)?;
                 }
                 return Ok(Some(RunStatus::Queued));
@@ -246,7 +217,7 @@ impl Store {
                 .optional()?;
             // As `run_from_row` reads it.
             Ok(status.map(|s| RunStatus::parse(&s).unwrap_or(RunStatus::Failed)))
-        }))
+        })
     }
 
     /// On start: runs left `running` by a daemon that died are `interrupted`.
@@ -276,9 +247,7 @@ impl Store {
     /// (a run cut before its first step runs nothing twice). Returns (run, attempt it
     /// had, now).
     pub fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
-        let reporter = self.active_policy();
-        let held = reporter.clone();
-        outbox::settle(held, self.writer.exec(move |c| {
+        self.exec_reporting(move |c, reporter| {
             let found: Vec<(i64, i64, String, bool)> = c
                 .prepare(
                     "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
@@ -310,13 +279,13 @@ impl Store {
                     )?;
                     RunStatus::Failed
                 };
-                if let Some(reporter) = reporter.as_deref() {
+                if let Some(reporter) = reporter {
                     report_run(c, reporter, id)?;
                 }
                 out.push((id, attempt, status));
             }
             Ok(out)
-        }))
+        })
     }
 
     /// Records what a reconcile pass of `repo` found, and that the repository has been
@@ -328,9 +297,7 @@ impl Store {
         repo: String,
         changes: Vec<RefChange>,
     ) -> Result<Reconciled, StoreError> {
-        let policy = self.active_policy();
-        let held = policy.clone();
-        outbox::settle(held, self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             let mut out = Reconciled::default();
             for change in &changes {
                 let stored: Option<String> = c
@@ -344,7 +311,7 @@ impl Store {
                     continue;
                 }
                 for run in &change.runs {
-                    out.runs.push(insert_run(c, run, None, policy.as_deref())?);
+                    out.runs.push(insert_run(c, run, None, policy)?);
                 }
                 note_head(c, &repo, &change.git_ref, Some(&change.head), "reconcile")?;
             }
@@ -353,7 +320,7 @@ impl Store {
             )?
             .execute(params![repo_key(&repo), now_ms()])?;
             Ok(out)
-        }))
+        })
     }
 }
 

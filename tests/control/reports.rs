@@ -227,7 +227,10 @@ fn a_status_due_while_github_is_down_is_delivered_after_a_sigkill_and_restart() 
     });
     let reason = reports(&d, id)[0]["reason"].as_str().unwrap().to_owned();
     assert!(reason.contains("refused"), "{reason}");
-    assert!(!reason.contains("127.0.0.1"), "no URL in a reason: {reason}");
+    assert!(
+        !reason.contains("127.0.0.1"),
+        "no URL in a reason: {reason}"
+    );
     d.signal(libc::SIGKILL);
     d.wait();
 
