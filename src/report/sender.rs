@@ -344,6 +344,74 @@ mod tests {
         assert_eq!(backoff(i64::MAX), BACKOFF_MAX);
     }
 
+    fn answer(status: u16, headers: &[(&str, String)], body: &str) -> reqwest::Response {
+        let mut b = warp::http::Response::builder().status(status);
+        for (k, v) in headers {
+            b = b.header(*k, v);
+        }
+        reqwest::Response::from(b.body(body.to_owned()).unwrap())
+    }
+
+    async fn judged(status: u16, headers: &[(&str, String)], body: &str) -> SendError {
+        judge(answer(status, headers, body)).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn answers_are_retried_when_the_receiver_may_take_them_later() {
+        assert!(judge(answer(201, &[], "{}")).await.is_ok());
+        for code in [408, 429, 500, 502, 503] {
+            let SendError::Again { reason, after } = judged(code, &[], "").await else {
+                panic!("{code} is tried again");
+            };
+            assert_eq!((reason, after), (format!("HTTP {code}"), None));
+        }
+        let SendError::Again { after, .. } = judged(503, &[("retry-after", "7".into())], "").await
+        else {
+            panic!("tried again")
+        };
+        assert_eq!(after, Some(Duration::from_secs(7)));
+        // A spent rate limit: 403, nothing left, and when it resets.
+        let reset = (now_ms() / 1000 + 120).to_string();
+        let limited = [
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", reset),
+        ];
+        let SendError::Again { after, reason } =
+            judged(403, &limited, r#"{"message":"API rate limit exceeded"}"#).await
+        else {
+            panic!("a rate limit is waited out")
+        };
+        assert_eq!(reason, "HTTP 403: API rate limit exceeded");
+        let after = after.unwrap();
+        assert!(
+            after > Duration::from_secs(110) && after <= Duration::from_secs(120),
+            "{after:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn other_4xx_answers_are_refused_with_their_message() {
+        for (code, body, reason) in [
+            (
+                422,
+                r#"{"message":"Validation Failed"}"#,
+                "HTTP 422: Validation Failed",
+            ),
+            (
+                403,
+                r#"{"message":"Resource not accessible"}"#,
+                "HTTP 403: Resource not accessible",
+            ),
+            (404, "no_service\n", "HTTP 404: no_service"),
+            (401, "", "HTTP 401"),
+        ] {
+            let SendError::Refused(said) = judged(code, &[], body).await else {
+                panic!("{code} is refused");
+            };
+            assert_eq!(said, reason);
+        }
+    }
+
     #[test]
     fn the_answers_message_is_what_a_refusal_says() {
         assert_eq!(

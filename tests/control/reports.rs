@@ -244,9 +244,11 @@ fn a_status_due_while_github_is_down_is_delivered_after_a_sigkill_and_restart() 
 }
 
 #[test]
-fn a_failure_then_a_fix_notify_slack_and_a_signed_webhook() {
+fn a_failure_then_a_fix_notify_slack_discord_and_a_signed_webhook() {
     let slack = FakeHttp::start();
+    let discord = FakeHttp::start();
     let hook = FakeHttp::start();
+    let discord_url = format!("{}/api/webhooks/1/discord-token-5e9a", discord.url());
     let slack_url = format!("{}/services/T0/B0/slack-secret-path-41d7", slack.url());
     let signing_key = "webhook-signing-key-8c3f";
     let b = Builder::new();
@@ -254,7 +256,7 @@ fn a_failure_then_a_fix_notify_slack_and_a_signed_webhook() {
     let bad = origin.commit("main", &[("mode", "bad")], "break");
     let good = origin.commit("main", &[("mode", "ok")], "fix");
     let notify = format!(
-        "secrets: [SLACK_URL, HOOK_KEY]\nnotify:\n  - slack: SLACK_URL\n  - webhook: {}/ci\n    secret: HOOK_KEY\n    on: [always]\n",
+        "secrets: [SLACK_URL, DISCORD_URL, HOOK_KEY]\nnotify:\n  - slack: SLACK_URL\n  - discord: DISCORD_URL\n    on: [failure]\n  - webhook: {}/ci\n    secret: HOOK_KEY\n    on: [always]\n",
         hook.url()
     );
     let d = b
@@ -268,6 +270,7 @@ fn a_failure_then_a_fix_notify_slack_and_a_signed_webhook() {
         )
         .config(&format!("public_url: {PUBLIC_URL}"))
         .env("HOOKCI_SECRET_SLACK_URL", &slack_url)
+        .env("HOOKCI_SECRET_DISCORD_URL", &discord_url)
         .env("HOOKCI_SECRET_HOOK_KEY", signing_key)
         .start();
     let broken = push(&d, "n-1", "refs/heads/main", ZERO, &bad);
@@ -278,6 +281,13 @@ fn a_failure_then_a_fix_notify_slack_and_a_signed_webhook() {
     assert_eq!(d.wait_run(fixed)["status"], "succeeded");
     let said = slack.wait_for(2);
     let hooked = hook.wait_for(2);
+    all_sent(&d, fixed);
+    // `on: [failure]`: told of the failure only.
+    let told = discord.received();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].path, "/api/webhooks/1/discord-token-5e9a");
+    let content = told[0].json()["content"].as_str().unwrap().to_owned();
+    assert!(content.starts_with("ci failed on main ("), "{content}");
 
     assert!(said
         .iter()
@@ -320,10 +330,23 @@ fn a_failure_then_a_fix_notify_slack_and_a_signed_webhook() {
         .iter()
         .map(|r| r["target"].as_str().unwrap())
         .collect();
-    assert_eq!(targets, ["slack:SLACK_URL", "webhook:127.0.0.1"]);
+    assert_eq!(
+        targets,
+        [
+            "slack:SLACK_URL",
+            "discord:DISCORD_URL",
+            "webhook:127.0.0.1"
+        ]
+    );
     let api = run_of(&d, broken).to_string();
     let log = d.log();
-    for secret in [slack_url.as_str(), "slack-secret-path-41d7", signing_key] {
+    for secret in [
+        slack_url.as_str(),
+        "slack-secret-path-41d7",
+        discord_url.as_str(),
+        "discord-token-5e9a",
+        signing_key,
+    ] {
         assert!(!log.contains(secret), "{secret} in the log");
         assert!(!api.contains(secret), "{secret} in the API");
     }
