@@ -1,8 +1,8 @@
 //! Delivers the outbox: takes due reports from the store one at a time, in the order
 //! they became due, and settles each (sent, due again later, or given up). Retries
-//! back off exponentially from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], honour
-//! `Retry-After` and GitHub's `X-RateLimit-Reset`, and end after [`GIVE_UP`] or at a
-//! 4xx answer other than 408 and 429. One report at a time keeps the statuses of one
+//! back off exponentially from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], wait longer when
+//! `Retry-After` or GitHub's `X-RateLimit-Reset` says so, and end after [`GIVE_UP`]
+//! or at a 4xx answer other than 408 and 429. One report at a time keeps the statuses of one
 //! commit in order. Entries are rows: a restart sends what was left.
 
 use std::sync::{Arc, OnceLock};
@@ -133,8 +133,9 @@ async fn attempt(state: &AppState, client: &Client, report: &Report) -> Attempt 
             Attempt::Failed { reason }
         }
         SendError::Again { reason, after } => {
-            let backoff = backoff(report.attempts);
-            let wait = after.unwrap_or(backoff);
+            // Never sooner than the backoff: a receiver answering `Retry-After: 0` to
+            // every try must not make the sender spin.
+            let wait = backoff(report.attempts).max(after.unwrap_or_default());
             let at = now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
             let deadline = report
                 .created_at
