@@ -102,6 +102,13 @@ fn a_green_run_posts_pending_then_success_with_context_link_and_token() {
     }
     let shown = all_sent(&d, id);
     let last = shown.last().unwrap();
+    let keys: Vec<&str> = last
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["attempts", "reason", "state", "target"], "{last}");
     assert_eq!(last["target"], "github:hookci/ci");
     assert_eq!(last["attempts"], 1);
     assert!(last["reason"].is_null());
