@@ -86,10 +86,15 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the outbox");
-                Vec::new()
+                // A store that fails every read must not make the sender spin.
+                tokio::select! {
+                    () = tokio::time::sleep(BACKOFF_FIRST) => continue,
+                    _ = stop.changed() => return,
+                }
             }
         };
         let full = due.len() == BATCH as usize;
+        let mut unrecorded = false;
         for report in due {
             let attempt = tokio::select! {
                 a = attempt(&state, &client, &report) => a,
@@ -98,6 +103,14 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             let id = report.id;
             if let Err(e) = blocking(&state.store, move |s| s.report_attempted(id, attempt)).await {
                 tracing::warn!(run = report.run, error = %e, "cannot record a report's attempt");
+                unrecorded = true;
+            }
+        }
+        if unrecorded {
+            // Still due as far as the store knows: sent again after a pause, not at once.
+            tokio::select! {
+                () = tokio::time::sleep(BACKOFF_FIRST) => continue,
+                _ = stop.changed() => return,
             }
         }
         if full {
