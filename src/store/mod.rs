@@ -1,7 +1,7 @@
-//! The durable store: deliveries, each pipeline's decision, runs and steps, in SQLite
-//! (WAL, `synchronous=FULL`). Every SQL statement of hookci lives in this module, so a
-//! second backend can replace it behind the same interface. Calls block: async callers
-//! run them on blocking threads.
+//! The durable store: deliveries, each pipeline's decision, runs and steps, and the
+//! outbox of reports (`outbox`), in SQLite (WAL, `synchronous=FULL`). Every SQL
+//! statement of hookci lives in this module, so a second backend can replace it
+//! behind the same interface. Calls block: async callers run them on blocking threads.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
