@@ -54,12 +54,17 @@ fn a_green_run_posts_pending_then_success_with_context_link_and_token() {
     let github = FakeHttp::start();
     let b = Builder::new();
     let origin = Origin::new(b.path());
+    let gate = b.path().join("gate");
     let sha = origin.commit("main", &[("a", "1")], "one");
-    let steps = [step("build", "echo built"), step("test", "echo tested")];
+    let steps = [gated_step(&gate), step("test", "echo tested")];
     let d = reporting(b, &github.url())
         .pipeline("ci", &pipeline(&origin, "", &steps))
         .start();
     let id = push(&d, "green-1", "refs/heads/main", ZERO, &sha);
+    // Held in its first step until a pending status is out: a newer state would
+    // otherwise replace one not yet sent.
+    eventually("a pending status", || !statuses(&github, &sha).is_empty());
+    std::fs::write(&gate, "go").unwrap();
     assert_eq!(d.wait_run(id)["status"], "succeeded");
 
     let posted = until_final(&github, &sha);
@@ -80,7 +85,7 @@ fn a_green_run_posts_pending_then_success_with_context_link_and_token() {
                 [
                     "queued",
                     "running",
-                    "running step 1/2: build",
+                    "running step 1/2: gated",
                     "running step 2/2: test"
                 ]
                 .contains(&description),
