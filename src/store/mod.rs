@@ -1300,6 +1300,24 @@ mod tests {
                 ),
             ]
         );
+        // A run interrupted by a crash reports nothing then, and is queued again at
+        // the next start: that reports.
+        let cut = store.create_run(run("ci", "k2")).unwrap().id;
+        assert_eq!(store.claim_next().unwrap().unwrap().id, cut);
+        store.interrupt_running().unwrap();
+        let latest = |id| {
+            store
+                .due_reports(i64::MAX, 50)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.run == id)
+                .map(|r| r.body)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(latest(cut), [Some("runningNone".to_owned())]);
+        store.requeue_interrupted().unwrap();
+        assert_eq!(latest(cut), [Some("queuedNone".to_owned())]);
+
         store.prune(1, 0).unwrap();
         assert!(store.run(quiet).unwrap().is_none());
         store.prune(1, i64::MAX).unwrap();
