@@ -44,6 +44,8 @@ pub struct Retention {
 pub struct GithubConfig {
     pub token: Option<Secret>,
     pub api_url: String,
+    /// `github.statuses`: post commit statuses when a token is set (default true).
+    pub statuses: bool,
 }
 
 /// The GitHub token and the one host it may be offered to.
@@ -62,6 +64,11 @@ impl HostToken {
 }
 
 impl GithubConfig {
+    /// The token commit statuses are posted with: set, and statuses not turned off.
+    pub fn status_token(&self) -> Option<&Secret> {
+        self.token.as_ref().filter(|_| self.statuses)
+    }
+
     /// The token for https clones, bound to the git host of `api_url`.
     pub fn clone_token(&self) -> Option<HostToken> {
         Some(HostToken {
@@ -81,6 +88,24 @@ impl GithubConfig {
             _ => authority,
         })
     }
+}
+
+/// Whether `url` may serve as the API's base: an https URL, or a plain http one on
+/// the loopback host (a test's or a trial's fake API). Over http only the API client
+/// talks to it; a clone never offers the token there ([`GithubConfig::git_host`]
+/// takes https only).
+pub fn api_url_ok(url: &str) -> bool {
+    if https_authority(url).is_some() {
+        return true;
+    }
+    let Ok(uri) = url.parse::<warp::http::Uri>() else {
+        return false;
+    };
+    uri.scheme_str() == Some("http")
+        && matches!(
+            uri.host().map(str::to_ascii_lowercase).as_deref(),
+            Some("127.0.0.1" | "localhost" | "[::1]")
+        )
 }
 
 /// `host[:port]` of an `https://` URL, in lower case; `None` for anything else.
@@ -192,6 +217,7 @@ pub struct FileRetention {
 pub struct FileGithub {
     pub token_file: Option<PathBuf>,
     pub api_url: Option<String>,
+    pub statuses: Option<bool>,
 }
 
 /// Command-line values that override the file.
@@ -444,6 +470,7 @@ impl Config {
                 api_url: github
                     .api_url
                     .unwrap_or_else(|| "https://api.github.com".into()),
+                statuses: github.statuses.unwrap_or(true),
             },
             run_as: match file.run_as {
                 Some(user) => Some(RunAs::resolve(&user).map_err(ConfigError::Invalid)?),
@@ -480,12 +507,19 @@ impl Config {
                 "retention.runs must be at least 1 (the newest finished runs to keep)".into(),
             ));
         }
-        if config.github.git_host().is_none() {
+        if !api_url_ok(&config.github.api_url) {
             return Err(ConfigError::Invalid(format!(
                 "github.api_url {:?} is not an https:// URL (for example https://api.github.com, \
-                 or https://HOST/api/v3 for GitHub Enterprise)",
+                 or https://HOST/api/v3 for GitHub Enterprise; plain http only on 127.0.0.1 or localhost)",
                 config.github.api_url
             )));
+        }
+        if let Some(url) = &config.public_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "public_url {url:?} is not an http:// or https:// URL"
+                )));
+            }
         }
         if config.max_body_bytes == 0 {
             return Err(ConfigError::Invalid(
@@ -714,6 +748,7 @@ mod tests {
             GithubConfig {
                 token: None,
                 api_url: api_url.to_owned(),
+                statuses: true,
             }
             .git_host()
         };
@@ -724,6 +759,7 @@ mod tests {
             ("https://ghe.corp:8443/api/v3", Some("ghe.corp:8443")),
             ("https://ghe.corp:443/api/v3", Some("ghe.corp")),
             ("http://ghe.corp/api/v3", None),
+            ("http://127.0.0.1:9000", None),
             ("api.github.com", None),
             ("", None),
         ] {
@@ -731,17 +767,32 @@ mod tests {
         }
         let file = FileConfig {
             github: Some(FileGithub {
-                token_file: None,
                 api_url: Some("http://ghe.corp/api/v3".into()),
+                ..FileGithub::default()
             }),
             ..FileConfig::default()
         };
         let err = Config::build(file, Overrides::default(), &FakeEnv(HashMap::new())).unwrap_err();
         assert!(err.to_string().contains("github.api_url"), "{err}");
 
+        // A loopback fake of the API over plain http: the API client may use it, a
+        // clone never offers the token to it.
+        for url in ["http://127.0.0.1:9000", "http://localhost:8080/api/v3"] {
+            assert!(api_url_ok(url), "{url}");
+            let github = GithubConfig {
+                token: Some(Secret::new("t0ken")),
+                api_url: url.into(),
+                statuses: true,
+            };
+            assert!(github.clone_token().is_none(), "{url}");
+        }
+        for url in ["http://10.0.0.1:9000", "http://ghe.corp", "ftp://127.0.0.1"] {
+            assert!(!api_url_ok(url), "{url}");
+        }
         let token = GithubConfig {
             token: Some(Secret::new("t0ken")),
             api_url: "https://api.github.com".into(),
+            statuses: true,
         }
         .clone_token()
         .unwrap();

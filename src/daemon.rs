@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
+use crate::report::{self, policy::Policy};
 use crate::run::contain::{self, Cgroups};
 use crate::run::user::{self, RunAs};
 use crate::run::{runner, scheduler};
@@ -95,7 +96,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
 /// are interrupted, their leftover processes killed and workspaces removed, and every
 /// interrupted run is queued again once (its earlier attempt's logs kept apart) unless
 /// its pipeline says `interrupted: fail` or it ran out of attempts.
-fn open_and_recover(config: &Config) -> Result<Recovered, DaemonError> {
+fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, DaemonError> {
     let state_dir = config.state_dir.as_path();
     let dir_err = |source| DaemonError::StateDir {
         path: state_dir.to_path_buf(),
@@ -121,6 +122,8 @@ fn open_and_recover(config: &Config) -> Result<Recovered, DaemonError> {
         }
     }
     let store = Store::open(&state_dir)?;
+    // Before recovery: a run it queues again, or fails, reports that.
+    store.set_report_policy(policy);
     for id in store.interrupt_running()? {
         let workspace = state_dir.join("workspaces").join(id.to_string());
         runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", workspace.display()));
@@ -301,8 +304,12 @@ pub async fn run(
         tracing::warn!("{warning}");
     }
     contain::become_subreaper();
+    let pipelines = Arc::new(pipelines);
+    let policy = Arc::new(Policy::new(&config, Arc::clone(&pipelines)));
     let for_recovery = config.clone();
-    let mut recovery = tokio::task::spawn_blocking(move || open_and_recover(&for_recovery));
+    let recovery_policy = Arc::clone(&policy);
+    let mut recovery =
+        tokio::task::spawn_blocking(move || open_and_recover(&for_recovery, recovery_policy));
     // Held until this function returns, after the last run has stopped.
     let Recovered {
         store,
@@ -332,10 +339,14 @@ pub async fn run(
             "listening"
         );
     }
+    let pipelines = Arc::unwrap_or_clone(pipelines);
     let state = Arc::new(AppState::new(config, Arc::new(store), pipelines).with_cgroups(cgroups));
     // Subscribed before anything can make a run change.
     tokio::spawn(state.metrics.record(state.events.subscribe()));
+    policy.attach(&state);
     scheduler::prune(&state).await;
+    // Not awaited at stop: a report in flight stays pending and goes after the restart.
+    tokio::spawn(report::sender::run(Arc::clone(&state), state.stopping()));
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), state.stopping()));
     tokio::spawn(scheduler::prune_every(Arc::clone(&state), state.stopping()));
     // Not awaited at stop: a listing in progress has nothing to finish or lose.

@@ -2,8 +2,9 @@
 //!
 //! `intake` (a signed push, and missed pushes found by reconcile) → `pipeline` (which
 //! pipelines it triggers) → `store` (recorded durably; the queue) → `git` (fetched and
-//! checked out) → `run` (steps executed) → `web` (what happened, live). `daemon` wires
-//! the stages around the shared `state`; `cli` holds the command line's own work.
+//! checked out) → `run` (steps executed) → `report` (told where people look) → `web`
+//! (what happened, live). `daemon` wires the stages around the shared `state`; `cli`
+//! holds the command line's own work.
 //! `config`, `yaml`, `duration` and `clock` serve every stage; `systemd` speaks to the
 //! service manager; `process` hardens the hookci process itself.
 
@@ -16,6 +17,7 @@ pub mod git;
 pub mod intake;
 pub mod pipeline;
 pub mod process;
+pub mod report;
 pub mod run;
 pub mod state;
 pub mod store;

@@ -310,6 +310,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(warning) = hookci::daemon::warn_if_steps_run_as_root(&config) {
                 eprintln!("warning: {warning}");
             }
+            if config.github.status_token().is_some() && config.public_url.is_none() {
+                eprintln!(
+                    "warning: commit statuses are on (a GitHub token is set) but public_url is not: \
+                     statuses will carry no link to their run"
+                );
+            }
             Ok(match load_pipelines(&config.pipelines) {
                 Ok(set) => {
                     println!(

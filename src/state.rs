@@ -25,6 +25,8 @@ pub struct AppState {
     pipelines: RwLock<Arc<PipelineSet>>,
     /// Wakes the scheduler when runs were queued.
     pub wake: Notify,
+    /// Wakes the report sender when a transition wrote reports to the outbox.
+    pub reports: Notify,
     /// The runs executing now, with their stop switches.
     pub running: scheduler::Running,
     /// Runs git jobs (fetch, checkout, ref listings) in child processes.
@@ -56,6 +58,7 @@ impl AppState {
             store,
             pipelines: RwLock::new(Arc::new(pipelines)),
             wake: Notify::new(),
+            reports: Notify::new(),
             running: scheduler::Running::default(),
             events: Events::new(),
             followers: Followers::default(),

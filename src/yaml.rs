@@ -111,7 +111,7 @@ fn to_source_error(path: &Path, text: &str, err: &serde_yaml::Error) -> SourceEr
 }
 
 /// The first place at or after `from_line` where `value` stands as written.
-fn find_value(text: &str, from_line: usize, value: &str) -> Option<(usize, usize)> {
+pub fn find_value(text: &str, from_line: usize, value: &str) -> Option<(usize, usize)> {
     if value.is_empty() {
         return None;
     }

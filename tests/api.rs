@@ -112,11 +112,14 @@ fn ids(list: &Value) -> Vec<i64> {
         .collect()
 }
 
-/// A run (as listed, without steps) has exactly the contract's keys and types.
+/// A run (as listed, without steps) has exactly the contract's keys and types; one
+/// read alone (`with_steps`) has its steps and its reports too.
 fn assert_run_shape(run: &Value, with_steps: bool) {
     let mut expected = set(RUN_KEYS);
     if with_steps {
         expected.insert("steps");
+        expected.insert("reports");
+        assert!(run["reports"].is_array(), "{run:#}");
     }
     assert_eq!(keys(run), expected, "{run:#}");
     assert!(run["id"].is_i64(), "{run:#}");
@@ -278,9 +281,10 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
         .clone();
     let mut single = run.clone();
     single.as_object_mut().unwrap().remove("steps");
+    single.as_object_mut().unwrap().remove("reports");
     assert_eq!(
         listed, single,
-        "a listed run is the same object without steps"
+        "a listed run is the same object without steps and reports"
     );
 
     // Filters.

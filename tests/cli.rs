@@ -161,6 +161,30 @@ const BAD_PIPELINES: &[(&str, &str, usize, usize, &str, &str)] = &[
         "  branches: [\"main\", \"release/[abc\"]",
     ),
     (
+        "notify-kind.yml",
+        "repo: octo-org/octo-repo\nsteps:\n  - run: make\nnotify:\n  - teams: X\n",
+        5,
+        5,
+        "notify[0]: unknown field `teams`, expected one of `slack`, `discord`, `webhook`",
+        "  - teams: X",
+    ),
+    (
+        "notify-on.yml",
+        "repo: octo-org/octo-repo\nsecrets: [S]\nsteps:\n  - run: make\nnotify:\n  - slack: S\n    on: [failure, sometimes]\n",
+        7,
+        19,
+        "notify[0].on[1]: unknown variant `sometimes`, expected one of `success`, `failure`, `fixed`, `canceled`, `always`",
+        "    on: [failure, sometimes]",
+    ),
+    (
+        "notify-secret.yml",
+        "repo: octo-org/octo-repo\nsecrets: [OTHER]\nsteps:\n  - run: make\nnotify:\n  - discord: HOOK_URL\n",
+        6,
+        14,
+        "notify: secret HOOK_URL is not declared in `secrets:`",
+        "  - discord: HOOK_URL",
+    ),
+    (
         "bad-interrupted.yml",
         "repo: octo-org/octo-repo\ninterrupted: never\nsteps:\n  - run: make\n",
         2,
@@ -591,4 +615,45 @@ fn ctrl_c_during_run_stops_the_steps_process_group_and_removes_the_scratch_direc
     assert!(left.is_empty(), "scratch state left behind: {left:?}");
     let out = out.join().unwrap();
     assert!(out.contains("==> ci canceled: stopped by SIGINT"), "{out}");
+}
+
+#[test]
+fn check_warns_when_statuses_are_on_without_a_public_url() {
+    let dir = tempdir();
+    let pipelines = dir.path().join("pipelines");
+    write(
+        pipelines.join("ci.yml"),
+        &format!("repo: {REPO}\nsteps:\n  - run: make\n"),
+    );
+    let token = [("HOOKCI_GITHUB_TOKEN", "ghp-check-token")];
+    let bare = write(dir.path().join("bare.yml"), "github: {}\n");
+    let o = hookci(
+        dir.path(),
+        &["check", "-c", s(&bare), "--pipelines", s(&pipelines)],
+        &token,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "a warning is no error: {}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("warning: commit statuses are on") && stderr(&o).contains("public_url"),
+        "{}",
+        stderr(&o)
+    );
+    for config in [
+        "public_url: https://ci.example.com\n",
+        "github:\n  statuses: false\n",
+    ] {
+        let file = write(dir.path().join("c.yml"), config);
+        let o = hookci(
+            dir.path(),
+            &["check", "-c", s(&file), "--pipelines", s(&pipelines)],
+            &token,
+        );
+        assert_eq!(o.status.code(), Some(0), "{config}: {}", stderr(&o));
+        assert!(stderr(&o).is_empty(), "{config}: {}", stderr(&o));
+    }
 }

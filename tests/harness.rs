@@ -594,3 +594,164 @@ pub fn eventually_within(limit: Duration, what: &str, mut cond: impl FnMut() -> 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One request a [`FakeHttp`] received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    /// Names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// An answer a [`FakeHttp`] gives: status, extra headers, body.
+pub type Answer = (u16, Vec<(String, String)>, String);
+
+/// A small HTTP/1.1 receiver on loopback standing in for GitHub's API, Slack, Discord
+/// or a webhook: it records every request and answers with the scripted answers in
+/// order, then `201 {}`. One connection per request (it answers `Connection: close`).
+pub struct FakeHttp {
+    pub addr: std::net::SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    answers: Arc<Mutex<std::collections::VecDeque<Answer>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeHttp {
+    pub fn start() -> FakeHttp {
+        FakeHttp::on(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// On a port given before (a receiver that was down and is back).
+    pub fn at(addr: std::net::SocketAddr) -> FakeHttp {
+        FakeHttp::on(std::net::TcpListener::bind(addr).unwrap())
+    }
+
+    fn on(listener: std::net::TcpListener) -> FakeHttp {
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let answers = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, a, s) = (
+            Arc::clone(&received),
+            Arc::clone(&answers),
+            Arc::clone(&stop),
+        );
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (r, a) = (Arc::clone(&r), Arc::clone(&a));
+                std::thread::spawn(move || serve_one(conn, &r, &a));
+            }
+        });
+        FakeHttp {
+            addr,
+            received,
+            answers,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next requests get these answers, in order.
+    pub fn answer(&self, answers: Vec<Answer>) {
+        self.answers.lock().unwrap().extend(answers);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests have come, and returns them all.
+    pub fn wait_for(&self, n: usize) -> Vec<Received> {
+        eventually_within(Duration::from_secs(30), &format!("{n} request(s)"), || {
+            self.received.lock().unwrap().len() >= n
+        });
+        self.received()
+    }
+}
+
+impl Drop for FakeHttp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop, which then sees the stop.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+fn serve_one(
+    conn: std::net::TcpStream,
+    received: &Mutex<Vec<Received>>,
+    answers: &Mutex<std::collections::VecDeque<Answer>>,
+) {
+    use std::io::{Read, Write};
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let path = parts.next().unwrap_or_default().to_owned();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let (status, extra, text) =
+        answers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or((201, Vec::new(), "{}".into()));
+    received.lock().unwrap().push(Received {
+        method,
+        path,
+        headers,
+        body,
+    });
+    let mut response = format!(
+        "HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        text.len()
+    );
+    for (k, v) in extra {
+        response.push_str(&format!("{k}: {v}\r\n"));
+    }
+    response.push_str("\r\n");
+    response.push_str(&text);
+    let _ = reader.get_mut().write_all(response.as_bytes());
+}

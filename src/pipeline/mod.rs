@@ -3,6 +3,7 @@
 //! Loading reads files; nothing here touches the network, the store or processes.
 
 pub mod matcher;
+pub mod notify;
 pub mod pattern;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
 use crate::git::repo::RepoName;
+use crate::pipeline::notify::NotifyTarget;
 use crate::pipeline::pattern::PatternList;
 use crate::yaml::{self, value_error, SourceError};
 
@@ -32,6 +34,8 @@ pub struct Pipeline {
     pub secrets: Vec<String>,
     pub steps: Vec<Step>,
     pub interrupted: Interrupted,
+    /// Where the run's result is sent (`notify:`), through the outbox.
+    pub notify: Vec<NotifyTarget>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -144,6 +148,8 @@ struct RawPipeline {
     steps: Vec<RawStep>,
     #[serde(default)]
     interrupted: Interrupted,
+    #[serde(default)]
+    notify: Vec<NotifyTarget>,
 }
 
 #[derive(Deserialize, Default)]
@@ -283,6 +289,7 @@ impl Pipeline {
             })?
             .to_owned();
         let raw: RawPipeline = yaml::parse(path, text)?;
+        undeclared_notify_secret(path, text, &raw.notify, &raw.secrets)?;
         let steps = raw
             .steps
             .into_iter()
@@ -312,8 +319,33 @@ impl Pipeline {
             secrets: raw.secrets,
             steps,
             interrupted: raw.interrupted,
+            notify: raw.notify,
         })
     }
+}
+
+/// A `notify:` target must name secrets the pipeline declares in `secrets:`, so that
+/// one list says what a pipeline can read. The error points at the first use of the
+/// name under `notify:`.
+fn undeclared_notify_secret(
+    path: &Path,
+    text: &str,
+    notify: &[NotifyTarget],
+    declared: &[String],
+) -> Result<(), SourceError> {
+    let used = notify.iter().flat_map(|t| t.kind.secrets());
+    let Some(name) = used.into_iter().find(|n| !declared.iter().any(|d| d == n)) else {
+        return Ok(());
+    };
+    let from = text
+        .lines()
+        .position(|l| l.starts_with("notify:"))
+        .map_or(1, |i| i + 1);
+    let message = format!("notify: secret {name} is not declared in `secrets:`");
+    Err(match yaml::find_value(text, from, name) {
+        Some((line, column)) => SourceError::at(path, text, line, column, message),
+        None => SourceError::whole_file(path, message),
+    })
 }
 
 fn is_pipeline_name(s: &str) -> bool {

@@ -1,7 +1,7 @@
-//! The durable store: deliveries, each pipeline's decision, runs and steps, in SQLite
-//! (WAL, `synchronous=FULL`). Every SQL statement of hookci lives in this module, so a
-//! second backend can replace it behind the same interface. Calls block: async callers
-//! run them on blocking threads.
+//! The durable store: deliveries, each pipeline's decision, runs and steps, and the
+//! outbox of reports (`outbox`), in SQLite (WAL, `synchronous=FULL`). Every SQL
+//! statement of hookci lives in this module, so a second backend can replace it
+//! behind the same interface. Calls block: async callers run them on blocking threads.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -11,9 +11,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 mod batch;
 mod model;
+mod outbox;
 mod views;
 mod writes;
 pub use model::*;
+pub use outbox::{Attempt, NewReport, Report, ReportKind, ReportPolicy, ReportView, Transition};
 pub use writes::MAX_ATTEMPTS;
 
 const SCHEMA: &[&str] = &[
@@ -153,6 +155,30 @@ CREATE INDEX runs_pipeline_ref ON runs(pipeline, ref, id);
     r#"
 ALTER TABLE runs ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0;
 "#,
+    // The outbox (`outbox`): commit statuses and notifications to send, written with
+    // the run transition that causes them. Of the pending reports with one
+    // `coalesce_key` only the newest is kept; `next_at` is when the next attempt is due.
+    r#"
+CREATE TABLE reports (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    target       TEXT NOT NULL,
+    address      TEXT NOT NULL,
+    coalesce_key TEXT,
+    signing      TEXT,
+    body         TEXT,
+    outcome      TEXT,
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at      INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL
+);
+CREATE INDEX reports_due ON reports(next_at, id) WHERE state = 'pending';
+CREATE INDEX reports_coalesce ON reports(coalesce_key) WHERE state = 'pending';
+CREATE INDEX reports_run ON reports(run_id);
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -195,6 +221,8 @@ pub struct Store {
     /// Reads only; every write goes through `writer`.
     conn: Mutex<Connection>,
     writer: batch::Writer,
+    /// Decides what each run transition reports (`outbox`); none: nothing.
+    policy: std::sync::RwLock<Option<std::sync::Arc<dyn ReportPolicy>>>,
 }
 
 /// A connection with hookci's settings: WAL, every commit synced (`synchronous=FULL`).
@@ -335,6 +363,7 @@ impl Store {
             path,
             conn: Mutex::new(conn),
             writer,
+            policy: std::sync::RwLock::new(None),
         })
     }
 
@@ -1169,6 +1198,165 @@ mod tests {
         assert!(store.reconcile_view("o/listed").unwrap().reconciled);
         assert!(store.reconcile_view("o/pushed").unwrap().reconciled);
         assert!(!store.reconcile_view("o/never-seen").unwrap().reconciled);
+    }
+
+    /// Reports every transition as a status of its commit, plus a notification at a
+    /// run's end that says what the previous result of its ref was.
+    struct Recorder;
+
+    impl ReportPolicy for Recorder {
+        fn idle(&self) -> bool {
+            false
+        }
+
+        fn reports(
+            &self,
+            t: &Transition<'_>,
+            previous: &dyn Fn() -> Option<RunStatus>,
+        ) -> Vec<NewReport> {
+            let status = NewReport {
+                kind: ReportKind::Status,
+                target: format!("github:hookci/{}", t.pipeline),
+                address: format!("repos/{}/statuses/{}", t.repo, t.commit),
+                coalesce: Some(format!("{}@{}", t.repo, t.commit)),
+                signing: None,
+                body: Some(format!("{}{:?}", t.status.as_str(), t.step)),
+                outcome: None,
+            };
+            let mut out = vec![status];
+            if t.status.is_final() {
+                out.push(NewReport {
+                    kind: ReportKind::Webhook,
+                    target: "webhook:example.com".into(),
+                    address: "https://example.com/ci".into(),
+                    coalesce: None,
+                    signing: Some("KEY".into()),
+                    body: None,
+                    outcome: Some(format!("after {:?}", previous())),
+                });
+            }
+            out
+        }
+
+        fn committed(&self) {}
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_newest_unsent_status_of_a_commit_and_goes_with_its_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // No policy: nothing is written.
+        let quiet = store.create_run(run("ci", "quiet")).unwrap().id;
+        assert!(store.reports_of(quiet).unwrap().is_empty());
+        store.cancel_queued(quiet, "by hand".into()).unwrap();
+
+        store.set_report_policy(std::sync::Arc::new(Recorder));
+        let id = store.create_run(run("ci", "k1")).unwrap().id;
+        let due = store.due_reports(i64::MAX, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].body.as_deref(), Some("queuedNone"));
+        // Sent: it stays, as sent. The next ones replace each other while unsent.
+        store.report_attempted(due[0].id, Attempt::Sent).unwrap();
+        assert_eq!(store.claim_next().unwrap().unwrap().id, id);
+        store
+            .plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        store.step_started(id, 2).unwrap();
+        let due = store.due_reports(i64::MAX, 10).unwrap();
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(
+            due[0].body.as_deref(),
+            Some("runningSome((2, 2, \"test\"))")
+        );
+        store
+            .report_attempted(
+                due[0].id,
+                Attempt::Retry {
+                    at: 5,
+                    reason: "HTTP 502".into(),
+                },
+            )
+            .unwrap();
+        assert_eq!(store.next_report_at().unwrap(), Some(5));
+        store
+            .finish_run(
+                id,
+                RunStatus::Failed,
+                Some("step test".into()),
+                StepStatus::Skipped,
+            )
+            .unwrap();
+        let due = store.due_reports(i64::MAX, 10).unwrap();
+        let shape: Vec<(ReportKind, Option<&str>, Option<&str>, i64)> = due
+            .iter()
+            .map(|r| (r.kind, r.body.as_deref(), r.outcome.as_deref(), r.attempts))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (ReportKind::Status, Some("failedNone"), None, 0),
+                (ReportKind::Webhook, None, Some("after None"), 0),
+            ],
+            "the retried status is replaced; the run before (canceled) is no result"
+        );
+        store
+            .report_attempted(
+                due[1].id,
+                Attempt::Failed {
+                    reason: "HTTP 404: Not Found".into(),
+                },
+            )
+            .unwrap();
+        let shown = store.reports_of(id).unwrap();
+        let shown: Vec<(&str, &str, Option<&str>, i64)> = shown
+            .iter()
+            .map(|r| {
+                (
+                    r.target.as_str(),
+                    r.state.as_str(),
+                    r.reason.as_deref(),
+                    r.attempts,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("github:hookci/ci", "sent", None, 1),
+                ("github:hookci/ci", "pending", None, 0),
+                (
+                    "webhook:example.com",
+                    "failed",
+                    Some("HTTP 404: Not Found"),
+                    1
+                ),
+            ]
+        );
+        // A run interrupted by a crash reports nothing then, and is queued again at
+        // the next start: that reports.
+        let cut = store.create_run(run("ci", "k2")).unwrap().id;
+        assert_eq!(store.claim_next().unwrap().unwrap().id, cut);
+        store.interrupt_running().unwrap();
+        let latest = |id| {
+            store
+                .due_reports(i64::MAX, 50)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.run == id)
+                .map(|r| r.body)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(latest(cut), [Some("runningNone".to_owned())]);
+        store.requeue_interrupted().unwrap();
+        assert_eq!(latest(cut), [Some("queuedNone".to_owned())]);
+
+        store.prune(1, 0).unwrap();
+        assert!(store.run(quiet).unwrap().is_none());
+        store.prune(1, i64::MAX).unwrap();
+        assert!(
+            store.reports_of(id).unwrap().is_empty(),
+            "pruned with its run"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::outbox::{self, ReportPolicy, Transition};
 use super::{repo_key, run_from_row, step_from_row, steps_in, Store, StoreError};
 use super::{
     DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel, Reconciled, RefChange,
@@ -25,7 +26,7 @@ impl Store {
     /// Records a delivery and creates its runs; returns once committed and synced. A
     /// known delivery id creates nothing.
     pub fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
-        self.writer.exec(move |c| record_in(c, &d))
+        self.exec_reporting(move |c, policy| record_in(c, &d, policy))
     }
 
     /// [`Store::record_delivery`] for async callers (intake): no thread is held while
@@ -34,18 +35,19 @@ impl Store {
         &self,
         d: NewDelivery,
     ) -> Result<DeliveryOutcome, StoreError> {
-        self.writer.exec_async(move |c| record_in(c, &d)).await
+        self.exec_reporting_async(move |c, policy| record_in(c, &d, policy))
+            .await
     }
 
     /// Creates one run outside any delivery (reconcile, rerun, manual trigger).
     pub fn create_run(&self, run: NewRun) -> Result<RunRef, StoreError> {
-        self.writer.exec(move |c| insert_run(c, &run, None))
+        self.exec_reporting(move |c, policy| insert_run(c, &run, None, policy))
     }
 
     /// Takes the oldest queued run whose concurrency group has nothing running, and
     /// marks it running.
     pub fn claim_next(&self) -> Result<Option<Run>, StoreError> {
-        self.writer.exec(|c| {
+        self.exec_reporting(move |c, policy| {
             let run = c
                 .prepare_cached(&format!(
                     "SELECT {RUN_COLUMNS} FROM runs r WHERE status = 'queued' AND (grp IS NULL OR NOT EXISTS
@@ -62,6 +64,10 @@ impl Store {
                 .execute(params![run.id, now])?;
             run.status = RunStatus::Running;
             run.started_at = Some(now);
+            if let Some(policy) = policy {
+                let t = transition_of(&run, RunStatus::Running, None);
+                outbox::record(c, policy, &t)?;
+            }
             Ok(Some(run))
         })
     }
@@ -106,14 +112,50 @@ impl Store {
 
     /// Marks a step running; returns it as committed (`None`: no such step).
     pub fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
-        self.writer.exec(move |c| {
-            c.prepare_cached(&format!(
+        self.exec_reporting(move |c, policy| {
+            let step = c.prepare_cached(&format!(
                 "UPDATE steps SET status = 'running', started_at = ?3
                  WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2
                  RETURNING {STEP_COLUMNS}"
             ))?
             .query_row(params![run_id, number, now_ms()], step_from_row)
-            .optional()
+            .optional()?;
+            let Some(policy) = policy else {
+                return Ok(step);
+            };
+            let found = c
+                .prepare_cached(&format!(
+                    "SELECT pipeline, repo, ref, commit_sha,
+                            (SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT}),
+                            (SELECT name FROM steps WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2)
+                     FROM runs WHERE id = ?1"
+                ))?
+                .query_row(params![run_id, number], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                })
+                .optional()?;
+            if let Some((pipeline, repo, git_ref, commit, total, name)) = found {
+                let name = name.unwrap_or_default();
+                let t = Transition {
+                    run: run_id,
+                    pipeline: &pipeline,
+                    repo: &repo,
+                    git_ref: &git_ref,
+                    commit: &commit,
+                    status: RunStatus::Running,
+                    reason: None,
+                    step: Some((number, total, &name)),
+                };
+                outbox::record(c, policy, &t)?;
+            }
+            Ok(step)
         })
     }
 
@@ -165,17 +207,24 @@ impl Store {
         reason: Option<String>,
         leftover: StepStatus,
     ) -> Result<Option<(Run, Vec<Step>)>, StoreError> {
-        self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             let Some(run) = finish_in(c, run_id, status, reason.as_deref(), leftover)? else {
                 return Ok(None);
             };
+            if let Some(policy) = policy {
+                outbox::record(
+                    c,
+                    policy,
+                    &transition_of(&run, run.status, run.reason.as_deref()),
+                )?;
+            }
             Ok(Some((run, steps_in(c, run_id, None)?)))
         })
     }
 
     /// Cancels a run that has not started, compare and set.
     pub fn cancel_queued(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError> {
-        self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             let canceled = c
                 .prepare_cached(&format!(
                     "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3
@@ -184,6 +233,13 @@ impl Store {
                 .query_row(params![run_id, reason, now_ms()], run_from_row)
                 .optional()?;
             if let Some(run) = canceled {
+                if let Some(policy) = policy {
+                    outbox::record(
+                        c,
+                        policy,
+                        &transition_of(&run, run.status, run.reason.as_deref()),
+                    )?;
+                }
                 return Ok(QueuedCancel::Canceled(Box::new(run)));
             }
             let status: Option<String> = c
@@ -227,7 +283,7 @@ impl Store {
     /// (a run cut before its first step runs nothing twice). Returns (run, attempt it
     /// had, now).
     pub fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
-        self.writer.exec(|c| {
+        self.exec_reporting(move |c, reporter| {
             let found: Vec<(i64, i64, String, bool)> = c
                 .prepare(
                     "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
@@ -259,6 +315,9 @@ impl Store {
                     )?;
                     RunStatus::Failed
                 };
+                if let Some(reporter) = reporter {
+                    report_run(c, reporter, id)?;
+                }
                 out.push((id, attempt, status));
             }
             Ok(out)
@@ -274,7 +333,7 @@ impl Store {
         repo: String,
         changes: Vec<RefChange>,
     ) -> Result<Reconciled, StoreError> {
-        self.writer.exec(move |c| {
+        self.exec_reporting(move |c, policy| {
             let mut out = Reconciled::default();
             for change in &changes {
                 let stored: Option<String> = c
@@ -288,7 +347,7 @@ impl Store {
                     continue;
                 }
                 for run in &change.runs {
-                    out.runs.push(insert_run(c, run, None)?);
+                    out.runs.push(insert_run(c, run, None, policy)?);
                 }
                 note_head(c, &repo, &change.git_ref, Some(&change.head), "reconcile")?;
             }
@@ -400,6 +459,7 @@ fn prune_runs(c: &Connection, keep: i64, cutoff_ms: i64) -> rusqlite::Result<Vec
     for id in &ids {
         c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?
             .execute([id])?;
+        outbox::prune_run(c, *id)?;
         c.prepare_cached("DELETE FROM runs WHERE id = ?1")?
             .execute([id])?;
     }
@@ -462,7 +522,11 @@ fn finish_in(
 }
 
 /// Records one delivery inside the writer's savepoint.
-fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOutcome> {
+fn record_in(
+    conn: &Connection,
+    d: &NewDelivery,
+    policy: Option<&dyn ReportPolicy>,
+) -> rusqlite::Result<DeliveryOutcome> {
     // Deliveries are numbered in arrival order, so their decisions append rather than
     // land at random places (delivery ids are random): fewer pages written per commit.
     let seq: Option<i64> = conn
@@ -480,7 +544,7 @@ fn record_in(conn: &Connection, d: &NewDelivery) -> rusqlite::Result<DeliveryOut
         let (outcome, reason, run_id) = match &decision.run {
             None => ("not_triggered", decision.reason.clone(), None),
             Some(run) => {
-                let made = insert_run(conn, run, Some(&d.id))?;
+                let made = insert_run(conn, run, Some(&d.id), policy)?;
                 let id = made.id;
                 let outcome = match (made.existing, &run.skipped) {
                     (true, _) => (
@@ -544,7 +608,12 @@ fn note_head(
 
 /// Inserts a run unless its key exists (then names the existing run), and applies its
 /// group's cancel policy to older runs.
-fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqlite::Result<RunRef> {
+fn insert_run(
+    conn: &Connection,
+    run: &NewRun,
+    delivery: Option<&str>,
+    policy: Option<&dyn ReportPolicy>,
+) -> rusqlite::Result<RunRef> {
     let now = now_ms();
     let (status, finished_at) = match run.skipped {
         Some(_) => (RunStatus::Skipped, Some(now)),
@@ -590,6 +659,19 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
             changed: Vec::new(),
         });
     };
+    if let Some(policy) = policy {
+        let t = Transition {
+            run: id,
+            pipeline: &run.pipeline,
+            repo: &run.repo,
+            git_ref: &run.git_ref,
+            commit: &run.commit,
+            status,
+            reason: run.skipped.as_deref(),
+            step: None,
+        };
+        outbox::record(conn, policy, &t)?;
+    }
     let mut supersedes = Vec::new();
     let mut changed = Vec::new();
     if let (Some(group), None, true) = (
@@ -616,6 +698,7 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
             conn.prepare_cached("UPDATE runs SET before_sha = ?2 WHERE id = ?1")?
                 .execute(params![id, base])?;
         }
+        let reason = format!("superseded by run {id}");
         let canceled = conn
             .prepare_cached(&format!(
                 "UPDATE runs SET status = 'canceled', reason = ?3, finished_at = ?4
@@ -623,17 +706,16 @@ fn insert_run(conn: &Connection, run: &NewRun, delivery: Option<&str>) -> rusqli
                  RETURNING {RUN_COLUMNS}"
             ))?
             .query_map(
-                params![
-                    group,
-                    id,
-                    format!("superseded by run {id}"),
-                    now,
-                    run.git_ref,
-                    run.supersede_own_ref
-                ],
+                params![group, id, reason, now, run.git_ref, run.supersede_own_ref],
                 run_from_row,
             )?
             .collect::<rusqlite::Result<Vec<Run>>>()?;
+        if let Some(policy) = policy {
+            for old in &canceled {
+                let t = transition_of(old, RunStatus::Canceled, Some(&reason));
+                outbox::record(conn, policy, &t)?;
+            }
+        }
         changed.extend(canceled);
         if run.supersede == Supersede::Running {
             supersedes = conn
@@ -677,4 +759,30 @@ fn delivery_runs(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RunRef>> {
         })
     })?
     .collect()
+}
+
+fn transition_of<'a>(run: &'a Run, status: RunStatus, reason: Option<&'a str>) -> Transition<'a> {
+    Transition {
+        run: run.id,
+        pipeline: &run.pipeline,
+        repo: &run.repo,
+        git_ref: &run.git_ref,
+        commit: &run.commit,
+        status,
+        reason,
+        step: None,
+    }
+}
+
+/// Writes the reports of run `id` as it now stands (after a write in this transaction).
+fn report_run(c: &Connection, policy: &dyn ReportPolicy, id: i64) -> rusqlite::Result<()> {
+    let run = c
+        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?
+        .query_row([id], run_from_row)
+        .optional()?;
+    if let Some(run) = run {
+        let t = transition_of(&run, run.status, run.reason.as_deref());
+        outbox::record(c, policy, &t)?;
+    }
+    Ok(())
 }

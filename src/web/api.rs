@@ -18,7 +18,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::clock::rfc3339;
 use crate::intake::error_reply;
 use crate::state::AppState;
-use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, Store, StoreError};
+use crate::store::{Delivery, ReportView, Run, RunFilter, RunStatus, Step, Store, StoreError};
 use crate::web::follow::{self, Update};
 use crate::web::metrics;
 use warp::sse::Event;
@@ -63,6 +63,16 @@ pub fn run_json(run: &Run, steps: Option<&[Step]>) -> Value {
         v["steps"] = steps.iter().map(step_json).collect();
     }
     v
+}
+
+/// A report of a run: where it goes (never a URL held in a secret), whether it went.
+fn report_json(r: &ReportView) -> Value {
+    json!({
+        "target": r.target,
+        "state": r.state,
+        "reason": r.reason,
+        "attempts": r.attempts,
+    })
 }
 
 fn step_json(s: &Step) -> Value {
@@ -175,14 +185,16 @@ async fn list_runs(state: Arc<AppState>, q: HashMap<String, String>) -> Result<R
 async fn get_run(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
     let found = blocking(&state.store, move |s| {
         Ok(match s.run(id)? {
-            Some(run) => Some((run, s.steps(id)?)),
+            Some(run) => Some((run, s.steps(id)?, s.reports_of(id)?)),
             None => None,
         })
     })
     .await?;
-    let (run, steps) =
+    let (run, steps, reports) =
         found.ok_or_else(|| error_reply(StatusCode::NOT_FOUND, format!("no run {id}")))?;
-    Ok(ok_json(&run_json(&run, Some(&steps))))
+    let mut v = run_json(&run, Some(&steps));
+    v["reports"] = reports.iter().map(report_json).collect();
+    Ok(ok_json(&v))
 }
 
 async fn get_log(

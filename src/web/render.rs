@@ -223,6 +223,7 @@ mod tests {
             github: Some(FileGithub {
                 token_file: None,
                 api_url: api_url.map(str::to_owned),
+                statuses: None,
             }),
             ..FileConfig::default()
         };

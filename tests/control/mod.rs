@@ -466,6 +466,7 @@ mod leftovers;
 mod limits;
 mod live_logs;
 mod metrics;
+mod reports;
 mod retention;
 mod run_as;
 mod run_end;
