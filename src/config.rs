@@ -1,6 +1,7 @@
 //! The daemon's configuration: defaults, then the config file, then command-line flags,
 //! validated once into an immutable [`Config`]. Secrets are read here and held in
-//! [`Secret`], which never prints its value.
+//! [`Secret`], which never prints its value. A [`ConfigSource`] remembers where a
+//! config came from, so a reload can build a whole new one the same way.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -112,6 +113,84 @@ pub struct Config {
     pub secrets_dir: Option<PathBuf>,
     pub retention: Retention,
     pub github: GithubConfig,
+    /// Reload when a file in the pipelines directory is created, changed or removed.
+    pub watch_pipelines: bool,
+}
+
+/// The settings a reload cannot apply: what the running daemon is built around (its
+/// socket, its state directory and the lock on it, the directory it watches).
+const RESTART_ONLY: &[&str] = &["listen", "state_dir", "pipelines", "watch_pipelines"];
+
+impl Config {
+    /// The names of the restart-only settings in which `new` differs from `self`.
+    /// Directories are compared as the paths they resolve to, so a relative and an
+    /// absolute spelling of the running one are no change.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let same_dir = |a: &Path, b: &Path| {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        RESTART_ONLY
+            .iter()
+            .copied()
+            .filter(|name| match *name {
+                "listen" => self.listen != new.listen,
+                "state_dir" => !same_dir(&self.state_dir, &new.state_dir),
+                "pipelines" => !same_dir(&self.pipelines, &new.pipelines),
+                "watch_pipelines" => self.watch_pipelines != new.watch_pipelines,
+                _ => false,
+            })
+            .collect()
+    }
+
+    /// `new` with the restart-only settings of `self`, the running config: what a
+    /// reload swaps in.
+    pub fn with_restart_only_of(mut self, running: &Config) -> Config {
+        self.listen = running.listen;
+        self.state_dir.clone_from(&running.state_dir);
+        self.pipelines.clone_from(&running.pipelines);
+        self.watch_pipelines = running.watch_pipelines;
+        self
+    }
+}
+
+/// Where a config comes from: the file (if any), the command-line flags, and whether
+/// unsigned webhooks were allowed; read again as a whole at each reload.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub flags: Overrides,
+    pub allow_unsigned: bool,
+}
+
+impl ConfigSource {
+    /// Reads and validates the whole config, as at start.
+    pub fn load(&self, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        let file = match &self.path {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let config = Config::build(file, self.flags.clone(), env)?;
+        if config.webhook_secret.is_none() && !self.allow_unsigned {
+            return Err(ConfigError::NoWebhookSecret);
+        }
+        Ok(config)
+    }
+
+    /// A problem of the config as one line, `file:line:col: message` where it has a
+    /// place, else prefixed with the config file's name.
+    pub fn describe(&self, error: &ConfigError) -> String {
+        match (error, &self.path) {
+            (ConfigError::File(e), _) => e.one_line(),
+            (ConfigError::Invalid(_) | ConfigError::NoWebhookSecret, Some(path)) => {
+                format!("{}: {error}", path.display())
+            }
+            _ => error.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +207,11 @@ pub enum ConfigError {
     EmptySecret { what: &'static str, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
+         (or pass --allow-unsigned for a local trial)"
+    )]
+    NoWebhookSecret,
 }
 
 /// The config file's shape. Unknown keys are typos, hence errors.
@@ -151,6 +235,7 @@ pub struct FileConfig {
     pub secrets_dir: Option<PathBuf>,
     pub retention: Option<FileRetention>,
     pub github: Option<FileGithub>,
+    pub watch_pipelines: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -310,6 +395,7 @@ impl Config {
                     .api_url
                     .unwrap_or_else(|| "https://api.github.com".into()),
             },
+            watch_pipelines: file.watch_pipelines.unwrap_or(true),
         };
         if config.max_parallel_runs == 0 {
             return Err(ConfigError::Invalid(

@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::Signal;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::intake::error_reply;
 use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
+use crate::reload;
 use crate::run::{runner, scheduler};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
@@ -167,27 +169,37 @@ fn archive_logs(dir: &Path, attempt: i64) {
 /// Runs the daemon until `shutdown` resolves, then stops accepting, lets running steps
 /// finish for up to `shutdown_grace`, and returns. `shutdown` is watched from the
 /// start: a stop asked for during recovery ends the daemon as soon as recovery is done,
-/// without serving.
+/// without serving. Each of `hangups` (SIGHUP) reloads `source` (a reload asked for
+/// during recovery follows once it is done).
 pub async fn run(
     listener: TcpListener,
+    source: ConfigSource,
     config: Config,
     pipelines: PipelineSet,
     shutdown: impl Future<Output = ()> + Send,
+    mut hangups: Signal,
 ) -> Result<(), DaemonError> {
     let mut config = config;
     let mut shutdown = std::pin::pin!(shutdown);
     let state_dir = config.state_dir.clone();
     let mut recovery = tokio::task::spawn_blocking(move || open_and_recover(&state_dir));
+    let mut reload_pending = false;
     // Held until this function returns, after the last run has stopped.
-    let (store, state_dir, _lock) = tokio::select! {
-        recovered = &mut recovery => recovered??,
-        () = &mut shutdown => {
-            crate::systemd::notify("STOPPING=1");
-            tracing::info!("stop requested during recovery: exiting once it is done, without serving");
-            // Recovery runs on a blocking thread and cannot be cut short; the lock
-            // it takes is released when it is done and dropped here.
-            recovery.await??;
-            return Ok(());
+    let (store, state_dir, _lock) = loop {
+        tokio::select! {
+            recovered = &mut recovery => break recovered??,
+            Some(()) = hangups.recv() => {
+                tracing::info!("SIGHUP during startup: config and pipelines are read again once started");
+                reload_pending = true;
+            }
+            () = &mut shutdown => {
+                crate::systemd::notify("STOPPING=1");
+                tracing::info!("stop requested during recovery: exiting once it is done, without serving");
+                // Recovery runs on a blocking thread and cannot be cut short; the lock
+                // it takes is released when it is done and dropped here.
+                recovery.await??;
+                return Ok(());
+            }
         }
     };
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
@@ -202,7 +214,8 @@ pub async fn run(
             "listening"
         );
     }
-    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    let watch_pipelines = config.watch_pipelines;
+    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines).with_source(source));
     scheduler::prune(&state).await;
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), state.stopping()));
     tokio::spawn(scheduler::prune_every(Arc::clone(&state), state.stopping()));
@@ -215,7 +228,18 @@ pub async fn run(
         .or(control::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
+    if watch_pipelines {
+        if let Err(e) = reload::watch::start(Arc::clone(&state), state.stopping()) {
+            tracing::warn!(error = %e, "cannot watch the pipelines directory: reload with SIGHUP instead");
+        }
+    }
     crate::systemd::notify("READY=1");
+    tokio::spawn(reload::on_hangup(
+        Arc::clone(&state),
+        hangups,
+        reload_pending,
+        state.stopping(),
+    ));
     // The scheduler and the followers hear the stop as HTTP stops accepting, not after
     // the drain: a run claimed during the drain would be killed at the end of a grace
     // period that started late, and lose an attempt; an open follow stream would hold

@@ -4,8 +4,8 @@
 //! pipelines it triggers) → `store` (recorded durably; the queue) → `git` (fetched and
 //! checked out) → `run` (steps executed) → `web` (what happened, live). `daemon` wires
 //! the stages around the shared `state`; `cli` holds the command line's own work.
-//! `config`, `yaml`, `duration` and `clock` serve every stage; `systemd` speaks to the
-//! service manager.
+//! `config`, `yaml`, `duration` and `clock` serve every stage; `reload` swaps in a new
+//! config and pipelines while the daemon runs; `systemd` speaks to the service manager.
 
 pub mod cli;
 pub mod clock;
@@ -15,6 +15,7 @@ pub mod duration;
 pub mod git;
 pub mod intake;
 pub mod pipeline;
+pub mod reload;
 pub mod run;
 pub mod state;
 pub mod store;

@@ -198,8 +198,8 @@ where
     B: Buf,
 {
     let encoding = encoding(headers)?;
-    let raw = read_capped(headers, body, state.config.max_body_bytes).await?;
-    if let Some(secret) = &state.config.webhook_secret {
+    let raw = read_capped(headers, body, state.config().max_body_bytes).await?;
+    if let Some(secret) = &state.config().webhook_secret {
         verify_signature(
             secret.expose().as_bytes(),
             &raw,
@@ -295,6 +295,7 @@ async fn record_and_wake(
     record: NewDelivery,
 ) -> Result<DeliveryOutcome, crate::store::StoreError> {
     let outcome = state.store.record_delivery_async(record).await?;
+    state.delivered();
     if let DeliveryOutcome::New(runs) = &outcome {
         for new in runs {
             for old in &new.supersedes {

@@ -1,7 +1,9 @@
 //! The run stage: the `scheduler` takes queued runs from the store and executes them,
-//! the `runner` runs one step as a process group with its log, and `mask` keeps secrets
-//! out of that log. Everything a run does to the machine happens here.
+//! the `runner` runs one step as a process group with its log, `mask` keeps secrets
+//! out of that log, and the scheduler's `heartbeat` feeds the service manager's watchdog
+//! and status line. Everything a run does to the machine happens here.
 
+pub mod heartbeat;
 pub mod mask;
 pub mod runner;
 pub mod scheduler;

@@ -17,6 +17,7 @@ use crate::config::{resolve_secret, ProcessEnv, Secret};
 use crate::git::repo::RepoName;
 use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
+use crate::run::heartbeat::Heartbeat;
 use crate::run::mask::Masker;
 use crate::run::runner::{self, StepCommand, StepEnd};
 use crate::state::AppState;
@@ -213,19 +214,77 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// notification) still starts.
 const RESCAN: Duration = Duration::from_secs(5);
 
+/// The run permits, resized when a reload changes `max_parallel_runs`. Shrinking
+/// never stops a running run: permits in use are forgotten as their runs return them.
+struct Permits {
+    semaphore: Arc<Semaphore>,
+    size: usize,
+    /// Permits still to forget, once runs return them.
+    owed: usize,
+}
+
+impl Permits {
+    fn new(size: usize) -> Permits {
+        Permits {
+            semaphore: Arc::new(Semaphore::new(size)),
+            size,
+            owed: 0,
+        }
+    }
+
+    fn resize(&mut self, size: usize) {
+        if size > self.size {
+            let more = size - self.size;
+            let repaid = more.min(self.owed);
+            self.owed -= repaid;
+            self.semaphore.add_permits(more - repaid);
+        } else {
+            self.owed += self.size - size;
+        }
+        self.size = size;
+        self.owed -= self.semaphore.forget_permits(self.owed);
+    }
+
+    /// A free permit, once one is free and none is owed.
+    async fn acquire(&mut self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let permit = Arc::clone(&self.semaphore).acquire_owned().await.ok()?;
+            if self.owed == 0 {
+                return Some(permit);
+            }
+            permit.forget();
+            self.owed -= 1;
+        }
+    }
+}
+
 /// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
-/// kills what is left (those runs end `interrupted`; queued runs stay queued).
+/// kills what is left (those runs end `interrupted`; queued runs stay queued). Its own
+/// loop keeps the service manager's watchdog fed and its status line current, so a
+/// scheduler that hangs gets the service restarted.
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(state.config.max_parallel_runs));
+    let mut permits = Permits::new(state.config().max_parallel_runs);
+    let mut model = state.model_changes();
+    let mut heartbeat = Heartbeat::new();
     let mut tasks = JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
         if *stop.borrow() {
             break;
         }
+        permits.resize(state.config().max_parallel_runs);
         let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = permits.acquire() => match p { Some(p) => p, None => break },
             _ = stop.changed() => break,
+            _ = model.changed() => continue,
+            () = heartbeat.tick() => {
+                heartbeat.beat(&state).await;
+                continue;
+            }
+            () = state.changed.notified() => {
+                heartbeat.status(&state).await;
+                continue;
+            }
         };
         let store = Arc::clone(&state.store);
         match tokio::task::spawn_blocking(move || store.claim_next()).await {
@@ -237,16 +296,29 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 let span = tracing::info_span!("run", run = run.id, pipeline = %run.pipeline);
                 let (stop_tx, stop_rx) = watch::channel(false);
                 let control = state.running.register(run.id, stop_tx);
-                let job = execute(Arc::clone(&state), run, (control, stop_rx), permit);
+                // Taken now: a reload from here on does not change what this run runs.
+                let pipeline = state.pipelines().get(&run.pipeline).cloned();
+                let job = execute(
+                    Arc::clone(&state),
+                    run,
+                    pipeline,
+                    (control, stop_rx),
+                    permit,
+                );
                 tasks.spawn(job.instrument(span));
+                heartbeat.status(&state).await;
             }
             Ok(Ok(None)) => {
                 drop(permit);
+                heartbeat.status(&state).await;
                 tokio::select! {
                     () = state.wake.notified() => {}
                     () = tokio::time::sleep(RESCAN) => {}
                     _ = stop.changed() => break,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = model.changed() => {}
+                    () = heartbeat.tick() => heartbeat.beat(&state).await,
+                    () = state.changed.notified() => heartbeat.status(&state).await,
                 }
             }
             Ok(Err(e)) => {
@@ -259,7 +331,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     if tasks.is_empty() {
         return;
     }
-    let grace = state.config.shutdown_grace;
+    let grace = state.config().shutdown_grace;
     tracing::info!(
         running = tasks.len(),
         ?grace,
@@ -300,7 +372,8 @@ pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let control = state.running.register(id, stop_tx);
-    execute(state, run, (control, stop_rx), permit).await;
+    let pipeline = state.pipelines().get(&run.pipeline).cloned();
+    execute(state, run, pipeline, (control, stop_rx), permit).await;
     Ok(())
 }
 
@@ -325,12 +398,13 @@ struct Ending {
 async fn execute(
     state: Arc<AppState>,
     run: Run,
+    pipeline: Option<Arc<Pipeline>>,
     (control, stop): (Arc<RunControl>, watch::Receiver<bool>),
     _permit: OwnedSemaphorePermit,
 ) {
     tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
     let workspace = state.workspace(run.id);
-    let ending = match state.pipelines().get(&run.pipeline).cloned() {
+    let ending = match pipeline {
         None => Ending {
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
@@ -438,7 +512,7 @@ async fn until_stored<T: Send + 'static>(
 /// old deliveries with their decisions; batch after batch until none is left.
 /// Mirrors are kept.
 pub async fn prune(state: &Arc<AppState>) {
-    let retention = state.config.retention;
+    let retention = state.config().retention;
     let (mut runs, mut deliveries) = (0, 0);
     loop {
         let cutoff = crate::clock::now_ms() - (retention.days as i64).saturating_mul(86_400_000);
@@ -475,15 +549,26 @@ pub async fn prune(state: &Arc<AppState>) {
 
 /// Retention every `retention.interval` as well, until `stop` turns true: runs that
 /// never execute (skipped, canceled while queued), deliveries that start none, and
-/// age itself would otherwise wait for the next run to end.
+/// age itself would otherwise wait for the next run to end. A reload that changes
+/// the interval times the next pass by the new one.
 pub async fn prune_every(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let interval = state.config.retention.interval;
-    if interval.is_zero() {
-        return;
-    }
+    let mut model = state.model_changes();
+    let mut last_pass = Instant::now();
     loop {
+        let interval = state.config().retention.interval;
+        let wait = async {
+            if interval.is_zero() {
+                std::future::pending().await
+            } else {
+                tokio::time::sleep_until(last_pass + interval).await
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(interval) => prune(&state).await,
+            () = wait => {
+                last_pass = Instant::now();
+                prune(&state).await;
+            }
+            _ = model.changed() => {}
             _ = stop.changed() => return,
         }
     }
@@ -502,7 +587,7 @@ fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secr
         .secrets
         .iter()
         .map(|name| {
-            resolve_secret(name, state.config.secrets_dir.as_deref(), &ProcessEnv)
+            resolve_secret(name, state.config().secrets_dir.as_deref(), &ProcessEnv)
                 .map(|v| (name.clone(), v))
         })
         .collect()
@@ -713,7 +798,7 @@ async fn run_steps(
             env: &env,
             log_path: &log,
             timeout,
-            grace: state.config.step_grace,
+            grace: state.config().step_grace,
             mask: &mask,
         };
         let outcome = runner::run_step(cmd, until).instrument(span.clone()).await;

@@ -1,7 +1,7 @@
 //! Run control against the real daemon: concurrency groups and their cancel policies,
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
 //! path filters and skip tokens, live logs (SSE and `hookci logs -f`), retention, the
-//! API client commands, and what stops and signals do to runs and open streams.
+//! API client commands, what stops and signals do to runs and open streams, and reloads.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -458,6 +458,7 @@ mod concurrency;
 mod exact_cancel;
 mod git_jobs;
 mod live_logs;
+mod reload;
 mod retention;
 mod run_end;
 mod secrets;
