@@ -596,6 +596,58 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_the_restart_only_settings_and_names_those_that_changed() {
+        let env = FakeEnv(HashMap::new());
+        let running = Config::build(FileConfig::default(), Overrides::default(), &env).unwrap();
+        assert!(running.watch_pipelines, "watch_pipelines defaults to true");
+        let file = FileConfig {
+            listen: Some("127.0.0.1:9".parse().unwrap()),
+            state_dir: Some("/elsewhere".into()),
+            max_parallel_runs: Some(5),
+            watch_pipelines: Some(false),
+            ..FileConfig::default()
+        };
+        let new = Config::build(file, Overrides::default(), &env).unwrap();
+        assert_eq!(
+            running.restart_only_changes(&new),
+            ["listen", "state_dir", "watch_pipelines"]
+        );
+        let swapped = new.with_restart_only_of(&running);
+        assert_eq!(swapped.listen, running.listen);
+        assert_eq!(swapped.state_dir, running.state_dir);
+        assert!(swapped.watch_pipelines);
+        assert_eq!(swapped.max_parallel_runs, 5, "the rest takes effect");
+        assert!(running.restart_only_changes(&swapped).is_empty());
+    }
+
+    #[test]
+    fn a_source_without_a_webhook_secret_is_refused_unless_unsigned_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hookci.yml");
+        std::fs::write(&path, "max_parallel_runs: 3\n").unwrap();
+        let env = FakeEnv(HashMap::new());
+        let mut source = ConfigSource {
+            path: Some(path.clone()),
+            ..ConfigSource::default()
+        };
+        let err = source.load(&env).unwrap_err();
+        assert!(matches!(err, ConfigError::NoWebhookSecret), "{err}");
+        let told = source.describe(&err);
+        assert!(
+            told.starts_with(&format!("{}: no webhook secret", path.display())),
+            "{told}"
+        );
+        source.allow_unsigned = true;
+        assert_eq!(source.load(&env).unwrap().max_parallel_runs, 3);
+
+        std::fs::write(&path, "max_parallel_runs: 3\nlisten_addr: x\n").unwrap();
+        let told = source.describe(&source.load(&env).unwrap_err());
+        let place = format!("{}:2:1: unknown field `listen_addr`", path.display());
+        assert!(told.starts_with(&place), "{told}");
+        assert!(!told.contains('\n'), "one line: {told}");
+    }
+
+    #[test]
     fn state_directory_from_systemd() {
         let env = FakeEnv(HashMap::from([("STATE_DIRECTORY", "/var/lib/hookci")]));
         let c = Config::build(FileConfig::default(), Overrides::default(), &env).unwrap();

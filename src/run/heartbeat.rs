@@ -36,6 +36,11 @@ impl Heartbeat {
         }
     }
 
+    /// Whether a service manager hears the status line.
+    pub fn is_notifying(&self) -> bool {
+        self.notifying
+    }
+
     /// Resolves when the next `WATCHDOG=1` is due; never without a watchdog.
     pub async fn tick(&mut self) {
         match &mut self.interval {

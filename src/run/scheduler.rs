@@ -281,7 +281,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 heartbeat.beat(&state).await;
                 continue;
             }
-            () = state.changed.notified() => {
+            () = state.changed.notified(), if heartbeat.is_notifying() => {
                 heartbeat.status(&state).await;
                 continue;
             }
@@ -311,14 +311,21 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             Ok(Ok(None)) => {
                 drop(permit);
                 heartbeat.status(&state).await;
-                tokio::select! {
-                    () = state.wake.notified() => {}
-                    () = tokio::time::sleep(RESCAN) => {}
-                    _ = stop.changed() => break,
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                    _ = model.changed() => {}
-                    () = heartbeat.tick() => heartbeat.beat(&state).await,
-                    () = state.changed.notified() => heartbeat.status(&state).await,
+                // Beats and status updates do not end the wait: only what may have
+                // made a run claimable does.
+                let rescan = tokio::time::sleep(RESCAN);
+                let mut rescan = std::pin::pin!(rescan);
+                loop {
+                    tokio::select! {
+                        () = state.wake.notified() => break,
+                        () = &mut rescan => break,
+                        _ = stop.changed() => break,
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => break,
+                        () = heartbeat.tick() => heartbeat.beat(&state).await,
+                        () = state.changed.notified(), if heartbeat.is_notifying() => {
+                            heartbeat.status(&state).await;
+                        }
+                    }
                 }
             }
             Ok(Err(e)) => {
@@ -922,6 +929,56 @@ mod tests {
             status,
             reason: None,
         }
+    }
+
+    #[test]
+    fn permits_grow_at_once_and_shrink_as_runs_give_theirs_back() {
+        let mut permits = Permits::new(2);
+        let held: Vec<_> = (0..2)
+            .map(|_| Arc::clone(&permits.semaphore).try_acquire_owned().unwrap())
+            .collect();
+        let state = |p: &Permits| (p.semaphore.available_permits(), p.owed);
+        // Both in use: the one too many is owed, and no running run is touched.
+        permits.resize(1);
+        assert_eq!(state(&permits), (0, 1));
+        // Growing again first cancels what is owed.
+        permits.resize(2);
+        assert_eq!(state(&permits), (0, 0));
+        permits.resize(1);
+        drop(held);
+        // Given back, the owed one is forgotten at the next resize (or acquire).
+        permits.resize(1);
+        assert_eq!(state(&permits), (1, 0));
+        permits.resize(3);
+        assert_eq!(state(&permits), (3, 0));
+        permits.resize(1);
+        assert_eq!(state(&permits), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_owed_permit_is_forgotten_when_acquired() {
+        let mut permits = Permits::new(2);
+        let held = Arc::clone(&permits.semaphore).try_acquire_owned().unwrap();
+        permits.resize(1);
+        // One free, one held: the free one is forgotten now, and nothing is owed.
+        assert_eq!(
+            (permits.semaphore.available_permits(), permits.owed),
+            (0, 0)
+        );
+        drop(held);
+        let got = permits.acquire().await;
+        assert!(got.is_some());
+        assert_eq!(permits.semaphore.available_permits(), 0);
+        // Owed while held, then forgotten as acquire meets it.
+        permits.owed = 1;
+        drop(got);
+        permits.semaphore.add_permits(1);
+        let got = permits.acquire().await;
+        assert!(got.is_some());
+        assert_eq!(
+            (permits.semaphore.available_permits(), permits.owed),
+            (0, 0)
+        );
     }
 
     #[test]
