@@ -216,15 +216,63 @@ fn a_reload_applies_new_tokens_and_reports_restart_only_settings() {
     let r = api_post(&d, "/api/reload", Some(TOKEN), &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["report"]["restart_required"], json!(["listen"]));
-    assert!(
+    eventually("the restart-only change is logged", || {
         d.log()
-            .contains("listen changed in the config: it takes effect at the next restart"),
-        "{}",
-        d.log()
-    );
+            .contains("listen changed in the config: it takes effect at the next restart")
+    });
     // Still served where it listened; the old token is refused, the new one works.
     let r = api_post(&d, "/api/reload", Some(TOKEN), &json!({}));
     assert_json_error(&r, 401, "the old token");
     let r = api_post(&d, "/api/reload", Some("the-next-token"), &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn a_reload_that_raises_max_parallel_runs_starts_a_waiting_run_at_once() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let token = token_config(&b);
+    // Two pipelines: two concurrency groups, so only the permits hold one back.
+    let d = b
+        .config("watch_pipelines: false")
+        .config("max_parallel_runs: 1")
+        .config(&token)
+        .pipeline("one", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .pipeline("two", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let runs = push_runs(
+        &d,
+        "parallel-1",
+        &push_body("refs/heads/main", ZERO, &sha, "x"),
+    );
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let with_status = |status: &str| -> Vec<i64> {
+        runs.iter()
+            .map(|(_, id)| *id)
+            .filter(|id| run_of(&d, *id)["status"] == status)
+            .collect()
+    };
+    eventually("one run takes the only permit", || {
+        with_status("running").len() == 1
+    });
+    let waiting = with_status("queued");
+    assert_eq!(waiting.len(), 1, "{}", d.log());
+
+    let config = d.path().join("hookci.yml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("max_parallel_runs: 1", "max_parallel_runs: 2");
+    std::fs::write(&config, text).unwrap();
+    let r = api_post(&d, "/api/reload", Some(TOKEN), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["report"]["restart_required"], json!([]));
+    // The gate is still closed: the first run still holds its permit.
+    wait_status(&d, waiting[0], "running");
+
+    std::fs::write(&gate, "go").unwrap();
+    for (_, id) in &runs {
+        assert_eq!(d.wait_run(*id)["status"], "succeeded");
+    }
 }
