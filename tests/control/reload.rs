@@ -204,7 +204,7 @@ fn a_run_in_progress_during_a_reload_finishes_with_the_pipeline_it_started_with(
 }
 
 #[test]
-fn a_reload_applies_new_tokens_and_reports_restart_only_settings() {
+fn a_reload_applies_new_tokens_and_secrets_and_reports_restart_only_settings() {
     let b = Builder::new();
     let token = token_config(&b);
     let d = b.config("watch_pipelines: false").config(&token).start();
@@ -212,6 +212,8 @@ fn a_reload_applies_new_tokens_and_reports_restart_only_settings() {
     let changed = before.replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:9");
     std::fs::write(d.path().join("hookci.yml"), changed).unwrap();
     std::fs::write(d.path().join("api-token"), "the-next-token\n").unwrap();
+    assert_eq!(d.deliver("ping", "before-reload", b"{}").status, 200);
+    std::fs::write(d.path().join("secret"), "the-next-secret\n").unwrap();
 
     let r = api_post(&d, "/api/reload", Some(TOKEN), &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -225,6 +227,8 @@ fn a_reload_applies_new_tokens_and_reports_restart_only_settings() {
     assert_json_error(&r, 401, "the old token");
     let r = api_post(&d, "/api/reload", Some("the-next-token"), &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
+    // The webhook secret too: a delivery signed with the old one is refused.
+    assert_eq!(d.deliver("ping", "after-reload", b"{}").status, 401);
 }
 
 #[test]
