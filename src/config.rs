@@ -1,6 +1,7 @@
 //! The daemon's configuration: defaults, then the config file, then command-line flags,
 //! validated once into an immutable [`Config`]. Secrets are read here and held in
-//! [`Secret`], which never prints its value.
+//! [`Secret`], which never prints its value. A [`ConfigSource`] remembers where a
+//! config came from, so a reload can build a whole new one the same way.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -156,6 +157,85 @@ pub struct Config {
     /// load: the variables themselves are removed from the process (see
     /// [`scrub_environment`]).
     pub secret_env: SecretEnv,
+    /// Reload when a file in the pipelines directory is created, changed or removed.
+    pub watch_pipelines: bool,
+}
+
+/// The settings a reload cannot apply: what the running daemon is built around (its
+/// socket, its state directory and the lock on it, the directory it watches).
+const RESTART_ONLY: &[&str] = &["listen", "state_dir", "pipelines", "watch_pipelines"];
+
+impl Config {
+    /// The names of the restart-only settings in which `new` differs from `self`.
+    /// Directories are compared as the paths they resolve to, so a relative and an
+    /// absolute spelling of the running one are no change.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let same_dir = |a: &Path, b: &Path| {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        RESTART_ONLY
+            .iter()
+            .copied()
+            .filter(|name| match *name {
+                "listen" => self.listen != new.listen,
+                "state_dir" => !same_dir(&self.state_dir, &new.state_dir),
+                "pipelines" => !same_dir(&self.pipelines, &new.pipelines),
+                "watch_pipelines" => self.watch_pipelines != new.watch_pipelines,
+                _ => false,
+            })
+            .collect()
+    }
+
+    /// `new` with the restart-only settings of `self`, the running config: what a
+    /// reload swaps in.
+    pub fn with_restart_only_of(mut self, running: &Config) -> Config {
+        self.listen = running.listen;
+        self.state_dir.clone_from(&running.state_dir);
+        self.pipelines.clone_from(&running.pipelines);
+        self.watch_pipelines = running.watch_pipelines;
+        self
+    }
+}
+
+/// Where a config comes from: the file (if any), the command-line flags, and whether
+/// unsigned webhooks were allowed; read again as a whole at each reload.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub flags: Overrides,
+    pub allow_unsigned: bool,
+}
+
+impl ConfigSource {
+    /// Reads and validates the whole config, as at start.
+    pub fn load(&self, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        let file = match &self.path {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let mut config = Config::build(file, self.flags.clone(), env)?;
+        if config.webhook_secret.is_none() && !self.allow_unsigned {
+            return Err(ConfigError::NoWebhookSecret);
+        }
+        config.protected.extend(self.path.clone());
+        Ok(config)
+    }
+
+    /// A problem of the config as one line, `file:line:col: message` where it has a
+    /// place, else prefixed with the config file's name.
+    pub fn describe(&self, error: &ConfigError) -> String {
+        match (error, &self.path) {
+            (ConfigError::File(e), _) => e.one_line(),
+            (ConfigError::Invalid(_) | ConfigError::NoWebhookSecret, Some(path)) => {
+                format!("{}: {error}", path.display())
+            }
+            _ => error.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +252,11 @@ pub enum ConfigError {
     EmptySecret { what: &'static str, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
+         (or pass --allow-unsigned for a local trial)"
+    )]
+    NoWebhookSecret,
 }
 
 /// The config file's shape. Unknown keys are typos, hence errors.
@@ -201,6 +286,7 @@ pub struct FileConfig {
     pub min_free_bytes: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_unverified_bytes: Option<u64>,
+    pub watch_pipelines: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -482,6 +568,7 @@ impl Config {
             max_unverified_bytes: file.max_unverified_bytes.unwrap_or(64 * 1024 * 1024),
             protected,
             secret_env: SecretEnv::capture(env, env_names),
+            watch_pipelines: file.watch_pipelines.unwrap_or(true),
         };
         if config.max_connections == 0 {
             return Err(ConfigError::Invalid(
@@ -823,6 +910,58 @@ mod tests {
         let err =
             Config::build(keep_none, Overrides::default(), &FakeEnv(HashMap::new())).unwrap_err();
         assert!(err.to_string().contains("retention.runs"), "{err}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_restart_only_settings_and_names_those_that_changed() {
+        let env = FakeEnv(HashMap::new());
+        let running = Config::build(FileConfig::default(), Overrides::default(), &env).unwrap();
+        assert!(running.watch_pipelines, "watch_pipelines defaults to true");
+        let file = FileConfig {
+            listen: Some("127.0.0.1:9".parse().unwrap()),
+            state_dir: Some("/elsewhere".into()),
+            max_parallel_runs: Some(5),
+            watch_pipelines: Some(false),
+            ..FileConfig::default()
+        };
+        let new = Config::build(file, Overrides::default(), &env).unwrap();
+        assert_eq!(
+            running.restart_only_changes(&new),
+            ["listen", "state_dir", "watch_pipelines"]
+        );
+        let swapped = new.with_restart_only_of(&running);
+        assert_eq!(swapped.listen, running.listen);
+        assert_eq!(swapped.state_dir, running.state_dir);
+        assert!(swapped.watch_pipelines);
+        assert_eq!(swapped.max_parallel_runs, 5, "the rest takes effect");
+        assert!(running.restart_only_changes(&swapped).is_empty());
+    }
+
+    #[test]
+    fn a_source_without_a_webhook_secret_is_refused_unless_unsigned_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hookci.yml");
+        std::fs::write(&path, "max_parallel_runs: 3\n").unwrap();
+        let env = FakeEnv(HashMap::new());
+        let mut source = ConfigSource {
+            path: Some(path.clone()),
+            ..ConfigSource::default()
+        };
+        let err = source.load(&env).unwrap_err();
+        assert!(matches!(err, ConfigError::NoWebhookSecret), "{err}");
+        let told = source.describe(&err);
+        assert!(
+            told.starts_with(&format!("{}: no webhook secret", path.display())),
+            "{told}"
+        );
+        source.allow_unsigned = true;
+        assert_eq!(source.load(&env).unwrap().max_parallel_runs, 3);
+
+        std::fs::write(&path, "max_parallel_runs: 3\nlisten_addr: x\n").unwrap();
+        let told = source.describe(&source.load(&env).unwrap_err());
+        let place = format!("{}:2:1: unknown field `listen_addr`", path.display());
+        assert!(told.starts_with(&place), "{told}");
+        assert!(!told.contains('\n'), "one line: {told}");
     }
 
     #[test]

@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::Signal;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::intake::error_reply;
 use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
+use crate::reload;
 use crate::report::{self, policy::Policy};
 use crate::run::contain::{self, Cgroups};
 use crate::run::user::{self, RunAs};
@@ -291,12 +293,15 @@ fn archive_logs(dir: &Path, attempt: i64) {
 /// Runs the daemon until `shutdown` resolves, then stops accepting, lets running steps
 /// finish for up to `shutdown_grace`, and returns. `shutdown` is watched from the
 /// start: a stop asked for during recovery ends the daemon as soon as recovery is done,
-/// without serving.
+/// without serving. Each of `hangups` (SIGHUP) reloads `source` (a reload asked for
+/// during recovery follows once it is done).
 pub async fn run(
     listener: TcpListener,
+    source: ConfigSource,
     config: Config,
     pipelines: PipelineSet,
     shutdown: impl Future<Output = ()> + Send,
+    mut hangups: Signal,
 ) -> Result<(), DaemonError> {
     let mut config = config;
     let mut shutdown = std::pin::pin!(shutdown);
@@ -310,21 +315,28 @@ pub async fn run(
     let recovery_policy = Arc::clone(&policy);
     let mut recovery =
         tokio::task::spawn_blocking(move || open_and_recover(&for_recovery, recovery_policy));
+    let mut reload_pending = false;
     // Held until this function returns, after the last run has stopped.
     let Recovered {
         store,
         state_dir,
         lock: _lock,
         cgroups,
-    } = tokio::select! {
-        recovered = &mut recovery => recovered??,
-        () = &mut shutdown => {
-            crate::systemd::notify("STOPPING=1");
-            tracing::info!("stop requested during recovery: exiting once it is done, without serving");
-            // Recovery runs on a blocking thread and cannot be cut short; the lock
-            // it takes is released when it is done and dropped here.
-            recovery.await??;
-            return Ok(());
+    } = loop {
+        tokio::select! {
+            recovered = &mut recovery => break recovered??,
+            Some(()) = hangups.recv() => {
+                tracing::info!("SIGHUP during startup: config and pipelines are read again once started");
+                reload_pending = true;
+            }
+            () = &mut shutdown => {
+                crate::systemd::notify("STOPPING=1");
+                tracing::info!("stop requested during recovery: exiting once it is done, without serving");
+                // Recovery runs on a blocking thread and cannot be cut short; the lock
+                // it takes is released when it is done and dropped here.
+                recovery.await??;
+                return Ok(());
+            }
         }
     };
     // Absolute, so every step's HOOKCI_WORKSPACE is unique to this state directory.
@@ -340,7 +352,12 @@ pub async fn run(
         );
     }
     let pipelines = Arc::unwrap_or_clone(pipelines);
-    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines).with_cgroups(cgroups));
+    let watch_pipelines = config.watch_pipelines;
+    let state = Arc::new(
+        AppState::new(config, Arc::new(store), pipelines)
+            .with_cgroups(cgroups)
+            .with_source(source),
+    );
     // Subscribed before anything can make a run change.
     tokio::spawn(state.metrics.record(state.events.subscribe()));
     policy.attach(&state);
@@ -364,7 +381,18 @@ pub async fn run(
         .or(badge::routes(Arc::clone(&state)))
         .unify()
         .recover(rejection);
+    if watch_pipelines {
+        if let Err(e) = reload::watch::start(Arc::clone(&state), state.stopping()) {
+            tracing::warn!(error = %e, "cannot watch the pipelines directory: reload with SIGHUP instead");
+        }
+    }
     crate::systemd::notify("READY=1");
+    tokio::spawn(reload::on_hangup(
+        Arc::clone(&state),
+        hangups,
+        reload_pending,
+        state.stopping(),
+    ));
     // The scheduler and the followers hear the stop as HTTP stops accepting, not after
     // the drain: a run claimed during the drain would be killed at the end of a grace
     // period that started late, and lose an attempt; an open follow stream would hold

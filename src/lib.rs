@@ -5,8 +5,9 @@
 //! checked out) → `run` (steps executed) → `report` (told where people look) → `web`
 //! (what happened, live). `daemon` wires the stages around the shared `state`; `cli`
 //! holds the command line's own work.
-//! `config`, `yaml`, `duration` and `clock` serve every stage; `systemd` speaks to the
-//! service manager; `process` hardens the hookci process itself.
+//! `config`, `yaml`, `duration` and `clock` serve every stage; `reload` swaps in a new
+//! config and pipelines while the daemon runs; `systemd` speaks to the service manager;
+//! `process` hardens the hookci process itself.
 
 pub mod cli;
 pub mod clock;
@@ -17,6 +18,7 @@ pub mod git;
 pub mod intake;
 pub mod pipeline;
 pub mod process;
+pub mod reload;
 pub mod report;
 pub mod run;
 pub mod state;

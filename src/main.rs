@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hookci::config::{Config, FileConfig, Overrides, ProcessEnv};
+use hookci::config::{Config, ConfigSource, Overrides, ProcessEnv};
 use hookci::pipeline::PipelineSet;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -118,6 +118,12 @@ enum Command {
     /// One git job for the daemon: a request on stdin, the reply on stdout (internal)
     #[command(name = hookci::git::worker::SUBCOMMAND, hide = true)]
     GitWorker,
+    /// Make the daemon read its config and pipelines again, all or nothing (needs the
+    /// API token); exit 1 if the reload failed, with each problem printed
+    Reload {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Cancel a queued or running run (needs the API token)
     Cancel {
         run: i64,
@@ -160,17 +166,19 @@ impl RemoteArgs {
     }
 }
 
+fn config_source(args: &ConfigArgs, flags: Overrides) -> ConfigSource {
+    ConfigSource {
+        path: args
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("HOOKCI_CONFIG").map(PathBuf::from)),
+        flags,
+        allow_unsigned: true,
+    }
+}
+
 fn load_config(args: &ConfigArgs, flags: Overrides) -> anyhow::Result<Config> {
-    let path = args
-        .config
-        .clone()
-        .or_else(|| std::env::var_os("HOOKCI_CONFIG").map(PathBuf::from));
-    let file = match &path {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    let mut config = Config::build(file, flags, &ProcessEnv)?;
-    config.protected.extend(path);
+    let config = config_source(args, flags).load(&ProcessEnv)?;
     // The config holds them now; nothing started from here on inherits one.
     hookci::config::scrub_environment();
     Ok(config)
@@ -202,67 +210,70 @@ fn random_delivery_id() -> anyhow::Result<String> {
 
 /// The signals the daemon acts on, listened for from before recovery on: until then a
 /// SIGTERM or a SIGHUP would find the default action (the end of the process, like a
-/// crash) in place.
+/// crash) in place. SIGHUP asks for a reload (`daemon::run`).
 struct Signals {
     term: Signal,
     int: Signal,
-    hup: Signal,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-        })
+    fn install() -> std::io::Result<(Signals, Signal)> {
+        let hup = signal(SignalKind::hangup())?;
+        Ok((
+            Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            },
+            hup,
+        ))
     }
 
-    /// Resolves at the first SIGTERM or SIGINT. A SIGHUP is logged and ignored: it
-    /// asks for a reload, which hookci does not have yet, and must not stop the daemon
-    /// in the middle of its runs.
+    /// Resolves at the first SIGTERM or SIGINT.
     async fn stop(mut self) {
-        let name = loop {
-            tokio::select! {
-                Some(()) = self.term.recv() => break "SIGTERM",
-                Some(()) = self.int.recv() => break "SIGINT",
-                Some(()) = self.hup.recv() => tracing::warn!(
-                    "SIGHUP received and ignored: hookci does not reload its config or \
-                     pipelines yet; restart it to apply changes"
-                ),
-                // The streams end only with the runtime, when nothing is left to stop.
-                else => return std::future::pending().await,
-            }
+        let name = tokio::select! {
+            Some(()) = self.term.recv() => "SIGTERM",
+            Some(()) = self.int.recv() => "SIGINT",
+            // The streams end only with the runtime, when nothing is left to stop.
+            else => return std::future::pending().await,
         };
         tracing::info!("{name} received");
     }
 }
 
-fn serve(config: Config, allow_unsigned: bool) -> anyhow::Result<ExitCode> {
+fn serve(source: ConfigSource) -> anyhow::Result<ExitCode> {
     hookci::process::not_dumpable();
     hookci::process::raise_fd_limit();
-    if config.webhook_secret.is_none() && !allow_unsigned {
-        bail!(
-            "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
-             (or pass --allow-unsigned for a local trial)"
-        );
-    }
+    let config = source.load(&ProcessEnv)?;
+    // The config holds them now; nothing started from here on inherits one.
+    hookci::config::scrub_environment();
     let pipelines = match load_pipelines(&config.pipelines) {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
+    // Before the runtime's threads start: it edits the environment.
+    let passed = hookci::systemd::listener().context("cannot use the socket systemd passed")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let signals = Signals::install().context("cannot listen for signals")?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let (signals, hangups) = Signals::install().context("cannot listen for signals")?;
+        let listener = match passed {
+            Some(socket) => {
+                let listener = tokio::net::TcpListener::from_std(socket)
+                    .context("cannot use the socket systemd passed")?;
+                tracing::info!(
+                    "serving on the socket systemd passed (socket activation); listen is not used"
+                );
+                listener
+            }
+            None => tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        };
         if config.webhook_secret.is_none() {
             tracing::warn!("no webhook secret: accepting UNSIGNED webhooks (--allow-unsigned)");
         }
-        hookci::daemon::run(listener, config, pipelines, signals.stop()).await?;
+        hookci::daemon::run(listener, source, config, pipelines, signals.stop(), hangups).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -299,7 +310,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pipelines,
                 state_dir,
             };
-            serve(load_config(&config, flags)?, allow_unsigned)
+            serve(ConfigSource {
+                allow_unsigned,
+                ..config_source(&config, flags)
+            })
         }
         Command::Check { config, pipelines } => {
             let flags = Overrides {
@@ -417,6 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             remote,
         } => Ok(ExitCode::from(remote.remote()?.logs(run, follow)?)),
         Command::GitWorker => Ok(hookci::git::worker::worker_main()),
+        Command::Reload { remote } => Ok(ExitCode::from(remote.remote()?.reload()?)),
         Command::Cancel { run, remote } => Ok(ExitCode::from(remote.remote()?.cancel(run)?)),
         Command::Rerun { run, remote } => Ok(ExitCode::from(remote.remote()?.rerun(run)?)),
         Command::Trigger {

@@ -1,15 +1,15 @@
-//! The state every stage shares: the immutable config, the store, the current pipeline
-//! set (swapped whole by a reload), the scheduler's registry of executing runs, the git
+//! The state every stage shares: the current model (config and pipelines, swapped
+//! whole by a reload), the store, the scheduler's registry of executing runs, the git
 //! worker, the run event stream with its followers and metrics, and the wake-up and
-//! stop signals. Owned here, apart from `daemon` (the
-//! wiring), so that no stage imports the wiring.
+//! stop signals. Owned here, apart from `daemon` (the wiring), so that no stage
+//! imports the wiring.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::git::worker::GitWorker;
 use crate::pipeline::PipelineSet;
 use crate::run::contain::Cgroups;
@@ -18,11 +18,23 @@ use crate::store::Store;
 use crate::web::follow::Followers;
 use crate::web::metrics::Metrics;
 
+/// What a reload replaces, both parts at once: a reader never sees the pipelines of
+/// one reload with the config of another.
+#[derive(Clone)]
+pub struct Model {
+    pub config: Arc<Config>,
+    pub pipelines: Arc<PipelineSet>,
+}
+
 /// What every stage shares.
 pub struct AppState {
-    pub config: Config,
+    model: watch::Sender<Model>,
     pub store: Arc<Store>,
-    pipelines: RwLock<Arc<PipelineSet>>,
+    /// Where the config came from, for reloads; `None` where nothing reloads
+    /// (`hookci run`).
+    pub source: Option<ConfigSource>,
+    /// Held by the reload in progress, so two reloads never interleave.
+    pub reloading: tokio::sync::Mutex<()>,
     /// Wakes the scheduler when runs were queued.
     pub wake: Notify,
     /// Wakes the report sender when a transition wrote reports to the outbox.
@@ -37,6 +49,10 @@ pub struct AppState {
     pub followers: Followers,
     /// What `/metrics` shows; fed from `events` by [`Metrics::record`].
     pub metrics: Metrics,
+    /// When the last webhook delivery was recorded (ms since the epoch), for the
+    /// service manager's status line; `changed` wakes the one who keeps that line.
+    pub last_delivery: Mutex<Option<i64>>,
+    pub changed: Notify,
     /// Turns true once when the daemon begins to stop.
     stopping: watch::Sender<bool>,
     /// Where runs' cgroups are made, if anywhere.
@@ -54,15 +70,21 @@ impl AppState {
             .min(Semaphore::MAX_PERMITS);
         AppState {
             git: GitWorker::new(&config.state_dir, config.github.clone_token()),
-            config,
+            model: watch::Sender::new(Model {
+                config: Arc::new(config),
+                pipelines: Arc::new(pipelines),
+            }),
             store,
-            pipelines: RwLock::new(Arc::new(pipelines)),
+            source: None,
+            reloading: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             reports: Notify::new(),
             running: scheduler::Running::default(),
             events: Events::new(),
             followers: Followers::default(),
             metrics: Metrics::new(),
+            last_delivery: Mutex::new(None),
+            changed: Notify::new(),
             stopping: watch::Sender::new(false),
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),
@@ -92,6 +114,12 @@ impl AppState {
         )
     }
 
+    /// Lets reloads read the config again from `source`.
+    pub fn with_source(mut self, source: ConfigSource) -> AppState {
+        self.source = Some(source);
+        self
+    }
+
     /// Begins the stop: the scheduler claims no more runs, followers end their streams.
     pub fn stop(&self) {
         self.stopping.send_replace(true);
@@ -102,13 +130,37 @@ impl AppState {
         self.stopping.subscribe()
     }
 
+    /// The current config; a reload swaps in a whole new one.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.model.borrow().config)
+    }
+
     /// The current pipelines; a reload swaps in a whole new set.
     pub fn pipelines(&self) -> Arc<PipelineSet> {
-        Arc::clone(&self.pipelines.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.model.borrow().pipelines)
+    }
+
+    /// Sees every swap of the model, for those who size or time themselves by it.
+    pub fn model_changes(&self) -> watch::Receiver<Model> {
+        self.model.subscribe()
+    }
+
+    /// Swaps in a new model (the reload's last step); runs already started keep the
+    /// pipeline they hold.
+    pub fn swap(&self, model: Model) {
+        self.git.set_token(model.config.github.clone_token());
+        self.model.send_replace(model);
+    }
+
+    /// Records that a delivery was just stored.
+    pub fn delivered(&self) {
+        *self.last_delivery.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(crate::clock::now_ms());
+        self.changed.notify_one();
     }
 
     pub fn log_dir(&self, run: i64) -> PathBuf {
-        self.config.state_dir.join("logs").join(run.to_string())
+        self.config().state_dir.join("logs").join(run.to_string())
     }
 
     pub fn log_path(&self, run: i64, step: i64) -> PathBuf {
@@ -117,11 +169,11 @@ impl AppState {
 
     /// The `HOME` of a run's steps when they run as `run_as`.
     pub fn home(&self, run: i64) -> PathBuf {
-        self.config.state_dir.join("homes").join(run.to_string())
+        self.config().state_dir.join("homes").join(run.to_string())
     }
 
     pub fn workspace(&self, run: i64) -> PathBuf {
-        self.config
+        self.config()
             .state_dir
             .join("workspaces")
             .join(run.to_string())

@@ -30,6 +30,22 @@ impl SourceError {
         }
     }
 
+    /// `file:line:col: message` (or `file: message`) on one line, without the source
+    /// line and caret of the full form: for logs and API answers.
+    pub fn one_line(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.path.display(), self.message)
+        } else {
+            format!(
+                "{}:{}:{}: {}",
+                self.path.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+
     /// An error at a 1-based line and column of `text`.
     pub fn at(
         path: &Path,
@@ -50,17 +66,10 @@ impl SourceError {
 
 impl fmt::Display for SourceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.one_line())?;
         if self.line == 0 {
-            return write!(f, "{}: {}", self.path.display(), self.message);
+            return Ok(());
         }
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.path.display(),
-            self.line,
-            self.column,
-            self.message
-        )?;
         if let Some(src) = &self.source_line {
             let pad: String = src
                 .chars()

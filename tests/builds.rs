@@ -94,7 +94,8 @@ fn a_push_builds_the_commit_with_a_clean_environment() {
     );
     let ws = env.get("HOOKCI_WORKSPACE").copied().unwrap();
     assert!(ws.ends_with(&format!("workspaces/{}", ids[0])), "{ws}");
-    // Removed once the run's end is stored, so shortly after the API shows it.
+    // Removed after the run's end is stored (so a crash in between cannot run it
+    // again): the end can be read a moment before the workspace is gone.
     eventually("the workspace is removed after the run", || {
         !std::path::Path::new(ws).exists()
     });

@@ -92,8 +92,9 @@ impl Builder {
         self
     }
 
-    /// Writes `hookci.yml` (with the test defaults the test did not set itself).
-    fn write_config(&self) {
+    /// Writes `hookci.yml` (with the test defaults the test did not set itself), for a
+    /// test that starts `hookci serve` its own way; returns its path.
+    pub fn write_config(&self) -> PathBuf {
         let root = self.dir.path();
         let mut config = format!(
             "listen: 127.0.0.1:0\npipelines: {}\n{}",
@@ -120,7 +121,8 @@ impl Builder {
                 root.join("secret").display()
             ));
         }
-        std::fs::write(root.join("hookci.yml"), config).unwrap();
+        std::fs::write(root.join("hookci.yml"), &config).unwrap();
+        root.join("hookci.yml")
     }
 
     pub fn start(self) -> Daemon {
@@ -485,6 +487,60 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
     if std::fs::symlink_metadata(path).unwrap().is_dir() {
         for entry in std::fs::read_dir(path).unwrap() {
             chown_tree(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// A service manager's notify socket (`NOTIFY_SOCKET`): the test's own datagram socket.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        NotifySocket { path, socket }
+    }
+
+    pub fn env(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// The next datagram, as text.
+    pub fn recv(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self
+            .socket
+            .recv(&mut buf)
+            .expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// The next datagram that is not a `STATUS=` or `WATCHDOG=1` line (those come at
+    /// any time).
+    pub fn recv_state(&self) -> String {
+        loop {
+            let m = self.recv();
+            if !m.starts_with("STATUS=") && m != "WATCHDOG=1" {
+                return m;
+            }
+        }
+    }
+
+    /// Datagrams until one satisfies `wanted`, which is returned.
+    pub fn until(&self, what: &str, mut wanted: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "no notification: {what}");
+            let m = self.recv();
+            if wanted(&m) {
+                return m;
+            }
         }
     }
 }

@@ -415,22 +415,13 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start_and_leaves_the_f
 #[test]
 fn the_service_manager_hears_ready_once_serving_and_stopping_at_a_stop() {
     let b = Builder::new();
-    let socket_path = b.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut d = b
-        .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
-        .start();
-    let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"READY=1");
+    let notify = NotifySocket::bind(b.path());
+    let mut d = b.env("NOTIFY_SOCKET", notify.env()).start();
+    assert_eq!(notify.recv_state(), "READY=1");
     // Ready means serving.
     assert_eq!(d.get("/api/runs").status, 200);
 
     d.signal(libc::SIGTERM);
-    let n = socket.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(notify.recv_state(), "STOPPING=1");
     assert_eq!(d.wait(), Some(0), "{}", d.log());
 }

@@ -1,5 +1,5 @@
 //! The command line's API clients (`why`, `runs`, `logs`, `cancel`, `rerun`,
-//! `trigger`): thin wrappers over the daemon's HTTP API that print for people. They
+//! `trigger`, `reload`): thin wrappers over the daemon's HTTP API that print for people. They
 //! return the process's exit status: 0 done, 1 the daemon said no.
 
 use std::io::Write;
@@ -242,5 +242,45 @@ impl Remote {
         } else {
             refused(&r)
         })
+    }
+
+    /// Asks the daemon to reload; prints what changed, or each problem (one a line).
+    pub fn reload(&self) -> Result<u8, ClientError> {
+        let r = self.post("/api/reload", &json!({}))?;
+        let body = r.json();
+        if r.status < 300 {
+            let report = &body["report"];
+            let names = |key: &str| {
+                report[key]
+                    .as_array()
+                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            };
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "reloaded: pipelines {}", names("pipelines"));
+            for (key, what) in [("added", "added"), ("removed", "removed")] {
+                if report[key].as_array().is_some_and(|a| !a.is_empty()) {
+                    let _ = writeln!(out, "{what}: {}", names(key));
+                }
+            }
+            if report["restart_required"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            {
+                let _ = writeln!(
+                    out,
+                    "changed, applied at the next restart: {}",
+                    names("restart_required")
+                );
+            }
+            return Ok(0);
+        }
+        if let Some(problems) = body["problems"].as_array() {
+            let mut err = std::io::stderr();
+            for p in problems {
+                let _ = writeln!(err, "{}", s(p));
+            }
+        }
+        Ok(refused(&r))
     }
 }

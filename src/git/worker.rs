@@ -117,7 +117,8 @@ pub struct Fetch<'a> {
 /// concurrent fetches into one repository fight over its ref locks.
 pub struct GitWorker {
     state_dir: PathBuf,
-    token: Option<HostToken>,
+    /// Replaced by a reload; a job takes the token current when it starts.
+    token: std::sync::RwLock<Option<HostToken>>,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -125,9 +126,14 @@ impl GitWorker {
     pub fn new(state_dir: &Path, token: Option<HostToken>) -> GitWorker {
         GitWorker {
             state_dir: state_dir.to_path_buf(),
-            token,
+            token: std::sync::RwLock::new(token),
             locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The token for jobs started from now on.
+    pub fn set_token(&self, token: Option<HostToken>) {
+        *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
     }
 
     /// The branch and tag heads of the repository at `url`, as (ref, commit).
@@ -206,10 +212,15 @@ impl GitWorker {
             |what: &str, e: std::io::Error| GitError::Failed(format!("git worker: {what}: {e}"));
         let request = serde_json::to_vec(&Request {
             state_dir: self.state_dir.clone(),
-            token: self.token.as_ref().map(|t| WireToken {
-                host: t.host.clone(),
-                value: t.token.expose().to_owned(),
-            }),
+            token: self
+                .token
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|t| WireToken {
+                    host: t.host.clone(),
+                    value: t.token.expose().to_owned(),
+                }),
             job,
         })
         .map_err(|e| GitError::Failed(format!("git worker: {e}")))?;

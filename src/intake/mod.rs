@@ -305,11 +305,11 @@ where
     let (raw, share) = read_capped(
         headers,
         body,
-        state.config.max_body_bytes,
+        state.config().max_body_bytes,
         &state.unverified,
     )
     .await?;
-    if let Some(secret) = state.config.webhook_secret.clone() {
+    if let Some(secret) = state.config().webhook_secret.clone() {
         let signature = header(headers, "x-hub-signature-256").map(str::to_owned);
         let body = raw.clone();
         off_workers(raw.len(), move || {
@@ -417,6 +417,7 @@ async fn record_and_wake(
     record: NewDelivery,
 ) -> Result<DeliveryOutcome, crate::store::StoreError> {
     let outcome = state.store.record_delivery_async(record).await?;
+    state.delivered();
     if let DeliveryOutcome::New(runs) = &outcome {
         state
             .events

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::git::repo::RepoName;
 use crate::intake;
@@ -20,14 +21,35 @@ use crate::state::AppState;
 use crate::store::RefChange;
 
 /// Reconciles at start, then every interval, until `stop` turns true. An interval of 0
-/// disables reconciling altogether.
+/// disables reconciling; a reload that changes the interval times the next pass by
+/// the new one.
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let interval = state.config.reconcile_interval;
-    if interval.is_zero() {
-        tracing::info!("reconcile disabled (reconcile_interval: 0)");
-        return;
-    }
+    let mut model = state.model_changes();
+    let mut last_pass: Option<Instant> = None;
+    let mut told_disabled = false;
     loop {
+        let interval = state.config().reconcile_interval;
+        let due = match (interval.is_zero(), last_pass) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, Some(at)) => Some(at + interval),
+        };
+        if due.is_none() && !told_disabled {
+            tracing::info!("reconcile disabled (reconcile_interval: 0)");
+        }
+        told_disabled = due.is_none();
+        let wait = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wait => {}
+            _ = model.changed() => continue,
+            _ = stop.changed() => return,
+        }
+        last_pass = Some(Instant::now());
         let n = reconcile_all(&state).await;
         if n > 0 {
             tracing::info!(
@@ -35,10 +57,6 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 "reconcile queued runs for pushes that were missed"
             );
             state.wake.notify_one();
-        }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
         }
     }
 }

@@ -175,7 +175,7 @@ pub fn backoff(attempts: i64) -> Duration {
 
 /// A secret that holds a URL or a key, looked up as `secrets:` are.
 fn secret(state: &AppState, name: &str) -> Result<Secret, SendError> {
-    resolve_secret(name, state.config.secrets_dir.as_deref(), &ProcessEnv).map_err(|reason| {
+    resolve_secret(name, state.config().secrets_dir.as_deref(), &ProcessEnv).map_err(|reason| {
         SendError::Again {
             reason,
             after: None,
@@ -187,14 +187,14 @@ async fn send(state: &AppState, client: &Client, report: &Report) -> Result<(), 
     let client = client.get()?;
     let request = match report.kind {
         ReportKind::Status => {
-            let token = state
-                .config
+            let config = state.config();
+            let token = config
                 .github
                 .status_token()
                 .ok_or_else(|| SendError::Refused("no GitHub token is configured".into()))?;
             let url = format!(
                 "{}/{}",
-                state.config.github.api_url.trim_end_matches('/'),
+                config.github.api_url.trim_end_matches('/'),
                 report.address
             );
             client
@@ -250,7 +250,7 @@ async fn notification(
     let (run, steps) =
         found.ok_or_else(|| SendError::Refused(format!("run {id} no longer exists")))?;
     let outcome = report.outcome.as_deref().unwrap_or("always");
-    let link = run_link(state.config.public_url.as_deref(), run.id);
+    let link = run_link(state.config().public_url.as_deref(), run.id);
     let text = message::text(&run, &steps, outcome, link.as_deref());
     Ok(match report.kind {
         ReportKind::Slack => {

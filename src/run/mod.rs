@@ -2,13 +2,15 @@
 //! the `runner` runs one step as a process group with its log, `mask` keeps secrets
 //! out of that log, `contain` ends whatever a run leaves behind (its cgroup, else a
 //! subreaper's sweep), `user` switches steps to `run_as`, and `disk` keeps runs from
-//! starting on a full disk. Everything a run does to the machine happens here. `events`
-//! is the stream every run transition is published on, for whoever follows runs (live
-//! logs, metrics, reports) to subscribe to.
+//! starting on a full disk; the scheduler's `heartbeat` feeds the service manager's
+//! watchdog and status line. Everything a run does to the machine happens here.
+//! `events` is the stream every run transition is published on, for whoever follows
+//! runs (live logs, metrics, reports) to subscribe to.
 
 pub mod contain;
 pub mod disk;
 pub mod events;
+pub mod heartbeat;
 pub mod mask;
 pub mod runner;
 pub mod scheduler;

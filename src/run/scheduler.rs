@@ -19,6 +19,7 @@ use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
 use crate::run::contain::Containment;
 use crate::run::events::RunEvent;
+use crate::run::heartbeat::Heartbeat;
 use crate::run::mask::Masker;
 use crate::run::runner::{self, LogBudget, StepCommand, StepEnd};
 use crate::run::user::{self, RunAs};
@@ -225,7 +226,10 @@ const DISK_RECHECK: Duration = Duration::from_secs(1);
 /// Whether the state directory's disk has room for a run (`min_free_bytes`); says in the
 /// log when that changes, and keeps the reason for `/healthz` and the API.
 async fn room_to_run(state: &Arc<AppState>) -> bool {
-    let (dir, min) = (state.config.state_dir.clone(), state.config.min_free_bytes);
+    let (dir, min) = (
+        state.config().state_dir.clone(),
+        state.config().min_free_bytes,
+    );
     let short = tokio::task::spawn_blocking(move || crate::run::disk::shortage(&dir, min))
         .await
         .unwrap_or_else(|e| Some(e.to_string()));
@@ -238,19 +242,77 @@ async fn room_to_run(state: &Arc<AppState>) -> bool {
     ok
 }
 
+/// The run permits, resized when a reload changes `max_parallel_runs`. Shrinking
+/// never stops a running run: permits in use are forgotten as their runs return them.
+struct Permits {
+    semaphore: Arc<Semaphore>,
+    size: usize,
+    /// Permits still to forget, once runs return them.
+    owed: usize,
+}
+
+impl Permits {
+    fn new(size: usize) -> Permits {
+        Permits {
+            semaphore: Arc::new(Semaphore::new(size)),
+            size,
+            owed: 0,
+        }
+    }
+
+    fn resize(&mut self, size: usize) {
+        if size > self.size {
+            let more = size - self.size;
+            let repaid = more.min(self.owed);
+            self.owed -= repaid;
+            self.semaphore.add_permits(more - repaid);
+        } else {
+            self.owed += self.size - size;
+        }
+        self.size = size;
+        self.owed -= self.semaphore.forget_permits(self.owed);
+    }
+
+    /// A free permit, once one is free and none is owed.
+    async fn acquire(&mut self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let permit = Arc::clone(&self.semaphore).acquire_owned().await.ok()?;
+            if self.owed == 0 {
+                return Some(permit);
+            }
+            permit.forget();
+            self.owed -= 1;
+        }
+    }
+}
+
 /// Runs until `stop` turns true; then waits up to `shutdown_grace` for running runs and
-/// kills what is left (those runs end `interrupted`; queued runs stay queued).
+/// kills what is left (those runs end `interrupted`; queued runs stay queued). Its own
+/// loop keeps the service manager's watchdog fed and its status line current, so a
+/// scheduler that hangs gets the service restarted.
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(state.config.max_parallel_runs));
+    let mut permits = Permits::new(state.config().max_parallel_runs);
+    let mut model = state.model_changes();
+    let mut heartbeat = Heartbeat::new();
     let mut tasks = JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
         if *stop.borrow() {
             break;
         }
+        permits.resize(state.config().max_parallel_runs);
         let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = permits.acquire() => match p { Some(p) => p, None => break },
             _ = stop.changed() => break,
+            _ = model.changed() => continue,
+            () = heartbeat.tick() => {
+                heartbeat.beat(&state).await;
+                continue;
+            }
+            () = state.changed.notified(), if heartbeat.is_notifying() => {
+                heartbeat.status(&state).await;
+                continue;
+            }
         };
         if !room_to_run(&state).await {
             drop(permit);
@@ -272,16 +334,36 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 let (stop_tx, stop_rx) = watch::channel(false);
                 let control = state.running.register(run.id, stop_tx);
                 state.events.publish(RunEvent::Started(run.clone()));
-                let job = execute(Arc::clone(&state), run, (control, stop_rx), permit);
+                // Taken now: a reload from here on does not change what this run runs.
+                let pipeline = state.pipelines().get(&run.pipeline).cloned();
+                let job = execute(
+                    Arc::clone(&state),
+                    run,
+                    pipeline,
+                    (control, stop_rx),
+                    permit,
+                );
                 tasks.spawn(job.instrument(span));
+                heartbeat.status(&state).await;
             }
             Ok(Ok(None)) => {
                 drop(permit);
-                tokio::select! {
-                    () = state.wake.notified() => {}
-                    () = tokio::time::sleep(RESCAN) => {}
-                    _ = stop.changed() => break,
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                heartbeat.status(&state).await;
+                // Beats and status updates do not end the wait: only what may have
+                // made a run claimable does.
+                let rescan = tokio::time::sleep(RESCAN);
+                let mut rescan = std::pin::pin!(rescan);
+                loop {
+                    tokio::select! {
+                        () = state.wake.notified() => break,
+                        () = &mut rescan => break,
+                        _ = stop.changed() => break,
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => break,
+                        () = heartbeat.tick() => heartbeat.beat(&state).await,
+                        () = state.changed.notified(), if heartbeat.is_notifying() => {
+                            heartbeat.status(&state).await;
+                        }
+                    }
                 }
             }
             Ok(Err(e)) => {
@@ -294,7 +376,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     if tasks.is_empty() {
         return;
     }
-    let grace = state.config.shutdown_grace;
+    let grace = state.config().shutdown_grace;
     tracing::info!(
         running = tasks.len(),
         ?grace,
@@ -336,7 +418,8 @@ pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let control = state.running.register(id, stop_tx);
     state.events.publish(RunEvent::Started(run.clone()));
-    execute(state, run, (control, stop_rx), permit).await;
+    let pipeline = state.pipelines().get(&run.pipeline).cloned();
+    execute(state, run, pipeline, (control, stop_rx), permit).await;
     Ok(())
 }
 
@@ -361,6 +444,7 @@ struct Ending {
 async fn execute(
     state: Arc<AppState>,
     run: Run,
+    pipeline: Option<Arc<Pipeline>>,
     (control, stop): (Arc<RunControl>, watch::Receiver<bool>),
     _permit: OwnedSemaphorePermit,
 ) {
@@ -369,7 +453,7 @@ async fn execute(
     let contain = state
         .cgroups
         .for_run(run.id, format!("HOOKCI_WORKSPACE={}", workspace.display()));
-    let ending = match state.pipelines().get(&run.pipeline).cloned() {
+    let ending = match pipeline {
         None => Ending {
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
@@ -498,7 +582,7 @@ async fn until_stored<T: Send + 'static>(
 /// old deliveries with their decisions; batch after batch until none is left.
 /// Mirrors are kept.
 pub async fn prune(state: &Arc<AppState>) {
-    let retention = state.config.retention;
+    let retention = state.config().retention;
     let (mut runs, mut deliveries) = (0, 0);
     loop {
         let cutoff = crate::clock::now_ms() - (retention.days as i64).saturating_mul(86_400_000);
@@ -535,15 +619,26 @@ pub async fn prune(state: &Arc<AppState>) {
 
 /// Retention every `retention.interval` as well, until `stop` turns true: runs that
 /// never execute (skipped, canceled while queued), deliveries that start none, and
-/// age itself would otherwise wait for the next run to end.
+/// age itself would otherwise wait for the next run to end. A reload that changes
+/// the interval times the next pass by the new one.
 pub async fn prune_every(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let interval = state.config.retention.interval;
-    if interval.is_zero() {
-        return;
-    }
+    let mut model = state.model_changes();
+    let mut last_pass = Instant::now();
     loop {
+        let interval = state.config().retention.interval;
+        let wait = async {
+            if interval.is_zero() {
+                std::future::pending().await
+            } else {
+                tokio::time::sleep_until(last_pass + interval).await
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(interval) => prune(&state).await,
+            () = wait => {
+                last_pass = Instant::now();
+                prune(&state).await;
+            }
+            _ = model.changed() => {}
             _ = stop.changed() => return,
         }
     }
@@ -559,7 +654,7 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
 /// With `run_as`: gives the checkout to that user and makes the run's `HOME`, owned by
 /// it. The folders above them let it through but not look (see `daemon`).
 async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Path) -> Result<(), String> {
-    let Some(who) = state.config.run_as.clone() else {
+    let Some(who) = state.config().run_as.clone() else {
         return Ok(());
     };
     let (workspace, home) = (workspace.to_path_buf(), state.home(run));
@@ -593,8 +688,8 @@ fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secr
         .map(|name| {
             resolve_secret(
                 name,
-                state.config.secrets_dir.as_deref(),
-                &state.config.secret_env,
+                state.config().secrets_dir.as_deref(),
+                &state.config().secret_env,
             )
             .map(|v| (name.clone(), v))
         })
@@ -760,9 +855,10 @@ async fn run_steps(
         contain,
     } = ctx;
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
-    let budget = Arc::new(LogBudget::new(state.config.max_log_bytes));
+    let budget = Arc::new(LogBudget::new(state.config().max_log_bytes));
     let home = state.home(run.id);
-    let run_as = state.config.run_as.as_ref();
+    let config = state.config();
+    let run_as = config.run_as.as_ref();
     // A timeout too large for the clock to represent is no limit at all.
     let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
     let halt = control.halt.subscribe();
@@ -854,7 +950,7 @@ async fn run_steps(
             env: &env,
             log_path: &log,
             timeout,
-            grace: state.config.step_grace,
+            grace: state.config().step_grace,
             mask: &mask,
             output: Some(&output),
             budget: &budget,
@@ -997,6 +1093,56 @@ mod tests {
             status,
             reason: None,
         }
+    }
+
+    #[test]
+    fn permits_grow_at_once_and_shrink_as_runs_give_theirs_back() {
+        let mut permits = Permits::new(2);
+        let held: Vec<_> = (0..2)
+            .map(|_| Arc::clone(&permits.semaphore).try_acquire_owned().unwrap())
+            .collect();
+        let state = |p: &Permits| (p.semaphore.available_permits(), p.owed);
+        // Both in use: the one too many is owed, and no running run is touched.
+        permits.resize(1);
+        assert_eq!(state(&permits), (0, 1));
+        // Growing again first cancels what is owed.
+        permits.resize(2);
+        assert_eq!(state(&permits), (0, 0));
+        permits.resize(1);
+        drop(held);
+        // Given back, the owed one is forgotten at the next resize (or acquire).
+        permits.resize(1);
+        assert_eq!(state(&permits), (1, 0));
+        permits.resize(3);
+        assert_eq!(state(&permits), (3, 0));
+        permits.resize(1);
+        assert_eq!(state(&permits), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_owed_permit_is_forgotten_when_acquired() {
+        let mut permits = Permits::new(2);
+        let held = Arc::clone(&permits.semaphore).try_acquire_owned().unwrap();
+        permits.resize(1);
+        // One free, one held: the free one is forgotten now, and nothing is owed.
+        assert_eq!(
+            (permits.semaphore.available_permits(), permits.owed),
+            (0, 0)
+        );
+        drop(held);
+        let got = permits.acquire().await;
+        assert!(got.is_some());
+        assert_eq!(permits.semaphore.available_permits(), 0);
+        // Owed while held, then forgotten as acquire meets it.
+        permits.owed = 1;
+        drop(got);
+        permits.semaphore.add_permits(1);
+        let got = permits.acquire().await;
+        assert!(got.is_some());
+        assert_eq!(
+            (permits.semaphore.available_permits(), permits.owed),
+            (0, 0)
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The write API: cancel, rerun and trigger runs. Enabled only when an API token is
+//! The write API: cancel, rerun and trigger runs, and reload config and pipelines.
+//! Enabled only when an API token is
 //! configured; every call needs `Authorization: Bearer <token>`, compared in constant
 //! time. Decisions go through the store like any other; steps are stopped through the
 //! scheduler's stop switches.
@@ -33,7 +34,8 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 /// The refusal, unless the request carries the configured API token.
 fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.config.api_token else {
+    let config = state.config();
+    let Some(token) = &config.api_token else {
         return Some(error_reply(
             StatusCode::FORBIDDEN,
             "the write API is disabled: configure api_token_file or HOOKCI_API_TOKEN",
@@ -296,7 +298,7 @@ pub fn routes(
             }
         });
     let trigger = warp::path!("api" / "pipelines" / String / "trigger")
-        .and(authorized)
+        .and(authorized.clone())
         .and(warp::body::content_length_limit(64 * 1024))
         .and(warp::body::bytes())
         .then(
@@ -307,5 +309,38 @@ pub fn routes(
                 }
             },
         );
-    cancel.or(rerun).unify().or(trigger).unify()
+    let reload = warp::path!("api" / "reload").and(authorized).then(
+        |s: Result<Arc<AppState>, Response>| async move {
+            match s {
+                Ok(s) => reload(s).await,
+                Err(denied) => denied,
+            }
+        },
+    );
+    cancel
+        .or(rerun)
+        .unify()
+        .or(trigger)
+        .unify()
+        .or(reload)
+        .unify()
+}
+
+/// `POST /api/reload`: 200 with what changed, or 422 with every problem and nothing
+/// changed.
+async fn reload(state: Arc<AppState>) -> Response {
+    match crate::reload::reload(&state, "POST /api/reload").await {
+        Ok(report) => {
+            warp::reply::json(&json!({ "reloaded": true, "report": report })).into_response()
+        }
+        Err(crate::reload::ReloadError::Invalid { problems }) => warp::reply::with_status(
+            warp::reply::json(&json!({
+                "error": "reload failed: nothing changed",
+                "problems": problems,
+            })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .into_response(),
+        Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

@@ -54,9 +54,10 @@ fn login_page(status: StatusCode, viewer: &Viewer, next: &str, wrong: bool) -> R
 async fn login(state: Arc<AppState>, headers: HeaderMap, form: Form) -> Response {
     let next = auth::safe_next(form.get("next"));
     let given = form.get("token").map(|t| t.trim()).unwrap_or_default();
-    let token = match auth::token_access(&state.config, given) {
-        Access::Write => state.config.api_token.as_ref(),
-        Access::Read => state.config.read_token.as_ref(),
+    let config = state.config();
+    let token = match auth::token_access(&config, given) {
+        Access::Write => config.api_token.as_ref(),
+        Access::Read => config.read_token.as_ref(),
         Access::Nothing => None,
     };
     let Some(token) = token else {
@@ -65,7 +66,7 @@ async fn login(state: Arc<AppState>, headers: HeaderMap, form: Form) -> Response
         return login_page(StatusCode::UNAUTHORIZED, &viewer, &next, true);
     };
     let mut r = see_other(&next);
-    if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(&state.config, token)) {
+    if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(&state.config(), token)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -73,7 +74,7 @@ async fn login(state: Arc<AppState>, headers: HeaderMap, form: Form) -> Response
 
 fn logout(state: Arc<AppState>) -> Response {
     let mut r = see_other("/");
-    if let Ok(v) = HeaderValue::from_str(&auth::clear_cookie(&state.config)) {
+    if let Ok(v) = HeaderValue::from_str(&auth::clear_cookie(&state.config())) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -88,7 +89,7 @@ fn refusal(state: &AppState, viewer: &Viewer, form: &Form) -> Option<Response> {
             "This needs the API token: log in with it.",
         ));
     }
-    if !auth::csrf_ok(&state.config, form.get("csrf")) {
+    if !auth::csrf_ok(&state.config(), form.get("csrf")) {
         return Some(problem(
             StatusCode::FORBIDDEN,
             viewer,

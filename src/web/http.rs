@@ -62,7 +62,7 @@ pub async fn serve<S>(
     let mut shutdown = std::pin::pin!(shutdown);
     // `max_connections`: at the cap, nothing is accepted, and new connections wait in
     // the listen backlog until one closes.
-    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config().max_connections));
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
@@ -119,7 +119,7 @@ where
         Error = Infallible,
     >,
 {
-    if let Some(refusal) = auth::check(&state.config, req.method(), req.uri(), req.headers()) {
+    if let Some(refusal) = auth::check(&state.config(), req.method(), req.uri(), req.headers()) {
         return Ok(refuse(refusal));
     }
     if let Some(id) = follow_request(&req) {

@@ -1,6 +1,6 @@
 //! The web face: `http` serves connections and routes them, refusing what needs the
 //! read token and lacks it (`auth`); `api` answers the read API, `control` the write
-//! API (cancel, rerun, trigger), `follow` feeds live logs and events to their readers
+//! API (cancel, rerun, trigger, reload), `follow` feeds live logs and events to their readers
 //! from the run event stream, and `metrics` keeps what `/metrics` shows. The
 //! dashboard: `pages` (server-rendered HTML from `render`'s parts, ANSI colours by
 //! `ansi`, stylesheet and script in `assets/`), `forms` (login and the buttons) and

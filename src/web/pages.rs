@@ -33,12 +33,12 @@ const STYLESHEET: &str = include_str!("assets/hookci.css");
 const SCRIPT: &str = include_str!("assets/hookci.js");
 
 pub fn viewer(state: &AppState, headers: &HeaderMap) -> Viewer {
-    let access = auth::access(&state.config, headers);
-    let has_token = state.config.api_token.is_some() || state.config.read_token.is_some();
+    let access = auth::access(&state.config(), headers);
+    let has_token = state.config().api_token.is_some() || state.config().read_token.is_some();
     Viewer {
         access,
         csrf: (access == Access::Write)
-            .then(|| auth::csrf_token(&state.config))
+            .then(|| auth::csrf_token(&state.config()))
             .flatten(),
         can_log_in: has_token && access < Access::Write,
         logged_in: auth::has_session(headers),
@@ -169,7 +169,7 @@ async fn runs(state: Arc<AppState>, headers: HeaderMap, q: HashMap<String, Strin
             }
             button type="submit" { "Filter" }
         }
-        div data-refresh[filter.before.is_none()] { (runs_table(&state.config, &runs, now_ms())) }
+        div data-refresh[filter.before.is_none()] { (runs_table(&state.config(), &runs, now_ms())) }
         (paging("/", &q, next))
     };
     page(StatusCode::OK, "Runs", &viewer, body)
@@ -243,7 +243,7 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
                 dt { "pipeline" } dd { a href={ "/pipelines/" (auth::encode_query(&run.pipeline)) } { (run.pipeline) } }
                 dt { "repository" } dd { (run.repo) }
                 dt { "ref" } dd { (short_ref(&run.git_ref)) }
-                dt { "commit" } dd { (commit(&state.config, &run)) }
+                dt { "commit" } dd { (commit(&state.config(), &run)) }
                 dt { "trigger" } dd {
                     (run.trigger)
                     @if let Some(d) = &run.delivery {
@@ -319,7 +319,7 @@ fn actions(state: &AppState, viewer: &Viewer, run: &Run) -> Markup {
                         button type="submit" { "Rerun" }
                     }
                 }
-            } @else if state.config.api_token.is_some() {
+            } @else if state.config().api_token.is_some() {
                 p.note { a href={ "/login?next=/runs/" (run.id) } { "Log in with the API token" } " to cancel or rerun." }
             }
         }
@@ -447,11 +447,11 @@ async fn pipeline(
                 label { "commit " input name="sha" placeholder="newest" pattern="[0-9a-fA-F]{40}"; }
                 button type="submit" { "Run now" }
             }
-        } @else if state.config.api_token.is_some() {
+        } @else if state.config().api_token.is_some() {
             p.note { a href={ "/login?next=/pipelines/" (auth::encode_query(&p.name)) } { "Log in with the API token" } " to run it now." }
         }
         h2 { "Recent runs" }
-        div data-refresh[filter.before.is_none()] { (runs_table(&state.config, &runs, now_ms())) }
+        div data-refresh[filter.before.is_none()] { (runs_table(&state.config(), &runs, now_ms())) }
         (paging(&format!("/pipelines/{}", auth::encode_query(&p.name)), &q, next))
     };
     page(StatusCode::OK, &p.name, &viewer, body)

@@ -2,8 +2,8 @@
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
 //! path filters and skip tokens, live logs (SSE and `hookci logs -f`) and the metrics
 //! kept from the same run events, retention, the API client commands, what stops and
-//! signals do to runs and open streams, and what keeps a run in its bounds: its user,
-//! its processes, its log, the disk, the HTTP door.
+//! signals do to runs and open streams, reloads, and what keeps a run in its bounds:
+//! its user, its processes, its log, the disk, the HTTP door.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -466,6 +466,7 @@ mod leftovers;
 mod limits;
 mod live_logs;
 mod metrics;
+mod reload;
 mod reports;
 mod retention;
 mod run_as;

@@ -1,0 +1,148 @@
+//! Reload without a restart: the config file and the pipelines directory are read
+//! again from where they came from, everything is validated, and the new model is
+//! swapped in at once; on any error nothing changes and each problem is logged as
+//! `file:line:col: message`. Runs already started keep the pipeline they hold (the
+//! scheduler takes it at claim). Settings the running daemon is built around (listen
+//! address, state and pipelines directories) are reported when changed and keep
+//! their running values. Asked for by SIGHUP, `POST /api/reload` and the pipelines
+//! watcher (`watch`); the service manager hears `RELOADING=1`, then `READY=1`.
+
+pub mod watch;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::signal::unix::Signal;
+
+use crate::config::ProcessEnv;
+use crate::pipeline::PipelineSet;
+use crate::state::{AppState, Model};
+use crate::systemd;
+
+/// What a reload changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The pipelines now in force.
+    pub pipelines: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Changed settings that wait for a restart (their running values stay).
+    pub restart_required: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload failed, nothing changed: {}", .problems.join("; "))]
+    Invalid { problems: Vec<String> },
+    #[error("this process was not started from a config it could read again")]
+    NoSource,
+    #[error("reload failed, nothing changed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Reloads config and pipelines, all or nothing. `cause` names who asked, for the log.
+pub async fn reload(state: &AppState, cause: &'static str) -> Result<Report, ReloadError> {
+    let Some(source) = state.source.clone() else {
+        return Err(ReloadError::NoSource);
+    };
+    // One at a time: two interleaved reloads could swap in the older reading last.
+    let _one = state.reloading.lock().await;
+    systemd::reloading();
+    let running = state.config();
+    let dir = running.pipelines.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        // Both are read even when the first fails, so every problem is told at once.
+        let config = source.load(&ProcessEnv);
+        let pipelines = PipelineSet::load(&dir);
+        match (config, pipelines) {
+            (Ok(c), Ok(p)) => Ok((c, p)),
+            (config, pipelines) => {
+                let mut problems: Vec<String> = Vec::new();
+                if let Err(e) = &config {
+                    problems.push(source.describe(e));
+                }
+                if let Err(errors) = &pipelines {
+                    problems.extend(errors.iter().map(|e| e.one_line()));
+                }
+                Err(problems)
+            }
+        }
+    })
+    .await;
+    let result = match loaded {
+        Err(e) => Err(ReloadError::Task(e)),
+        Ok(Err(problems)) => Err(ReloadError::Invalid { problems }),
+        Ok(Ok((config, pipelines))) => {
+            let restart_required = running.restart_only_changes(&config);
+            let config = config.with_restart_only_of(&running);
+            let before: BTreeSet<String> =
+                state.pipelines().iter().map(|p| p.name.clone()).collect();
+            let after: BTreeSet<String> = pipelines.iter().map(|p| p.name.clone()).collect();
+            state.swap(Model {
+                config: Arc::new(config),
+                pipelines: Arc::new(pipelines),
+            });
+            Ok(Report {
+                added: after.difference(&before).cloned().collect(),
+                removed: before.difference(&after).cloned().collect(),
+                pipelines: after.into_iter().collect(),
+                restart_required,
+            })
+        }
+    };
+    match &result {
+        Ok(report) => {
+            for setting in &report.restart_required {
+                tracing::warn!(
+                    cause,
+                    setting,
+                    "{setting} changed in the config: it takes effect at the next restart"
+                );
+            }
+            tracing::info!(
+                cause,
+                pipelines = report.pipelines.len(),
+                added = ?report.added,
+                removed = ?report.removed,
+                "reloaded config and pipelines"
+            );
+        }
+        Err(ReloadError::Invalid { problems }) => {
+            for problem in problems {
+                tracing::error!(cause, "{problem}");
+            }
+            tracing::error!(
+                cause,
+                problems = problems.len(),
+                "reload failed: the running config and pipelines stay in force"
+            );
+        }
+        Err(e) => tracing::error!(cause, error = %e, "reload failed"),
+    }
+    systemd::notify("READY=1");
+    result
+}
+
+/// Reloads at every SIGHUP until `stop` turns true; first at once when `pending` (a
+/// SIGHUP came while the daemon was starting, after it had read its config).
+pub async fn on_hangup(
+    state: Arc<AppState>,
+    mut hangups: Signal,
+    pending: bool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if pending {
+        let _ = reload(&state, "SIGHUP").await;
+    }
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {
+                tracing::info!("SIGHUP received: reloading config and pipelines");
+                let _ = reload(&state, "SIGHUP").await;
+            }
+            _ = stop.changed() => return,
+            else => return,
+        }
+    }
+}
