@@ -18,21 +18,29 @@ pub const DESCRIPTION_MAX: usize = 140;
 
 /// The report policy of a daemon.
 pub struct Policy {
-    statuses: bool,
-    public_url: Option<String>,
-    /// The pipelines until the shared state exists (recovery at start runs before).
-    initial: Arc<PipelineSet>,
+    /// The config and pipelines until the shared state exists (recovery at start runs
+    /// before); from then on the shared state's current ones, so a reload applies.
+    initial: (Arc<Config>, Arc<PipelineSet>),
     state: OnceLock<Weak<AppState>>,
 }
 
 impl Policy {
     pub fn new(config: &Config, pipelines: Arc<PipelineSet>) -> Policy {
         Policy {
-            statuses: config.github.status_token().is_some(),
-            public_url: config.public_url.clone(),
-            initial: pipelines,
+            initial: (Arc::new(config.clone()), pipelines),
             state: OnceLock::new(),
         }
+    }
+
+    fn config(&self) -> Arc<Config> {
+        match self.shared() {
+            Some(state) => state.config(),
+            None => Arc::clone(&self.initial.0),
+        }
+    }
+
+    fn statuses(&self) -> bool {
+        self.config().github.status_token().is_some()
     }
 
     /// From now on the pipelines are the shared state's current ones, and each
@@ -48,7 +56,7 @@ impl Policy {
     fn pipelines(&self) -> Arc<PipelineSet> {
         match self.shared() {
             Some(state) => state.pipelines(),
-            None => Arc::clone(&self.initial),
+            None => Arc::clone(&self.initial.1),
         }
     }
 }
@@ -126,7 +134,7 @@ fn host_of(url: &str) -> String {
 
 impl ReportPolicy for Policy {
     fn idle(&self) -> bool {
-        !self.statuses && self.pipelines().iter().all(|p| p.notify.is_empty())
+        !self.statuses() && self.pipelines().iter().all(|p| p.notify.is_empty())
     }
 
     fn reports(
@@ -135,7 +143,7 @@ impl ReportPolicy for Policy {
         previous: &dyn Fn() -> Option<RunStatus>,
     ) -> Vec<NewReport> {
         let mut out = Vec::new();
-        if self.statuses {
+        if self.statuses() {
             if let Some((state, description)) = status_of(t) {
                 let context = format!("hookci/{}", t.pipeline);
                 let mut body = json!({
@@ -143,7 +151,7 @@ impl ReportPolicy for Policy {
                     "description": clip(&description),
                     "context": context,
                 });
-                if let Some(link) = run_link(self.public_url.as_deref(), t.run) {
+                if let Some(link) = run_link(self.config().public_url.as_deref(), t.run) {
                     body["target_url"] = link.into();
                 }
                 out.push(NewReport {
