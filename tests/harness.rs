@@ -34,6 +34,8 @@ pub struct Builder {
     env: Vec<(String, String)>,
     args: Vec<String>,
     user: Option<(u32, u32)>,
+    /// Ambient capabilities the daemon is started with (as `user`, through `setpriv`).
+    caps: Option<&'static str>,
 }
 
 impl Builder {
@@ -50,12 +52,21 @@ impl Builder {
             env: Vec::new(),
             args: Vec::new(),
             user: None,
+            caps: None,
         }
     }
 
     /// Runs the daemon itself as `uid:gid` (the test directory is given to it).
     pub fn daemon_as(mut self, (uid, gid): (u32, u32)) -> Builder {
         self.user = Some((uid, gid));
+        self
+    }
+
+    /// Runs the daemon as `user` holding the ambient capabilities `caps` (such as
+    /// `dac_override`), as a service unit's `AmbientCapabilities=` makes it.
+    pub fn daemon_with_caps(mut self, user: (u32, u32), caps: &'static str) -> Builder {
+        self.user = Some(user);
+        self.caps = Some(caps);
         self
     }
 
@@ -133,6 +144,7 @@ impl Builder {
             env: self.env,
             args: self.args,
             user: self.user,
+            caps: self.caps,
             child: None,
             addr: String::new(),
             log: Arc::new(Mutex::new(String::new())),
@@ -174,6 +186,8 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     args: Vec<String>,
     user: Option<(u32, u32)>,
+    /// Ambient capabilities the daemon is started with (as `user`, through `setpriv`).
+    caps: Option<&'static str>,
     child: Option<Child>,
     pub addr: String,
     log: Arc<Mutex<String>>,
@@ -190,7 +204,20 @@ impl Daemon {
 
     /// Starts (or restarts) the process and waits for its `listening` line.
     pub fn spawn(&mut self) {
-        let mut cmd = Command::new(bin());
+        let mut cmd = match (self.user, self.caps) {
+            (Some((uid, gid)), Some(caps)) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg(format!("--inh-caps=+{caps}"))
+                    .arg(format!("--ambient-caps=+{caps}"))
+                    .arg("--")
+                    .arg(bin());
+                c
+            }
+            _ => Command::new(bin()),
+        };
         cmd.arg("serve")
             .arg("-c")
             .arg(self.dir.path().join("hookci.yml"))
@@ -208,7 +235,10 @@ impl Daemon {
             use std::os::unix::process::CommandExt;
             chown_tree(self.dir.path(), uid, gid);
             // Root's home is closed to that user (libgit2 looks at it).
-            cmd.uid(uid).gid(gid).env("HOME", self.dir.path());
+            cmd.env("HOME", self.dir.path());
+            if self.caps.is_none() {
+                cmd.uid(uid).gid(gid);
+            }
         }
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();

@@ -199,21 +199,19 @@ pub async fn run_step(
         .current_dir(cmd.cwd);
     let cgroup = cmd.contain.and_then(Containment::cgroup_procs_fd);
     let run_as = cmd.run_as.cloned();
-    if cgroup.is_some() || run_as.is_some() {
-        // SAFETY: between fork and exec only async-signal-safe calls run: a write to a
-        // descriptor opened before the fork, then setgroups, setgid and setuid.
-        unsafe {
-            shell.pre_exec(move || {
-                // Joined first, while the child still has the daemon's rights to do so.
-                if let Some(fd) = cgroup {
-                    contain::join_cgroup(fd)?;
-                }
-                if let Some(user) = &run_as {
-                    user.switch()?;
-                }
-                Ok(())
-            });
-        }
+    // SAFETY: between fork and exec only async-signal-safe calls run: a write to a
+    // descriptor opened before the fork, then setgroups, setgid, setuid and prctl.
+    unsafe {
+        shell.pre_exec(move || {
+            // Joined first, while the child still has the daemon's rights to do so.
+            if let Some(fd) = cgroup {
+                contain::join_cgroup(fd)?;
+            }
+            if let Some(user) = &run_as {
+                user.switch()?;
+            }
+            drop_capabilities()
+        });
     }
     let (mut child, _tracked) =
         crate::process::spawn_tracked(&mut shell).map_err(|source| RunnerError::Spawn {
@@ -566,6 +564,27 @@ impl TappedLog {
             tap.written(at, piece.into());
         }
         Ok(())
+    }
+}
+
+/// Clears the ambient capabilities the daemon may hold (the systemd unit grants some
+/// for `run_as`): they would survive the exec, and a step would have them. A non-root
+/// process keeps no other capability across an exec of a file that has none.
+fn drop_capabilities() -> io::Result<()> {
+    // SAFETY: prctl with plain integer arguments.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -117,6 +117,33 @@ fn as_the_daemons_own_user_a_step_cannot_read_the_daemons_environment() {
 }
 
 #[test]
+fn a_step_holds_none_of_the_capabilities_the_daemon_was_given() {
+    let user = test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let probe = step("caps", "grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status");
+    let d = b
+        .pipeline("caps", &pipeline(&origin, "", &[probe]))
+        .daemon_with_caps(user, "dac_override")
+        .start();
+    let id = push(&d, "caps-1", "refs/heads/main", ZERO, &sha);
+    let run = d.wait_run(id);
+    let log = d.run_log(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{log}");
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(set))
+            .unwrap_or_else(|| panic!("no {set} in {log}"));
+        assert!(
+            line.ends_with("0000000000000000"),
+            "a step has the daemon's capabilities: {line}\n{log}"
+        );
+    }
+}
+
+#[test]
 fn as_root_without_run_as_serve_and_check_warn_that_steps_run_as_root() {
     test_user();
     let b = Builder::new();
