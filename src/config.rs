@@ -162,8 +162,20 @@ pub struct Config {
 }
 
 /// The settings a reload cannot apply: what the running daemon is built around (its
-/// socket, its state directory and the lock on it, the directory it watches).
-const RESTART_ONLY: &[&str] = &["listen", "state_dir", "pipelines", "watch_pipelines"];
+/// socket, its state directory and the lock on it, the directory it watches), the
+/// HTTP limits sized when it starts (the body budget must hold the largest body), and
+/// `run_as`, whose checks (the state directory and secrets closed to that user, the
+/// rights to switch to it) are made at start.
+const RESTART_ONLY: &[&str] = &[
+    "listen",
+    "state_dir",
+    "pipelines",
+    "watch_pipelines",
+    "run_as",
+    "max_connections",
+    "max_unverified_bytes",
+    "max_body_bytes",
+];
 
 impl Config {
     /// The names of the restart-only settings in which `new` differs from `self`.
@@ -185,6 +197,10 @@ impl Config {
                 "state_dir" => !same_dir(&self.state_dir, &new.state_dir),
                 "pipelines" => !same_dir(&self.pipelines, &new.pipelines),
                 "watch_pipelines" => self.watch_pipelines != new.watch_pipelines,
+                "run_as" => self.run_as != new.run_as,
+                "max_connections" => self.max_connections != new.max_connections,
+                "max_unverified_bytes" => self.max_unverified_bytes != new.max_unverified_bytes,
+                "max_body_bytes" => self.max_body_bytes != new.max_body_bytes,
                 _ => false,
             })
             .collect()
@@ -197,6 +213,10 @@ impl Config {
         self.state_dir.clone_from(&running.state_dir);
         self.pipelines.clone_from(&running.pipelines);
         self.watch_pipelines = running.watch_pipelines;
+        self.run_as.clone_from(&running.run_as);
+        self.max_connections = running.max_connections;
+        self.max_unverified_bytes = running.max_unverified_bytes;
+        self.max_body_bytes = running.max_body_bytes;
         self
     }
 }
@@ -935,6 +955,26 @@ mod tests {
         assert!(swapped.watch_pipelines);
         assert_eq!(swapped.max_parallel_runs, 5, "the rest takes effect");
         assert!(running.restart_only_changes(&swapped).is_empty());
+        let limits = FileConfig {
+            run_as: Some("65534:65534".into()),
+            max_connections: Some(7),
+            max_body_bytes: Some(1024),
+            ..FileConfig::default()
+        };
+        let new = Config::build(limits, Overrides::default(), &env).unwrap();
+        assert_eq!(
+            running.restart_only_changes(&new),
+            ["run_as", "max_connections", "max_body_bytes"]
+        );
+        let swapped = new.with_restart_only_of(&running);
+        assert_eq!(
+            (
+                swapped.run_as,
+                swapped.max_connections,
+                swapped.max_body_bytes
+            ),
+            (None, running.max_connections, running.max_body_bytes)
+        );
     }
 
     #[test]
