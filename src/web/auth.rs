@@ -169,9 +169,21 @@ pub fn api_refusal() -> (StatusCode, String) {
 }
 
 /// Where the login form may send the user afterwards: a path of this site only.
+/// Browsers drop tabs and line breaks from a `Location` and read `\\` as `/`, so a
+/// path with any control character or backslash could name another site.
 pub fn safe_next(next: Option<&String>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.clone(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.chars().any(|c| c.is_control() || c == '\\')
+                && !n
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect::<String>()
+                    .starts_with("//") =>
+        {
+            n.clone()
+        }
         _ => "/".to_owned(),
     }
 }
@@ -228,6 +240,9 @@ mod tests {
             (Some("//evil.example/x"), "/"),
             (Some("https://evil.example/"), "/"),
             (Some("/\\evil.example"), "/"),
+            (Some("/\t/evil.example"), "/"),
+            (Some("/\n/evil.example"), "/"),
+            (Some("/ /evil.example"), "/"),
             (None, "/"),
         ];
         for (next, want) in cases {
