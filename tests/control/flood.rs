@@ -145,6 +145,10 @@ fn past_the_unverified_budget_a_body_gets_503_with_retry_after_and_a_slow_one_40
     slow.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     write!(slow, "{}{{\"partial\":", head(60_000)).unwrap();
+    // A probe that came first would take its own share and leave too little for the
+    // slow body, which would then be the one refused: give the daemon time to read
+    // the slow body's headers before probing.
+    std::thread::sleep(Duration::from_secs(1));
     eventually("the slow body holds its share", || {
         status_line(&d.addr, &head(10_000), Duration::from_secs(2)).starts_with("HTTP/1.1 503")
     });
