@@ -2,6 +2,7 @@
 //! they became due, and settles each (sent, due again later, or given up). Retries
 //! back off exponentially from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], wait longer when
 //! `Retry-After` or GitHub's `X-RateLimit-Reset` says so, and end after [`GIVE_UP`]
+//! (with a last try at that deadline)
 //! or at a 4xx answer other than 408 and 429. One report at a time keeps the statuses of one
 //! commit in order. Entries are rows: a restart sends what was left.
 
@@ -153,16 +154,45 @@ async fn attempt(state: &AppState, client: &Client, report: &Report) -> Attempt 
             let deadline = report
                 .created_at
                 .saturating_add(i64::try_from(GIVE_UP.as_millis()).unwrap_or(i64::MAX));
-            if at > deadline {
-                let reason = format!("given up after {} h: {reason}", GIVE_UP.as_secs() / 3600);
-                tracing::warn!(%reason, "report not delivered");
-                Attempt::Failed { reason }
-            } else {
-                tracing::info!(%reason, retry_in = ?wait, "report not delivered; retrying");
-                Attempt::Retry { at, reason }
+            match next_try(now_ms(), at, deadline) {
+                None => {
+                    let reason = format!("given up after {} h: {reason}", GIVE_UP.as_secs() / 3600);
+                    tracing::warn!(%reason, "report not delivered");
+                    Attempt::Failed { reason }
+                }
+                Some(at) => {
+                    tracing::info!(%reason, retry_in = ?wait, "report not delivered; retrying");
+                    Attempt::Retry { at, reason }
+                }
             }
         }
     }
+}
+
+/// When to try again a report that failed at `now` and would next be due at `at`, with
+/// its deadline at `deadline` (`None`: give up). A retry that would land past the
+/// deadline becomes a last try at the deadline itself, unless that has come already.
+fn next_try(now: i64, at: i64, deadline: i64) -> Option<i64> {
+    if at <= deadline {
+        Some(at)
+    } else if now < deadline {
+        Some(deadline)
+    } else {
+        None
+    }
+}
+
+/// A `Retry-After` value: a number of seconds, or an HTTP date (a date already past
+/// means now).
+fn retry_after(value: &str) -> Option<Duration> {
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 /// The pause after the `attempts`-th failure: 1 s, doubling, at most 10 min.
@@ -300,9 +330,7 @@ async fn judge(response: reqwest::Response) -> Result<(), SendError> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let retry_after = header("retry-after")
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = header("retry-after").and_then(retry_after);
     let limited = header("x-ratelimit-remaining") == Some("0");
     let reset = header("x-ratelimit-reset")
         .and_then(|v| v.parse::<i64>().ok())
@@ -384,6 +412,22 @@ mod tests {
             panic!("tried again")
         };
         assert_eq!(after, Some(Duration::from_secs(7)));
+        let in_a_minute =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+        let SendError::Again { after, .. } = judged(503, &[("retry-after", in_a_minute)], "").await
+        else {
+            panic!("tried again")
+        };
+        let after = after.unwrap();
+        assert!(
+            after > Duration::from_secs(55) && after <= Duration::from_secs(60),
+            "{after:?}"
+        );
+        let past = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(1));
+        let SendError::Again { after, .. } = judged(429, &[("retry-after", past)], "").await else {
+            panic!("tried again")
+        };
+        assert_eq!(after, Some(Duration::ZERO));
         // A spent rate limit: 403, nothing left, and when it resets.
         let reset = (now_ms() / 1000 + 120).to_string();
         let limited = [
@@ -424,6 +468,14 @@ mod tests {
             };
             assert_eq!(said, reason);
         }
+    }
+
+    #[test]
+    fn a_retry_past_the_deadline_is_a_last_try_at_the_deadline() {
+        assert_eq!(next_try(1_000, 2_000, 5_000), Some(2_000));
+        assert_eq!(next_try(1_000, 9_000, 5_000), Some(5_000));
+        assert_eq!(next_try(5_000, 9_000, 5_000), None);
+        assert_eq!(next_try(6_000, 9_000, 5_000), None);
     }
 
     #[test]

@@ -219,6 +219,38 @@ fn a_receiver_answering_502_twice_gets_the_status_on_the_third_try() {
 }
 
 #[test]
+fn a_receiver_refusing_with_422_is_not_tried_again_and_the_run_says_why() {
+    let github = FakeHttp::start();
+    let refused = (
+        422,
+        Vec::new(),
+        "{\"message\":\"No commit found for SHA\"}".to_owned(),
+    );
+    github.answer(vec![refused]);
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = reporting(b, &github.url())
+        .pipeline("ci", &pipeline(&origin, "", &[step("build", "echo built")]))
+        .start();
+    let sha = "6".repeat(40);
+    let body = push_body("refs/heads/main", ZERO, &sha, "wip [skip ci]");
+    let id = push_runs(&d, "refused-1", &body)[0].1;
+    eventually("the refused status is given up", || {
+        reports(&d, id).iter().any(|r| r["state"] == "failed")
+    });
+    let shown = reports(&d, id);
+    assert_eq!(shown.len(), 1, "{shown:#?}");
+    assert_eq!(shown[0]["attempts"], 1, "{shown:#?}");
+    assert_eq!(
+        shown[0]["reason"], "HTTP 422: No commit found for SHA",
+        "{shown:#?}"
+    );
+    // Given up for good: the fake, which would now accept it, never sees it again.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(github.received().len(), 1, "{:?}", github.received());
+}
+
+#[test]
 fn a_status_due_while_github_is_down_is_delivered_after_a_sigkill_and_restart() {
     // A port nothing listens on, until the fake comes up there.
     let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
