@@ -386,6 +386,13 @@ pub async fn run(
             tracing::warn!(error = %e, "cannot watch the pipelines directory: reload with SIGHUP instead");
         }
     }
+    match reload::socket::start(Arc::clone(&state), state.stopping()) {
+        Ok(path) => tracing::info!(socket = %path.display(), "hookci reload --local asks here"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot open the reload socket: hookci reload --local cannot reach this daemon (SIGHUP and POST /api/reload still reload)"
+        ),
+    }
     crate::systemd::notify("READY=1");
     tokio::spawn(reload::on_hangup(
         Arc::clone(&state),

@@ -119,8 +119,16 @@ enum Command {
     #[command(name = hookci::git::worker::SUBCOMMAND, hide = true)]
     GitWorker,
     /// Make the daemon read its config and pipelines again, all or nothing (needs the
-    /// API token); exit 1 if the reload failed, with each problem printed
+    /// API token, or --local); exit 1 if the reload failed, with each problem printed
     Reload {
+        /// Ask through the reload socket in the daemon's state directory instead of the
+        /// HTTP API: no API token, as the daemon's user or root (the unit's ExecReload=)
+        #[arg(long, conflicts_with = "url")]
+        local: bool,
+        /// With --local: the daemon's state directory (default: $STATE_DIRECTORY,
+        /// else ./.hookci)
+        #[arg(long, value_name = "DIR", requires = "local")]
+        state_dir: Option<PathBuf>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -431,7 +439,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             remote,
         } => Ok(ExitCode::from(remote.remote()?.logs(run, follow)?)),
         Command::GitWorker => Ok(hookci::git::worker::worker_main()),
-        Command::Reload { remote } => Ok(ExitCode::from(remote.remote()?.reload()?)),
+        Command::Reload {
+            local: true,
+            state_dir,
+            ..
+        } => {
+            // Not from the config file: the reload is what reads that, and a broken one
+            // is the daemon's to report.
+            let dir = state_dir
+                .or_else(|| {
+                    std::env::var_os("STATE_DIRECTORY").map(|s| {
+                        let s = s.to_string_lossy().into_owned();
+                        PathBuf::from(s.split(':').next().unwrap_or(&s))
+                    })
+                })
+                .unwrap_or_else(|| PathBuf::from("./.hookci"));
+            Ok(ExitCode::from(hookci::cli::remote::reload_local(&dir)?))
+        }
+        Command::Reload { remote, .. } => Ok(ExitCode::from(remote.remote()?.reload()?)),
         Command::Cancel { run, remote } => Ok(ExitCode::from(remote.remote()?.cancel(run)?)),
         Command::Rerun { run, remote } => Ok(ExitCode::from(remote.remote()?.rerun(run)?)),
         Command::Trigger {

@@ -130,6 +130,11 @@ impl AppState {
         self.stopping.subscribe()
     }
 
+    /// The current config and pipelines, both from the same reload.
+    pub fn model(&self) -> Model {
+        self.model.borrow().clone()
+    }
+
     /// The current config; a reload swaps in a whole new one.
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&self.model.borrow().config)

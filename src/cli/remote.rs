@@ -1,13 +1,18 @@
 //! The command line's API clients (`why`, `runs`, `logs`, `cancel`, `rerun`,
-//! `trigger`, `reload`): thin wrappers over the daemon's HTTP API that print for people. They
-//! return the process's exit status: 0 done, 1 the daemon said no.
+//! `trigger`, `reload`): thin wrappers over the daemon's HTTP API that print for people;
+//! `reload --local` asks through the daemon's reload socket instead. They return the
+//! process's exit status: 0 done, 1 the daemon said no.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::cli::client::{self, ClientError, Response};
 use crate::config::{Config, Secret};
+use crate::reload::socket;
 use crate::web::http::KEEP_ALIVE_BYTE;
 
 /// A daemon to talk to.
@@ -247,40 +252,81 @@ impl Remote {
     /// Asks the daemon to reload; prints what changed, or each problem (one a line).
     pub fn reload(&self) -> Result<u8, ClientError> {
         let r = self.post("/api/reload", &json!({}))?;
-        let body = r.json();
         if r.status < 300 {
-            let report = &body["report"];
-            let names = |key: &str| {
-                report[key]
-                    .as_array()
-                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default()
-            };
-            let mut out = std::io::stdout();
-            let _ = writeln!(out, "reloaded: pipelines {}", names("pipelines"));
-            for (key, what) in [("added", "added"), ("removed", "removed")] {
-                if report[key].as_array().is_some_and(|a| !a.is_empty()) {
-                    let _ = writeln!(out, "{what}: {}", names(key));
-                }
-            }
-            if report["restart_required"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
-            {
-                let _ = writeln!(
-                    out,
-                    "changed, applied at the next restart: {}",
-                    names("restart_required")
-                );
-            }
-            return Ok(0);
+            return Ok(reloaded(&r.json()));
         }
-        if let Some(problems) = body["problems"].as_array() {
-            let mut err = std::io::stderr();
-            for p in problems {
-                let _ = writeln!(err, "{}", s(p));
-            }
-        }
+        print_problems(&r.json());
         Ok(refused(&r))
     }
+}
+
+/// Prints what a reload changed; exit status 0.
+fn reloaded(body: &Value) -> u8 {
+    let report = &body["report"];
+    let names = |key: &str| {
+        report[key]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "reloaded: pipelines {}", names("pipelines"));
+    for (key, what) in [("added", "added"), ("removed", "removed")] {
+        if report[key].as_array().is_some_and(|a| !a.is_empty()) {
+            let _ = writeln!(out, "{what}: {}", names(key));
+        }
+    }
+    if report["restart_required"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        let _ = writeln!(
+            out,
+            "changed, applied at the next restart: {}",
+            names("restart_required")
+        );
+    }
+    0
+}
+
+/// Prints each problem of a failed reload, one a line.
+fn print_problems(body: &Value) {
+    if let Some(problems) = body["problems"].as_array() {
+        let mut err = std::io::stderr();
+        for p in problems {
+            let _ = writeln!(err, "{}", s(p));
+        }
+    }
+}
+
+/// How long `reload_local` waits for the daemon's answer: a reload reads and checks
+/// every file, and the service manager gives `ExecReload=` 90 s by default.
+const LOCAL_WAIT: Duration = Duration::from_secs(90);
+
+/// Asks the daemon whose state directory is `state_dir` to reload, through its reload
+/// socket (`reload::socket`: no API token, the socket's mode is the access control),
+/// and waits for the outcome: 0 reloaded, 1 failed (each problem printed).
+pub fn reload_local(state_dir: &Path) -> Result<u8, ClientError> {
+    let path = socket::path(state_dir);
+    let io = |source: std::io::Error| ClientError::Io {
+        url: path.display().to_string(),
+        source,
+    };
+    let mut stream = UnixStream::connect(&path).map_err(io)?;
+    stream.set_read_timeout(Some(LOCAL_WAIT)).map_err(io)?;
+    stream
+        .write_all(format!("{}\n", socket::REQUEST).as_bytes())
+        .map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let body: Value = serde_json::from_str(&answer).map_err(|e| ClientError::Response {
+        url: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    if body["reloaded"] == json!(true) {
+        return Ok(reloaded(&body));
+    }
+    print_problems(&body);
+    let _ = writeln!(std::io::stderr(), "hookci: {}", s(&body["error"]));
+    Ok(1)
 }

@@ -4,9 +4,11 @@
 //! `file:line:col: message`. Runs already started keep the pipeline they hold (the
 //! scheduler takes it at claim). Settings the running daemon is built around (listen
 //! address, state and pipelines directories) are reported when changed and keep
-//! their running values. Asked for by SIGHUP, `POST /api/reload` and the pipelines
-//! watcher (`watch`); the service manager hears `RELOADING=1`, then `READY=1`.
+//! their running values. Asked for by SIGHUP, `POST /api/reload`, `hookci reload`
+//! (through the reload `socket`) and the pipelines watcher (`watch`); the service
+//! manager hears `RELOADING=1`, then `READY=1`.
 
+pub mod socket;
 pub mod watch;
 
 use std::collections::BTreeSet;
@@ -41,7 +43,18 @@ pub enum ReloadError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// [`reload`] in a task of its own, awaited: it runs to its end even when the caller
+/// is dropped half-way (an HTTP client that hangs up drops its handler), so the
+/// service manager, told `RELOADING=1`, always hears the `READY=1` that ends it.
+pub async fn reload_to_end(
+    state: Arc<AppState>,
+    cause: &'static str,
+) -> Result<Report, ReloadError> {
+    tokio::spawn(async move { reload(&state, cause).await }).await?
+}
+
 /// Reloads config and pipelines, all or nothing. `cause` names who asked, for the log.
+/// Callers that may be dropped before it ends use [`reload_to_end`].
 pub async fn reload(state: &AppState, cause: &'static str) -> Result<Report, ReloadError> {
     let Some(source) = state.source.clone() else {
         return Err(ReloadError::NoSource);

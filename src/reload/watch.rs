@@ -2,9 +2,13 @@
 //! pipelines directory is created, changed or removed, through inotify (the `notify`
 //! crate). Events are debounced: an editor's save, or a checkout of many files, is a
 //! burst of events and makes one reload once the directory is quiet. The reload is
-//! all or nothing like any other (`reload`).
+//! all or nothing like any other (`reload`). Events may have been lost when the
+//! kernel's queue overflowed (a rescan) or the watch failed: then a reload reads
+//! everything again. The directory's parent is watched too, so a pipelines directory
+//! replaced as a whole (removed and made again, or a new one renamed into place) is
+//! watched again and read.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,61 +22,132 @@ const QUIET: Duration = Duration::from_millis(300);
 
 /// Starts watching the pipelines directory; the watch lasts until `stop` turns true.
 pub fn start(state: Arc<AppState>, stop: watch::Receiver<bool>) -> notify::Result<()> {
-    let dir = state.config().pipelines.clone();
+    let dir = std::path::absolute(&state.config().pipelines)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Sent from the watcher's own thread; a closed channel means the daemon stops.
         let _ = tx.send(event);
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    if let Some(parent) = dir.parent() {
+        if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %parent.display(), error = %e, "cannot watch the pipelines directory's parent: a pipelines directory replaced as a whole needs a SIGHUP");
+        }
+    }
     tracing::info!(dir = %dir.display(), "watching the pipelines directory");
-    tokio::spawn(run(state, watcher, rx, stop));
+    tokio::spawn(run(state, Watch { watcher, dir }, rx, stop));
     Ok(())
+}
+
+/// The inotify watch, held for as long as it lasts (dropping it ends it).
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    /// The pipelines directory, absolute (events name paths below what is watched).
+    dir: PathBuf,
+}
+
+impl Watch {
+    /// Watches the directory now at the path again: the one watched before was
+    /// removed or moved away.
+    fn rearm(&mut self) {
+        // The old watch may be gone already (its directory removed).
+        let _ = self.watcher.unwatch(&self.dir);
+        match self.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::info!(dir = %self.dir.display(), "the pipelines directory was replaced: watching the new one");
+            }
+            Err(e) => {
+                // Removed and not made again (yet): its parent's watch sees it come back.
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the pipelines directory");
+            }
+        }
+    }
+}
+
+/// What an event asks of the watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Ignore,
+    Reload,
+    /// Watch the directory again, then reload.
+    Rearm,
 }
 
 async fn run(
     state: Arc<AppState>,
-    // Held for as long as the watch lasts: dropping it ends the inotify watch.
-    _watcher: notify::RecommendedWatcher,
+    mut watch: Watch,
     mut events: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        let mut rearm = false;
         // The first relevant event, then quiet.
         loop {
             tokio::select! {
-                event = events.recv() => match event {
+                event = events.recv() => match event.map(|e| action(&watch.dir, &e)) {
                     None => return,
-                    Some(event) if relevant(&event) => break,
-                    Some(_) => {}
+                    Some(Action::Ignore) => {}
+                    Some(Action::Reload) => break,
+                    Some(Action::Rearm) => {
+                        rearm = true;
+                        break;
+                    }
                 },
                 _ = stop.changed() => return,
             }
         }
         loop {
             tokio::select! {
-                event = events.recv() => if event.is_none() { return },
+                event = events.recv() => match event {
+                    None => return,
+                    Some(event) => rearm |= action(&watch.dir, &event) == Action::Rearm,
+                },
                 () = tokio::time::sleep(QUIET) => break,
                 _ = stop.changed() => return,
             }
+        }
+        if rearm {
+            watch.rearm();
         }
         tracing::info!("a pipeline file changed: reloading config and pipelines");
         let _ = super::reload(&state, "pipelines directory changed").await;
     }
 }
 
-/// Whether an event may have changed a pipeline file.
-fn relevant(event: &notify::Result<notify::Event>) -> bool {
+/// What an event means for a watch of `dir` (and of its parent).
+fn action(dir: &Path, event: &notify::Result<notify::Event>) -> Action {
     match event {
         Err(e) => {
-            tracing::warn!(error = %e, "watching the pipelines directory");
-            false
+            // What was missed is unknown: read everything again, on a fresh watch.
+            tracing::warn!(error = %e, "watching the pipelines directory failed: reloading");
+            Action::Rearm
+        }
+        Ok(event) if event.need_rescan() => {
+            tracing::warn!(
+                "pipeline directory events were lost (the kernel's queue overflowed): reloading"
+            );
+            Action::Reload
         }
         Ok(event) => {
-            matches!(
+            let changes = matches!(
                 event.kind,
                 EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-            ) && event.paths.iter().any(|p| is_pipeline_file(p))
+            );
+            if !changes {
+                Action::Ignore
+            } else if event.paths.iter().any(|p| p == dir) {
+                // The directory itself came, went or was renamed (seen from its parent,
+                // or its own watch telling it was removed).
+                Action::Rearm
+            } else if event
+                .paths
+                .iter()
+                .any(|p| p.parent() == Some(dir) && is_pipeline_file(p))
+            {
+                Action::Reload
+            } else {
+                Action::Ignore
+            }
         }
     }
 }
@@ -87,29 +162,69 @@ fn is_pipeline_file(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{AccessKind, CreateKind, ModifyKind, RenameMode};
+    use notify::event::{AccessKind, CreateKind, Flag, ModifyKind, RemoveKind, RenameMode};
 
     #[test]
-    fn only_changes_to_pipeline_files_count() {
+    fn what_each_event_asks_for() {
+        let dir = Path::new("/p");
         let event = |kind, path: &str| Ok(notify::Event::new(kind).add_path(path.into()));
-        for (kind, path, counts) in [
-            (EventKind::Create(CreateKind::File), "/p/ci.yml", true),
-            (EventKind::Modify(ModifyKind::Any), "/p/ci.yaml", true),
+        for (kind, path, wanted) in [
+            (
+                EventKind::Create(CreateKind::File),
+                "/p/ci.yml",
+                Action::Reload,
+            ),
+            (
+                EventKind::Modify(ModifyKind::Any),
+                "/p/ci.yaml",
+                Action::Reload,
+            ),
             (
                 EventKind::Modify(ModifyKind::Name(RenameMode::To)),
                 "/p/ci.yml",
-                true,
+                Action::Reload,
             ),
             (
-                EventKind::Remove(notify::event::RemoveKind::File),
+                EventKind::Remove(RemoveKind::File),
                 "/p/ci.yml",
-                true,
+                Action::Reload,
             ),
-            (EventKind::Access(AccessKind::Any), "/p/ci.yml", false),
-            (EventKind::Create(CreateKind::File), "/p/.ci.yml.swp", false),
-            (EventKind::Modify(ModifyKind::Any), "/p/4913", false),
+            (
+                EventKind::Access(AccessKind::Any),
+                "/p/ci.yml",
+                Action::Ignore,
+            ),
+            (
+                EventKind::Create(CreateKind::File),
+                "/p/.ci.yml.swp",
+                Action::Ignore,
+            ),
+            (
+                EventKind::Modify(ModifyKind::Any),
+                "/p/4913",
+                Action::Ignore,
+            ),
+            // The parent's other entries.
+            (
+                EventKind::Create(CreateKind::File),
+                "/other.yml",
+                Action::Ignore,
+            ),
+            (EventKind::Create(CreateKind::Folder), "/p2", Action::Ignore),
+            // The directory itself, replaced.
+            (EventKind::Create(CreateKind::Folder), "/p", Action::Rearm),
+            (
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/p",
+                Action::Rearm,
+            ),
+            (EventKind::Remove(RemoveKind::Folder), "/p", Action::Rearm),
         ] {
-            assert_eq!(relevant(&event(kind, path)), counts, "{kind:?} {path}");
+            assert_eq!(action(dir, &event(kind, path)), wanted, "{kind:?} {path}");
         }
+        let rescan = Ok(notify::Event::new(EventKind::Other).set_flag(Flag::Rescan));
+        assert_eq!(action(dir, &rescan), Action::Reload);
+        let failed = Err(notify::Error::generic("inotify queue overflow"));
+        assert_eq!(action(dir, &failed), Action::Rearm);
     }
 }

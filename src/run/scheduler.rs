@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{resolve_secret, Secret};
+use crate::config::{resolve_secret, Config, Secret};
 use crate::git::repo::RepoName;
 use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
@@ -334,12 +334,14 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 let (stop_tx, stop_rx) = watch::channel(false);
                 let control = state.running.register(run.id, stop_tx);
                 state.events.publish(RunEvent::Started(run.clone()));
-                // Taken now: a reload from here on does not change what this run runs.
-                let pipeline = state.pipelines().get(&run.pipeline).cloned();
+                // Taken now, from one reload: a reload from here on changes neither
+                // what this run runs nor the settings it runs with.
+                let model = state.model();
+                let pipeline = model.pipelines.get(&run.pipeline).cloned();
                 let job = execute(
                     Arc::clone(&state),
                     run,
-                    pipeline,
+                    (model.config, pipeline),
                     (control, stop_rx),
                     permit,
                 );
@@ -418,8 +420,16 @@ pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let control = state.running.register(id, stop_tx);
     state.events.publish(RunEvent::Started(run.clone()));
-    let pipeline = state.pipelines().get(&run.pipeline).cloned();
-    execute(state, run, pipeline, (control, stop_rx), permit).await;
+    let model = state.model();
+    let pipeline = model.pipelines.get(&run.pipeline).cloned();
+    execute(
+        state,
+        run,
+        (model.config, pipeline),
+        (control, stop_rx),
+        permit,
+    )
+    .await;
     Ok(())
 }
 
@@ -441,10 +451,13 @@ struct Ending {
     reason: Option<String>,
 }
 
+/// Runs `run` with the config and pipeline taken when it was claimed, to its end.
+/// Paths in the state directory come from `state`: a reload never changes that
+/// directory (a restart-only setting).
 async fn execute(
     state: Arc<AppState>,
     run: Run,
-    pipeline: Option<Arc<Pipeline>>,
+    (config, pipeline): (Arc<Config>, Option<Arc<Pipeline>>),
     (control, stop): (Arc<RunControl>, watch::Receiver<bool>),
     _permit: OwnedSemaphorePermit,
 ) {
@@ -458,7 +471,7 @@ async fn execute(
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
         },
-        Some(pipeline) => match secrets_of(&state, &pipeline) {
+        Some(pipeline) => match secrets_of(&config, &pipeline) {
             Err(reason) => Ending {
                 status: RunStatus::Failed,
                 reason: Some(reason),
@@ -468,7 +481,7 @@ async fn execute(
                     status: RunStatus::Skipped,
                     reason: Some(skip),
                 },
-                Ok(None) => match hand_over(&state, run.id, &workspace).await {
+                Ok(None) => match hand_over(&state, &config, run.id, &workspace).await {
                     Err(reason) => Ending {
                         status: RunStatus::Failed,
                         reason: Some(reason),
@@ -480,7 +493,7 @@ async fn execute(
                             control: &control,
                             contain: &contain,
                         };
-                        run_steps(&state, &run, &pipeline, ctx, stop).await
+                        run_steps(&state, &config, &run, &pipeline, ctx, stop).await
                     }
                 },
                 Err(GitError::Stopped) => stopped(&control, "the checkout"),
@@ -653,8 +666,13 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
 
 /// With `run_as`: gives the checkout to that user and makes the run's `HOME`, owned by
 /// it. The folders above them let it through but not look (see `daemon`).
-async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Path) -> Result<(), String> {
-    let Some(who) = state.config().run_as.clone() else {
+async fn hand_over(
+    state: &Arc<AppState>,
+    config: &Config,
+    run: i64,
+    workspace: &Path,
+) -> Result<(), String> {
+    let Some(who) = config.run_as.clone() else {
         return Ok(());
     };
     let (workspace, home) = (workspace.to_path_buf(), state.home(run));
@@ -681,17 +699,13 @@ async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Path) -> Result<
 }
 
 /// The pipeline's secrets, by name; a missing one fails the run before any step.
-fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secret)>, String> {
+fn secrets_of(config: &Config, pipeline: &Pipeline) -> Result<Vec<(String, Secret)>, String> {
     pipeline
         .secrets
         .iter()
         .map(|name| {
-            resolve_secret(
-                name,
-                state.config().secrets_dir.as_deref(),
-                &state.config().secret_env,
-            )
-            .map(|v| (name.clone(), v))
+            resolve_secret(name, config.secrets_dir.as_deref(), &config.secret_env)
+                .map(|v| (name.clone(), v))
         })
         .collect()
 }
@@ -843,6 +857,7 @@ struct StepsContext<'a> {
 
 async fn run_steps(
     state: &Arc<AppState>,
+    config: &Config,
     run: &Run,
     pipeline: &Pipeline,
     ctx: StepsContext<'_>,
@@ -855,9 +870,8 @@ async fn run_steps(
         contain,
     } = ctx;
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
-    let budget = Arc::new(LogBudget::new(state.config().max_log_bytes));
+    let budget = Arc::new(LogBudget::new(config.max_log_bytes));
     let home = state.home(run.id);
-    let config = state.config();
     let run_as = config.run_as.as_ref();
     // A timeout too large for the clock to represent is no limit at all.
     let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
@@ -950,7 +964,7 @@ async fn run_steps(
             env: &env,
             log_path: &log,
             timeout,
-            grace: state.config().step_grace,
+            grace: config.step_grace,
             mask: &mask,
             output: Some(&output),
             budget: &budget,

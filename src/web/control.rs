@@ -329,7 +329,7 @@ pub fn routes(
 /// `POST /api/reload`: 200 with what changed, or 422 with every problem and nothing
 /// changed.
 async fn reload(state: Arc<AppState>) -> Response {
-    match crate::reload::reload(&state, "POST /api/reload").await {
+    match crate::reload::reload_to_end(state, "POST /api/reload").await {
         Ok(report) => {
             warp::reply::json(&json!({ "reloaded": true, "report": report })).into_response()
         }

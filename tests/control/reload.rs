@@ -280,3 +280,241 @@ fn a_reload_that_raises_max_parallel_runs_starts_a_waiting_run_at_once() {
         assert_eq!(d.wait_run(*id)["status"], "succeeded");
     }
 }
+
+/// A pipeline file that is a FIFO: a reload that reads it waits until the test writes
+/// it, so the test holds a reload half-way for as long as it likes.
+fn held_pipeline(dir: &Path) -> PathBuf {
+    let fifo = dir.join("held.yml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path it is given.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    fifo
+}
+
+/// Lets the reload held by [`held_pipeline`] read it, and go on.
+fn release(fifo: &Path, yaml: &str) {
+    // Opening blocks until the reload opens it to read.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(fifo)
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+}
+
+#[test]
+fn a_client_that_hangs_up_during_post_api_reload_leaves_the_reload_to_end_with_ready() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let notify = NotifySocket::bind(b.path());
+    let token = token_config(&b);
+    let d = b
+        .config("watch_pipelines: false")
+        .config(&token)
+        .env("NOTIFY_SOCKET", notify.env())
+        .start();
+    assert_eq!(notify.recv_state(), "READY=1");
+    let fifo = held_pipeline(&d.path().join("pipelines"));
+
+    let addr = d.url("").trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /api/reload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let reloading = notify.recv_state();
+    assert!(reloading.starts_with("RELOADING=1"), "{reloading}");
+    // The client gives up on the answer and hangs up while the reload is held.
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    // The server notices the hang-up (and, were the reload the request's, drops it)
+    // before the reload can go on; a moment is plenty.
+    std::thread::sleep(Duration::from_millis(500));
+
+    release(&fifo, &pipeline(&origin, "", &[step("held", "true")]));
+    assert_eq!(notify.recv_state(), "READY=1", "{}", d.log());
+    eventually("the reload applied", || count(&d, RELOADED) == 1);
+    let page = d.get("/pipelines").text();
+    assert!(page.contains("held"), "{page}");
+}
+
+#[test]
+fn hookci_reload_local_waits_for_the_outcome_and_fails_with_the_reason() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    // No API token: the reload socket needs none.
+    let d = b
+        .config("watch_pipelines: false")
+        .pipeline("ci", &pipeline(&origin, "", &[step("old", "true")]))
+        .start();
+    let state_dir = d.state_dir();
+    let reload = || {
+        cli(&["reload", "--local", "--state-dir"], None)
+            .arg(&state_dir)
+            .output()
+            .unwrap()
+    };
+    let socket = state_dir.join("reload.sock");
+    // Opened after the `listening` line the harness waits for, before READY=1.
+    eventually("the reload socket is open", || {
+        d.log().contains("hookci reload --local asks here")
+    });
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    // A bad config: the daemon reads it, says why, and changes nothing.
+    let config = d.path().join("hookci.yml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}max_parallel_runz: 3\n")).unwrap();
+    let line = good.lines().count() + 1;
+    let out = reload();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let place = format!(
+        "{}:{line}:1: unknown field `max_parallel_runz`",
+        config.display()
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains(&place), "{place} in:\n{err}");
+    assert!(err.contains("reload failed: nothing changed"), "{err}");
+    eventually("the daemon logs the failure", || count(&d, FAILED) == 1);
+
+    // Fixed, the next one applies, and says what changed.
+    std::fs::write(&config, &good).unwrap();
+    std::fs::write(
+        d.path().join("pipelines").join("deploy.yml"),
+        pipeline(&origin, "", &[step("ship", "true")]),
+    )
+    .unwrap();
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("reloaded: pipelines ci, deploy"), "{said}");
+    assert!(said.contains("added: deploy"), "{said}");
+    assert_eq!(count(&d, RELOADED), 1);
+
+    // No daemon there: an error naming the socket, not a hang.
+    let out = cli(&["reload", "--local", "--state-dir"], None)
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("reload.sock"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_pipelines_directory_replaced_as_a_whole_is_watched_again() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let mut sha = origin.commit("main", &[("a", "0")], "x");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("test", "true")]))
+        .start();
+    let dir = d.path().join("pipelines");
+    let yaml = |name: &str| pipeline(&origin, "", &[step(name, "true")]);
+    let mut pushes = 0;
+    let mut next_push = |d: &Daemon| {
+        pushes += 1;
+        let next = origin.commit("main", &[("a", &pushes.to_string())], "x");
+        let runs = push_runs(
+            d,
+            &format!("replaced-{pushes}"),
+            &push_body("refs/heads/main", &sha, &next, "x"),
+        );
+        sha = next;
+        let mut names: Vec<String> = runs.into_iter().map(|(p, _)| p).collect();
+        names.sort_unstable();
+        names
+    };
+
+    // Set up after the `listening` line the harness waits for.
+    eventually("the watch is set up", || {
+        d.log().contains("watching the pipelines directory")
+    });
+
+    // A new directory renamed into place, as a deploy does it.
+    let staged = d.path().join("pipelines.new");
+    std::fs::create_dir(&staged).unwrap();
+    std::fs::write(staged.join("ci.yml"), yaml("test")).unwrap();
+    std::fs::write(staged.join("deploy.yml"), yaml("ship")).unwrap();
+    std::fs::rename(&dir, d.path().join("pipelines.old")).unwrap();
+    std::fs::rename(&staged, &dir).unwrap();
+    eventually("the replaced directory is read", || {
+        count(&d, RELOADED) >= 1
+    });
+    eventually("its pipelines are in force", || {
+        next_push(&d) == ["ci", "deploy"]
+    });
+    // The old directory is not watched any more; the new one is.
+    std::fs::write(d.path().join("pipelines.old").join("stale.yml"), yaml("x")).unwrap();
+    let reloads = count(&d, RELOADED);
+    std::fs::write(dir.join("lint.yml"), yaml("lint")).unwrap();
+    eventually("a file added to the new directory reloads", || {
+        count(&d, RELOADED) > reloads
+    });
+    assert_eq!(next_push(&d), ["ci", "deploy", "lint"], "{}", d.log());
+
+    // Removed and made again.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("only.yml"), yaml("only")).unwrap();
+    eventually("the remade directory's pipelines are in force", || {
+        next_push(&d) == ["only"]
+    });
+    let reloads = count(&d, RELOADED);
+    std::fs::write(dir.join("more.yml"), yaml("more")).unwrap();
+    eventually("a file added to the remade directory reloads", || {
+        count(&d, RELOADED) > reloads
+    });
+    assert_eq!(next_push(&d), ["more", "only"], "{}", d.log());
+}
+
+#[test]
+fn a_run_keeps_the_config_it_was_claimed_with_when_a_reload_changes_it() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let token = token_config(&b);
+    // The late step's timeout sends SIGTERM; its trap takes a second to clean up,
+    // which the claimed config's step_grace (30 s) allows and the reloaded one
+    // (100 ms) would not.
+    let late = format!(
+        "{}    timeout: 1s\n",
+        step(
+            "late",
+            "trap 'echo got TERM; sleep 1; echo cleaned up; exit 3' TERM\nsleep 600 &\nwait"
+        )
+    );
+    let d = b
+        .config("watch_pipelines: false")
+        .config("step_grace: 30s")
+        .config(&token)
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate), late]))
+        .start();
+    let id = push(&d, "claimed-1", "refs/heads/main", ZERO, &sha);
+    eventually("the gated step runs", || d.run_log(id).contains("first"));
+
+    let config = d.path().join("hookci.yml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("step_grace: 30s", "step_grace: 100ms");
+    std::fs::write(&config, text).unwrap();
+    let r = api_post(&d, "/api/reload", Some(TOKEN), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    std::fs::write(&gate, "go").unwrap();
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "timed_out", "{run:#}");
+    let log = d.run_log(id);
+    assert!(
+        log.contains("got TERM") && log.contains("cleaned up"),
+        "the step had the grace of the config it was claimed with:\n{log}"
+    );
+}
