@@ -41,18 +41,18 @@ impl Cgroups {
     /// runs' processes there.
     pub fn setup() -> Cgroups {
         let Some(own) = own_cgroup() else {
-            tracing::info!("no cgroup v2 hierarchy: a run's leftover processes are found as the subreaper's children");
+            tracing::info!(containment = "subreaper", "no cgroup v2 hierarchy: a run's leftover processes are found as the subreaper's children");
             return Cgroups { base: None };
         };
         remove_stale(&own);
         let base = own.join(format!("hookci-runs.{}", std::process::id()));
         match std::fs::create_dir(&base) {
             Ok(()) => {
-                tracing::info!(cgroup = %base.display(), "each run gets a cgroup of its own");
+                tracing::info!(containment = "cgroup", cgroup = %base.display(), "each run gets a cgroup of its own");
                 Cgroups { base: Some(base) }
             }
             Err(e) => {
-                tracing::info!(cgroup = %own.display(), error = %e, "cgroup v2 not writable: a run's leftover processes are found as the subreaper's children");
+                tracing::info!(containment = "subreaper", cgroup = %own.display(), error = %e, "cgroup v2 not writable: a run's leftover processes are found as the subreaper's children");
                 Cgroups { base: None }
             }
         }
@@ -81,7 +81,7 @@ impl Cgroups {
             match made {
                 Ok(procs) => Some(RunCgroup { dir, procs }),
                 Err(e) => {
-                    tracing::warn!(run, error = %e, "cannot make the run's cgroup; sweeping as a subreaper instead");
+                    tracing::warn!(run, containment = "subreaper", error = %e, "cannot make the run's cgroup; sweeping as a subreaper instead");
                     None
                 }
             }

@@ -46,7 +46,8 @@ fn kill_all(pids: &[i32]) {
     }
 }
 
-fn check_nothing_outlives_runs(b: Builder) {
+/// How the daemon contains runs, as its log says: `cgroup` or `subreaper`.
+fn check_nothing_outlives_runs(b: Builder, containment: &str) {
     let origin = Origin::new(b.path());
     let sha = origin.commit("main", &[("a", "1")], "x");
     let pids = tempfile::Builder::new()
@@ -96,16 +97,32 @@ fn check_nothing_outlives_runs(b: Builder) {
     );
     let zombies = zombie_children(d.pid());
     assert!(zombies.is_empty(), "zombies of the daemon: {zombies:?}");
+    assert_contained_by(&d, containment);
+}
+
+/// The daemon said it contains runs by `containment`, and never fell back to another
+/// way (at its start, or for one run): a silent fallback would let the other way pass
+/// for this one.
+fn assert_contained_by(d: &Daemon, containment: &str) {
+    let log = d.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("containment=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        !said.is_empty() && said.iter().all(|c| *c == containment),
+        "expected containment {containment:?}, the daemon said {said:?}\n{log}"
+    );
 }
 
 #[test]
 fn as_root_nothing_a_run_started_outlives_it() {
     test_user();
-    check_nothing_outlives_runs(Builder::new());
+    check_nothing_outlives_runs(Builder::new(), "cgroup");
 }
 
 #[test]
 fn as_an_unprivileged_daemon_nothing_a_run_started_outlives_it() {
     let user = test_user();
-    check_nothing_outlives_runs(Builder::new().daemon_as(user));
+    check_nothing_outlives_runs(Builder::new().daemon_as(user), "subreaper");
 }
