@@ -207,6 +207,7 @@ pub async fn run_step(
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .current_dir(cmd.cwd);
     let cgroup = cmd.contain.and_then(Containment::cgroup_procs_fd);
+    let contained = cmd.contain.is_some();
     let run_as = cmd.run_as.cloned();
     // SAFETY: between fork and exec only async-signal-safe calls run: a write to a
     // descriptor opened before the fork, then setgroups, setgid, setuid and prctl.
@@ -215,6 +216,9 @@ pub async fn run_step(
             // Joined first, while the child still has the daemon's rights to do so.
             if let Some(fd) = cgroup {
                 contain::join_cgroup(fd)?;
+            }
+            if contained {
+                contain::subreaper()?;
             }
             if let Some(user) = &run_as {
                 user.switch()?;
