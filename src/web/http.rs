@@ -35,6 +35,11 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// so it is the idle keep-alive timeout as well.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What hyper may buffer of a connection's input, headers included (its default is
+/// ~400 KiB): bytes read ahead of a body are not in the budget of unverified bytes, so
+/// with hundreds of connections trickling bodies they must stay few.
+const READ_BUFFER: usize = 32 * 1024;
+
 /// The keep-alive of a followed log: ASCII SYN ("synchronous idle"), sent while nothing
 /// else is new. Terminals do not show it, and `hookci logs -f` drops it; a newline or
 /// a marker line would change the text, and could break a line a step left unfinished.
@@ -89,6 +94,7 @@ pub async fn serve<S>(
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(READ_BUFFER)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

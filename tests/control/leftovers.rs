@@ -208,11 +208,7 @@ echo released"#
         .pipeline("short", &pipeline(&origin, "", &[step("end", &short)]))
         .config("max_parallel_runs: 2")
         .start();
-    let runs = push_runs(
-        &d,
-        "two-1",
-        &push_body("refs/heads/main", ZERO, &sha, "x"),
-    );
+    let runs = push_runs(&d, "two-1", &push_body("refs/heads/main", ZERO, &sha, "x"));
     let id_of = |name: &str| runs.iter().find(|(p, _)| p == name).unwrap().1;
     let short_run = d.wait_run(id_of("short"));
     let orphan = read_pid(&pids.path().join("long.pid"));
