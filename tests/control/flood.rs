@@ -257,3 +257,78 @@ fn past_max_connections_a_new_connection_waits_until_one_closes() {
     BufReader::new(third).read_line(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }
+
+/// Reads one response from a kept-alive connection and returns its status line; `None`
+/// if the connection was closed before one came.
+fn response_on(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut status = String::new();
+    if reader.read_line(&mut status).ok()? == 0 {
+        return None;
+    }
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim_end().is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    Some(status.trim_end().to_owned())
+}
+
+fn keep_alive_connection(addr: &str) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(addr).unwrap();
+    // Well inside the 30 s header timeout, which closes idle connections too.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    BufReader::new(s)
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_keep_alive_timeout_and_a_busy_one_is_not() {
+    let d = Builder::new().config("keep_alive_timeout: 1s").start();
+
+    let mut idle = keep_alive_connection(&d.addr);
+    idle.get_mut().write_all(HEALTHZ).unwrap();
+    assert_eq!(response_on(&mut idle).as_deref(), Some("HTTP/1.1 200 OK"));
+    let mut rest = Vec::new();
+    let closed = idle.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)),
+        "the idle connection was not closed: {closed:?}"
+    );
+
+    // Requests every 400 ms for 3 s: never idle long enough.
+    let mut busy = keep_alive_connection(&d.addr);
+    for _ in 0..8 {
+        busy.get_mut().write_all(HEALTHZ).unwrap();
+        assert_eq!(response_on(&mut busy).as_deref(), Some("HTTP/1.1 200 OK"));
+        std::thread::sleep(Duration::from_millis(400));
+    }
+
+    // A request in flight is not idle, however quiet: its body pauses for 2 s.
+    let mut slow = keep_alive_connection(&d.addr);
+    let body = b"{\"zen\": \"quiet\"}";
+    write!(
+        slow.get_mut(),
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-GitHub-Event: ping\r\nX-GitHub-Delivery: quiet\r\nContent-Length: {}\r\n\r\n{{",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    slow.get_mut().write_all(&body[1..]).unwrap();
+    let answer = response_on(&mut slow);
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 401")),
+        "{answer:?}"
+    );
+}
