@@ -1053,4 +1053,17 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn keep_alive_timeout_defaults_to_15s_and_must_be_more_than_0() {
+        let env = FakeEnv(HashMap::new());
+        let c = Config::build(FileConfig::default(), Overrides::default(), &env).unwrap();
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(15));
+        let zero = FileConfig {
+            keep_alive_timeout: Some(Duration::ZERO),
+            ..FileConfig::default()
+        };
+        let err = Config::build(zero, Overrides::default(), &env).unwrap_err();
+        assert!(err.to_string().contains("keep_alive_timeout"), "{err}");
+    }
 }
