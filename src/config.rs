@@ -150,6 +150,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Body bytes all connections together may hold before their signature is checked.
     pub max_unverified_bytes: u64,
+    /// How long a connection with no request in flight may send nothing before it is
+    /// closed. Read per connection: a reload applies to the connections that follow.
+    pub keep_alive_timeout: Duration,
     /// The config file and the secret files and folders: with `run_as`, none of them
     /// may be readable by that user (`serve` refuses to start otherwise).
     pub protected: Vec<PathBuf>,
@@ -306,6 +309,8 @@ pub struct FileConfig {
     pub min_free_bytes: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_unverified_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub keep_alive_timeout: Option<Duration>,
     pub watch_pipelines: Option<bool>,
 }
 
@@ -586,6 +591,7 @@ impl Config {
             min_free_bytes: file.min_free_bytes.unwrap_or(1024 * 1024 * 1024),
             max_connections: file.max_connections.unwrap_or(1024),
             max_unverified_bytes: file.max_unverified_bytes.unwrap_or(64 * 1024 * 1024),
+            keep_alive_timeout: file.keep_alive_timeout.unwrap_or(Duration::from_secs(15)),
             protected,
             secret_env: SecretEnv::capture(env, env_names),
             watch_pipelines: file.watch_pipelines.unwrap_or(true),
@@ -593,6 +599,11 @@ impl Config {
         if config.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "max_connections must be at least 1".into(),
+            ));
+        }
+        if config.keep_alive_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "keep_alive_timeout must be more than 0s".into(),
             ));
         }
         if config.max_unverified_bytes < config.max_body_bytes {
@@ -1041,5 +1052,18 @@ mod tests {
             err.to_string().contains("cannot read webhook secret"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn keep_alive_timeout_defaults_to_15s_and_must_be_more_than_0() {
+        let env = FakeEnv(HashMap::new());
+        let c = Config::build(FileConfig::default(), Overrides::default(), &env).unwrap();
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(15));
+        let zero = FileConfig {
+            keep_alive_timeout: Some(Duration::ZERO),
+            ..FileConfig::default()
+        };
+        let err = Config::build(zero, Overrides::default(), &env).unwrap_err();
+        assert!(err.to_string().contains("keep_alive_timeout"), "{err}");
     }
 }

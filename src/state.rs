@@ -7,10 +7,11 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, ConfigSource};
 use crate::git::worker::GitWorker;
+use crate::intake::budget::BodyBudget;
 use crate::pipeline::PipelineSet;
 use crate::run::contain::Cgroups;
 use crate::run::{scheduler, Events};
@@ -59,15 +60,13 @@ pub struct AppState {
     pub cgroups: Cgroups,
     /// Why no run starts now (the state directory's disk is short of space), if so.
     paused: Mutex<Option<String>>,
-    /// `max_unverified_bytes`, in KiB: what webhook bodies not yet verified may hold.
-    pub unverified: Arc<Semaphore>,
+    /// `max_unverified_bytes`: what webhook bodies not yet verified may hold.
+    pub unverified: BodyBudget,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
-        let unverified_kib = usize::try_from(config.max_unverified_bytes / 1024)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
+        let unverified = BodyBudget::new(config.max_unverified_bytes, config.max_body_bytes);
         AppState {
             git: GitWorker::new(&config.state_dir, config.github.clone_token()),
             model: watch::Sender::new(Model {
@@ -88,7 +87,7 @@ impl AppState {
             stopping: watch::Sender::new(false),
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),
-            unverified: Arc::new(Semaphore::new(unverified_kib)),
+            unverified,
         }
     }
 

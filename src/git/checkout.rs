@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use git2::build::CheckoutBuilder;
 use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
 
-use crate::config::HostToken;
+use crate::config::{HostToken, Secret};
 use crate::git::changes::{self, Changes};
 use crate::git::repo::RepoName;
 
@@ -145,6 +145,23 @@ pub fn clear_stale_locks(mirror: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// The token for a credential libgit2 asks for at `asked`: only an https URL on the
+/// token's own host gets it, whatever URL the fetch started from.
+fn offered<'t>(token: &'t HostToken, asked: &str) -> Result<&'t Secret, git2::Error> {
+    token.for_url(asked).ok_or_else(|| {
+        let host = asked
+            .parse::<warp::http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned))
+            .unwrap_or_default();
+        tracing::warn!(asked = %host, allowed = %token.host, "not offering the GitHub token to another host");
+        git2::Error::from_str(&format!(
+            "the GitHub token goes to https://{} only, not to {host:?}",
+            token.host
+        ))
+    })
+}
+
 fn parse_oid(commit: &str) -> Result<Oid, CheckoutError> {
     if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CheckoutError::BadCommit(commit.to_owned()));
@@ -167,12 +184,15 @@ impl Mirrors {
 
     /// Credentials for `url`: the GitHub token, for https on the GitHub host only (a
     /// pipeline's clone URL may point anywhere), as a credential (never in the URL, so it
-    /// cannot end up in a log line or a workspace's config).
+    /// cannot end up in a log line or a workspace's config). The URL libgit2 asks for
+    /// is checked again: a redirect may have taken the request elsewhere.
     fn callbacks(&self, url: &str) -> RemoteCallbacks<'static> {
         let mut cb = RemoteCallbacks::new();
-        if let Some(token) = self.token.as_ref().and_then(|t| t.for_url(url)) {
-            let token = token.expose().to_owned();
-            cb.credentials(move |_, _, _| Cred::userpass_plaintext("x-access-token", &token));
+        if let Some(token) = self.token.clone().filter(|t| t.for_url(url).is_some()) {
+            cb.credentials(move |asked, _, _| {
+                let offered = offered(&token, asked)?;
+                Cred::userpass_plaintext("x-access-token", offered.expose())
+            });
         }
         cb
     }
@@ -380,6 +400,40 @@ pub(crate) mod tests {
         let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
         repo.commit(Some(&refname), &sig, &sig, message, &tree, &parents)
             .unwrap()
+    }
+
+    #[test]
+    fn the_token_is_offered_to_https_on_its_host_only() {
+        let token = HostToken {
+            host: "github.com".to_owned(),
+            token: Secret::new("tok-8d1e"),
+        };
+        let enterprise = HostToken {
+            host: "ghe.example.com:8443".to_owned(),
+            token: Secret::new("tok-77c2"),
+        };
+        let table = [
+            (&token, "https://github.com/o/r.git", true),
+            (&token, "https://GitHub.com/o/r", true),
+            (&token, "https://github.com:443/o/r", true),
+            (&token, "https://x-access-token@github.com/o/r", true),
+            (&token, "http://github.com/o/r.git", false),
+            (&token, "https://evil.example/o/r.git", false),
+            (&token, "https://github.com.evil.example/o/r", false),
+            (&token, "https://github.com:8443/o/r", false),
+            (&token, "https://api.github.com/o/r", false),
+            (&token, "ssh://git@github.com/o/r", false),
+            (&token, "not a url", false),
+            (&enterprise, "https://ghe.example.com:8443/o/r", true),
+            (&enterprise, "https://ghe.example.com/o/r", false),
+        ];
+        for (token, asked, ok) in table {
+            let got = offered(token, asked);
+            assert_eq!(got.is_ok(), ok, "{asked}");
+            if let Ok(secret) = got {
+                assert_eq!(secret.expose(), token.token.expose());
+            }
+        }
     }
 
     #[test]

@@ -2,24 +2,27 @@
 //! raw bytes in constant time before parsing anything, decides every pipeline and
 //! records the delivery; the 202 goes out only after the store has committed it.
 //! It starts nothing itself: the scheduler is woken and takes runs from the store.
+//! `budget` bounds what bodies not yet verified may hold; `reconcile` finds pushes
+//! missed while hookci was down; `event` parses a push.
 
+pub mod budget;
 pub mod event;
 pub mod reconcile;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::intake::budget::{BodyBudget, Share};
 use crate::intake::event::{EventError, Push};
 use crate::pipeline::matcher::{self, Verdict};
 use crate::pipeline::{CancelPolicy, Group, Pipeline};
@@ -107,49 +110,18 @@ const BODY_DEADLINE: Duration = Duration::from_secs(30);
 /// tens of milliseconds.
 const OFF_WORKER_BYTES: usize = 256 * 1024;
 
-/// Chunked bodies (no Content-Length) take their share of the budget in steps this big.
-const BUDGET_STEP: u64 = 64 * 1024;
-
-/// A share of `max_unverified_bytes`, held while a body is read and verified.
-struct Share {
-    budget: Arc<Semaphore>,
-    permits: Vec<OwnedSemaphorePermit>,
-    bytes: u64,
-}
-
-impl Share {
-    /// Grows the share to at least `bytes`, or answers 503 when the budget is spent.
-    fn grow(&mut self, bytes: u64) -> Result<(), Failure> {
-        if bytes <= self.bytes {
-            return Ok(());
-        }
-        let kib = bytes.div_ceil(1024) - self.bytes.div_ceil(1024);
-        let permit = u32::try_from(kib)
-            .ok()
-            .and_then(|n| Arc::clone(&self.budget).try_acquire_many_owned(n).ok())
-            .ok_or_else(|| {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many webhook bodies are being received at once (max_unverified_bytes); retry later"
-                        .to_owned(),
-                )
-            })?;
-        self.permits.push(permit);
-        self.bytes = bytes.div_ceil(1024) * 1024;
-        Ok(())
-    }
-}
+/// A body's buffer starts this big, once its first bytes arrive.
+const FIRST_BUFFER: usize = 16 * 1024;
 
 /// Reads the whole body, refusing it as soon as it grows past `limit` (also when no
 /// Content-Length was sent), so an oversized body never sits in memory. What it holds
-/// counts against the global budget of unverified bytes from before it is read: a
-/// declared length takes its share at once, a chunked body as it grows. The returned
-/// share is to be dropped once the signature is checked.
+/// counts against the global budget of unverified bytes as it arrives (`budget`). The
+/// returned share is to be dropped once the signature is checked.
 async fn read_capped<S, B>(
     headers: &HeaderMap,
     body: S,
     limit: u64,
-    budget: &Arc<Semaphore>,
+    budget: &BodyBudget,
 ) -> Result<(Bytes, Share), Failure>
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -165,28 +137,29 @@ where
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut share = Share {
-        budget: Arc::clone(budget),
-        permits: Vec::new(),
-        bytes: 0,
-    };
-    share.grow(declared.unwrap_or(BUDGET_STEP.min(limit)))?;
-    let mut buf = BytesMut::with_capacity(
-        // What a client declares is not trusted for allocation: a header alone must not
-        // reserve 25 MiB. The buffer grows with what really arrives.
-        declared.unwrap_or(0).min(limit).min(64 * 1024) as usize,
-    );
+    let mut share = budget.share(declared.unwrap_or(0));
+    // What a client declares is not trusted for allocation: a header alone must not
+    // reserve 25 MiB. The buffer grows with what really arrives, and its share of the
+    // budget covers all it allocates (doubling, but never past `limit`).
+    let mut buf: Vec<u8> = Vec::new();
     let read = async {
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let mut chunk =
                 chunk.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
-            let len = (buf.len() + chunk.remaining()) as u64;
-            if len > limit {
+            let len = buf.len() + chunk.remaining();
+            if len as u64 > limit {
                 return Err(too_large());
             }
-            if len > share.bytes {
-                share.grow((len + BUDGET_STEP).min(limit))?;
+            if len > buf.capacity() {
+                let capacity = (buf.capacity() * 2)
+                    .max(FIRST_BUFFER)
+                    .min(limit as usize)
+                    .max(len);
+                share
+                    .hold(capacity as u64, limit)
+                    .map_err(|spent| (StatusCode::SERVICE_UNAVAILABLE, spent.to_string()))?;
+                buf.reserve_exact(capacity - buf.len());
             }
             while chunk.has_remaining() {
                 let part = chunk.chunk();
@@ -209,7 +182,7 @@ where
             ))
         }
     }
-    Ok((buf.freeze(), share))
+    Ok((Bytes::from(buf), share))
 }
 
 /// Runs `f` on a blocking thread when `len` bytes are a lot of work, else here.

@@ -1,12 +1,18 @@
 //! Nothing a run starts outlives it. Where the daemon can write to a cgroup v2
 //! hierarchy (root, or `Delegate=yes` under systemd), each run gets a cgroup of its own
 //! and every step is put in it before its shell starts; when a step ends, `cgroup.kill`
-//! ends whatever it left, however it left its process group. Elsewhere the daemon is a
-//! child subreaper: a process that escapes its step's group is re-parented to the
-//! daemon, which finds it among its own children (those it did not start itself) and
-//! kills it with everything below it. Either way the daemon reaps the zombies
-//! re-parented to it, and only those: the children it started itself are tracked
-//! (src/process.rs), so their exit statuses stay for the code that waits for them.
+//! ends whatever it left, however it left its process group. Elsewhere ancestry does
+//! it, which a step can neither forge nor hide from: each step's shell is a child
+//! subreaper, so while it runs, whatever its descendants orphan is re-parented to it,
+//! and the daemon is one too, so when the shell ends, all it leaves is re-parented to
+//! the daemon. An untracked child of the daemon is therefore what a step that has
+//! ended left behind (or one that gave up being a subreaper: its own loss), and the
+//! sweep at a step's end kills each with everything below it, whatever its
+//! environment says. The processes of steps still running, in other runs, are below
+//! their own shells, which are tracked, and are left alone. Either way the daemon
+//! reaps the zombies re-parented to it, and only those: the children it started itself
+//! are tracked (src/process.rs), so their exit statuses stay for the code that waits
+//! for them.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,10 +28,22 @@ const SWEEP_POLL: Duration = Duration::from_millis(20);
 /// Makes the daemon a child subreaper, so that a process orphaned by a step is
 /// re-parented to it rather than to init, where it could be found no more.
 pub fn become_subreaper() {
+    if let Err(error) = subreaper() {
+        tracing::warn!(%error, "cannot become a child subreaper");
+    }
+}
+
+/// Makes the calling process a child subreaper; the setting survives `exec`. A step's
+/// shell calls it (in `pre_exec`), so that what its descendants orphan stays below it,
+/// attributed to its run, until it ends.
+///
+/// Async-signal-safe: for `pre_exec`.
+pub fn subreaper() -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot become a child subreaper");
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Where runs' cgroups go: a folder of this daemon's in its own cgroup v2.
@@ -41,18 +59,18 @@ impl Cgroups {
     /// runs' processes there.
     pub fn setup() -> Cgroups {
         let Some(own) = own_cgroup() else {
-            tracing::info!("no cgroup v2 hierarchy: a run's leftover processes are found as the subreaper's children");
+            tracing::info!(containment = "subreaper", "no cgroup v2 hierarchy: a run's leftover processes are found as the subreaper's children");
             return Cgroups { base: None };
         };
         remove_stale(&own);
         let base = own.join(format!("hookci-runs.{}", std::process::id()));
         match std::fs::create_dir(&base) {
             Ok(()) => {
-                tracing::info!(cgroup = %base.display(), "each run gets a cgroup of its own");
+                tracing::info!(containment = "cgroup", cgroup = %base.display(), "each run gets a cgroup of its own");
                 Cgroups { base: Some(base) }
             }
             Err(e) => {
-                tracing::info!(cgroup = %own.display(), error = %e, "cgroup v2 not writable: a run's leftover processes are found as the subreaper's children");
+                tracing::info!(containment = "subreaper", cgroup = %own.display(), error = %e, "cgroup v2 not writable: a run's leftover processes are found as the subreaper's children");
                 Cgroups { base: None }
             }
         }
@@ -67,9 +85,8 @@ impl Cgroups {
         self.base.is_some()
     }
 
-    /// The containment of one run: its cgroup, made now (or none, if that fails), and
-    /// `marker`, the `HOOKCI_WORKSPACE=...` entry of its steps' environment.
-    pub fn for_run(&self, run: i64, marker: String) -> Containment {
+    /// The containment of one run: its cgroup, made now (or none, if that fails).
+    pub fn for_run(&self, run: i64) -> Containment {
         let cgroup = self.base.as_ref().and_then(|base| {
             let dir = base.join(format!("run-{run}"));
             let made = match std::fs::create_dir(&dir) {
@@ -81,12 +98,12 @@ impl Cgroups {
             match made {
                 Ok(procs) => Some(RunCgroup { dir, procs }),
                 Err(e) => {
-                    tracing::warn!(run, error = %e, "cannot make the run's cgroup; sweeping as a subreaper instead");
+                    tracing::warn!(run, containment = "subreaper", error = %e, "cannot make the run's cgroup; sweeping as a subreaper instead");
                     None
                 }
             }
         });
-        Containment(Arc::new(Inner { cgroup, marker }))
+        Containment(Arc::new(Inner { cgroup }))
     }
 
     /// Removes this daemon's folder (at its end; its runs' cgroups are gone by then).
@@ -107,7 +124,6 @@ struct RunCgroup {
 #[derive(Debug)]
 struct Inner {
     cgroup: Option<RunCgroup>,
-    marker: String,
 }
 
 /// What ends every process of one run.
@@ -121,7 +137,9 @@ impl Containment {
     }
 
     /// Kills every process of the run that is still there and reaps what was
-    /// re-parented to the daemon; returns once they are gone (or after a limit).
+    /// re-parented to the daemon; returns once they are gone (or after a limit). Called
+    /// once the step's shell has been waited for: whatever the step left is the
+    /// daemon's child by then.
     pub async fn sweep(&self) {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.sweep_blocking()).await;
@@ -140,7 +158,7 @@ impl Containment {
         }
         // With a cgroup too: what it killed was re-parented here, and is a zombie now.
         loop {
-            let left = sweep_orphans(&self.0.marker);
+            let left = sweep_orphans();
             if left == 0 || Instant::now() >= deadline {
                 if left > 0 {
                     tracing::warn!(left, "processes of the run are still there after the sweep");
@@ -265,28 +283,10 @@ fn processes() -> HashMap<i32, Proc> {
     out
 }
 
-/// Whether an orphan belongs to the run: its environment holds the run's marker, or no
-/// workspace marker at all (emptied, or unreadable). A daemon starts no process but
-/// steps and git jobs, which are tracked: an untracked child is some run's leftover.
-fn belongs(pid: i32, marker: &str) -> bool {
-    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return true;
-    };
-    let mut vars = environ.split(|b| *b == 0);
-    let mut any_marker = false;
-    for var in &mut vars {
-        if var == marker.as_bytes() {
-            return true;
-        }
-        any_marker |= var.starts_with(b"HOOKCI_WORKSPACE=");
-    }
-    !any_marker
-}
-
 /// One round: reaps the zombies re-parented to the daemon, and kills its other
-/// untracked children that belong to the run, with every process below them. Returns
-/// how many of those were still alive.
-fn sweep_orphans(marker: &str) -> usize {
+/// untracked children, with every process below them. Returns how many of those were
+/// still alive.
+fn sweep_orphans() -> usize {
     let me = std::process::id() as i32;
     let procs = processes();
     let tracked: HashSet<i32> = crate::process::tracked_children();
@@ -301,9 +301,6 @@ fn sweep_orphans(marker: &str) -> usize {
         }
         if procs.get(&pid).is_some_and(|p| p.zombie) {
             reap(pid);
-            continue;
-        }
-        if !belongs(pid, marker) {
             continue;
         }
         alive += 1;

@@ -23,7 +23,7 @@ use crate::run::contain::{self, Containment};
 use crate::run::events::OutputTap;
 use crate::run::mask::Masker;
 use crate::run::user::RunAs;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -76,6 +76,9 @@ pub struct LogBudget {
     /// Zero: no limit.
     limit: u64,
     used: AtomicU64,
+    /// Whether a step's log has said that the limit was reached: said once per run, by
+    /// the step that reached it; what later steps print is dropped without a word.
+    told: AtomicBool,
 }
 
 impl LogBudget {
@@ -83,7 +86,13 @@ impl LogBudget {
         LogBudget {
             limit,
             used: AtomicU64::new(0),
+            told: AtomicBool::new(false),
         }
+    }
+
+    /// True the first time it is asked, for the step whose log says the limit was hit.
+    fn tell(&self) -> bool {
+        !self.told.swap(true, Ordering::Relaxed)
     }
 
     /// The part of `bytes` that may still be written; the rest is counted in `dropped`.
@@ -198,6 +207,7 @@ pub async fn run_step(
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .current_dir(cmd.cwd);
     let cgroup = cmd.contain.and_then(Containment::cgroup_procs_fd);
+    let contained = cmd.contain.is_some();
     let run_as = cmd.run_as.cloned();
     // SAFETY: between fork and exec only async-signal-safe calls run: a write to a
     // descriptor opened before the fork, then setgroups, setgid, setuid and prctl.
@@ -206,6 +216,9 @@ pub async fn run_step(
             // Joined first, while the child still has the daemon's rights to do so.
             if let Some(fd) = cgroup {
                 contain::join_cgroup(fd)?;
+            }
+            if contained {
+                contain::subreaper()?;
             }
             if let Some(user) = &run_as {
                 user.switch()?;
@@ -496,7 +509,8 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
 /// Writes the step's interleaved output as it comes, secrets masked: a value split
 /// across chunks is held back until it is known whether it is a secret.
 /// Past the run's log budget, output is dropped (the step keeps running, its pipes
-/// drained) and the log ends with a line saying how much. Returns that count.
+/// drained); the log of the step that reached the limit ends with a line saying how
+/// much it dropped, and that everything after is dropped too. Returns that count.
 async fn write_log(
     log: File,
     mut rx: mpsc::Receiver<Vec<u8>>,
@@ -520,9 +534,9 @@ async fn write_log(
     }
     log.write(admitted(&budget, mask.finish(), &mut dropped))
         .await?;
-    if dropped > 0 {
+    if dropped > 0 && budget.tell() {
         let line = format!(
-            "\n[hookci] max_log_bytes ({} bytes per run) reached: {dropped} bytes of output dropped\n",
+            "\n[hookci] max_log_bytes ({} bytes per run) reached: {dropped} bytes of output dropped, and all output of later steps\n",
             budget.limit
         );
         log.write(line.into_bytes()).await?;
@@ -914,7 +928,7 @@ mod tests {
         assert_eq!(
             log,
             format!(
-                "{}\n[hookci] max_log_bytes (1000 bytes per run) reached: 4000 bytes of output dropped\n",
+                "{}\n[hookci] max_log_bytes (1000 bytes per run) reached: 4000 bytes of output dropped, and all output of later steps\n",
                 "x".repeat(1000)
             )
         );

@@ -463,9 +463,7 @@ async fn execute(
 ) {
     tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
     let workspace = state.workspace(run.id);
-    let contain = state
-        .cgroups
-        .for_run(run.id, format!("HOOKCI_WORKSPACE={}", workspace.display()));
+    let contain = state.cgroups.for_run(run.id);
     let ending = match pipeline {
         None => Ending {
             status: RunStatus::Failed,

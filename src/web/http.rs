@@ -2,9 +2,9 @@
 //! hyper, routing to warp's filters (`intake`, `api`, `control`) except for the one
 //! response warp cannot give, a plain-text stream (`GET /api/runs/{id}/log?follow=1`).
 //! Also bounds the connections before anyone is authenticated: how many are open
-//! (`max_connections`), and how long a client may take to send its headers or keep an
-//! idle connection (the body's deadline and budget are intake's); and refuses requests
-//! that need the read token and lack it (`auth`).
+//! (`max_connections`), how long a client may take to send its headers, and how long
+//! it may keep an idle connection (`idle`; the body's deadline and budget are
+//! intake's); and refuses requests that need the read token and lack it (`auth`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,14 +26,20 @@ use warp::http::{header, Request, Response, StatusCode};
 use crate::state::AppState;
 use crate::web::auth;
 use crate::web::follow::{self, Update};
+use crate::web::idle;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// How long a client may take to send a request's headers (slow-loris guard). hyper
-/// starts this clock again when a kept-alive connection waits for its next request,
-/// so it is the idle keep-alive timeout as well.
+/// starts this clock again when a kept-alive connection waits for its next request;
+/// the idle keep-alive timeout proper is `keep_alive_timeout` (`idle`).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What hyper may buffer of a connection's input, headers included (its default is
+/// ~400 KiB): bytes read ahead of a body are not in the budget of unverified bytes, so
+/// with hundreds of connections trickling bodies they must stay few.
+const READ_BUFFER: usize = 32 * 1024;
 
 /// The keep-alive of a followed log: ASCII SYN ("synchronous idle"), sent while nothing
 /// else is new. Terminals do not show it, and `hookci logs -f` drops it; a newline or
@@ -83,13 +89,26 @@ pub async fn serve<S>(
             },
             () = &mut shutdown => break,
         };
+        let activity = idle::Activity::new();
+        let io = idle::IdleIo::new(
+            stream,
+            Arc::clone(&activity),
+            state.config().keep_alive_timeout,
+        );
         let (state, routes) = (Arc::clone(&state), routes.clone());
-        let service =
-            hyper::service::service_fn(move |req| route(Arc::clone(&state), routes.clone(), req));
+        let service = hyper::service::service_fn(move |req| {
+            let in_flight = activity.request();
+            let response = route(Arc::clone(&state), routes.clone(), req);
+            async move {
+                let response = response.await?;
+                Ok::<_, Infallible>(response.map(|b| idle::Guarded::new(b, in_flight).boxed()))
+            }
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
+            .max_buf_size(READ_BUFFER)
+            .serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -1,5 +1,5 @@
-//! The web face: `http` serves connections and routes them, refusing what needs the
-//! read token and lacks it (`auth`); `api` answers the read API, `control` the write
+//! The web face: `http` serves connections and routes them, closing idle ones (`idle`)
+//! and refusing what needs the read token and lacks it (`auth`); `api` answers the read API, `control` the write
 //! API (cancel, rerun, trigger, reload), `follow` feeds live logs and events to their readers
 //! from the run event stream, and `metrics` keeps what `/metrics` shows. The
 //! dashboard: `pages` (server-rendered HTML from `render`'s parts, ANSI colours by
@@ -15,6 +15,7 @@ pub mod control;
 pub mod follow;
 pub mod forms;
 pub mod http;
+pub mod idle;
 pub mod metrics;
 pub mod pages;
 pub mod render;

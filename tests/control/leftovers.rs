@@ -1,7 +1,9 @@
 //! Nothing a run started outlives it: processes that left their step's process group
 //! (`setsid`, a double fork, `nohup`, an emptied environment) are gone once the run
 //! has ended, however it ended, and no zombie is left behind. As root hookci uses a
-//! cgroup per run where it can; as an unprivileged daemon it sweeps as a subreaper.
+//! cgroup per run where it can; as an unprivileged daemon it sweeps as a subreaper,
+//! finding a run's processes by ancestry: what a step says in its environment neither
+//! hides a process nor exposes another run's.
 
 use super::*;
 
@@ -46,7 +48,8 @@ fn kill_all(pids: &[i32]) {
     }
 }
 
-fn check_nothing_outlives_runs(b: Builder) {
+/// How the daemon contains runs, as its log says: `cgroup` or `subreaper`.
+fn check_nothing_outlives_runs(b: Builder, containment: &str) {
     let origin = Origin::new(b.path());
     let sha = origin.commit("main", &[("a", "1")], "x");
     let pids = tempfile::Builder::new()
@@ -96,16 +99,131 @@ fn check_nothing_outlives_runs(b: Builder) {
     );
     let zombies = zombie_children(d.pid());
     assert!(zombies.is_empty(), "zombies of the daemon: {zombies:?}");
+    assert_contained_by(&d, containment);
+}
+
+/// The daemon said it contains runs by `containment`, and never fell back to another
+/// way (at its start, or for one run): a silent fallback would let the other way pass
+/// for this one.
+fn assert_contained_by(d: &Daemon, containment: &str) {
+    let log = d.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("containment=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        !said.is_empty() && said.iter().all(|c| *c == containment),
+        "expected containment {containment:?}, the daemon said {said:?}\n{log}"
+    );
 }
 
 #[test]
 fn as_root_nothing_a_run_started_outlives_it() {
     test_user();
-    check_nothing_outlives_runs(Builder::new());
+    check_nothing_outlives_runs(Builder::new(), "cgroup");
 }
 
 #[test]
 fn as_an_unprivileged_daemon_nothing_a_run_started_outlives_it() {
     let user = test_user();
-    check_nothing_outlives_runs(Builder::new().daemon_as(user));
+    check_nothing_outlives_runs(Builder::new().daemon_as(user), "subreaper");
+}
+
+/// A directory every user may write pid files to, removed at the end.
+fn pid_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("hookci-test-escapes")
+        .tempdir()
+        .unwrap();
+    chmod(dir.path(), 0o777);
+    dir
+}
+
+/// Whether `pid` is alive: there and not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn as_an_unprivileged_daemon_a_step_cannot_hide_what_it_left_by_its_environment() {
+    let user = test_user();
+    let b = Builder::new().daemon_as(user);
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let pids = pid_dir();
+    let d = pids.path().display();
+    // Escapees whose workspace variable says another run's, some other place, or none.
+    let script = format!(
+        r#"HOOKCI_WORKSPACE=/elsewhere setsid sh -c 'echo $$ > {d}/rewritten.pid; exec sleep 600' &
+( HOOKCI_WORKSPACE="$HOOKCI_WORKSPACE/../1" sh -c 'echo $$ > {d}/forged.pid; exec sleep 600' & ) &
+env -u HOOKCI_WORKSPACE setsid sh -c 'echo $$ > {d}/removed.pid; exec sleep 600' &
+for k in rewritten forged removed; do
+  until [ -s {d}/$k.pid ]; do sleep 0.05; done
+done
+echo escaped"#
+    );
+    let d = b
+        .pipeline("hides", &pipeline(&origin, "", &[step("hide", &script)]))
+        .start();
+    let id = push(&d, "hide-1", "refs/heads/main", ZERO, &sha);
+    let run = d.wait_run(id);
+    let left: Vec<i32> = ["rewritten", "forged", "removed"]
+        .iter()
+        .map(|k| read_pid(&pids.path().join(format!("{k}.pid"))))
+        .collect();
+    let outlived: Vec<i32> = left.iter().copied().filter(|p| exists(*p)).collect();
+    kill_all(&left);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.run_log(id));
+    assert!(
+        outlived.is_empty(),
+        "processes outlived their run: {outlived:?} of {left:?}\n{}",
+        d.log()
+    );
+    let zombies = zombie_children(d.pid());
+    assert!(zombies.is_empty(), "zombies of the daemon: {zombies:?}");
+    assert_contained_by(&d, "subreaper");
+}
+
+#[test]
+fn as_an_unprivileged_daemon_a_run_ending_leaves_the_processes_of_a_running_one_alone() {
+    let user = test_user();
+    let b = Builder::new().daemon_as(user);
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let pids = pid_dir();
+    let d = pids.path().display();
+    // The long run's step orphans a process (a double fork) and goes on until told;
+    // the short run ends meanwhile, sweeping after its step.
+    let long = format!(
+        r#"( sh -c 'echo $$ > {d}/long.pid; exec sleep 600' & ) &
+until [ -e {d}/release ]; do sleep 0.05; done
+echo released"#
+    );
+    let short = format!("until [ -s {d}/long.pid ]; do sleep 0.05; done\necho short");
+    let d = b
+        .pipeline("long", &pipeline(&origin, "", &[step("wait", &long)]))
+        .pipeline("short", &pipeline(&origin, "", &[step("end", &short)]))
+        .config("max_parallel_runs: 2")
+        .start();
+    let runs = push_runs(&d, "two-1", &push_body("refs/heads/main", ZERO, &sha, "x"));
+    let id_of = |name: &str| runs.iter().find(|(p, _)| p == name).unwrap().1;
+    let short_run = d.wait_run(id_of("short"));
+    let orphan = read_pid(&pids.path().join("long.pid"));
+    let kept = alive(orphan);
+    std::fs::write(pids.path().join("release"), "").unwrap();
+    let long_run = d.wait_run(id_of("long"));
+    let outlived = exists(orphan);
+    kill_all(&[orphan]);
+    assert_eq!(short_run["status"], "succeeded", "{short_run:#}");
+    assert_eq!(long_run["status"], "succeeded", "{long_run:#}");
+    assert!(
+        kept,
+        "the end of another run killed the running step's process\n{}",
+        d.log()
+    );
+    assert!(!outlived, "the long run's orphan outlived it\n{}", d.log());
+    assert_contained_by(&d, "subreaper");
 }

@@ -45,7 +45,7 @@ fn a_step_printing_past_max_log_bytes_keeps_running_and_its_log_says_what_was_dr
     assert_eq!(
         last,
         format!(
-            "[hookci] max_log_bytes ({LIMIT} bytes per run) reached: {dropped} bytes of output dropped"
+            "[hookci] max_log_bytes ({LIMIT} bytes per run) reached: {dropped} bytes of output dropped, and all output of later steps"
         )
     );
     assert!(log.starts_with("xxxx"), "{}", readable(&log));
@@ -58,6 +58,56 @@ fn a_step_printing_past_max_log_bytes_keeps_running_and_its_log_says_what_was_dr
     let api_log = d.run_log(id);
     assert!(api_log.contains(last), "{}", readable(&api_log));
     assert!(api_log.len() as u64 <= LIMIT + 1000, "{}", api_log.len());
+}
+
+#[test]
+fn the_truncation_line_is_written_once_per_run_however_many_steps_follow() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let loud = format!("head -c {} /dev/zero | tr '\\0' x", 2 * LIMIT);
+    let d = b
+        .pipeline(
+            "loud",
+            &pipeline(
+                &origin,
+                "",
+                &[
+                    step("loud", &loud),
+                    step("second", "echo second"),
+                    step("third", "echo third"),
+                    step("quiet", "true"),
+                ],
+            ),
+        )
+        .config(&format!("max_log_bytes: {LIMIT}"))
+        .start();
+    let id = push(&d, "once-1", "refs/heads/main", ZERO, &sha);
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let api_log = d.run_log(id);
+    let told: Vec<&str> = api_log
+        .lines()
+        .filter(|l| l.starts_with("[hookci] max_log_bytes"))
+        .collect();
+    assert_eq!(
+        told,
+        [format!(
+            "[hookci] max_log_bytes ({LIMIT} bytes per run) reached: {LIMIT} bytes of output dropped, and all output of later steps"
+        )],
+        "{}",
+        readable(&api_log)
+    );
+    let logs = d.state_dir().join("logs").join(id.to_string());
+    for n in 2..=4 {
+        let later = std::fs::read_to_string(logs.join(format!("{n}.log"))).unwrap();
+        assert_eq!(later, "", "step {n}");
+    }
+    assert_eq!(
+        run["log_dropped_bytes"],
+        LIMIT + "second\nthird\n".len() as u64,
+        "{run:#}"
+    );
 }
 
 /// A tmpfs mounted for the test (root only), unmounted when dropped.

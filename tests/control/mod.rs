@@ -457,6 +457,7 @@ fn sha256_hex(value: &str) -> String {
 
 mod browser;
 mod cleanup_steps;
+mod clone_token;
 mod concurrency;
 mod dashboard;
 mod exact_cancel;
