@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::run::user::RunAs;
+use crate::store::postgres::PgTarget;
 use crate::yaml::{self, SourceError};
 
 /// A secret value; `Debug` and `Display` print `***`.
@@ -159,6 +160,9 @@ pub struct Config {
     pub secret_env: SecretEnv,
     /// Reload when a file in the pipelines directory is created, changed or removed.
     pub watch_pipelines: bool,
+    /// The shared PostgreSQL store (`database:` or `$HOOKCI_DATABASE_URL`); `None`:
+    /// SQLite in `state_dir`.
+    pub database: Option<PgTarget>,
 }
 
 /// The settings a reload cannot apply: what the running daemon is built around (its
@@ -175,6 +179,7 @@ const RESTART_ONLY: &[&str] = &[
     "max_connections",
     "max_unverified_bytes",
     "max_body_bytes",
+    "database",
 ];
 
 impl Config {
@@ -201,6 +206,7 @@ impl Config {
                 "max_connections" => self.max_connections != new.max_connections,
                 "max_unverified_bytes" => self.max_unverified_bytes != new.max_unverified_bytes,
                 "max_body_bytes" => self.max_body_bytes != new.max_body_bytes,
+                "database" => self.database != new.database,
                 _ => false,
             })
             .collect()
@@ -217,6 +223,7 @@ impl Config {
         self.max_connections = running.max_connections;
         self.max_unverified_bytes = running.max_unverified_bytes;
         self.max_body_bytes = running.max_body_bytes;
+        self.database.clone_from(&running.database);
         self
     }
 }
@@ -307,6 +314,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_unverified_bytes: Option<u64>,
     pub watch_pipelines: Option<bool>,
+    pub database: Option<String>,
+    pub database_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -444,6 +453,7 @@ impl FileConfig {
             &mut file.api_token_file,
             &mut file.read_token_file,
             &mut file.secrets_dir,
+            &mut file.database_password_file,
         ]
         .into_iter()
         .flatten()
@@ -490,6 +500,34 @@ fn secret(
     }
 }
 
+/// The PostgreSQL store, if one is named: `database:` in the file, else
+/// `$HOOKCI_DATABASE_URL`. Its password, when not in the URL: `database_password_file`,
+/// else systemd's credential `database-password`.
+fn database(
+    url: Option<&str>,
+    password_file: Option<&Path>,
+    env: &dyn EnvSource,
+) -> Result<Option<PgTarget>, ConfigError> {
+    let Some(url) = url
+        .map(str::to_owned)
+        .or_else(|| env.var("HOOKCI_DATABASE_URL"))
+    else {
+        return Ok(None);
+    };
+    let password = match password_file {
+        Some(path) => Some(read_secret("database password", path)?),
+        None => env
+            .var("CREDENTIALS_DIRECTORY")
+            .map(|dir| Path::new(&dir).join("database-password"))
+            .filter(|path| path.exists())
+            .map(|path| read_secret("database password", &path))
+            .transpose()?,
+    };
+    PgTarget::parse(&url, password.as_ref().map(Secret::expose))
+        .map(Some)
+        .map_err(ConfigError::Invalid)
+}
+
 impl Config {
     /// Defaults, then `file`, then `flags`.
     pub fn build(
@@ -523,6 +561,7 @@ impl Config {
             file.api_token_file.clone(),
             github.token_file.clone(),
             file.secrets_dir.clone(),
+            file.database_password_file.clone(),
             env.var("CREDENTIALS_DIRECTORY").map(PathBuf::from),
         ]
         .into_iter()
@@ -589,6 +628,11 @@ impl Config {
             protected,
             secret_env: SecretEnv::capture(env, env_names),
             watch_pipelines: file.watch_pipelines.unwrap_or(true),
+            database: database(
+                file.database.as_deref(),
+                file.database_password_file.as_deref(),
+                env,
+            )?,
         };
         if config.max_connections == 0 {
             return Err(ConfigError::Invalid(

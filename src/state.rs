@@ -29,7 +29,7 @@ pub struct Model {
 /// What every stage shares.
 pub struct AppState {
     model: watch::Sender<Model>,
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     /// Where the config came from, for reloads; `None` where nothing reloads
     /// (`hookci run`).
     pub source: Option<ConfigSource>,
@@ -64,7 +64,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
+    pub fn new(config: Config, store: Arc<dyn Store>, pipelines: PipelineSet) -> AppState {
         let unverified_kib = usize::try_from(config.max_unverified_bytes / 1024)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
