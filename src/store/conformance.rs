@@ -660,7 +660,11 @@ pub(super) fn reconcile_applies_a_ref_only_where_its_head_is_still_the_one_it_re
         "the push's head stays"
     );
     assert_eq!(heads["refs/tags/v1"], "t");
-    assert_eq!(all(&*store).len(), 2, "no run for the stale listing of main");
+    assert_eq!(
+        all(&*store).len(),
+        2,
+        "no run for the stale listing of main"
+    );
 }
 
 pub(super) fn the_outbox_keeps_the_newest_unsent_status_of_a_commit_and_goes_with_its_run(

@@ -58,6 +58,7 @@ pub fn run_json(run: &Run, steps: Option<&[Step]>) -> Value {
         "duration_ms": duration_ms(run.started_at, run.finished_at),
         "log_truncated": run.log_dropped > 0,
         "log_dropped_bytes": run.log_dropped,
+        "instance": run.instance,
     });
     if let Some(steps) = steps {
         v["steps"] = steps.iter().map(step_json).collect();
