@@ -840,6 +840,63 @@ mod tests {
     }
 
     #[test]
+    fn the_database_comes_from_the_file_then_the_environment_with_its_password_kept_out_of_sight() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db-password"), "file-pw\n").unwrap();
+        std::fs::write(creds.path().join("database-password"), "creds-pw\n").unwrap();
+        let creds_path: &'static str =
+            Box::leak(creds.path().display().to_string().into_boxed_str());
+        let build = |yaml: &str, env: &[(&'static str, &'static str)]| {
+            let path = dir.path().join("hookci.yml");
+            std::fs::write(&path, yaml).unwrap();
+            let env = FakeEnv(env.iter().copied().collect());
+            Config::build(FileConfig::load(&path).unwrap(), Overrides::default(), &env)
+        };
+        let password = |c: &Config| {
+            let db = c.database.as_ref().unwrap();
+            (db.shown().to_owned(), format!("{c:?}").contains("-pw"))
+        };
+
+        // Neither: SQLite.
+        assert!(build("", &[]).unwrap().database.is_none());
+        // The file's key wins over the environment.
+        let env = [("HOOKCI_DATABASE_URL", "postgres://env@db/env")];
+        let c = build("database: postgres://ci@db:5433/hookci\n", &env).unwrap();
+        assert_eq!(password(&c), ("postgres://ci@db:5433/hookci".into(), false));
+        let c = build("", &env).unwrap();
+        assert_eq!(c.database.unwrap().shown(), "postgres://env@db:5432/env");
+        // The password: its file, else systemd's credential; never shown.
+        let c = build(
+            "database: postgres://ci@db/hookci\ndatabase_password_file: db-password\n",
+            &[("CREDENTIALS_DIRECTORY", creds_path)],
+        )
+        .unwrap();
+        assert_eq!(password(&c), ("postgres://ci@db:5432/hookci".into(), false));
+        assert_eq!(
+            c.database.unwrap().config.get_password(),
+            Some(&b"file-pw"[..])
+        );
+        let c = build(
+            "database: postgres://ci@db/hookci\n",
+            &[("CREDENTIALS_DIRECTORY", creds_path)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.unwrap().config.get_password(),
+            Some(&b"creds-pw"[..])
+        );
+        // A bad URL is refused, without repeating it.
+        let err = build("database: postgres://ci:url-pw@db:port/hookci\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database:") && !err.contains("url-pw"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn secrets_resolve_from_credentials_then_secrets_dir_then_environment() {
         let creds = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();

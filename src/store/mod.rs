@@ -1,8 +1,9 @@
 //! The durable store: deliveries, each pipeline's decision, runs and steps, and the
-//! outbox of reports (`outbox`), in SQLite (WAL, `synchronous=FULL`). Every SQL
-//! statement of hookci lives in this module, so a second backend can replace it
-//! behind the same interface. Calls block: async callers run them on blocking threads.
-
+//! outbox of reports (`outbox`). Callers see the trait [`Store`] (`backend`), with two
+//! backends: SQLite in `state_dir` (WAL, `synchronous=FULL`; this file and its
+//! siblings) and PostgreSQL shared by several instances (`postgres`). Both pass one
+//! conformance suite (`conformance`). Every SQL statement of hookci lives in this
+//! module. Calls block: async callers run them on blocking threads.
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};

@@ -7,7 +7,7 @@ use std::str::FromStr;
 /// credentials) inside; `Debug` and [`PgTarget::shown`] leave the password out.
 #[derive(Clone)]
 pub struct PgTarget {
-    pub(super) config: tokio_postgres::Config,
+    pub(crate) config: tokio_postgres::Config,
     shown: String,
 }
 
