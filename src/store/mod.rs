@@ -4,6 +4,7 @@
 //! siblings) and PostgreSQL shared by several instances (`postgres`). Both pass one
 //! conformance suite (`conformance`). Every SQL statement of hookci lives in this
 //! module. Calls block: async callers run them on blocking threads.
+
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
