@@ -32,10 +32,15 @@ impl Backend {
 
     /// The store, opened again on each call as a restart of one instance would.
     fn open(&self) -> Arc<dyn Store> {
+        self.open_as("test-instance")
+    }
+
+    /// The store as the instance `instance` sees it.
+    fn open_as(&self, instance: &str) -> Arc<dyn Store> {
         open(
             self.scratch.as_ref().map(Scratch::target),
             self.dir.path(),
-            "test-instance",
+            instance,
         )
         .unwrap()
     }
@@ -783,4 +788,82 @@ pub(super) fn the_outbox_keeps_the_newest_unsent_status_of_a_commit_and_goes_wit
         store.reports_of(id).unwrap().is_empty(),
         "pruned with its run"
     );
+}
+
+/// What only a database shared by several instances has: each test opens it as two.
+mod shared_database {
+    use super::*;
+
+    #[test]
+    fn a_run_queued_by_one_instance_wakes_the_other() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let woken = b.wakeups();
+        let notified = woken.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        a.create_run(run("ci", "k1")).unwrap();
+        // A deadline for the wake-up only, far above any delivery of it.
+        runtime().block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), notified)
+                .await
+                .expect("instance b heard of the run instance a queued");
+        });
+        assert_eq!(
+            b.claim_next().unwrap().map(|r| r.instance),
+            Some(Some("b".into()))
+        );
+    }
+
+    #[test]
+    fn an_instance_recovers_only_its_own_runs() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let mine = a.create_run(run("ci", "k1")).unwrap().id;
+        let theirs = b.create_run(run("ci", "k2")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, mine);
+        assert_eq!(b.claim_next().unwrap().unwrap().id, theirs);
+        // a restarts: its run is interrupted and queued again, b's runs on.
+        drop(a);
+        let a = backend.open_as("a");
+        assert_eq!(a.interrupt_running().unwrap(), vec![mine]);
+        assert_eq!(
+            a.requeue_interrupted().unwrap(),
+            vec![(mine, 1, RunStatus::Queued)]
+        );
+        assert_eq!(b.run(theirs).unwrap().unwrap().status, RunStatus::Running);
+        assert_eq!(b.interrupt_running().unwrap(), vec![theirs]);
+    }
+
+    #[test]
+    fn one_instance_reconciles_at_a_time() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        // The lock goes with its connection, which the server closes a moment after
+        // the guard is dropped: wait for that, with a deadline.
+        let acquire = |store: &Arc<dyn Store>| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                if let Some(guard) = store.try_reconcile().unwrap() {
+                    return guard;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the lock was never released"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        let held = acquire(&a);
+        assert!(b.try_reconcile().unwrap().is_none(), "a holds it");
+        drop(held);
+        let held = acquire(&b);
+        assert!(a.try_reconcile().unwrap().is_none(), "b holds it now");
+        drop(held);
+        // The end of its holder releases it too.
+        let _held = acquire(&a);
+        assert!(b.try_reconcile().unwrap().is_none());
+        drop(a);
+        drop(acquire(&b));
+    }
 }
