@@ -362,6 +362,7 @@ pub async fn run(
             %addr,
             pipelines = pipelines.len(),
             state_dir = %config.state_dir.display(),
+            store = %store.describe(),
             "listening"
         );
     }
