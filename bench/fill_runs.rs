@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hookci::store::{NewRun, OnInterrupt, RunStatus, StepEnd, StepStatus, Store, Supersede};
+use hookci::store::{NewRun, OnInterrupt, RunStatus, Sqlite, StepEnd, StepStatus, Supersede};
 
 /// Writers at once: the store commits their writes together.
 const THREADS: usize = 8;
@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: fill-runs STATE_DIR COUNT")?
         .parse()?;
     std::fs::create_dir_all(&dir)?;
-    let store = Arc::new(Store::open(&dir)?);
+    let store = Arc::new(Sqlite::open(&dir)?);
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
             let store = Arc::clone(&store);
@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn fill_one(store: &Store, i: usize) -> Result<(), hookci::store::StoreError> {
+fn fill_one(store: &Sqlite, i: usize) -> Result<(), hookci::store::StoreError> {
     let pipelines = ["build", "deploy", "docs"];
     let branches = ["main", "release/1.2", "feature/parser", "fix/login"];
     let commit = format!("{:040x}", i + 1);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::run::user::RunAs;
+use crate::store::postgres::PgTarget;
 use crate::yaml::{self, SourceError};
 
 /// A secret value; `Debug` and `Display` print `***`.
@@ -162,6 +163,9 @@ pub struct Config {
     pub secret_env: SecretEnv,
     /// Reload when a file in the pipelines directory is created, changed or removed.
     pub watch_pipelines: bool,
+    /// The shared PostgreSQL store (`database:` or `$HOOKCI_DATABASE_URL`); `None`:
+    /// SQLite in `state_dir`.
+    pub database: Option<PgTarget>,
 }
 
 /// The settings a reload cannot apply: what the running daemon is built around (its
@@ -178,6 +182,7 @@ const RESTART_ONLY: &[&str] = &[
     "max_connections",
     "max_unverified_bytes",
     "max_body_bytes",
+    "database",
 ];
 
 impl Config {
@@ -204,6 +209,7 @@ impl Config {
                 "max_connections" => self.max_connections != new.max_connections,
                 "max_unverified_bytes" => self.max_unverified_bytes != new.max_unverified_bytes,
                 "max_body_bytes" => self.max_body_bytes != new.max_body_bytes,
+                "database" => self.database != new.database,
                 _ => false,
             })
             .collect()
@@ -220,6 +226,7 @@ impl Config {
         self.max_connections = running.max_connections;
         self.max_unverified_bytes = running.max_unverified_bytes;
         self.max_body_bytes = running.max_body_bytes;
+        self.database.clone_from(&running.database);
         self
     }
 }
@@ -312,6 +319,8 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub keep_alive_timeout: Option<Duration>,
     pub watch_pipelines: Option<bool>,
+    pub database: Option<String>,
+    pub database_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -449,6 +458,7 @@ impl FileConfig {
             &mut file.api_token_file,
             &mut file.read_token_file,
             &mut file.secrets_dir,
+            &mut file.database_password_file,
         ]
         .into_iter()
         .flatten()
@@ -495,6 +505,34 @@ fn secret(
     }
 }
 
+/// The PostgreSQL store, if one is named: `database:` in the file, else
+/// `$HOOKCI_DATABASE_URL`. Its password, when not in the URL: `database_password_file`,
+/// else systemd's credential `database-password`.
+fn database(
+    url: Option<&str>,
+    password_file: Option<&Path>,
+    env: &dyn EnvSource,
+) -> Result<Option<PgTarget>, ConfigError> {
+    let Some(url) = url
+        .map(str::to_owned)
+        .or_else(|| env.var("HOOKCI_DATABASE_URL"))
+    else {
+        return Ok(None);
+    };
+    let password = match password_file {
+        Some(path) => Some(read_secret("database password", path)?),
+        None => env
+            .var("CREDENTIALS_DIRECTORY")
+            .map(|dir| Path::new(&dir).join("database-password"))
+            .filter(|path| path.exists())
+            .map(|path| read_secret("database password", &path))
+            .transpose()?,
+    };
+    PgTarget::parse(&url, password.as_ref().map(Secret::expose))
+        .map(Some)
+        .map_err(ConfigError::Invalid)
+}
+
 impl Config {
     /// Defaults, then `file`, then `flags`.
     pub fn build(
@@ -528,6 +566,7 @@ impl Config {
             file.api_token_file.clone(),
             github.token_file.clone(),
             file.secrets_dir.clone(),
+            file.database_password_file.clone(),
             env.var("CREDENTIALS_DIRECTORY").map(PathBuf::from),
         ]
         .into_iter()
@@ -595,6 +634,11 @@ impl Config {
             protected,
             secret_env: SecretEnv::capture(env, env_names),
             watch_pipelines: file.watch_pipelines.unwrap_or(true),
+            database: database(
+                file.database.as_deref(),
+                file.database_password_file.as_deref(),
+                env,
+            )?,
         };
         if config.max_connections == 0 {
             return Err(ConfigError::Invalid(
@@ -803,6 +847,63 @@ mod tests {
         assert!(
             !format!("{c:?}").contains("s3cret"),
             "Debug must not print secrets"
+        );
+    }
+
+    #[test]
+    fn the_database_comes_from_the_file_then_the_environment_with_its_password_kept_out_of_sight() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db-password"), "file-pw\n").unwrap();
+        std::fs::write(creds.path().join("database-password"), "creds-pw\n").unwrap();
+        let creds_path: &'static str =
+            Box::leak(creds.path().display().to_string().into_boxed_str());
+        let build = |yaml: &str, env: &[(&'static str, &'static str)]| {
+            let path = dir.path().join("hookci.yml");
+            std::fs::write(&path, yaml).unwrap();
+            let env = FakeEnv(env.iter().copied().collect());
+            Config::build(FileConfig::load(&path).unwrap(), Overrides::default(), &env)
+        };
+        let password = |c: &Config| {
+            let db = c.database.as_ref().unwrap();
+            (db.shown().to_owned(), format!("{c:?}").contains("-pw"))
+        };
+
+        // Neither: SQLite.
+        assert!(build("", &[]).unwrap().database.is_none());
+        // The file's key wins over the environment.
+        let env = [("HOOKCI_DATABASE_URL", "postgres://env@db/env")];
+        let c = build("database: postgres://ci@db:5433/hookci\n", &env).unwrap();
+        assert_eq!(password(&c), ("postgres://ci@db:5433/hookci".into(), false));
+        let c = build("", &env).unwrap();
+        assert_eq!(c.database.unwrap().shown(), "postgres://env@db:5432/env");
+        // The password: its file, else systemd's credential; never shown.
+        let c = build(
+            "database: postgres://ci@db/hookci\ndatabase_password_file: db-password\n",
+            &[("CREDENTIALS_DIRECTORY", creds_path)],
+        )
+        .unwrap();
+        assert_eq!(password(&c), ("postgres://ci@db:5432/hookci".into(), false));
+        assert_eq!(
+            c.database.unwrap().config.get_password(),
+            Some(&b"file-pw"[..])
+        );
+        let c = build(
+            "database: postgres://ci@db/hookci\n",
+            &[("CREDENTIALS_DIRECTORY", creds_path)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.unwrap().config.get_password(),
+            Some(&b"creds-pw"[..])
+        );
+        // A bad URL is refused, without repeating it.
+        let err = build("database: postgres://ci:url-pw@db:port/hookci\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database:") && !err.contains("url-pw"),
+            "{err}"
         );
     }
 

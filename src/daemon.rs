@@ -123,7 +123,8 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
             return Err(e);
         }
     }
-    let store = Store::open(&state_dir)?;
+    let instance = crate::store::instance_id(&state_dir).map_err(dir_err)?;
+    let store = crate::store::open(config.database.as_ref(), &state_dir, &instance)?;
     // Before recovery: a run it queues again, or fails, reports that.
     store.set_report_policy(policy);
     for id in store.interrupt_running()? {
@@ -157,8 +158,21 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     })
 }
 
+/// Wakes the scheduler when the store hears of runs another instance queued (a shared
+/// database); a store only this daemon writes never says so.
+async fn forward_wakeups(state: Arc<AppState>) {
+    let wakeups = state.store.wakeups();
+    let mut stopping = state.stopping();
+    loop {
+        tokio::select! {
+            () = wakeups.notified() => state.wake.notify_one(),
+            _ = stopping.changed() => return,
+        }
+    }
+}
+
 struct Recovered {
-    store: Store,
+    store: Arc<dyn Store>,
     state_dir: PathBuf,
     lock: std::fs::File,
     cgroups: Cgroups,
@@ -348,18 +362,20 @@ pub async fn run(
             %addr,
             pipelines = pipelines.len(),
             state_dir = %config.state_dir.display(),
+            store = %store.describe(),
             "listening"
         );
     }
     let pipelines = Arc::unwrap_or_clone(pipelines);
     let watch_pipelines = config.watch_pipelines;
     let state = Arc::new(
-        AppState::new(config, Arc::new(store), pipelines)
+        AppState::new(config, store, pipelines)
             .with_cgroups(cgroups)
             .with_source(source),
     );
     // Subscribed before anything can make a run change.
     tokio::spawn(state.metrics.record(state.events.subscribe()));
+    tokio::spawn(forward_wakeups(Arc::clone(&state)));
     policy.attach(&state);
     scheduler::prune(&state).await;
     // Not awaited at stop: a report in flight stays pending and goes after the restart.

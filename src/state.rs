@@ -30,7 +30,7 @@ pub struct Model {
 /// What every stage shares.
 pub struct AppState {
     model: watch::Sender<Model>,
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     /// Where the config came from, for reloads; `None` where nothing reloads
     /// (`hookci run`).
     pub source: Option<ConfigSource>,
@@ -65,7 +65,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<Store>, pipelines: PipelineSet) -> AppState {
+    pub fn new(config: Config, store: Arc<dyn Store>, pipelines: PipelineSet) -> AppState {
         let unverified = BodyBudget::new(config.max_unverified_bytes, config.max_body_bytes);
         AppState {
             git: GitWorker::new(&config.state_dir, config.github.clone_token()),

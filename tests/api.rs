@@ -29,6 +29,7 @@ const RUN_KEYS: &[&str] = &[
     "duration_ms",
     "log_truncated",
     "log_dropped_bytes",
+    "instance",
 ];
 
 const STEP_KEYS: &[&str] = &[
@@ -138,6 +139,10 @@ fn assert_run_shape(run: &Value, with_steps: bool) {
     );
     assert!(run["attempt"].is_i64(), "{run:#}");
     assert!(run["generation"].is_i64(), "{run:#}");
+    assert!(
+        run["instance"].is_null() || run["instance"].is_string(),
+        "{run:#}"
+    );
     assert_time(&run["created_at"], "created_at");
 }
 
@@ -211,6 +216,9 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
     assert_eq!(run["delivery"], "api-1");
     assert_eq!(run["attempt"], 1);
     assert_eq!(run["generation"], 1);
+    // The instance that ran it: the name kept in its state directory.
+    let instance = std::fs::read_to_string(d.state_dir().join("instance")).unwrap();
+    assert_eq!(run["instance"], instance.trim());
     for k in ["started_at", "finished_at"] {
         assert_time(&run[k], k);
     }

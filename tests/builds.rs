@@ -567,7 +567,7 @@ fn a_run_queued_without_waking_the_scheduler_is_still_built() {
     assert!(d.runs().is_empty());
     // Queued through the store directly, as another writer of the same database would:
     // no wake-up reaches the daemon's scheduler, only its periodic look at the queue.
-    let store = hookci::store::Store::open(&d.state_dir()).unwrap();
+    let store = hookci::store::Sqlite::open(&d.state_dir()).unwrap();
     let made = store
         .create_run(hookci::store::NewRun {
             key: None,

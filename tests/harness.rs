@@ -9,7 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookci::cli::client::{self, Response};
+pub use hookci::store::postgres::Scratch;
 use serde_json::{json, Value};
+
+/// A fresh PostgreSQL database on the test server (`scripts/test` starts one), dropped
+/// with the value.
+pub fn test_database() -> Scratch {
+    Scratch::from_env().unwrap_or_else(|e| panic!("{e}"))
+}
 
 pub const SECRET: &str = "test-secret-5a1f3c9e-do-not-log";
 pub const ZERO: &str = "0000000000000000000000000000000000000000";
@@ -101,6 +108,18 @@ impl Builder {
     pub fn env(mut self, key: &str, value: &str) -> Builder {
         self.env.push((key.into(), value.into()));
         self
+    }
+
+    /// Keeps the store in the PostgreSQL database `db` instead of SQLite (its password,
+    /// if the test server's URL has one, through `database_password_file`).
+    pub fn database(self, db: &Scratch) -> Builder {
+        let mut b = self.config(&format!("database: {}", db.url()));
+        if let Some(password) = db.password() {
+            let file = b.dir.path().join("database-password");
+            std::fs::write(&file, password).unwrap();
+            b = b.config(&format!("database_password_file: {}", file.display()));
+        }
+        b
     }
 
     /// Writes `hookci.yml` (with the test defaults the test did not set itself), for a

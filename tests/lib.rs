@@ -7,6 +7,7 @@ mod api;
 mod builds;
 mod cli;
 mod control;
+mod instances;
 mod intake;
 mod reconcile;
 mod recovery;

@@ -14,7 +14,7 @@ use crate::intake::concurrency_group;
 use crate::pipeline::PipelineSet;
 use crate::run::scheduler;
 use crate::state::AppState;
-use crate::store::{NewRun, RunStatus, Store, Supersede};
+use crate::store::{NewRun, RunStatus, Sqlite, Store, Supersede};
 use crate::web::follow::{self, Update};
 
 const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
@@ -182,11 +182,15 @@ async fn create(
     sha: Option<String>,
 ) -> Result<(Arc<AppState>, i64), String> {
     let state_dir = config.state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
+    let store = tokio::task::spawn_blocking(move || Sqlite::open(&state_dir))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let state = Arc::new(AppState::new(config, Arc::new(store), pipelines));
+    let state = Arc::new(AppState::new(
+        config,
+        Arc::new(store) as Arc<dyn Store>,
+        pipelines,
+    ));
     let sha = match sha {
         Some(sha) => sha,
         None => {

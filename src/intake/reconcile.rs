@@ -6,6 +6,7 @@
 //! repository, which only records what exists. What a pass writes is applied only to
 //! refs whose stored head is still the one it read before listing: a push recorded
 //! meanwhile wins. Only the store and the matcher decide; nothing here runs steps.
+//! Instances sharing a database reconcile one at a time (the store's reconcile lock).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,7 +51,21 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         last_pass = Some(Instant::now());
+        // Instances sharing a database take turns: a pass while another instance's
+        // runs is skipped, that one covers the same repositories.
+        let guard = match blocking(&state.store, |s| s.try_reconcile()).await {
+            Ok(Some(guard)) => guard,
+            Ok(None) => {
+                tracing::info!("reconcile skipped: another instance is reconciling");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile cannot take its lock in the store");
+                continue;
+            }
+        };
         let n = reconcile_all(&state).await;
+        drop(guard);
         if n > 0 {
             tracing::info!(
                 runs = n,

@@ -69,8 +69,8 @@ impl Client {
 
 /// Runs store calls on a blocking thread.
 async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, String> {
     crate::run::scheduler::blocking(store, f).await
 }
@@ -117,7 +117,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         if full {
             continue;
         }
-        let wait = match blocking(&state.store, Store::next_report_at).await {
+        let wait = match blocking(&state.store, |s| s.next_report_at()).await {
             Ok(Some(at)) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)),
             _ => IDLE,
         }

@@ -435,11 +435,11 @@ pub async fn execute_now(state: Arc<AppState>, id: i64) -> Result<(), String> {
 
 /// Runs a store call on a blocking thread (the store's calls block).
 pub(crate) async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, String> {
     let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || f(&store)).await {
+    match tokio::task::spawn_blocking(move || f(&*store)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     }
@@ -553,7 +553,7 @@ async fn until_stored<T: Send + 'static>(
     state: &Arc<AppState>,
     control: &RunControl,
     what: &'static str,
-    write: impl Fn(&Store) -> Result<T, StoreError> + Send + Sync + 'static,
+    write: impl Fn(&dyn Store) -> Result<T, StoreError> + Send + Sync + 'static,
 ) -> Result<T, String> {
     let write = Arc::new(write);
     let mut halt = control.halt.subscribe();

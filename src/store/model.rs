@@ -234,6 +234,9 @@ pub struct Run {
     pub finished_at: Option<i64>,
     /// Bytes of output `max_log_bytes` kept out of the run's log.
     pub log_dropped: i64,
+    /// The instance that claimed it last (see `store::instance_id`); `None` until
+    /// claimed.
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{RunStatus, Store, StoreError};
+use super::{RunStatus, Sqlite, StoreError};
 use crate::clock::now_ms;
 
 /// A run transition, as the store saw it inside the transaction that made it.
@@ -66,7 +66,7 @@ impl ReportKind {
         }
     }
 
-    fn parse(s: &str) -> Option<ReportKind> {
+    pub(crate) fn parse(s: &str) -> Option<ReportKind> {
         [
             ReportKind::Status,
             ReportKind::Slack,
@@ -206,7 +206,7 @@ pub(super) fn prune_run(c: &Connection, run: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-impl Store {
+impl Sqlite {
     /// Gives the store the policy that decides what each run transition reports.
     /// Without one, nothing is reported.
     pub fn set_report_policy(&self, policy: Arc<dyn ReportPolicy>) {

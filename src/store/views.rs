@@ -3,9 +3,9 @@
 
 use rusqlite::OptionalExtension;
 
-use super::{run_from_row, Run, Store, StoreError, RUN_COLUMNS};
+use super::{run_from_row, Run, Sqlite, StoreError, RUN_COLUMNS};
 
-impl Store {
+impl Sqlite {
     /// The newest run of each (pipeline, ref), by pipeline then ref.
     pub fn latest_per_ref(&self) -> Result<Vec<Run>, StoreError> {
         let conn = self.conn();

@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::outbox::{self, ReportPolicy, Transition};
-use super::{repo_key, run_from_row, step_from_row, steps_in, Store, StoreError};
+use super::{repo_key, run_from_row, step_from_row, steps_in, Sqlite, StoreError};
 use super::{
     DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel, Reconciled, RefChange,
     Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede,
@@ -17,12 +17,12 @@ use crate::clock::now_ms;
 pub const MAX_ATTEMPTS: i64 = 2;
 
 /// The reason of a run that `interrupted: fail` ends.
-const NOT_RETRIED: &str = "interrupted; not retried: interrupted: fail";
+pub(super) const NOT_RETRIED: &str = "interrupted; not retried: interrupted: fail";
 
 /// The current attempt of run ?1, for statements on its steps.
 const CURRENT_ATTEMPT: &str = "(SELECT attempt FROM runs WHERE id = ?1)";
 
-impl Store {
+impl Sqlite {
     /// Records a delivery and creates its runs; returns once committed and synced. A
     /// known delivery id creates nothing.
     pub fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
@@ -47,6 +47,7 @@ impl Store {
     /// Takes the oldest queued run whose concurrency group has nothing running, and
     /// marks it running.
     pub fn claim_next(&self) -> Result<Option<Run>, StoreError> {
+        let owner = self.instance.clone();
         self.exec_reporting(move |c, policy| {
             let run = c
                 .prepare_cached(&format!(
@@ -60,10 +61,13 @@ impl Store {
                 return Ok(None);
             };
             let now = now_ms();
-            c.prepare_cached("UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1")?
-                .execute(params![run.id, now])?;
+            c.prepare_cached(
+                "UPDATE runs SET status = 'running', started_at = ?2, owner = ?3 WHERE id = ?1",
+            )?
+            .execute(params![run.id, now, owner])?;
             run.status = RunStatus::Running;
             run.started_at = Some(now);
+            run.instance = owner;
             if let Some(policy) = policy {
                 let t = transition_of(&run, RunStatus::Running, None);
                 outbox::record(c, policy, &t)?;
@@ -365,14 +369,15 @@ impl Store {
 /// predicate of the `runs_finished` index, so queries with it can walk that index, and
 /// do (`INDEXED BY`): without statistics SQLite would rather sort the `runs_status`
 /// entries of every finished run.
-const FINISHED: &str = "status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped')";
+pub(super) const FINISHED: &str =
+    "status IN ('succeeded', 'failed', 'timed_out', 'canceled', 'skipped')";
 
 /// The most runs, and deliveries, one call of [`Store::prune`] deletes, so that one call
 /// never holds the writer long.
-const PRUNE_RUNS: usize = 200;
-const PRUNE_DELIVERIES: usize = 500;
+pub(super) const PRUNE_RUNS: usize = 200;
+pub(super) const PRUNE_DELIVERIES: usize = 500;
 
-impl Store {
+impl Sqlite {
     /// Retention: deletes finished runs beyond the newest `keep` of them (by rank: run
     /// ids have gaps, since every insert the per-commit lock refuses uses one up) or
     /// created before `cutoff_ms`, with their steps; and deliveries, with their

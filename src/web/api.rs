@@ -58,6 +58,7 @@ pub fn run_json(run: &Run, steps: Option<&[Step]>) -> Value {
         "duration_ms": duration_ms(run.started_at, run.finished_at),
         "log_truncated": run.log_dropped > 0,
         "log_dropped_bytes": run.log_dropped,
+        "instance": run.instance,
     });
     if let Some(steps) = steps {
         v["steps"] = steps.iter().map(step_json).collect();
@@ -108,11 +109,11 @@ pub fn delivery_json(d: &Delivery) -> Value {
 
 /// Runs a store call on a blocking thread; a failure becomes a JSON error reply.
 pub(crate) async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Response> {
     let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || f(&store)).await {
+    match tokio::task::spawn_blocking(move || f(&*store)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "store call failed");

@@ -439,7 +439,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, EnvSource, FileConfig, Overrides};
     use crate::pipeline::PipelineSet;
-    use crate::store::{NewRun, OnInterrupt, RunStatus, StepEnd, Store, Supersede};
+    use crate::store::{NewRun, OnInterrupt, RunStatus, Sqlite, StepEnd, Store, Supersede};
 
     struct NoEnv;
 
@@ -457,7 +457,7 @@ mod tests {
             ..Overrides::default()
         };
         let config = Config::build(FileConfig::default(), flags, &NoEnv).unwrap();
-        let store = Store::open(dir).unwrap();
+        let store: Arc<dyn Store> = Arc::new(Sqlite::open(dir).unwrap());
         let run = store
             .create_run(NewRun {
                 key: None,
@@ -484,11 +484,7 @@ mod tests {
             )
             .unwrap();
         store.step_started(run.id, 1).unwrap();
-        let state = Arc::new(AppState::new(
-            config,
-            Arc::new(store),
-            PipelineSet::new(Vec::new()),
-        ));
+        let state = Arc::new(AppState::new(config, store, PipelineSet::new(Vec::new())));
         (state, run.id)
     }
 

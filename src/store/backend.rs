@@ -1,0 +1,245 @@
+//! The store's interface: what every stage asks of it, whichever database holds it
+//! (SQLite in `state_dir`, [`Sqlite`], or a shared PostgreSQL, [`Postgres`]), and the
+//! choice between them at start. Calls block: async callers run them on blocking
+//! threads (intake's `record_delivery_async` excepted).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::postgres::{PgTarget, Postgres};
+use super::{
+    Attempt, Delivery, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel,
+    ReconcileView, Reconciled, RefChange, Report, ReportPolicy, ReportView, Run, RunFilter, RunRef,
+    RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError,
+};
+
+/// The future of [`Store::record_delivery_async`]: boxed, so the trait stays usable as
+/// `dyn Store`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Held while this instance reconciles; dropping it lets another instance do so.
+pub type ReconcileGuard = Box<dyn Send>;
+
+/// Everything hookci keeps: deliveries and their decisions, runs and steps, ref heads
+/// for reconcile, and the outbox. Both backends pass one conformance suite
+/// (`store::conformance`).
+pub trait Store: Send + Sync {
+    /// Where the store is, for logs: a path, or a database URL without its password.
+    fn describe(&self) -> String;
+
+    /// Gives the store the policy that decides what each run transition reports,
+    /// decided inside the transaction of the transition. Without one, nothing is
+    /// reported.
+    fn set_report_policy(&self, policy: Arc<dyn ReportPolicy>);
+
+    /// Notified when another instance queued runs (a shared database); the scheduler
+    /// claims when it is. A store only this daemon writes never notifies it.
+    fn wakeups(&self) -> Arc<Notify>;
+
+    /// `Some` when this instance may reconcile now, held for the pass; `None` while
+    /// another instance sharing the database reconciles.
+    fn try_reconcile(&self) -> Result<Option<ReconcileGuard>, StoreError>;
+
+    fn ref_heads(&self, repo: &str) -> Result<HashMap<String, String>, StoreError>;
+    fn reconcile_view(&self, repo: &str) -> Result<ReconcileView, StoreError>;
+    fn clone_url_of(&self, repo: &str) -> Result<Option<String>, StoreError>;
+    fn run(&self, id: i64) -> Result<Option<Run>, StoreError>;
+    fn steps(&self, run_id: i64) -> Result<Vec<Step>, StoreError>;
+    fn steps_of(&self, run_id: i64, attempt: Option<i64>) -> Result<Vec<Step>, StoreError>;
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+    fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError>;
+    fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>, StoreError>;
+    fn latest_per_ref(&self) -> Result<Vec<Run>, StoreError>;
+    fn last_finished(&self, pipeline: &str, refs: &[String]) -> Result<Option<Run>, StoreError>;
+    fn due_reports(&self, now: i64, limit: u32) -> Result<Vec<Report>, StoreError>;
+    fn next_report_at(&self) -> Result<Option<i64>, StoreError>;
+    fn reports_of(&self, run: i64) -> Result<Vec<ReportView>, StoreError>;
+
+    fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError>;
+    fn record_delivery_async(
+        &self,
+        d: NewDelivery,
+    ) -> BoxFuture<'_, Result<DeliveryOutcome, StoreError>>;
+    fn create_run(&self, run: NewRun) -> Result<RunRef, StoreError>;
+    fn claim_next(&self) -> Result<Option<Run>, StoreError>;
+    fn unclaim(&self, run_id: i64) -> Result<(), StoreError>;
+    fn plan_steps(
+        &self,
+        run_id: i64,
+        names: Vec<String>,
+        on_interrupt: OnInterrupt,
+    ) -> Result<(), StoreError>;
+    fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError>;
+    fn step_finished(
+        &self,
+        run_id: i64,
+        number: i64,
+        end: StepEnd,
+    ) -> Result<Option<Step>, StoreError>;
+    fn log_dropped(&self, run_id: i64, bytes: u64) -> Result<(), StoreError>;
+    fn finish_run(
+        &self,
+        run_id: i64,
+        status: RunStatus,
+        reason: Option<String>,
+        leftover: StepStatus,
+    ) -> Result<Option<(Run, Vec<Step>)>, StoreError>;
+    fn cancel_queued(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError>;
+    /// On start: this instance's runs left `running` are `interrupted`.
+    fn interrupt_running(&self) -> Result<Vec<i64>, StoreError>;
+    fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError>;
+    fn record_reconcile(
+        &self,
+        repo: String,
+        changes: Vec<RefChange>,
+    ) -> Result<Reconciled, StoreError>;
+    fn prune(&self, keep: u64, cutoff_ms: i64) -> Result<Pruned, StoreError>;
+    fn report_attempted(&self, id: i64, attempt: Attempt) -> Result<(), StoreError>;
+}
+
+/// Opens the store the config names: PostgreSQL when `database` is set, else SQLite
+/// in `state_dir`. `instance` is recorded as the owner of the runs it claims.
+pub fn open(
+    database: Option<&PgTarget>,
+    state_dir: &Path,
+    instance: &str,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match database {
+        Some(target) => Arc::new(Postgres::open(target, instance)?),
+        None => Arc::new(Sqlite::open_as(state_dir, Some(instance.to_owned()))?),
+    })
+}
+
+impl Store for Sqlite {
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+    fn set_report_policy(&self, policy: Arc<dyn ReportPolicy>) {
+        Sqlite::set_report_policy(self, policy);
+    }
+    fn wakeups(&self) -> Arc<Notify> {
+        Arc::clone(&self.wakeups)
+    }
+    fn try_reconcile(&self) -> Result<Option<ReconcileGuard>, StoreError> {
+        // The state directory's lock already keeps a second daemon off this file.
+        Ok(Some(Box::new(())))
+    }
+    fn ref_heads(&self, repo: &str) -> Result<HashMap<String, String>, StoreError> {
+        Sqlite::ref_heads(self, repo)
+    }
+    fn reconcile_view(&self, repo: &str) -> Result<ReconcileView, StoreError> {
+        Sqlite::reconcile_view(self, repo)
+    }
+    fn clone_url_of(&self, repo: &str) -> Result<Option<String>, StoreError> {
+        Sqlite::clone_url_of(self, repo)
+    }
+    fn run(&self, id: i64) -> Result<Option<Run>, StoreError> {
+        Sqlite::run(self, id)
+    }
+    fn steps(&self, run_id: i64) -> Result<Vec<Step>, StoreError> {
+        Sqlite::steps(self, run_id)
+    }
+    fn steps_of(&self, run_id: i64, attempt: Option<i64>) -> Result<Vec<Step>, StoreError> {
+        Sqlite::steps_of(self, run_id, attempt)
+    }
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        Sqlite::runs(self, filter)
+    }
+    fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        Sqlite::delivery(self, id)
+    }
+    fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>, StoreError> {
+        Sqlite::count_by_status(self)
+    }
+    fn latest_per_ref(&self) -> Result<Vec<Run>, StoreError> {
+        Sqlite::latest_per_ref(self)
+    }
+    fn last_finished(&self, pipeline: &str, refs: &[String]) -> Result<Option<Run>, StoreError> {
+        Sqlite::last_finished(self, pipeline, refs)
+    }
+    fn due_reports(&self, now: i64, limit: u32) -> Result<Vec<Report>, StoreError> {
+        Sqlite::due_reports(self, now, limit)
+    }
+    fn next_report_at(&self) -> Result<Option<i64>, StoreError> {
+        Sqlite::next_report_at(self)
+    }
+    fn reports_of(&self, run: i64) -> Result<Vec<ReportView>, StoreError> {
+        Sqlite::reports_of(self, run)
+    }
+    fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
+        Sqlite::record_delivery(self, d)
+    }
+    fn record_delivery_async(
+        &self,
+        d: NewDelivery,
+    ) -> BoxFuture<'_, Result<DeliveryOutcome, StoreError>> {
+        Box::pin(Sqlite::record_delivery_async(self, d))
+    }
+    fn create_run(&self, run: NewRun) -> Result<RunRef, StoreError> {
+        Sqlite::create_run(self, run)
+    }
+    fn claim_next(&self) -> Result<Option<Run>, StoreError> {
+        Sqlite::claim_next(self)
+    }
+    fn unclaim(&self, run_id: i64) -> Result<(), StoreError> {
+        Sqlite::unclaim(self, run_id)
+    }
+    fn plan_steps(
+        &self,
+        run_id: i64,
+        names: Vec<String>,
+        on_interrupt: OnInterrupt,
+    ) -> Result<(), StoreError> {
+        Sqlite::plan_steps(self, run_id, names, on_interrupt)
+    }
+    fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
+        Sqlite::step_started(self, run_id, number)
+    }
+    fn step_finished(
+        &self,
+        run_id: i64,
+        number: i64,
+        end: StepEnd,
+    ) -> Result<Option<Step>, StoreError> {
+        Sqlite::step_finished(self, run_id, number, end)
+    }
+    fn log_dropped(&self, run_id: i64, bytes: u64) -> Result<(), StoreError> {
+        Sqlite::log_dropped(self, run_id, bytes)
+    }
+    fn finish_run(
+        &self,
+        run_id: i64,
+        status: RunStatus,
+        reason: Option<String>,
+        leftover: StepStatus,
+    ) -> Result<Option<(Run, Vec<Step>)>, StoreError> {
+        Sqlite::finish_run(self, run_id, status, reason, leftover)
+    }
+    fn cancel_queued(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError> {
+        Sqlite::cancel_queued(self, run_id, reason)
+    }
+    fn interrupt_running(&self) -> Result<Vec<i64>, StoreError> {
+        Sqlite::interrupt_running(self)
+    }
+    fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+        Sqlite::requeue_interrupted(self)
+    }
+    fn record_reconcile(
+        &self,
+        repo: String,
+        changes: Vec<RefChange>,
+    ) -> Result<Reconciled, StoreError> {
+        Sqlite::record_reconcile(self, repo, changes)
+    }
+    fn prune(&self, keep: u64, cutoff_ms: i64) -> Result<Pruned, StoreError> {
+        Sqlite::prune(self, keep, cutoff_ms)
+    }
+    fn report_attempted(&self, id: i64, attempt: Attempt) -> Result<(), StoreError> {
+        Sqlite::report_attempted(self, id, attempt)
+    }
+}

@@ -1,0 +1,528 @@
+//! The PostgreSQL store: the same records as SQLite's, in a database several hookci
+//! instances share. Every SQL statement of this backend lives in this folder. The
+//! backend owns a small runtime of its own, so that its calls (blocking, like
+//! SQLite's) can wait on it from any thread, and intake's async call runs on it too.
+//! One connection of its own LISTENs for the runs other instances queue.
+//!
+//! Locks between instances: migrations under a session advisory lock, a concurrency
+//! group's claim under a transaction advisory lock on the group, reconcile under a
+//! session advisory lock held for the pass (`LOCKS`).
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{ReportPolicy, StoreError};
+
+mod reads;
+mod schema;
+mod scratch;
+mod target;
+mod writes;
+pub use scratch::{Scratch, TEST_DATABASE_VAR};
+pub use target::PgTarget;
+
+/// The first key of every advisory lock hookci takes ("hkci"), so that they never
+/// meet another application's locks on the same database.
+const LOCKS: i32 = 0x686b_6369;
+/// The second key of the migration lock.
+const MIGRATING: i32 = 1;
+/// The second key of the reconcile lock.
+const RECONCILING: i32 = 2;
+/// The channel on which a transaction that queues runs, or frees a concurrency
+/// group, tells every instance to claim.
+const CHANNEL: &str = "hookci_runs";
+
+/// Connections in the pool: intake's concurrent deliveries, the scheduler, the API.
+const POOL_SIZE: usize = 16;
+
+/// How many times a transaction that lost a deadlock or serialization race is tried.
+const TRIES: u32 = 5;
+
+/// A failure inside the backend, before it gets the database's name for context.
+#[derive(Debug)]
+pub(super) enum PgError {
+    Db(tokio_postgres::Error),
+    Pool(String),
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError::Db(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(e: deadpool_postgres::PoolError) -> PgError {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => PgError::Db(e),
+            other => PgError::Pool(other.to_string()),
+        }
+    }
+}
+
+impl PgError {
+    /// A race between instances that the same transaction, run again, wins.
+    fn retryable(&self) -> bool {
+        matches!(self, PgError::Db(e) if matches!(
+            e.code(),
+            Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+        ))
+    }
+}
+
+pub(super) type PgResult<T> = Result<T, PgError>;
+
+/// The PostgreSQL store.
+pub struct Postgres {
+    /// `Some` until dropped: a runtime dropped inside another one's task would panic,
+    /// so it is shut down in the background instead.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    pool: Pool,
+    target: PgTarget,
+    /// Recorded as the owner of the runs this instance claims.
+    instance: String,
+    policy: RwLock<Option<Arc<dyn ReportPolicy>>>,
+    wakeups: Arc<Notify>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Postgres {
+    /// Connects, brings the schema up to date (one instance at a time), and starts
+    /// listening for runs other instances queue.
+    pub fn open(target: &PgTarget, instance: &str) -> Result<Postgres, StoreError> {
+        let shown = target.shown().to_owned();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hookci-postgres")
+            .enable_all()
+            .build()
+            .map_err(|source| StoreError::Io {
+                path: shown.clone().into(),
+                source,
+            })?;
+        let handle = runtime.handle().clone();
+        let manager = Manager::from_config(
+            target.config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|e| StoreError::Database {
+                url: shown.clone(),
+                message: e.to_string(),
+            })?;
+        let store = Postgres {
+            runtime: Some(runtime),
+            handle,
+            pool,
+            target: target.clone(),
+            instance: instance.to_owned(),
+            policy: RwLock::new(None),
+            wakeups: Arc::new(Notify::new()),
+        };
+        let config = target.config.clone();
+        if let Err(too_new) = store.block(async move { schema::migrate(&config).await })? {
+            return Err(StoreError::TooNewDatabase {
+                url: shown,
+                found: too_new.found,
+                known: schema::SCHEMA.len(),
+            });
+        }
+        // The first LISTEN is in place before `open` returns: a run queued from then
+        // on wakes this instance.
+        let (listening_tx, listening_rx) = std::sync::mpsc::sync_channel(1);
+        store.handle.spawn(listen(
+            target.config.clone(),
+            shown.clone(),
+            Arc::clone(&store.wakeups),
+            listening_tx,
+        ));
+        listening_rx
+            .recv()
+            .map_err(|_| store.gone())?
+            .map_err(|e| store.err(e))?;
+        tracing::info!(database = %shown, instance, "store: PostgreSQL");
+        Ok(store)
+    }
+
+    pub fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
+    fn err(&self, e: PgError) -> StoreError {
+        match e {
+            PgError::Db(source) => StoreError::Postgres {
+                url: self.target.shown().to_owned(),
+                source,
+            },
+            PgError::Pool(message) => StoreError::Database {
+                url: self.target.shown().to_owned(),
+                message,
+            },
+        }
+    }
+
+    fn gone(&self) -> StoreError {
+        StoreError::Database {
+            url: self.target.shown().to_owned(),
+            message: "the store's runtime has stopped".into(),
+        }
+    }
+
+    /// Runs `fut` on the backend's runtime and waits for it: callable from any thread,
+    /// a blocking one or a test's.
+    fn block<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = PgResult<T>> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| self.gone())?.map_err(|e| self.err(e))
+    }
+
+    /// The policy, unless there is none or it reports nothing.
+    fn active_policy(&self) -> Option<Arc<dyn ReportPolicy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|p| !p.idle())
+    }
+}
+
+/// Runs `work` in a transaction, again if it lost a race with another instance
+/// (deadlock, serialization failure), and tells the policy once it has committed.
+async fn transaction<T, W, Fut>(
+    pool: &Pool,
+    policy: Option<Arc<dyn ReportPolicy>>,
+    work: W,
+) -> PgResult<T>
+where
+    W: Fn(Arc<deadpool_postgres::Object>, Option<Arc<dyn ReportPolicy>>) -> Fut,
+    Fut: Future<Output = PgResult<T>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let client = Arc::new(pool.get().await?);
+        client.batch_execute("BEGIN").await?;
+        let result = work(Arc::clone(&client), policy.clone()).await;
+        let result = match result {
+            Ok(v) => client
+                .batch_execute("COMMIT")
+                .await
+                .map(|()| v)
+                .map_err(PgError::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => {
+                if let Some(policy) = &policy {
+                    policy.committed();
+                }
+                return Ok(v);
+            }
+            Err(e) => {
+                // The connection goes back to the pool clean, or not at all.
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    if let Ok(object) = Arc::try_unwrap(client) {
+                        drop(deadpool_postgres::Object::take(object));
+                    }
+                }
+                if !(e.retryable() && tries < TRIES) {
+                    return Err(e);
+                }
+                tracing::debug!(
+                    tries,
+                    "transaction lost a race with another instance; again"
+                );
+            }
+        }
+    }
+}
+
+/// One statement, prepared once per connection.
+pub(super) async fn query<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> PgResult<Vec<Row>> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.query(&statement, params).await?)
+}
+
+pub(super) async fn query_opt<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> PgResult<Option<Row>> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.query_opt(&statement, params).await?)
+}
+
+pub(super) async fn execute<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> PgResult<u64> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.execute(&statement, params).await?)
+}
+
+/// Tells every instance's scheduler to claim, once the transaction commits.
+pub(super) async fn notify_runs<C: GenericClient>(c: &C) -> PgResult<()> {
+    execute(c, "SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
+    Ok(())
+}
+
+/// How long the listener waits before connecting again after losing its connection.
+const RELISTEN: Duration = Duration::from_secs(1);
+
+/// Keeps one connection LISTENing on [`CHANNEL`] and wakes the scheduler at each
+/// notification; reconnects when the connection is lost (and wakes it then, since a
+/// notification may have been missed meanwhile). `first` hears how the first LISTEN
+/// went.
+async fn listen(
+    config: tokio_postgres::Config,
+    shown: String,
+    wakeups: Arc<Notify>,
+    first: std::sync::mpsc::SyncSender<PgResult<()>>,
+) {
+    let mut first = Some(first);
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let statement = format!("LISTEN {CHANNEL}");
+                // The connection must be polled for the LISTEN to complete.
+                let started = {
+                    let listening = client.batch_execute(&statement);
+                    let mut listening = std::pin::pin!(listening);
+                    loop {
+                        tokio::select! {
+                            r = &mut listening => break r.map_err(PgError::from),
+                            m = std::future::poll_fn(|cx| connection.poll_message(cx)) => match m {
+                                Some(Ok(_)) => {}
+                                Some(Err(e)) => break Err(PgError::from(e)),
+                                None => break Err(PgError::Pool("the listening connection closed".into())),
+                            },
+                        }
+                    }
+                };
+                let ok = started.is_ok();
+                match first.take() {
+                    Some(tx) => {
+                        let _ = tx.send(started);
+                    }
+                    None if ok => wakeups.notify_one(),
+                    None => {}
+                }
+                if ok {
+                    loop {
+                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                wakeups.notify_one()
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::warn!(database = %shown, error = %e, "lost the connection listening for new runs; connecting again");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                drop(client);
+            }
+            Err(e) => match first.take() {
+                Some(tx) => {
+                    let _ = tx.send(Err(PgError::from(e)));
+                    return;
+                }
+                None => {
+                    tracing::warn!(database = %shown, error = %e, "cannot connect to listen for new runs; trying again");
+                }
+            },
+        }
+        // Ends with the store: dropping it shuts its runtime down, and this task with it.
+        tokio::time::sleep(RELISTEN).await;
+    }
+}
+
+/// Holds the reconcile lock: a connection taken out of the pool, whose closing (when
+/// this is dropped) releases the lock, as does the death of the instance.
+struct Reconciling(#[allow(dead_code)] deadpool_postgres::ClientWrapper);
+
+impl super::Store for Postgres {
+    fn describe(&self) -> String {
+        self.target.shown().to_owned()
+    }
+    fn set_report_policy(&self, policy: Arc<dyn ReportPolicy>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    }
+    fn wakeups(&self) -> Arc<Notify> {
+        Arc::clone(&self.wakeups)
+    }
+    fn try_reconcile(&self) -> Result<Option<super::ReconcileGuard>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let client = pool.get().await?;
+            let locked: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&LOCKS, &RECONCILING],
+                )
+                .await?
+                .try_get(0)?;
+            Ok(locked.then(|| {
+                Box::new(Reconciling(deadpool_postgres::Object::take(client)))
+                    as super::ReconcileGuard
+            }))
+        })
+    }
+    fn ref_heads(
+        &self,
+        repo: &str,
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        self.ref_heads_of(repo)
+    }
+    fn reconcile_view(&self, repo: &str) -> Result<super::ReconcileView, StoreError> {
+        self.reconcile_view_of(repo)
+    }
+    fn clone_url_of(&self, repo: &str) -> Result<Option<String>, StoreError> {
+        self.clone_url(repo)
+    }
+    fn run(&self, id: i64) -> Result<Option<super::Run>, StoreError> {
+        self.run_by_id(id)
+    }
+    fn steps(&self, run_id: i64) -> Result<Vec<super::Step>, StoreError> {
+        self.steps_of_attempt(run_id, None)
+    }
+    fn steps_of(&self, run_id: i64, attempt: Option<i64>) -> Result<Vec<super::Step>, StoreError> {
+        self.steps_of_attempt(run_id, attempt)
+    }
+    fn runs(&self, filter: &super::RunFilter) -> Result<Vec<super::Run>, StoreError> {
+        self.runs_matching(filter)
+    }
+    fn delivery(&self, id: &str) -> Result<Option<super::Delivery>, StoreError> {
+        self.delivery_by_id(id)
+    }
+    fn count_by_status(&self) -> Result<Vec<(super::RunStatus, i64)>, StoreError> {
+        self.counts()
+    }
+    fn latest_per_ref(&self) -> Result<Vec<super::Run>, StoreError> {
+        self.latest_of_each_ref()
+    }
+    fn last_finished(
+        &self,
+        pipeline: &str,
+        refs: &[String],
+    ) -> Result<Option<super::Run>, StoreError> {
+        self.last_finished_of(pipeline, refs)
+    }
+    fn due_reports(&self, now: i64, limit: u32) -> Result<Vec<super::Report>, StoreError> {
+        self.due(now, limit)
+    }
+    fn next_report_at(&self) -> Result<Option<i64>, StoreError> {
+        self.next_due()
+    }
+    fn reports_of(&self, run: i64) -> Result<Vec<super::ReportView>, StoreError> {
+        self.reports_of_run(run)
+    }
+    fn record_delivery(&self, d: super::NewDelivery) -> Result<super::DeliveryOutcome, StoreError> {
+        self.record(d)
+    }
+    fn record_delivery_async(
+        &self,
+        d: super::NewDelivery,
+    ) -> super::BoxFuture<'_, Result<super::DeliveryOutcome, StoreError>> {
+        Box::pin(self.record_async(d))
+    }
+    fn create_run(&self, run: super::NewRun) -> Result<super::RunRef, StoreError> {
+        self.create(run)
+    }
+    fn claim_next(&self) -> Result<Option<super::Run>, StoreError> {
+        self.claim()
+    }
+    fn unclaim(&self, run_id: i64) -> Result<(), StoreError> {
+        self.give_back(run_id)
+    }
+    fn plan_steps(
+        &self,
+        run_id: i64,
+        names: Vec<String>,
+        on_interrupt: super::OnInterrupt,
+    ) -> Result<(), StoreError> {
+        self.plan(run_id, names, on_interrupt)
+    }
+    fn step_started(&self, run_id: i64, number: i64) -> Result<Option<super::Step>, StoreError> {
+        self.start_step(run_id, number)
+    }
+    fn step_finished(
+        &self,
+        run_id: i64,
+        number: i64,
+        end: super::StepEnd,
+    ) -> Result<Option<super::Step>, StoreError> {
+        self.end_step(run_id, number, end)
+    }
+    fn log_dropped(&self, run_id: i64, bytes: u64) -> Result<(), StoreError> {
+        self.add_dropped(run_id, bytes)
+    }
+    fn finish_run(
+        &self,
+        run_id: i64,
+        status: super::RunStatus,
+        reason: Option<String>,
+        leftover: super::StepStatus,
+    ) -> Result<Option<(super::Run, Vec<super::Step>)>, StoreError> {
+        self.finish(run_id, status, reason, leftover)
+    }
+    fn cancel_queued(
+        &self,
+        run_id: i64,
+        reason: String,
+    ) -> Result<super::QueuedCancel, StoreError> {
+        self.cancel(run_id, reason)
+    }
+    fn interrupt_running(&self) -> Result<Vec<i64>, StoreError> {
+        self.interrupt_own()
+    }
+    fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
+        self.requeue_own()
+    }
+    fn record_reconcile(
+        &self,
+        repo: String,
+        changes: Vec<super::RefChange>,
+    ) -> Result<super::Reconciled, StoreError> {
+        self.reconciled(repo, changes)
+    }
+    fn prune(&self, keep: u64, cutoff_ms: i64) -> Result<super::Pruned, StoreError> {
+        self.prune_old(keep, cutoff_ms)
+    }
+    fn report_attempted(&self, id: i64, attempt: super::Attempt) -> Result<(), StoreError> {
+        self.attempted(id, attempt)
+    }
+}
