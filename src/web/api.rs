@@ -339,8 +339,11 @@ async fn get_delivery(state: Arc<AppState>, id: String) -> Result<Response, Resp
 }
 
 async fn metrics(state: Arc<AppState>) -> Result<Response, Response> {
-    let counts = blocking(&state.store, |s| s.count_by_status()).await?;
-    let text = state.metrics.encode(&counts).map_err(|e| {
+    let (counts, pending) = blocking(&state.store, |s| {
+        Ok((s.count_by_status()?, s.reports_pending()?))
+    })
+    .await?;
+    let text = state.metrics.encode(&counts, pending).map_err(|e| {
         error_reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot write the metrics: {e}"),

@@ -3,8 +3,9 @@
 //! response warp cannot give, a plain-text stream (`GET /api/runs/{id}/log?follow=1`).
 //! Also bounds the connections before anyone is authenticated: how many are open
 //! (`max_connections`), and how long a client may take to send its headers or keep an
-//! idle connection (the body's deadline and budget are intake's); and refuses requests
-//! that need the read token and lack it (`auth`).
+//! idle connection (the body's deadline and budget are intake's); refuses requests
+//! that need the read token and lack it (`auth`); and times every answer for
+//! `/metrics`, by route name.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,8 +25,8 @@ use tokio::sync::mpsc;
 use warp::http::{header, Request, Response, StatusCode};
 
 use crate::state::AppState;
-use crate::web::auth;
 use crate::web::follow::{self, Update};
+use crate::web::{auth, metrics};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -119,11 +120,30 @@ where
         Error = Infallible,
     >,
 {
+    let started = std::time::Instant::now();
+    let route_name = metrics::route_of(req.uri().path());
+    let response = answer(&state, &mut routes, req).await?;
+    state.metrics.http_request(route_name, started.elapsed());
+    Ok(response)
+}
+
+async fn answer<S>(
+    state: &Arc<AppState>,
+    routes: &mut S,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible>
+where
+    S: tower_service::Service<
+        Request<Incoming>,
+        Response = warp::reply::Response,
+        Error = Infallible,
+    >,
+{
     if let Some(refusal) = auth::check(&state.config(), req.method(), req.uri(), req.headers()) {
         return Ok(refuse(refusal));
     }
     if let Some(id) = follow_request(&req) {
-        return Ok(follow_log(state, id).await);
+        return Ok(follow_log(Arc::clone(state), id).await);
     }
     let response = routes.call(req).await?;
     Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
