@@ -39,6 +39,56 @@ pub const MAX_FOLLOWERS: usize = 256;
 /// How many events one run's followers may fall behind before they re-read.
 const FEED_CAPACITY: usize = 1024;
 
+/// A reader's place in a run's step logs: how many bytes of each step's log it has.
+/// Written `STEP:BYTES` pairs joined by commas (`1:2048,2:0`): a run page's `from` of
+/// `/api/runs/{id}/events`, and the id of each event there, so that a browser that
+/// reconnects (sending it back as `Last-Event-ID`) goes on where it was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(std::collections::BTreeMap<i64, u64>);
+
+impl Cursor {
+    pub fn parse(text: &str) -> Result<Cursor, String> {
+        let mut at = std::collections::BTreeMap::new();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let parsed = pair.split_once(':').and_then(|(step, bytes)| {
+                Some((step.parse::<i64>().ok()?, bytes.parse::<u64>().ok()?))
+            });
+            match parsed {
+                Some((step, bytes)) if step >= 1 => {
+                    at.insert(step, bytes);
+                }
+                _ => return Err(format!("{pair:?} is not STEP:BYTES (as in 1:2048)")),
+            }
+        }
+        Ok(Cursor(at))
+    }
+
+    /// The reader has step `number`'s log up to `bytes`.
+    pub fn set(&mut self, number: i64, bytes: u64) {
+        self.0.insert(number, bytes);
+    }
+
+    pub fn get(&self, number: i64) -> Option<u64> {
+        self.0.get(&number).copied()
+    }
+
+    pub fn pairs(&self) -> Vec<(i64, u64)> {
+        self.0.iter().map(|(n, b)| (*n, *b)).collect()
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, bytes)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{step}:{bytes}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What changed.
 #[derive(Debug, Clone)]
 pub enum Update {
@@ -46,6 +96,9 @@ pub enum Update {
     Output {
         step: i64,
         bytes: Bytes,
+        /// Where these bytes end in the step's log: a reader that comes back asks to
+        /// follow from there.
+        end: u64,
     },
     StepFinished(Step),
     RunFinished(Run),
@@ -64,13 +117,37 @@ pub struct TooManyFollowers;
 /// `RunFinished` or `Stopping`, or when the run disappears; dropping it stops the
 /// follower.
 pub fn follow(state: Arc<AppState>, id: i64) -> Result<mpsc::Receiver<Update>, TooManyFollowers> {
-    spawn(state, id).map(|(rx, _)| rx)
+    spawn(state, id, &[]).map(|(rx, _)| rx)
+}
+
+/// Like [`follow`], for a reader that has the start of some steps' logs already:
+/// `(step number, bytes)` pairs. Those steps' starts are not sent again, and their
+/// output only from where the reader is.
+pub fn follow_from(
+    state: Arc<AppState>,
+    id: i64,
+    shown: &[(i64, u64)],
+) -> Result<mpsc::Receiver<Update>, TooManyFollowers> {
+    spawn(state, id, shown).map(|(rx, _)| rx)
 }
 
 fn spawn(
     state: Arc<AppState>,
     id: i64,
+    shown: &[(i64, u64)],
 ) -> Result<(mpsc::Receiver<Update>, JoinHandle<()>), TooManyFollowers> {
+    let mut steps = Vec::new();
+    for &(number, offset) in shown {
+        let Some(i) = index(number) else { continue };
+        if steps.len() <= i {
+            steps.resize(i + 1, Sent::default());
+        }
+        steps[i] = Sent {
+            started: true,
+            finished: false,
+            offset,
+        };
+    }
     // Joined here, before the follower's first look at the store and the files: what
     // that look misses arrives on the feed.
     let feed = state.followers.join(&state.events, id)?;
@@ -84,7 +161,7 @@ fn spawn(
                 last: Instant::now(),
             },
             run: None,
-            steps: Vec::new(),
+            steps,
         };
         if let Err(e) = follower.follow(feed).await {
             tracing::debug!(run = id, error = %e, "follower ended");
@@ -356,6 +433,7 @@ impl Follower<'_> {
             .send(Update::Output {
                 step: number,
                 bytes: fresh,
+                end,
             })
             .await
     }
@@ -373,6 +451,7 @@ impl Follower<'_> {
                 .send(Update::Output {
                     step: number,
                     bytes: bytes.into(),
+                    end: self.steps[i].offset,
                 })
                 .await?;
         }
@@ -497,7 +576,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, id) = running_step(dir.path(), 1);
 
-        let (mut rx, task) = spawn(Arc::clone(&state), id).unwrap();
+        let (mut rx, task) = spawn(Arc::clone(&state), id, &[]).unwrap();
         assert!(matches!(rx.recv().await, Some(Update::StepStarted(_))));
         drop(rx);
         // Without noticing the reader is gone it would wait until the run ends, never here.
@@ -516,7 +595,7 @@ mod tests {
     async fn a_follower_that_fell_behind_the_events_reads_the_store_and_log_again() {
         let dir = tempfile::tempdir().unwrap();
         let (state, id) = running_step(dir.path(), 2);
-        let (mut rx, _task) = spawn(Arc::clone(&state), id).unwrap();
+        let (mut rx, _task) = spawn(Arc::clone(&state), id, &[]).unwrap();
         // It has looked at the store and the (empty) log, and waits for events.
         assert!(matches!(rx.recv().await, Some(Update::StepStarted(s)) if s.number == 1));
 
@@ -570,7 +649,7 @@ mod tests {
         let mut output = Vec::new();
         while output.len() < written.len() {
             match next(&mut rx).await {
-                Update::Output { step: 2, bytes } => output.extend_from_slice(&bytes),
+                Update::Output { step: 2, bytes, .. } => output.extend_from_slice(&bytes),
                 other => panic!("{other:?} after {} bytes", output.len()),
             }
         }

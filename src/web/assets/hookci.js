@@ -171,13 +171,13 @@ function followRun(root) {
     delete root.dataset.live;
   }
 
-  const events = new EventSource("/api/runs/" + encodeURIComponent(id) + "/events");
+  // The page came with each started step's log so far; the stream sends only what
+  // follows (its `from`), and a reconnect goes on from the last event's id.
+  const events = new EventSource(root.dataset.events || "/api/runs/" + encodeURIComponent(id) + "/events");
   events.addEventListener("step_started", (e) => {
     const step = JSON.parse(e.data);
     row(step);
-    // The stream starts each step's output from its beginning: what the page showed
-    // is replaced, not repeated.
-    pre(step.number, step.name).innerHTML = "";
+    pre(step.number, step.name);
     ansi[step.number] = new Ansi();
     document.getElementById("run-status").innerHTML = statusHtml("running");
   });
@@ -196,6 +196,13 @@ function followRun(root) {
   events.addEventListener("stopping", () => {
     document.getElementById("stopping").hidden = false;
     events.close();
+  });
+  // A network error leaves the stream reconnecting; an answer other than a stream
+  // (503 when too many follow) closes it for good, and the page says so.
+  events.addEventListener("error", () => {
+    if (events.readyState === EventSource.CLOSED && root.dataset.live !== undefined) {
+      document.getElementById("refused").hidden = false;
+    }
   });
 }
 
