@@ -270,3 +270,42 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
     });
     assert_eq!(run_of(&d, hang_id)["status"], "canceled");
 }
+
+#[test]
+fn a_run_page_says_so_when_its_live_log_is_refused() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let id = push(&d, "browser-refused", "refs/heads/main", ZERO, &sha);
+    eventually("the step printed its first line", || {
+        d.run_log(id).contains("first")
+    });
+    // Every place among the followers taken: the page's stream gets 503.
+    let open: Vec<(String, Captured)> = (0..hookci::web::follow::MAX_FOLLOWERS)
+        .map(|_| stream_get(&d.addr, &format!("/api/runs/{id}/log?follow=1")))
+        .collect();
+    assert!(open
+        .iter()
+        .all(|(head, _)| head.starts_with("HTTP/1.1 200")));
+    assert_eq!(d.get(&format!("/api/runs/{id}/events")).status, 503);
+
+    let browser = Browser::start();
+    browser.goto(&d.url(&format!("/runs/{id}")));
+    eventually("the page says the live log was refused", || {
+        browser.js("return !document.getElementById('refused').hidden;") == json!(true)
+    });
+    let note = browser.text_of("#refused");
+    assert!(note.contains("refused to stream this run live"), "{note}");
+    assert!(note.contains("Reload"), "{note}");
+    // What the page was loaded with is still there.
+    assert_eq!(browser.text_of("#log-1 pre"), "first\n");
+    assert_eq!(browser.text_of("#run-status"), "running");
+    std::fs::write(&gate, "go").unwrap();
+    eventually("the followers' streams end with the run", || {
+        open.iter().all(|(_, body)| body.ended())
+    });
+}
