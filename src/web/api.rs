@@ -1,5 +1,6 @@
 //! The read API: `/healthz`, `/metrics`, `/api/runs`, `/api/runs/{id}`,
-//! `/api/runs/{id}/log` and `/api/deliveries/{id}`. Only reads the store and the log
+//! `/api/runs/{id}/log`, `/api/deliveries/{id}` and the event streams
+//! (`/api/runs/{id}/events`, `/api/events`). Only reads the store and the log
 //! files; the JSON shapes here are a contract, pinned by tests.
 
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use crate::clock::rfc3339;
 use crate::intake::error_reply;
 use crate::state::AppState;
 use crate::store::{Delivery, ReportView, Run, RunFilter, RunStatus, Step, Store, StoreError};
-use crate::web::follow::{self, Cursor, Update};
+use crate::web::follow::{self, Cursor, RunsUpdate, Update};
 use crate::web::metrics;
 use futures_util::StreamExt;
 use warp::sse::Event;
@@ -400,6 +401,27 @@ async fn events(
     Ok(warp::sse::reply(stream).into_response())
 }
 
+/// `GET /api/events`: server-sent events for the runs tables: `run` (the run, without
+/// steps) whenever a run is queued, starts or ends, and `lagged` when the reader fell
+/// behind and missed some (look again at the runs); `stopping` ends the stream when the
+/// daemon stops. A `:keep-alive` comment comes while nothing else does.
+async fn all_events(state: Arc<AppState>) -> Result<Response, Response> {
+    let updates = follow::watch_runs(state)
+        .map_err(|e| error_reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let stream = futures_util::stream::unfold(updates, |mut rx| async move {
+        let event = match rx.recv().await? {
+            RunsUpdate::Run(run) => Event::default()
+                .event("run")
+                .data(run_json(&run, None).to_string()),
+            RunsUpdate::Lagged => Event::default().event("lagged").data("{}"),
+            RunsUpdate::KeepAlive => Event::default().comment("keep-alive"),
+            RunsUpdate::Stopping => Event::default().event("stopping").data("{}"),
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), rx))
+    });
+    Ok(warp::sse::reply(stream).into_response())
+}
+
 /// One event stream's reader: where it is in each step's log, and each step's text
 /// decoded so far (a character cut between two pieces of output is held back until
 /// its end comes, instead of becoming two replacement characters).
@@ -494,6 +516,10 @@ pub fn routes(
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::optional::<String>("last-event-id"))
         .then(|id, s, q, last| async move { flatten(events(s, id, q, last).await) });
+    let all_events = warp::path!("api" / "events")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(|s| async move { flatten(all_events(s).await) });
     let delivery = warp::path!("api" / "deliveries" / String)
         .and(warp::get())
         .and(with_state)
@@ -508,6 +534,8 @@ pub fn routes(
         .or(log)
         .unify()
         .or(events)
+        .unify()
+        .or(all_events)
         .unify()
         .or(delivery)
         .unify()

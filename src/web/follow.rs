@@ -7,7 +7,8 @@
 //! slow reader never slows a step: the step writes its log whatever the reader does.
 //!
 //! All followers of a run share one feed: a single router subscribes to the stream and
-//! hands each run's events to that run's followers only. At most [`MAX_FOLLOWERS`]
+//! hands each run's events to that run's followers only. The runs tables' feed
+//! ([`watch_runs`]) takes every run's queueing, start and end from the stream itself. At most [`MAX_FOLLOWERS`]
 //! follow at once. A quiet stretch (a silent step, a run still queued) gets
 //! keep-alives, so that proxies and clients that drop idle connections keep the reader
 //! connected; a daemon stop ends the stream, so that it does not hold the stop's HTTP
@@ -227,6 +228,77 @@ impl Followers {
             },
         })
     }
+}
+
+impl Followers {
+    /// A place among the followers for a reader of every run's changes.
+    fn seat(&self) -> Result<Seat, TooManyFollowers> {
+        let mut feeds = lock(&self.feeds);
+        if feeds.followers >= MAX_FOLLOWERS {
+            return Err(TooManyFollowers);
+        }
+        feeds.followers += 1;
+        Ok(Seat(Arc::clone(&self.feeds)))
+    }
+}
+
+/// A place taken by [`watch_runs`]; freed on drop.
+struct Seat(Arc<Mutex<Feeds>>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        lock(&self.0).followers -= 1;
+    }
+}
+
+/// What changed among all runs, for the runs tables.
+#[derive(Debug, Clone)]
+pub enum RunsUpdate {
+    /// A run was queued, started or ended: as it is now.
+    Run(Box<Run>),
+    /// The reader fell behind the events: changes were missed, look at the store.
+    Lagged,
+    KeepAlive,
+    /// The daemon is stopping and the stream ends here.
+    Stopping,
+}
+
+/// Follows every run's queueing, start and end (not steps or output): the runs tables'
+/// feed. Takes a place among the followers, like a log does.
+pub fn watch_runs(state: Arc<AppState>) -> Result<mpsc::Receiver<RunsUpdate>, TooManyFollowers> {
+    let seat = state.followers.seat()?;
+    let mut events = state.events.subscribe();
+    let mut stopping = state.stopping();
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let _seat = seat;
+        let mut last = Instant::now();
+        loop {
+            let update = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => match &*event {
+                        RunEvent::Queued(run) | RunEvent::Started(run) | RunEvent::Finished { run, .. } => {
+                            RunsUpdate::Run(Box::new(run.clone()))
+                        }
+                        _ => continue,
+                    },
+                    Err(RecvError::Lagged(_)) => RunsUpdate::Lagged,
+                    Err(RecvError::Closed) => return,
+                },
+                () = tokio::time::sleep_until(last + KEEP_ALIVE) => RunsUpdate::KeepAlive,
+                () = tx.closed() => return,
+                () = stopped(&mut stopping) => {
+                    let _ = tx.send(RunsUpdate::Stopping).await;
+                    return;
+                }
+            };
+            if tx.send(update).await.is_err() {
+                return;
+            }
+            last = Instant::now();
+        }
+    });
+    Ok(rx)
 }
 
 /// Hands each event to the followers of its run.

@@ -232,8 +232,22 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
     // A running run's row follows it there without a reload.
     let other = push(&d, "browser-hang2", "refs/heads/hang2", ZERO, &hang2);
     wait_status(&d, other, "running");
+    let streams = |d: &Daemon| {
+        let text = d.get("/metrics").text();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"hookci_http_request_duration_seconds_count{route="api_events"} "#)
+            })
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let before = streams(&d);
     browser.goto(&d.url("/"));
     browser.js("window.hookciTestMark = 43; return null;");
+    // The runs page listens to the runs event stream instead of fetching itself on a
+    // timer.
+    eventually("the runs page opens the runs event stream", || {
+        streams(&d) > before
+    });
     let other_row = format!("tr[data-run=\"{other}\"]");
     assert!(browser.text_of(&other_row).contains("running"));
     let r = api_post(

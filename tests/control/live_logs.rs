@@ -404,3 +404,46 @@ fn a_run_page_follows_only_what_comes_after_the_log_it_was_loaded_with() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("STEP:BYTES"), "{}", r.text());
 }
+
+#[test]
+fn the_runs_event_stream_tells_each_queueing_start_and_end_and_nothing_else() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let (head, body) = stream_get(&d.addr, "/api/events");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    let id = push(&d, "all-events", "refs/heads/main", ZERO, &sha);
+    let status_of = |status: &'static str| {
+        move |v: &Value| v["id"] == id && v["status"] == status && v.get("steps").is_none()
+    };
+    eventually("the run's queueing and start", || {
+        let events = sse_events(&body.text());
+        find_event(&events, "run", status_of("running")).is_some()
+    });
+    std::fs::write(&gate, "go").unwrap();
+    eventually("the run's end", || {
+        find_event(&sse_events(&body.text()), "run", status_of("succeeded")).is_some()
+    });
+    let events = sse_events(&body.text());
+    let queued = find_event(&events, "run", status_of("queued"));
+    let running = find_event(&events, "run", status_of("running"));
+    let ended = find_event(&events, "run", status_of("succeeded"));
+    assert!(
+        queued.is_some() && queued < running && running < ended,
+        "{events:?}"
+    );
+    assert!(
+        events.iter().all(|(e, _)| e == "run"),
+        "no step or log events: {events:?}"
+    );
+    assert!(!body.ended(), "the stream outlives the run");
+}
