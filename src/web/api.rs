@@ -380,9 +380,16 @@ async fn events(
             )
         })?,
     };
-    if blocking(&state.store, move |s| s.run(id)).await?.is_none() {
+    let steps = blocking(&state.store, move |s| {
+        s.run(id)?.map(|_| Ok(s.steps(id)?.len())).transpose()
+    })
+    .await?;
+    let Some(steps) = steps else {
         return Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}")));
-    }
+    };
+    // Only the run's own steps: a place in a step it does not have (an attempt with
+    // fewer steps, or a made-up number) means nothing, and costs nothing.
+    let from = from.within(i64::try_from(steps).unwrap_or(i64::MAX));
     let updates = follow::follow_from(state, id, &from.pairs())
         .map_err(|e| error_reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let reader = EventReader {

@@ -73,6 +73,12 @@ impl Cursor {
         self.0.get(&number).copied()
     }
 
+    /// The places in steps 1 to `steps` only.
+    pub fn within(mut self, steps: i64) -> Cursor {
+        self.0.retain(|number, _| *number <= steps);
+        self
+    }
+
     pub fn pairs(&self) -> Vec<(i64, u64)> {
         self.0.iter().map(|(n, b)| (*n, *b)).collect()
     }
@@ -641,6 +647,25 @@ mod tests {
             PipelineSet::new(Vec::new()),
         ));
         (state, run.id)
+    }
+
+    #[test]
+    fn a_cursor_reads_back_what_it_writes_and_refuses_what_is_not_one() {
+        for (text, written) in [
+            ("", ""),
+            ("1:0", "1:0"),
+            ("2:5,1:2048", "1:2048,2:5"),
+            ("1:3,,2:4,", "1:3,2:4"),
+        ] {
+            let cursor = Cursor::parse(text).unwrap();
+            assert_eq!(cursor.to_string(), written, "{text}");
+            assert_eq!(Cursor::parse(written).unwrap(), cursor);
+        }
+        for bad in ["1", "one:2", "1:-2", "0:5", "-1:5", "1:2:3", "1:x"] {
+            assert!(Cursor::parse(bad).is_err(), "{bad}");
+        }
+        let cursor = Cursor::parse("1:5,3:7,9:1").unwrap().within(3);
+        assert_eq!(cursor.pairs(), [(1, 5), (3, 7)]);
     }
 
     #[tokio::test]

@@ -399,6 +399,20 @@ fn a_run_page_follows_only_what_comes_after_the_log_it_was_loaded_with() {
         "{raw}"
     );
 
+    // A place in a step the run does not have means nothing.
+    let (head, far) = stream_get(
+        &d.addr,
+        &format!("/api/runs/{id}/events?from=1:6,9223372036854775807:0"),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    eventually("the stream of the ended run ends", || far.ended());
+    let events = sse_events(&far.text());
+    assert!(
+        find_event(&events, "log", |v| v["text"] == "second\n").is_some()
+            && find_event(&events, "run_finished", |_| true).is_some(),
+        "{events:?}"
+    );
+
     // A place that is not one is refused, with a reason.
     let r = d.get(&format!("/api/runs/{id}/events?from=one"));
     assert_eq!(r.status, 400, "{}", r.text());
