@@ -326,12 +326,15 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
             p { a href={ "/api/runs/" (run.id) "/log" } { "plain text" } }
             div #logs {
                 @for (st, shown) in steps.iter().zip(&logs) {
-                    section.log #{ "log-" (st.number) } {
+                    @let (log, style) = ansi::to_html_and_style(&shown.text);
+                    // A running step's colours go on in the output that follows.
+                    @let going_on = live && matches!(st.status, StepStatus::Running);
+                    section.log #{ "log-" (st.number) } data-sgr=[going_on.then_some(&style)] {
                         h3 { (st.number) ". " (st.name) }
                         @if shown.cut {
                             p.cut { "Earlier output is not shown here; the plain text has all of it." }
                         }
-                        pre { (render::trusted(ansi::to_html(&shown.text))) }
+                        pre { (render::trusted(log)) }
                     }
                 }
             }

@@ -168,7 +168,7 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
                 "on:\n  branches: [main]\n",
                 &[step(
                     "count",
-                    "for i in 1 2 3 4 5; do echo \"line $i\"; sleep 1; done",
+                    "printf '\\033[32m'; for i in 1 2 3 4 5; do echo \"line $i\"; sleep 1; done",
                 )],
             ),
         )
@@ -218,6 +218,16 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
         "the page was not reloaded"
     );
     assert_eq!(browser.text_of("#step-1 .status"), "succeeded");
+    // The colour set before line 1 holds for every line, those the page was loaded
+    // with and those that followed.
+    assert_eq!(
+        browser.js(
+            "return [...document.querySelectorAll('#log-1 pre span.f2')].map(s => s.textContent).join('');"
+        ),
+        json!(text),
+        "{}",
+        browser.js("return document.querySelector('#log-1 pre').innerHTML;")
+    );
 
     // The runs page lists the new run.
     browser.goto(&d.url("/"));

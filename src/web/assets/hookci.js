@@ -171,6 +171,13 @@ function followRun(root) {
     delete root.dataset.live;
   }
 
+  // A running step's log on the page may end inside a colour: its output goes on in it.
+  for (const section of logs.querySelectorAll("section.log[data-sgr]")) {
+    const a = new Ansi();
+    a.apply(section.dataset.sgr === "" ? [0] : section.dataset.sgr.split(";").map((p) => parseInt(p, 10) || 0));
+    ansi[section.id.slice("log-".length)] = a;
+  }
+
   // The page came with each started step's log so far; the stream sends only what
   // follows (its `from`), and a reconnect goes on from the last event's id.
   const events = new EventSource(root.dataset.events || "/api/runs/" + encodeURIComponent(id) + "/events");
