@@ -185,6 +185,8 @@ fn the_read_token_closes_pages_and_the_read_api_but_not_health_metrics_or_badges
         format!("/api/runs/{id}/events"),
         "/api/deliveries/closed".to_owned(),
     ];
+    // The runs event stream never ends by itself, so only its refusal is asked for.
+    assert_json_error(&d.get("/api/events"), 401, "/api/events");
     let read_cookie = login(&d, READ_TOKEN);
     let api_cookie = login(&d, TOKEN);
     for path in pages.iter().chain(&api) {
