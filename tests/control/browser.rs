@@ -186,6 +186,10 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
 
     let id = push(&d, "browser-count", "refs/heads/main", ZERO, &main);
     wait_status(&d, id, "running");
+    // Opened once the first line is out: the page comes with it, the rest follows.
+    eventually("the step printed its first line", || {
+        d.run_log(id).contains("line 1")
+    });
     browser.goto(&d.url(&format!("/runs/{id}")));
     let shown = browser.text_of("#run-status");
     assert!(
