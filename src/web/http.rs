@@ -3,9 +3,8 @@
 //! response warp cannot give, a plain-text stream (`GET /api/runs/{id}/log?follow=1`).
 //! Also bounds the connections before anyone is authenticated: how many are open
 //! (`max_connections`), and how long a client may take to send its headers or keep an
-//! idle connection (the body's deadline and budget are intake's); refuses requests
-//! that need the read token and lack it (`auth`); and times every answer for
-//! `/metrics`, by route name.
+//! idle connection (the body's deadline and budget are intake's); and refuses requests
+//! that need the read token and lack it (`auth`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,8 +24,8 @@ use tokio::sync::mpsc;
 use warp::http::{header, Request, Response, StatusCode};
 
 use crate::state::AppState;
+use crate::web::auth;
 use crate::web::follow::{self, Update};
-use crate::web::{auth, metrics};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -108,6 +107,7 @@ pub async fn serve<S>(
     }
 }
 
+/// Answers one request, timed for `/metrics` by its route's name.
 async fn route<S>(
     state: Arc<AppState>,
     mut routes: S,
@@ -121,7 +121,7 @@ where
     >,
 {
     let started = std::time::Instant::now();
-    let route_name = metrics::route_of(req.uri().path());
+    let route_name = crate::web::metrics::route_of(req.uri().path());
     let response = answer(&state, &mut routes, req).await?;
     state.metrics.http_request(route_name, started.elapsed());
     Ok(response)
