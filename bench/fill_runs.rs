@@ -1,11 +1,16 @@
 //! Fills a state directory's store with finished runs for the dashboard benchmark
 //! (`bench/pages.sh`): `cargo run --example fill-runs -- STATE_DIR COUNT`. Runs of
 //! three pipelines on a few branches, each with two steps; most succeed, some fail.
+//! And one delivery for every ten runs (`bench-0`, `bench-1`, ...), each with the
+//! three pipelines' decisions, for the delivery pages.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hookci::store::{NewRun, OnInterrupt, RunStatus, Sqlite, StepEnd, StepStatus, Supersede};
+use hookci::store::{
+    NewDecision, NewDelivery, NewRun, OnInterrupt, RunStatus, Sqlite, StepEnd, StepStatus,
+    Supersede,
+};
 
 /// Writers at once: the store commits their writes together.
 const THREADS: usize = 8;
@@ -25,6 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::thread::spawn(move || -> Result<(), String> {
                 for i in (t..count).step_by(THREADS) {
                     fill_one(&store, i).map_err(|e| e.to_string())?;
+                    if i % 10 == 0 {
+                        delivery(&store, i / 10).map_err(|e| e.to_string())?;
+                    }
                 }
                 Ok(())
             })
@@ -33,7 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for w in workers {
         w.join().map_err(|_| "a writer panicked")??;
     }
-    println!("{count} runs in {}", dir.display());
+    println!(
+        "{count} runs and {} deliveries in {}",
+        count.div_ceil(10),
+        dir.display()
+    );
     Ok(())
 }
 
@@ -93,5 +105,29 @@ fn fill_one(store: &Sqlite, i: usize) -> Result<(), hookci::store::StoreError> {
     };
     store
         .finish_run(claimed.id, status, reason, StepStatus::Skipped)
+        .map(drop)
+}
+
+/// A push no pipeline ran for: each pipeline's decision says why.
+fn delivery(store: &Sqlite, k: usize) -> Result<(), hookci::store::StoreError> {
+    let decisions = ["build", "deploy", "docs"]
+        .iter()
+        .map(|p| NewDecision {
+            pipeline: Some((*p).to_owned()),
+            reason: "on.branches: refs/heads/wip/bench matches no pattern".into(),
+            run: None,
+        })
+        .collect();
+    store
+        .record_delivery(NewDelivery {
+            id: format!("bench-{k}"),
+            event: "push".into(),
+            repo: "octo-org/octo-repo".into(),
+            git_ref: "refs/heads/wip/bench".into(),
+            after: format!("{:040x}", k + 1),
+            head: Some(format!("{:040x}", k + 1)),
+            clone_url: "https://github.com/octo-org/octo-repo.git".into(),
+            decisions,
+        })
         .map(drop)
 }

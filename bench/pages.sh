@@ -37,18 +37,22 @@ retention: { runs: 1000000, days: 36500, interval: 0 }
 YAML
 "$bin/hookci" serve -c "$tmp/hookci.yml" 2> "$tmp/log" &
 pid=$!
+addr=
 for _ in $(seq 100); do
-  addr=$(sed -n 's/.* listening.*addr=\([^ ]*\).*/\1/p' "$tmp/log" | head -1)
+  # One sed, no pipe: with pipefail, a `| head -1` that closes early fails the loop.
+  addr=$(sed -n '/ listening.*addr=/{s/.*addr=\([^ ]*\).*/\1/p;q}' "$tmp/log")
   [ -n "$addr" ] && break
   sleep 0.1
 done
 [ -n "$addr" ] || { cat "$tmp/log" >&2; exit 1; }
 
 mid=$(( runs / 2 ))
+delivery=bench-$(( runs / 20 ))
 printf '%-40s %10s %10s\n' page median slowest
 for path in / "/?status=failed" "/?pipeline=docs&status=failed" "/?before=$mid" \
   "/runs/$mid" /pipelines /pipelines/build "/pipelines/docs?before=$mid" \
-  /badge/build.svg "/badge/deploy.svg?ref=release/1.2" "/api/runs"; do
+  "/deliveries/$delivery" /badge/build.svg "/badge/deploy.svg?ref=release/1.2" \
+  "/api/runs" "/api/deliveries/$delivery"; do
   for _ in $(seq "$rounds"); do
     curl -s -o /dev/null -w '%{http_code} %{time_total}\n' "http://$addr$path"
   done | sort -k2 -n | awk -v p="$path" '

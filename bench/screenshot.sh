@@ -63,8 +63,10 @@ YAML
 
 "$HOOKCI" serve -c "$tmp/hookci.yml" 2> "$tmp/log" &
 pid=$!
+addr=
 for _ in $(seq 100); do
-  addr=$(sed -n 's/.* listening.*addr=\([^ ]*\).*/\1/p' "$tmp/log" | head -1)
+  # One sed, no pipe: with pipefail, a `| head -1` that closes early fails the loop.
+  addr=$(sed -n '/ listening.*addr=/{s/.*addr=\([^ ]*\).*/\1/p;q}' "$tmp/log")
   [ -n "$addr" ] && break
   sleep 0.1
 done
@@ -72,10 +74,21 @@ done
 
 curl -fsS -X POST -H 'Authorization: Bearer demo-token' -d '{"ref": "main"}' \
   "http://$addr/api/pipelines/demo/trigger" > /dev/null
+# The run's JSON is read whole and then matched: `curl | grep -q` under pipefail
+# fails whenever grep, done at the first match, closes the pipe before curl ends.
+# The list has the one run without its steps, so its only "status" is the run's.
+status=
 for _ in $(seq 300); do
-  curl -fsS "http://$addr/api/runs/1" | grep -q '"status":"succeeded"' && break
+  run=$(curl -fsS "http://$addr/api/runs?limit=1" || true)
+  status=$(printf '%s' "$run" | sed -n 's/.*"status":"\([a-z_]*\)".*/\1/p')
+  case $status in
+    succeeded) break ;;
+    failed|timed_out|canceled|skipped|interrupted)
+      echo "the demo run ended $status: $run" >&2; exit 1 ;;
+  esac
   sleep 0.1
 done
+[ "$status" = succeeded ] || { echo "the demo run did not finish: ${run:-no answer}" >&2; exit 1; }
 
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \

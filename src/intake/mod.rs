@@ -28,6 +28,7 @@ use crate::pipeline::matcher::{self, Verdict};
 use crate::pipeline::{CancelPolicy, Group, Pipeline};
 use crate::state::AppState;
 use crate::store::{DeliveryOutcome, NewDecision, NewDelivery, NewRun, Supersede};
+use crate::web::metrics::{self, Answered};
 
 /// A JSON error body with `status`.
 pub fn error_reply(status: StatusCode, message: impl Into<String>) -> Response {
@@ -52,9 +53,17 @@ pub fn routes(
         .and(warp::any().map(move || Arc::clone(&state)))
         .then(
             |headers: HeaderMap, body, state: Arc<AppState>| async move {
-                handle(&state, &headers, body)
-                    .await
-                    .unwrap_or_else(|(status, message)| {
+                let mut vouched = None;
+                let answer = handle(&state, &headers, body, &mut vouched).await;
+                let outcome = match &answer {
+                    Ok((_, outcome)) => *outcome,
+                    Err((status, _)) => failure_outcome(*status),
+                };
+                state
+                    .metrics
+                    .delivery(metrics::event_label(vouched.as_deref()), outcome);
+                answer.map_or_else(
+                    |(status, message)| {
                         let mut reply = error_reply(status, message);
                         if status == StatusCode::SERVICE_UNAVAILABLE {
                             reply.headers_mut().insert(
@@ -63,12 +72,24 @@ pub fn routes(
                             );
                         }
                         reply
-                    })
+                    },
+                    |(reply, _)| reply,
+                )
             },
         )
 }
 
 type Failure = (StatusCode, String);
+
+fn failure_outcome(status: StatusCode) -> Answered {
+    if status == StatusCode::UNAUTHORIZED {
+        Answered::Unauthorized
+    } else if status.is_server_error() {
+        Answered::Unavailable
+    } else {
+        Answered::Invalid
+    }
+}
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
@@ -265,11 +286,14 @@ fn percent_decode(s: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Answers one delivery; `vouched` gets its event name once the signature is checked
+/// (or none is asked for).
 async fn handle<S, B>(
     state: &Arc<AppState>,
     headers: &HeaderMap,
     body: S,
-) -> Result<Response, Failure>
+    vouched: &mut Option<String>,
+) -> Result<(Response, Answered), Failure>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -293,6 +317,7 @@ where
     }
     // Verified (or unsigned by choice): the budget is for what nobody vouched for yet.
     drop(share);
+    *vouched = header(headers, "x-github-event").map(str::to_owned);
     let event = header(headers, "x-github-event").ok_or((
         StatusCode::BAD_REQUEST,
         "missing X-GitHub-Event header".to_owned(),
@@ -328,15 +353,20 @@ async fn dispatch(
     event: &str,
     delivery: &str,
     json: Bytes,
-) -> Result<Response, Failure> {
+) -> Result<(Response, Answered), Failure> {
     match event {
-        "ping" => return Ok(json_reply(StatusCode::OK, &json!({ "ok": true }))),
+        "ping" => {
+            return Ok((
+                json_reply(StatusCode::OK, &json!({ "ok": true })),
+                Answered::Ignored,
+            ))
+        }
         "push" => {}
         other => {
             tracing::debug!("event ignored");
-            return Ok(json_reply(
-                StatusCode::ACCEPTED,
-                &json!({ "ignored": other }),
+            return Ok((
+                json_reply(StatusCode::ACCEPTED, &json!({ "ignored": other })),
+                Answered::Ignored,
             ));
         }
     }
@@ -368,16 +398,22 @@ async fn dispatch(
             // Debug, not info: one line a push costs intake a write(2) each; the store keeps
             // every delivery and `hookci why` explains it.
             tracing::debug!(git_ref = %push.git_ref, runs = runs.len(), "push recorded");
-            json_reply(
-                StatusCode::ACCEPTED,
-                &json!({ "delivery": delivery, "runs": runs }),
+            (
+                json_reply(
+                    StatusCode::ACCEPTED,
+                    &json!({ "delivery": delivery, "runs": runs }),
+                ),
+                Answered::Accepted,
             )
         }
         DeliveryOutcome::Duplicate(runs) => {
             tracing::info!("delivery seen before; nothing new runs");
-            json_reply(
-                StatusCode::OK,
-                &json!({ "duplicate": true, "delivery": delivery, "runs": runs }),
+            (
+                json_reply(
+                    StatusCode::OK,
+                    &json!({ "duplicate": true, "delivery": delivery, "runs": runs }),
+                ),
+                Answered::Duplicate,
             )
         }
     })

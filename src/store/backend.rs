@@ -58,6 +58,8 @@ pub trait Store: Send + Sync {
     fn last_finished(&self, pipeline: &str, refs: &[String]) -> Result<Option<Run>, StoreError>;
     fn due_reports(&self, now: i64, limit: u32) -> Result<Vec<Report>, StoreError>;
     fn next_report_at(&self) -> Result<Option<i64>, StoreError>;
+    /// How many reports are still to send (due now or waiting for a retry).
+    fn reports_pending(&self) -> Result<i64, StoreError>;
     fn reports_of(&self, run: i64) -> Result<Vec<ReportView>, StoreError>;
 
     fn record_delivery(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError>;
@@ -167,6 +169,9 @@ impl Store for Sqlite {
     }
     fn next_report_at(&self) -> Result<Option<i64>, StoreError> {
         Sqlite::next_report_at(self)
+    }
+    fn reports_pending(&self) -> Result<i64, StoreError> {
+        Sqlite::reports_pending(self)
     }
     fn reports_of(&self, run: i64) -> Result<Vec<ReportView>, StoreError> {
         Sqlite::reports_of(self, run)

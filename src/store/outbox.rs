@@ -279,6 +279,17 @@ impl Sqlite {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
+    /// How many reports are still to send (due now or waiting for a retry).
+    pub fn reports_pending(&self) -> Result<i64, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM reports WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
     /// When the next pending report is due, if any is.
     pub fn next_report_at(&self) -> Result<Option<i64>, StoreError> {
         self.conn()

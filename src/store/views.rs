@@ -1,5 +1,5 @@
-//! Reads for the dashboard: the newest run of each branch or tag, and the last
-//! finished run a badge shows.
+//! Reads for the dashboard: the newest run of each branch or tag, and the last run
+//! that ran to an end, which a badge shows.
 
 use rusqlite::OptionalExtension;
 
@@ -19,7 +19,9 @@ impl Sqlite {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// The newest finished run of `pipeline`, on one of `refs` when any are given.
+    /// The newest run of `pipeline` that ran to an end (succeeded, failed, timed out or
+    /// was canceled), on one of `refs` when any are given. A skipped run built nothing
+    /// and an interrupted one runs again, so neither says how the code fares.
     pub fn last_finished(
         &self,
         pipeline: &str,
@@ -27,7 +29,7 @@ impl Sqlite {
     ) -> Result<Option<Run>, StoreError> {
         let mut sql = format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE pipeline = ? \
-             AND status NOT IN ('queued', 'running')"
+             AND status IN ('succeeded', 'failed', 'timed_out', 'canceled')"
         );
         let mut values: Vec<rusqlite::types::Value> = vec![pipeline.to_owned().into()];
         if !refs.is_empty() {

@@ -61,6 +61,30 @@ impl Style {
         }
     }
 
+    /// SGR parameters that make this style from none.
+    fn sgr(&self) -> String {
+        let mut params: Vec<String> = Vec::new();
+        for (on, p) in [
+            (self.bold, "1"),
+            (self.dim, "2"),
+            (self.italic, "3"),
+            (self.underline, "4"),
+        ] {
+            if on {
+                params.push(p.to_owned());
+            }
+        }
+        for (colour, base, bright, extended) in [(self.fg, 30, 90, 38), (self.bg, 40, 100, 48)] {
+            match colour {
+                Some(Colour::Named(n)) if n < 8 => params.push((base + u16::from(n)).to_string()),
+                Some(Colour::Named(n)) => params.push((bright + u16::from(n) - 8).to_string()),
+                Some(Colour::Rgb(r, g, b)) => params.push(format!("{extended};2;{r};{g};{b}")),
+                None => {}
+            }
+        }
+        params.join(";")
+    }
+
     fn open_tag(&self, out: &mut String) -> bool {
         if *self == Style::default() {
             return false;
@@ -145,6 +169,18 @@ pub fn escape_into(out: &mut String, text: &str) {
 
 /// `text` (a whole log, or its tail) as HTML for a `<pre>`.
 pub fn to_html(text: &str) -> String {
+    render(text).0
+}
+
+/// [`to_html`], and the style in force at the end of `text` as SGR parameters (`1;31`;
+/// empty for none): a run page gives it to its script, which goes on colouring the
+/// output that follows as the log would.
+pub fn to_html_and_style(text: &str) -> (String, String) {
+    let (html, style) = render(text);
+    (html, style.sgr())
+}
+
+fn render(text: &str) -> (String, Style) {
     let mut out = String::with_capacity(text.len() + text.len() / 8);
     let mut style = Style::default();
     let mut open = false;
@@ -168,7 +204,7 @@ pub fn to_html(text: &str) -> String {
     if open {
         out.push_str("</span>");
     }
-    out
+    (out, style)
 }
 
 /// The escape sequence `s` starts with: its SGR parameters if it is one, and its
@@ -253,6 +289,31 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(to_html(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn the_style_at_the_end_reproduces_what_follows() {
+        let cases = [
+            ("plain\n", ""),
+            ("\u{1b}[31mred\u{1b}[0m\n", ""),
+            ("\u{1b}[1;31mstill red\n", "1;31"),
+            ("\u{1b}[92;44mbright on blue\n", "92;44"),
+            (
+                "\u{1b}[3;4;38;5;196;48;2;1;2;3mx\n",
+                "3;4;38;2;255;0;0;48;2;1;2;3",
+            ),
+        ];
+        for (head, sgr) in cases {
+            let (html, style) = to_html_and_style(head);
+            assert_eq!(html, to_html(head));
+            assert_eq!(style, sgr, "{head:?}");
+            // Applied from none, it is the style the text ended in.
+            assert_eq!(
+                render(&format!("\u{1b}[{style}m")).1,
+                render(head).1,
+                "{head:?}"
+            );
         }
     }
 }

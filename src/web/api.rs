@@ -1,5 +1,6 @@
 //! The read API: `/healthz`, `/metrics`, `/api/runs`, `/api/runs/{id}`,
-//! `/api/runs/{id}/log` and `/api/deliveries/{id}`. Only reads the store and the log
+//! `/api/runs/{id}/log`, `/api/deliveries/{id}` and the event streams
+//! (`/api/runs/{id}/events`, `/api/events`). Only reads the store and the log
 //! files; the JSON shapes here are a contract, pinned by tests.
 
 use std::collections::HashMap;
@@ -19,8 +20,9 @@ use crate::clock::rfc3339;
 use crate::intake::error_reply;
 use crate::state::AppState;
 use crate::store::{Delivery, ReportView, Run, RunFilter, RunStatus, Step, Store, StoreError};
-use crate::web::follow::{self, Update};
+use crate::web::follow::{self, Cursor, RunsUpdate, Update};
 use crate::web::metrics;
+use futures_util::StreamExt;
 use warp::sse::Event;
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -340,8 +342,11 @@ async fn get_delivery(state: Arc<AppState>, id: String) -> Result<Response, Resp
 }
 
 async fn metrics(state: Arc<AppState>) -> Result<Response, Response> {
-    let counts = blocking(&state.store, |s| s.count_by_status()).await?;
-    let text = state.metrics.encode(&counts).map_err(|e| {
+    let (counts, pending) = blocking(&state.store, |s| {
+        Ok((s.count_by_status()?, s.reports_pending()?))
+    })
+    .await?;
+    let text = state.metrics.encode(&counts, pending).map_err(|e| {
         error_reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot write the metrics: {e}"),
@@ -353,36 +358,132 @@ async fn metrics(state: Arc<AppState>) -> Result<Response, Response> {
 /// `GET /api/runs/{id}/events`: server-sent events for a dashboard: `step_started`,
 /// `log` (`{"step", "text"}`), `step_finished`, `run_finished`; the stream ends with
 /// the run, or with `stopping` (the run as last seen) when the daemon stops first. A
-/// `:keep-alive` comment comes while nothing else does.
-async fn events(state: Arc<AppState>, id: i64) -> Result<Response, Response> {
-    if blocking(&state.store, move |s| s.run(id)).await?.is_none() {
+/// `:keep-alive` comment comes while nothing else does. `from` (a [`Cursor`]) says
+/// what of the logs the reader has: a run page has the logs so far, and follows only
+/// what comes after. Each event's id is the reader's cursor after it, so a browser
+/// that reconnects (sending `Last-Event-ID`) neither misses nor repeats output.
+async fn events(
+    state: Arc<AppState>,
+    id: i64,
+    q: HashMap<String, String>,
+    last_event_id: Option<String>,
+) -> Result<Response, Response> {
+    // A reconnecting browser sends the page's `from` again, and its place since then.
+    let from = match last_event_id
+        .filter(|l| !l.is_empty())
+        .or_else(|| q.get("from").cloned())
+    {
+        None => Cursor::default(),
+        Some(text) => Cursor::parse(&text).map_err(|e| {
+            error_reply(
+                StatusCode::BAD_REQUEST,
+                format!("from (or Last-Event-ID): {e}"),
+            )
+        })?,
+    };
+    let steps = blocking(&state.store, move |s| {
+        s.run(id)?.map(|_| Ok(s.steps(id)?.len())).transpose()
+    })
+    .await?;
+    let Some(steps) = steps else {
         return Err(error_reply(StatusCode::NOT_FOUND, format!("no run {id}")));
-    }
-    let updates = follow::follow(state, id)
+    };
+    // Only the run's own steps: a place in a step it does not have (an attempt with
+    // fewer steps, or a made-up number) means nothing, and costs nothing.
+    let from = from.within(i64::try_from(steps).unwrap_or(i64::MAX));
+    let updates = follow::follow_from(state, id, &from.pairs())
+        .map_err(|e| error_reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let reader = EventReader {
+        cursor: from,
+        text: HashMap::new(),
+    };
+    let stream =
+        futures_util::stream::unfold((updates, reader), |(mut rx, mut reader)| async move {
+            let update = rx.recv().await?;
+            let events = reader.events(update);
+            Some((events, (rx, reader)))
+        })
+        .flat_map(|events| {
+            futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))
+        });
+    Ok(warp::sse::reply(stream).into_response())
+}
+
+/// `GET /api/events`: server-sent events for the runs tables: `run` (the run, without
+/// steps) whenever a run is queued, starts or ends, and `lagged` when the reader fell
+/// behind and missed some (look again at the runs); `stopping` ends the stream when the
+/// daemon stops. A `:keep-alive` comment comes while nothing else does.
+async fn all_events(state: Arc<AppState>) -> Result<Response, Response> {
+    let updates = follow::watch_runs(state)
         .map_err(|e| error_reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let stream = futures_util::stream::unfold(updates, |mut rx| async move {
-        let update = rx.recv().await?;
-        let event = match update {
-            Update::StepStarted(step) => Event::default()
-                .event("step_started")
-                .data(step_json(&step).to_string()),
-            Update::Output { step, bytes } => Event::default()
-                .event("log")
-                .data(json!({ "step": step, "text": String::from_utf8_lossy(&bytes) }).to_string()),
-            Update::StepFinished(step) => Event::default()
-                .event("step_finished")
-                .data(step_json(&step).to_string()),
-            Update::RunFinished(run) => Event::default()
-                .event("run_finished")
+        let event = match rx.recv().await? {
+            RunsUpdate::Run(run) => Event::default()
+                .event("run")
                 .data(run_json(&run, None).to_string()),
-            Update::KeepAlive => Event::default().comment("keep-alive"),
-            Update::Stopping(run) => Event::default()
-                .event("stopping")
-                .data(run_json(&run, None).to_string()),
+            RunsUpdate::Lagged => Event::default().event("lagged").data("{}"),
+            RunsUpdate::KeepAlive => Event::default().comment("keep-alive"),
+            RunsUpdate::Stopping => Event::default().event("stopping").data("{}"),
         };
         Some((Ok::<_, std::convert::Infallible>(event), rx))
     });
     Ok(warp::sse::reply(stream).into_response())
+}
+
+/// One event stream's reader: where it is in each step's log, and each step's text
+/// decoded so far (a character cut between two pieces of output is held back until
+/// its end comes, instead of becoming two replacement characters).
+struct EventReader {
+    cursor: Cursor,
+    text: HashMap<i64, LossyUtf8>,
+}
+
+impl EventReader {
+    fn events(&mut self, update: Update) -> Vec<Event> {
+        match update {
+            Update::StepStarted(step) => {
+                if self.cursor.get(step.number).is_none() {
+                    self.cursor.set(step.number, 0);
+                }
+                vec![self.event("step_started", step_json(&step))]
+            }
+            Update::Output { step, bytes, end } => {
+                let decoder = self.text.entry(step).or_default();
+                let text = decoder.push(&bytes);
+                self.cursor.set(step, end - decoder.held.len() as u64);
+                if text.is_empty() {
+                    return Vec::new();
+                }
+                vec![self.event("log", json!({ "step": step, "text": text }))]
+            }
+            Update::StepFinished(step) => {
+                let mut out = Vec::new();
+                // The step ended inside a character: what is held is all there is.
+                if let Some(mut decoder) = self.text.remove(&step.number) {
+                    let held = decoder.held.len() as u64;
+                    let text = decoder.finish();
+                    if !text.is_empty() {
+                        let at = self.cursor.get(step.number).unwrap_or(0);
+                        self.cursor.set(step.number, at + held);
+                        let number = step.number;
+                        out.push(self.event("log", json!({ "step": number, "text": text })));
+                    }
+                }
+                out.push(self.event("step_finished", step_json(&step)));
+                out
+            }
+            Update::RunFinished(run) => vec![self.event("run_finished", run_json(&run, None))],
+            Update::KeepAlive => vec![Event::default().comment("keep-alive")],
+            Update::Stopping(run) => vec![self.event("stopping", run_json(&run, None))],
+        }
+    }
+
+    fn event(&self, name: &str, data: Value) -> Event {
+        Event::default()
+            .event(name)
+            .id(self.cursor.to_string())
+            .data(data.to_string())
+    }
 }
 
 /// A handler's answer, whether it succeeded or refused.
@@ -420,7 +521,13 @@ pub fn routes(
     let events = warp::path!("api" / "runs" / i64 / "events")
         .and(warp::get())
         .and(with_state.clone())
-        .then(|id, s| async move { flatten(events(s, id).await) });
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::header::optional::<String>("last-event-id"))
+        .then(|id, s, q, last| async move { flatten(events(s, id, q, last).await) });
+    let all_events = warp::path!("api" / "events")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(|s| async move { flatten(all_events(s).await) });
     let delivery = warp::path!("api" / "deliveries" / String)
         .and(warp::get())
         .and(with_state)
@@ -435,6 +542,8 @@ pub fn routes(
         .or(log)
         .unify()
         .or(events)
+        .unify()
+        .or(all_events)
         .unify()
         .or(delivery)
         .unify()

@@ -1,5 +1,5 @@
-//! `GET /badge/{pipeline}.svg?ref=main`: an SVG badge of the pipeline's last finished
-//! run (on that branch or tag when `ref` is given). Public, read token or not, so a
+//! `GET /badge/{pipeline}.svg?ref=main`: an SVG badge of the pipeline's last run that
+//! ran to an end, skipped runs passed over (on that branch or tag when `ref` is given). Public, read token or not, so a
 //! README can show it; cached briefly, so it follows new runs.
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ fn colour(status: Option<RunStatus>) -> &'static str {
     match status {
         Some(RunStatus::Succeeded) => "#2e7d32",
         Some(RunStatus::Failed | RunStatus::TimedOut) => "#c62828",
-        Some(RunStatus::Canceled | RunStatus::Interrupted) => "#8d6e00",
+        Some(RunStatus::Canceled) => "#8d6e00",
         _ => "#6b6b6b",
     }
 }

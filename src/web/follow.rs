@@ -7,7 +7,8 @@
 //! slow reader never slows a step: the step writes its log whatever the reader does.
 //!
 //! All followers of a run share one feed: a single router subscribes to the stream and
-//! hands each run's events to that run's followers only. At most [`MAX_FOLLOWERS`]
+//! hands each run's events to that run's followers only. The runs tables' feed
+//! ([`watch_runs`]) takes every run's queueing, start and end from the stream itself. At most [`MAX_FOLLOWERS`]
 //! follow at once. A quiet stretch (a silent step, a run still queued) gets
 //! keep-alives, so that proxies and clients that drop idle connections keep the reader
 //! connected; a daemon stop ends the stream, so that it does not hold the stop's HTTP
@@ -39,6 +40,62 @@ pub const MAX_FOLLOWERS: usize = 256;
 /// How many events one run's followers may fall behind before they re-read.
 const FEED_CAPACITY: usize = 1024;
 
+/// A reader's place in a run's step logs: how many bytes of each step's log it has.
+/// Written `STEP:BYTES` pairs joined by commas (`1:2048,2:0`): a run page's `from` of
+/// `/api/runs/{id}/events`, and the id of each event there, so that a browser that
+/// reconnects (sending it back as `Last-Event-ID`) goes on where it was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(std::collections::BTreeMap<i64, u64>);
+
+impl Cursor {
+    pub fn parse(text: &str) -> Result<Cursor, String> {
+        let mut at = std::collections::BTreeMap::new();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let parsed = pair.split_once(':').and_then(|(step, bytes)| {
+                Some((step.parse::<i64>().ok()?, bytes.parse::<u64>().ok()?))
+            });
+            match parsed {
+                Some((step, bytes)) if step >= 1 => {
+                    at.insert(step, bytes);
+                }
+                _ => return Err(format!("{pair:?} is not STEP:BYTES (as in 1:2048)")),
+            }
+        }
+        Ok(Cursor(at))
+    }
+
+    /// The reader has step `number`'s log up to `bytes`.
+    pub fn set(&mut self, number: i64, bytes: u64) {
+        self.0.insert(number, bytes);
+    }
+
+    pub fn get(&self, number: i64) -> Option<u64> {
+        self.0.get(&number).copied()
+    }
+
+    /// The places in steps 1 to `steps` only.
+    pub fn within(mut self, steps: i64) -> Cursor {
+        self.0.retain(|number, _| *number <= steps);
+        self
+    }
+
+    pub fn pairs(&self) -> Vec<(i64, u64)> {
+        self.0.iter().map(|(n, b)| (*n, *b)).collect()
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, bytes)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{step}:{bytes}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What changed.
 #[derive(Debug, Clone)]
 pub enum Update {
@@ -46,6 +103,9 @@ pub enum Update {
     Output {
         step: i64,
         bytes: Bytes,
+        /// Where these bytes end in the step's log: a reader that comes back asks to
+        /// follow from there.
+        end: u64,
     },
     StepFinished(Step),
     RunFinished(Run),
@@ -64,13 +124,37 @@ pub struct TooManyFollowers;
 /// `RunFinished` or `Stopping`, or when the run disappears; dropping it stops the
 /// follower.
 pub fn follow(state: Arc<AppState>, id: i64) -> Result<mpsc::Receiver<Update>, TooManyFollowers> {
-    spawn(state, id).map(|(rx, _)| rx)
+    spawn(state, id, &[]).map(|(rx, _)| rx)
+}
+
+/// Like [`follow`], for a reader that has the start of some steps' logs already:
+/// `(step number, bytes)` pairs. Those steps' starts are not sent again, and their
+/// output only from where the reader is.
+pub fn follow_from(
+    state: Arc<AppState>,
+    id: i64,
+    shown: &[(i64, u64)],
+) -> Result<mpsc::Receiver<Update>, TooManyFollowers> {
+    spawn(state, id, shown).map(|(rx, _)| rx)
 }
 
 fn spawn(
     state: Arc<AppState>,
     id: i64,
+    shown: &[(i64, u64)],
 ) -> Result<(mpsc::Receiver<Update>, JoinHandle<()>), TooManyFollowers> {
+    let mut steps = Vec::new();
+    for &(number, offset) in shown {
+        let Some(i) = index(number) else { continue };
+        if steps.len() <= i {
+            steps.resize(i + 1, Sent::default());
+        }
+        steps[i] = Sent {
+            started: true,
+            finished: false,
+            offset,
+        };
+    }
     // Joined here, before the follower's first look at the store and the files: what
     // that look misses arrives on the feed.
     let feed = state.followers.join(&state.events, id)?;
@@ -84,7 +168,7 @@ fn spawn(
                 last: Instant::now(),
             },
             run: None,
-            steps: Vec::new(),
+            steps,
         };
         if let Err(e) = follower.follow(feed).await {
             tracing::debug!(run = id, error = %e, "follower ended");
@@ -150,6 +234,77 @@ impl Followers {
             },
         })
     }
+}
+
+impl Followers {
+    /// A place among the followers for a reader of every run's changes.
+    fn seat(&self) -> Result<Seat, TooManyFollowers> {
+        let mut feeds = lock(&self.feeds);
+        if feeds.followers >= MAX_FOLLOWERS {
+            return Err(TooManyFollowers);
+        }
+        feeds.followers += 1;
+        Ok(Seat(Arc::clone(&self.feeds)))
+    }
+}
+
+/// A place taken by [`watch_runs`]; freed on drop.
+struct Seat(Arc<Mutex<Feeds>>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        lock(&self.0).followers -= 1;
+    }
+}
+
+/// What changed among all runs, for the runs tables.
+#[derive(Debug, Clone)]
+pub enum RunsUpdate {
+    /// A run was queued, started or ended: as it is now.
+    Run(Box<Run>),
+    /// The reader fell behind the events: changes were missed, look at the store.
+    Lagged,
+    KeepAlive,
+    /// The daemon is stopping and the stream ends here.
+    Stopping,
+}
+
+/// Follows every run's queueing, start and end (not steps or output): the runs tables'
+/// feed. Takes a place among the followers, like a log does.
+pub fn watch_runs(state: Arc<AppState>) -> Result<mpsc::Receiver<RunsUpdate>, TooManyFollowers> {
+    let seat = state.followers.seat()?;
+    let mut events = state.events.subscribe();
+    let mut stopping = state.stopping();
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let _seat = seat;
+        let mut last = Instant::now();
+        loop {
+            let update = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => match &*event {
+                        RunEvent::Queued(run) | RunEvent::Started(run) | RunEvent::Finished { run, .. } => {
+                            RunsUpdate::Run(Box::new(run.clone()))
+                        }
+                        _ => continue,
+                    },
+                    Err(RecvError::Lagged(_)) => RunsUpdate::Lagged,
+                    Err(RecvError::Closed) => return,
+                },
+                () = tokio::time::sleep_until(last + KEEP_ALIVE) => RunsUpdate::KeepAlive,
+                () = tx.closed() => return,
+                () = stopped(&mut stopping) => {
+                    let _ = tx.send(RunsUpdate::Stopping).await;
+                    return;
+                }
+            };
+            if tx.send(update).await.is_err() {
+                return;
+            }
+            last = Instant::now();
+        }
+    });
+    Ok(rx)
 }
 
 /// Hands each event to the followers of its run.
@@ -356,6 +511,7 @@ impl Follower<'_> {
             .send(Update::Output {
                 step: number,
                 bytes: fresh,
+                end,
             })
             .await
     }
@@ -373,6 +529,7 @@ impl Follower<'_> {
                 .send(Update::Output {
                     step: number,
                     bytes: bytes.into(),
+                    end: self.steps[i].offset,
                 })
                 .await?;
         }
@@ -488,12 +645,31 @@ mod tests {
         (state, run.id)
     }
 
+    #[test]
+    fn a_cursor_reads_back_what_it_writes_and_refuses_what_is_not_one() {
+        for (text, written) in [
+            ("", ""),
+            ("1:0", "1:0"),
+            ("2:5,1:2048", "1:2048,2:5"),
+            ("1:3,,2:4,", "1:3,2:4"),
+        ] {
+            let cursor = Cursor::parse(text).unwrap();
+            assert_eq!(cursor.to_string(), written, "{text}");
+            assert_eq!(Cursor::parse(written).unwrap(), cursor);
+        }
+        for bad in ["1", "one:2", "1:-2", "0:5", "-1:5", "1:2:3", "1:x"] {
+            assert!(Cursor::parse(bad).is_err(), "{bad}");
+        }
+        let cursor = Cursor::parse("1:5,3:7,9:1").unwrap().within(3);
+        assert_eq!(cursor.pairs(), [(1, 5), (3, 7)]);
+    }
+
     #[tokio::test]
     async fn the_follower_stops_when_its_reader_is_gone_while_the_run_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let (state, id) = running_step(dir.path(), 1);
 
-        let (mut rx, task) = spawn(Arc::clone(&state), id).unwrap();
+        let (mut rx, task) = spawn(Arc::clone(&state), id, &[]).unwrap();
         assert!(matches!(rx.recv().await, Some(Update::StepStarted(_))));
         drop(rx);
         // Without noticing the reader is gone it would wait until the run ends, never here.
@@ -512,7 +688,7 @@ mod tests {
     async fn a_follower_that_fell_behind_the_events_reads_the_store_and_log_again() {
         let dir = tempfile::tempdir().unwrap();
         let (state, id) = running_step(dir.path(), 2);
-        let (mut rx, _task) = spawn(Arc::clone(&state), id).unwrap();
+        let (mut rx, _task) = spawn(Arc::clone(&state), id, &[]).unwrap();
         // It has looked at the store and the (empty) log, and waits for events.
         assert!(matches!(rx.recv().await, Some(Update::StepStarted(s)) if s.number == 1));
 
@@ -566,7 +742,7 @@ mod tests {
         let mut output = Vec::new();
         while output.len() < written.len() {
             match next(&mut rx).await {
-                Update::Output { step: 2, bytes } => output.extend_from_slice(&bytes),
+                Update::Output { step: 2, bytes, .. } => output.extend_from_slice(&bytes),
                 other => panic!("{other:?} after {} bytes", output.len()),
             }
         }

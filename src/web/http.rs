@@ -126,9 +126,29 @@ pub async fn serve<S>(
     }
 }
 
+/// Answers one request, timed for `/metrics` by its route's name.
 async fn route<S>(
     state: Arc<AppState>,
     mut routes: S,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible>
+where
+    S: tower_service::Service<
+        Request<Incoming>,
+        Response = warp::reply::Response,
+        Error = Infallible,
+    >,
+{
+    let started = std::time::Instant::now();
+    let route_name = crate::web::metrics::route_of(req.uri().path());
+    let response = answer(&state, &mut routes, req).await?;
+    state.metrics.http_request(route_name, started.elapsed());
+    Ok(response)
+}
+
+async fn answer<S>(
+    state: &Arc<AppState>,
+    routes: &mut S,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible>
 where
@@ -142,7 +162,7 @@ where
         return Ok(refuse(refusal));
     }
     if let Some(id) = follow_request(&req) {
-        return Ok(follow_log(state, id).await);
+        return Ok(follow_log(Arc::clone(state), id).await);
     }
     let response = routes.call(req).await?;
     Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))

@@ -1,9 +1,13 @@
-//! `GET /metrics` in the Prometheus text format (0.0.4): `hookci_runs{status}`, gauges of
-//! the runs in the store, read at each scrape; and, kept from the run event stream
-//! since the daemon started, `hookci_runs_total{pipeline,status}` (runs that ended),
-//! `hookci_run_duration_seconds{pipeline}` (start to end of the runs that ended) and
-//! `hookci_queue_wait_seconds` (creation to start of a run's first attempt). Encoded by
-//! `prometheus-client`, so the text is valid whatever the label values hold.
+//! `GET /metrics` in the Prometheus text format (0.0.4). Read from the store at each
+//! scrape: `hookci_runs{status}`, gauges of the runs in the store, and
+//! `hookci_reports_pending`, the outbox's reports still to send. Kept from the run
+//! event stream since the daemon started: `hookci_runs_total{pipeline,status}` (runs
+//! that ended), `hookci_run_duration_seconds{pipeline}` (start to end of the runs that
+//! ended) and `hookci_queue_wait_seconds` (creation to start of a run's first attempt).
+//! Counted by intake and the HTTP server: `hookci_deliveries_total{event,outcome}` and
+//! `hookci_http_request_duration_seconds{route}`, the route a fixed name ([`route_of`])
+//! so that no client can grow the series. And `hookci_build_info{version}`, always 1.
+//! Encoded by `prometheus-client`, so the text is valid whatever the label values hold.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +25,10 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 /// Seconds: from a quick check to a long release build.
 const DURATION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+/// Seconds: from a page served from memory to a slow store under load.
+const HTTP_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Seconds: from a free runner at once to a backlog of builds.
 const WAIT_BUCKETS: [f64; 13] = [
@@ -43,15 +51,116 @@ struct PipelineLabel {
     pipeline: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    event: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
 type Histograms = Family<PipelineLabel, Histogram, fn() -> Histogram>;
 
 /// The daemon's metrics; cloning shares them.
 #[derive(Clone)]
 struct Kept {
     in_store: Family<StatusLabel, Gauge>,
+    reports_pending: Gauge,
     ended: Family<Ended, Counter>,
     duration: Histograms,
     queue_wait: Histogram,
+    deliveries: Family<DeliveryLabels, Counter>,
+    http: Family<RouteLabel, Histogram, fn() -> Histogram>,
+}
+
+/// How a webhook delivery was answered, as `hookci_deliveries_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// A push recorded (202), with or without runs.
+    Accepted,
+    /// A delivery id seen before (200): nothing new.
+    Duplicate,
+    /// A ping or an event other than push: nothing to run.
+    Ignored,
+    /// A missing or wrong signature (401).
+    Unauthorized,
+    /// Refused as it came: malformed, too large, too slow, a wrong content type (4xx).
+    Invalid,
+    /// hookci could not take it now (5xx): the store failed or intake was full.
+    Unavailable,
+}
+
+impl Answered {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answered::Accepted => "accepted",
+            Answered::Duplicate => "duplicate",
+            Answered::Ignored => "ignored",
+            Answered::Unauthorized => "unauthorized",
+            Answered::Invalid => "invalid",
+            Answered::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The `event` label of a delivery whose event name nobody vouched for (unsigned with
+/// a secret set, or not a plausible event name): anyone can send any header, and each
+/// value would be a series of its own.
+pub const UNKNOWN_EVENT: &str = "unknown";
+
+/// The event name as a label: GitHub's event names are short snake_case words.
+pub fn event_label(verified_event: Option<&str>) -> String {
+    match verified_event {
+        Some(e)
+            if (1..=64).contains(&e.len())
+                && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+        {
+            e.to_owned()
+        }
+        _ => UNKNOWN_EVENT.to_owned(),
+    }
+}
+
+/// The fixed name of the route a request path belongs to, for
+/// `hookci_http_request_duration_seconds{route}`: never the path itself, which holds
+/// run ids, pipeline names and whatever a client sends.
+pub fn route_of(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    match segments.as_slice() {
+        [""] => "runs_page",
+        ["webhook"] => "webhook",
+        ["healthz"] => "healthz",
+        ["metrics"] => "metrics",
+        ["login"] => "login",
+        ["logout"] => "logout",
+        ["runs", _] => "run_page",
+        ["runs", _, "cancel" | "rerun"] => "run_form",
+        ["pipelines"] => "pipelines_page",
+        ["pipelines", _] => "pipeline_page",
+        ["pipelines", _, "run"] => "pipeline_form",
+        ["deliveries", _] => "delivery_page",
+        ["badge", _] => "badge",
+        ["assets", _] => "asset",
+        ["api", "events"] => "api_events",
+        ["api", "runs"] => "api_runs",
+        ["api", "runs", _] => "api_run",
+        ["api", "runs", _, "log"] => "api_run_log",
+        ["api", "runs", _, "events"] => "api_run_events",
+        ["api", "runs", _, "cancel"] => "api_run_cancel",
+        ["api", "runs", _, "rerun"] => "api_run_rerun",
+        ["api", "pipelines", _, "trigger"] => "api_pipeline_trigger",
+        ["api", "deliveries", _] => "api_delivery",
+        ["api", "reload"] => "api_reload",
+        _ => "other",
+    }
 }
 
 pub struct Metrics {
@@ -69,11 +178,26 @@ impl Metrics {
     pub fn new() -> Metrics {
         let kept = Kept {
             in_store: Family::default(),
+            reports_pending: Gauge::default(),
             ended: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
             queue_wait: Histogram::new(WAIT_BUCKETS),
+            deliveries: Family::default(),
+            http: Family::new_with_constructor(|| Histogram::new(HTTP_BUCKETS)),
         };
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
         let mut registry = Registry::default();
+        // Encoded as `hookci_build_info`: a gauge whose label says which hookci runs.
+        registry.register(
+            "hookci_build_info",
+            "The running hookci's version, as a label of a gauge that is always 1",
+            build_info,
+        );
         registry.register(
             "hookci_runs",
             "Runs in the store by status",
@@ -95,7 +219,42 @@ impl Metrics {
             "How long runs waited from being queued to their first start",
             kept.queue_wait.clone(),
         );
+        registry.register(
+            "hookci_reports_pending",
+            "Commit statuses and notifications in the outbox still to send",
+            kept.reports_pending.clone(),
+        );
+        // Encoded as `hookci_deliveries_total`.
+        registry.register(
+            "hookci_deliveries",
+            "Webhook deliveries since the daemon started, by event and how they were answered",
+            kept.deliveries.clone(),
+        );
+        registry.register(
+            "hookci_http_request_duration_seconds",
+            "How long HTTP requests took to answer (to the response head for streams), by route",
+            kept.http.clone(),
+        );
         Metrics { registry, kept }
+    }
+
+    /// Counts a webhook delivery; `event` from [`event_label`].
+    pub fn delivery(&self, event: String, outcome: Answered) {
+        self.kept
+            .deliveries
+            .get_or_create(&DeliveryLabels {
+                event,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// Observes how long a request to `route` (from [`route_of`]) took.
+    pub fn http_request(&self, route: &'static str, took: std::time::Duration) {
+        self.kept
+            .http
+            .get_or_create(&RouteLabel { route })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts and observes the runs on `events` until the stream ends: the subscriber
@@ -118,8 +277,14 @@ impl Metrics {
         }
     }
 
-    /// The text of a scrape, given how many runs the store holds in each state.
-    pub fn encode(&self, in_store: &[(RunStatus, i64)]) -> Result<String, std::fmt::Error> {
+    /// The text of a scrape, given how many runs the store holds in each state and how
+    /// many reports are pending.
+    pub fn encode(
+        &self,
+        in_store: &[(RunStatus, i64)],
+        reports_pending: i64,
+    ) -> Result<String, std::fmt::Error> {
+        self.kept.reports_pending.set(reports_pending);
         for status in RunStatus::ALL {
             let n = in_store
                 .iter()
@@ -227,7 +392,7 @@ mod tests {
             run: run(3, RunStatus::Skipped, 1_000, None, Some(1_000)),
             steps: Vec::new(),
         });
-        let text = metrics.encode(&[(RunStatus::Queued, 4)]).unwrap();
+        let text = metrics.encode(&[(RunStatus::Queued, 4)], 0).unwrap();
         let pipeline = r#"pipeline="ci \"main\"\n""#;
         for line in [
             "# TYPE hookci_runs gauge".to_owned(),
@@ -247,6 +412,31 @@ mod tests {
             "hookci_queue_wait_seconds_sum 0.5".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn routes_are_fixed_names_whatever_the_path_holds() {
+        for (path, route) in [
+            ("/", "runs_page"),
+            ("/webhook", "webhook"),
+            ("/runs/12", "run_page"),
+            ("/runs/12/rerun", "run_form"),
+            ("/pipelines/a%20b", "pipeline_page"),
+            ("/badge/ci.svg", "badge"),
+            ("/api/runs/7/log", "api_run_log"),
+            ("/api/runs/7/events", "api_run_events"),
+            ("/api/deliveries/<script>", "api_delivery"),
+            ("/api/runs/7/log/more", "other"),
+            ("/no/such/page", "other"),
+            ("", "runs_page"),
+        ] {
+            assert_eq!(route_of(path), route, "{path}");
+        }
+        assert_eq!(event_label(Some("push")), "push");
+        assert_eq!(event_label(Some("pull_request")), "pull_request");
+        for odd in [None, Some(""), Some("Push\n"), Some(&*"x".repeat(65))] {
+            assert_eq!(event_label(odd), UNKNOWN_EVENT, "{odd:?}");
         }
     }
 }

@@ -18,9 +18,10 @@ use crate::clock::{now_ms, rfc3339};
 use crate::pipeline::pattern::PatternList;
 use crate::pipeline::Pipeline;
 use crate::state::AppState;
-use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, StoreError};
+use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, StepStatus, StoreError};
 use crate::web::ansi;
 use crate::web::auth::{self, Access};
+use crate::web::follow::{self, Cursor};
 use crate::web::render::{
     self, commit, csrf_field, page, problem, runs_table, short_ref, status, took, when, Viewer,
 };
@@ -175,26 +176,57 @@ async fn runs(state: Arc<AppState>, headers: HeaderMap, q: HashMap<String, Strin
     page(StatusCode::OK, "Runs", &viewer, body)
 }
 
-/// The end of a step's log, up to [`LOG_TAIL`], and whether the start was cut.
-fn log_tail(path: PathBuf) -> (String, bool) {
+/// What a run page shows of a step's log.
+struct Shown {
+    text: String,
+    /// The start was cut: the page shows only the end.
+    cut: bool,
+    /// Where the text shown ends in the log file: the page follows from there.
+    end: u64,
+}
+
+/// The end of a step's log, up to [`LOG_TAIL`]. For a step that is still writing
+/// (`whole_lines`), only up to its last complete line: the rest, which may end inside
+/// a character or a colour code, comes over the event stream from `end`.
+fn log_tail(path: PathBuf, whole_lines: bool) -> Shown {
+    let nothing = Shown {
+        text: String::new(),
+        cut: false,
+        end: 0,
+    };
     let Ok(mut file) = std::fs::File::open(path) else {
-        return (String::new(), false);
+        return nothing;
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let cut = len > LOG_TAIL;
-    if cut && file.seek(SeekFrom::Start(len - LOG_TAIL)).is_err() {
-        return (String::new(), false);
+    let start = if cut { len - LOG_TAIL } else { 0 };
+    if cut && file.seek(SeekFrom::Start(start)).is_err() {
+        return nothing;
     }
     let mut bytes = Vec::new();
     if file.take(LOG_TAIL).read_to_end(&mut bytes).is_err() {
-        return (String::new(), false);
+        return nothing;
     }
+    if whole_lines {
+        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(keep);
+    }
+    let end = start + bytes.len() as u64;
     let text = String::from_utf8_lossy(&bytes).into_owned();
     match (cut, text.find('\n')) {
         // Starts mid-line: begin at the next whole line.
-        (true, Some(nl)) => (text[nl + 1..].to_owned(), true),
-        _ => (text, cut),
+        (true, Some(nl)) => Shown {
+            text: text[nl + 1..].to_owned(),
+            cut: true,
+            end,
+        },
+        _ => Shown { text, cut, end },
     }
+}
+
+/// A step the follower counts as started: the page has its log so far.
+fn reached(step: &Step) -> bool {
+    !matches!(step.status, StepStatus::Pending) && step.started_at.is_some()
 }
 
 fn step_end(step: &Step) -> String {
@@ -205,7 +237,7 @@ fn step_end(step: &Step) -> String {
     }
 }
 
-type RunView = (Run, Vec<Step>, Vec<(String, bool)>, Option<Delivery>);
+type RunView = (Run, Vec<Step>, Vec<Shown>, Option<Delivery>);
 
 async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response {
     let viewer = viewer(&state, &headers);
@@ -219,7 +251,10 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
             let steps = s.store.steps(id)?;
             let logs = steps
                 .iter()
-                .map(|st| log_tail(s.log_path(id, st.number)))
+                .map(|st| {
+                    let writing = matches!(st.status, StepStatus::Running);
+                    log_tail(s.log_path(id, st.number), writing)
+                })
                 .collect();
             let delivery = match &run.delivery {
                 Some(d) => s.store.delivery(d)?,
@@ -236,8 +271,16 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
     };
     let now = now_ms();
     let live = !run.status.is_final();
+    // The page has each started step's log up to its end; the stream sends the rest.
+    let mut from = Cursor::default();
+    for (st, shown) in steps.iter().zip(&logs) {
+        if reached(st) {
+            from.set(st.number, shown.end);
+        }
+    }
+    let events = format!("/api/runs/{}/events?from={from}", run.id);
     let body = html! {
-        div.run data-run=(run.id) data-live[live] {
+        div.run data-run=(run.id) data-live[live] data-events=[live.then_some(&events)] {
             h1 { "Run #" (run.id) " " span #run-status { (status(run.status.as_str())) } }
             dl.facts {
                 dt { "pipeline" } dd { a href={ "/pipelines/" (auth::encode_query(&run.pipeline)) } { (run.pipeline) } }
@@ -282,17 +325,24 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
             h2 { "Log" }
             p { a href={ "/api/runs/" (run.id) "/log" } { "plain text" } }
             div #logs {
-                @for (st, (text, cut)) in steps.iter().zip(&logs) {
-                    section.log #{ "log-" (st.number) } {
+                @for (st, shown) in steps.iter().zip(&logs) {
+                    @let (log, style) = ansi::to_html_and_style(&shown.text);
+                    // A running step's colours go on in the output that follows.
+                    @let going_on = live && matches!(st.status, StepStatus::Running);
+                    section.log #{ "log-" (st.number) } data-sgr=[going_on.then_some(&style)] {
                         h3 { (st.number) ". " (st.name) }
-                        @if *cut {
+                        @if shown.cut {
                             p.cut { "Earlier output is not shown here; the plain text has all of it." }
                         }
-                        pre { (render::trusted(ansi::to_html(text))) }
+                        pre { (render::trusted(log)) }
                     }
                 }
             }
             p.note #stopping hidden { "hookci is stopping; reload this page once it is back." }
+            p.note #refused hidden {
+                "hookci refused to stream this run live (most often because it already follows "
+                (follow::MAX_FOLLOWERS) " logs at once): the log above stops where the page was loaded. Reload to try again."
+            }
             @if let Some(d) = &delivery {
                 h2 { "Delivery " a href={ "/deliveries/" (auth::encode_query(&d.id)) } { (d.id) } }
                 (decisions(d))

@@ -168,7 +168,7 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
                 "on:\n  branches: [main]\n",
                 &[step(
                     "count",
-                    "for i in 1 2 3 4 5; do echo \"line $i\"; sleep 1; done",
+                    "printf '\\033[32m'; for i in 1 2 3 4 5; do echo \"line $i\"; sleep 1; done",
                 )],
             ),
         )
@@ -186,6 +186,10 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
 
     let id = push(&d, "browser-count", "refs/heads/main", ZERO, &main);
     wait_status(&d, id, "running");
+    // Opened once the first line is out: the page comes with it, the rest follows.
+    eventually("the step printed its first line", || {
+        d.run_log(id).contains("line 1")
+    });
     browser.goto(&d.url(&format!("/runs/{id}")));
     let shown = browser.text_of("#run-status");
     assert!(
@@ -218,6 +222,16 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
         "the page was not reloaded"
     );
     assert_eq!(browser.text_of("#step-1 .status"), "succeeded");
+    // The colour set before line 1 holds for every line, those the page was loaded
+    // with and those that followed.
+    assert_eq!(
+        browser.js(
+            "return [...document.querySelectorAll('#log-1 pre span.f2')].map(s => s.textContent).join('');"
+        ),
+        json!(text),
+        "{}",
+        browser.js("return document.querySelector('#log-1 pre').innerHTML;")
+    );
 
     // The runs page lists the new run.
     browser.goto(&d.url("/"));
@@ -232,8 +246,22 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
     // A running run's row follows it there without a reload.
     let other = push(&d, "browser-hang2", "refs/heads/hang2", ZERO, &hang2);
     wait_status(&d, other, "running");
+    let streams = |d: &Daemon| {
+        let text = d.get("/metrics").text();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"hookci_http_request_duration_seconds_count{route="api_events"} "#)
+            })
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let before = streams(&d);
     browser.goto(&d.url("/"));
     browser.js("window.hookciTestMark = 43; return null;");
+    // The runs page listens to the runs event stream instead of fetching itself on a
+    // timer.
+    eventually("the runs page opens the runs event stream", || {
+        streams(&d) > before
+    });
     let other_row = format!("tr[data-run=\"{other}\"]");
     assert!(browser.text_of(&other_row).contains("running"));
     let r = api_post(
@@ -269,4 +297,43 @@ fn a_run_page_follows_the_log_live_and_the_cancel_button_cancels() {
         browser.text_of("#run-status") == "canceled"
     });
     assert_eq!(run_of(&d, hang_id)["status"], "canceled");
+}
+
+#[test]
+fn a_run_page_says_so_when_its_live_log_is_refused() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let id = push(&d, "browser-refused", "refs/heads/main", ZERO, &sha);
+    eventually("the step printed its first line", || {
+        d.run_log(id).contains("first")
+    });
+    // Every place among the followers taken: the page's stream gets 503.
+    let open: Vec<(String, Captured)> = (0..hookci::web::follow::MAX_FOLLOWERS)
+        .map(|_| stream_get(&d.addr, &format!("/api/runs/{id}/log?follow=1")))
+        .collect();
+    assert!(open
+        .iter()
+        .all(|(head, _)| head.starts_with("HTTP/1.1 200")));
+    assert_eq!(d.get(&format!("/api/runs/{id}/events")).status, 503);
+
+    let browser = Browser::start();
+    browser.goto(&d.url(&format!("/runs/{id}")));
+    eventually("the page says the live log was refused", || {
+        browser.js("return !document.getElementById('refused').hidden;") == json!(true)
+    });
+    let note = browser.text_of("#refused");
+    assert!(note.contains("refused to stream this run live"), "{note}");
+    assert!(note.contains("Reload"), "{note}");
+    // What the page was loaded with is still there.
+    assert_eq!(browser.text_of("#log-1 pre"), "first\n");
+    assert_eq!(browser.text_of("#run-status"), "running");
+    std::fs::write(&gate, "go").unwrap();
+    eventually("the followers' streams end with the run", || {
+        open.iter().all(|(_, body)| body.ended())
+    });
 }

@@ -185,6 +185,8 @@ fn the_read_token_closes_pages_and_the_read_api_but_not_health_metrics_or_badges
         format!("/api/runs/{id}/events"),
         "/api/deliveries/closed".to_owned(),
     ];
+    // The runs event stream never ends by itself, so only its refusal is asked for.
+    assert_json_error(&d.get("/api/events"), 401, "/api/events");
     let read_cookie = login(&d, READ_TOKEN);
     let api_cookie = login(&d, TOKEN);
     for path in pages.iter().chain(&api) {
@@ -308,4 +310,40 @@ fn the_read_token_closes_pages_and_the_read_api_but_not_health_metrics_or_badges
     let out = post_form(&d, "/logout", Some(&api_cookie), "");
     assert_eq!(out.status, 303);
     assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
+}
+
+#[test]
+fn a_badge_shows_the_last_run_that_ran_passing_over_skipped_ones() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = b
+        .pipeline(
+            "ci",
+            &pipeline(&origin, "", &[step("check", "test \"$(cat mode)\" = pass")]),
+        )
+        .start();
+    let badge = |d: &Daemon| {
+        let svg = d.get("/badge/ci.svg?ref=main").text();
+        let title = svg.find("<title>").map(|at| &svg[at + 7..]).unwrap_or("");
+        title[..title.find("</title>").unwrap_or(0)].to_owned()
+    };
+
+    let failing = origin.commit("main", &[("mode", "fail")], "breaks");
+    let id = push(&d, "badge-fail", "refs/heads/main", ZERO, &failing);
+    assert_eq!(d.wait_run(id)["status"], "failed");
+    assert_eq!(badge(&d), "ci: failed");
+
+    // A docs-only push skipped with the skip token: nothing was built, so the badge
+    // still says how the code last fared.
+    let skipped = origin.commit("main", &[("mode", "fail"), ("docs", "d")], "docs");
+    let body = push_body("refs/heads/main", &failing, &skipped, "docs [skip ci]");
+    let runs = push_runs(&d, "badge-skip", &body);
+    assert_eq!(d.wait_run(runs[0].1)["status"], "skipped");
+    assert_eq!(badge(&d), "ci: failed");
+    assert!(d.get("/badge/ci.svg").text().contains("failed"));
+
+    let fixed = origin.commit("main", &[("mode", "pass")], "fixes");
+    let id = push(&d, "badge-pass", "refs/heads/main", &skipped, &fixed);
+    assert_eq!(d.wait_run(id)["status"], "succeeded");
+    assert_eq!(badge(&d), "ci: succeeded");
 }

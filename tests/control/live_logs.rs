@@ -294,3 +294,170 @@ fn followers_past_the_cap_are_refused_with_503_until_places_free() {
         r.status == 200 && r.text().ends_with(&format!("==> run {id} succeeded\n"))
     });
 }
+
+#[test]
+fn a_character_cut_between_two_writes_reaches_the_event_stream_whole() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    // The runner publishes a line that has no end yet once 8 KiB of it are in: 8190
+    // bytes and the first two of the euro sign's three, then, a second later, its last
+    // byte and the end of the line.
+    let script = format!(
+        "while [ ! -f {} ]; do sleep 0.05; done\n\
+         head -c 8190 /dev/zero | tr '\\0' a\n\
+         printf '\\342\\202'\nsleep 1\nprintf '\\254 done\\n'",
+        gate.display()
+    );
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("euro", &script)]))
+        .start();
+    let id = push(&d, "utf8-cut", "refs/heads/main", ZERO, &sha);
+    let (head, body) = stream_get(&d.addr, &format!("/api/runs/{id}/events"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    eventually("the step started", || {
+        find_event(&sse_events(&body.text()), "step_started", |_| true).is_some()
+    });
+    std::fs::write(&gate, "go").unwrap();
+    eventually("the stream ends with the run", || body.ended());
+
+    let events = sse_events(&body.text());
+    let texts: Vec<String> = events
+        .iter()
+        .filter(|(e, _)| e == "log")
+        .map(|(_, data)| {
+            let v: Value = serde_json::from_str(data).unwrap();
+            v["text"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let whole: String = texts.concat();
+    assert_eq!(whole, format!("{}\u{20ac} done\n", "a".repeat(8190)));
+    assert!(
+        texts.iter().any(|t| t.starts_with('\u{20ac}')),
+        "the character came in a piece of its own, after the wait: {texts:?}"
+    );
+    assert!(texts.iter().all(|t| !t.contains('\u{fffd}')), "{texts:?}");
+}
+
+#[test]
+fn a_run_page_follows_only_what_comes_after_the_log_it_was_loaded_with() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let id = push(&d, "page-from", "refs/heads/main", ZERO, &sha);
+    eventually("the step printed its first line", || {
+        d.run_log(id).contains("first")
+    });
+
+    // The page has the log so far, and the stream its script opens starts after it.
+    let page = d.get(&format!("/runs/{id}")).text();
+    assert!(page.contains("<pre>first\n</pre>"), "{page}");
+    let at = page
+        .find("data-events=\"")
+        .unwrap_or_else(|| panic!("no event stream on the page:\n{page}"));
+    let rest = &page[at + "data-events=\"".len()..];
+    let url = rest[..rest.find('"').unwrap()].replace("&amp;", "&");
+    assert_eq!(url, format!("/api/runs/{id}/events?from=1:6"));
+    let (head, body) = stream_get(&d.addr, &url);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    std::fs::write(&gate, "go").unwrap();
+    eventually("the stream ends with the run", || body.ended());
+
+    let raw = body.text();
+    let events = sse_events(&raw);
+    assert!(
+        find_event(&events, "log", |v| log_text_contains(v, "first")).is_none(),
+        "the page's log was sent again: {events:?}"
+    );
+    assert!(
+        find_event(&events, "step_started", |_| true).is_none(),
+        "{events:?}"
+    );
+    let second = find_event(&events, "log", |v| v["text"] == "second\n");
+    let finished = find_event(&events, "step_finished", |v| v["status"] == "succeeded");
+    assert!(
+        second.is_some() && finished > second,
+        "the rest, once: {events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|(e, d)| e == "log" && d.contains("second"))
+            .count(),
+        1
+    );
+    // Each event carries the reader's place, for a browser that reconnects.
+    assert!(
+        raw.replace("\r\n", "\n")
+            .lines()
+            .any(|l| l == "id:1:13" || l == "id: 1:13"),
+        "{raw}"
+    );
+
+    // A place in a step the run does not have means nothing.
+    let (head, far) = stream_get(
+        &d.addr,
+        &format!("/api/runs/{id}/events?from=1:6,9223372036854775807:0"),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    eventually("the stream of the ended run ends", || far.ended());
+    let events = sse_events(&far.text());
+    assert!(
+        find_event(&events, "log", |v| v["text"] == "second\n").is_some()
+            && find_event(&events, "run_finished", |_| true).is_some(),
+        "{events:?}"
+    );
+
+    // A place that is not one is refused, with a reason.
+    let r = d.get(&format!("/api/runs/{id}/events?from=one"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("STEP:BYTES"), "{}", r.text());
+}
+
+#[test]
+fn the_runs_event_stream_tells_each_queueing_start_and_end_and_nothing_else() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let gate = b.path().join("gate");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[gated_step(&gate)]))
+        .start();
+    let (head, body) = stream_get(&d.addr, "/api/events");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    let id = push(&d, "all-events", "refs/heads/main", ZERO, &sha);
+    let status_of = |status: &'static str| {
+        move |v: &Value| v["id"] == id && v["status"] == status && v.get("steps").is_none()
+    };
+    eventually("the run's queueing and start", || {
+        let events = sse_events(&body.text());
+        find_event(&events, "run", status_of("running")).is_some()
+    });
+    std::fs::write(&gate, "go").unwrap();
+    eventually("the run's end", || {
+        find_event(&sse_events(&body.text()), "run", status_of("succeeded")).is_some()
+    });
+    let events = sse_events(&body.text());
+    let queued = find_event(&events, "run", status_of("queued"));
+    let running = find_event(&events, "run", status_of("running"));
+    let ended = find_event(&events, "run", status_of("succeeded"));
+    assert!(
+        queued.is_some() && queued < running && running < ended,
+        "{events:?}"
+    );
+    assert!(
+        events.iter().all(|(e, _)| e == "run"),
+        "no step or log events: {events:?}"
+    );
+    assert!(!body.ended(), "the stream outlives the run");
+}

@@ -447,6 +447,9 @@ impl super::Store for Postgres {
     fn next_report_at(&self) -> Result<Option<i64>, StoreError> {
         self.next_due()
     }
+    fn reports_pending(&self) -> Result<i64, StoreError> {
+        self.pending_reports()
+    }
     fn reports_of(&self, run: i64) -> Result<Vec<super::ReportView>, StoreError> {
         self.reports_of_run(run)
     }

@@ -330,6 +330,21 @@ impl Postgres {
         })
     }
 
+    pub(super) fn pending_reports(&self) -> Result<i64, StoreError> {
+        self.read(move |c| async move {
+            let row = query_opt(
+                &c,
+                "SELECT COUNT(*) FROM reports WHERE state = 'pending'",
+                &[],
+            )
+            .await?;
+            Ok(match row {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            })
+        })
+    }
+
     pub(super) fn reports_of_run(&self, run: i64) -> Result<Vec<ReportView>, StoreError> {
         self.read(move |c| async move {
             let rows = query(

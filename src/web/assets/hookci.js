@@ -171,13 +171,20 @@ function followRun(root) {
     delete root.dataset.live;
   }
 
-  const events = new EventSource("/api/runs/" + encodeURIComponent(id) + "/events");
+  // A running step's log on the page may end inside a colour: its output goes on in it.
+  for (const section of logs.querySelectorAll("section.log[data-sgr]")) {
+    const a = new Ansi();
+    a.apply(section.dataset.sgr === "" ? [0] : section.dataset.sgr.split(";").map((p) => parseInt(p, 10) || 0));
+    ansi[section.id.slice("log-".length)] = a;
+  }
+
+  // The page came with each started step's log so far; the stream sends only what
+  // follows (its `from`), and a reconnect goes on from the last event's id.
+  const events = new EventSource(root.dataset.events || "/api/runs/" + encodeURIComponent(id) + "/events");
   events.addEventListener("step_started", (e) => {
     const step = JSON.parse(e.data);
     row(step);
-    // The stream starts each step's output from its beginning: what the page showed
-    // is replaced, not repeated.
-    pre(step.number, step.name).innerHTML = "";
+    pre(step.number, step.name);
     ansi[step.number] = new Ansi();
     document.getElementById("run-status").innerHTML = statusHtml("running");
   });
@@ -197,27 +204,45 @@ function followRun(root) {
     document.getElementById("stopping").hidden = false;
     events.close();
   });
+  // A network error leaves the stream reconnecting; an answer other than a stream
+  // (503 when too many follow) closes it for good, and the page says so.
+  events.addEventListener("error", () => {
+    if (events.readyState === EventSource.CLOSED && root.dataset.live !== undefined) {
+      document.getElementById("refused").hidden = false;
+    }
+  });
 }
 
-// Runs tables: while a row is queued or running (or new runs may come, on a first
-// page), the table is fetched again and swapped in.
+// Runs tables (on first pages): fetched again and swapped in when a run is queued,
+// starts or ends, as the runs event stream says; nothing is fetched while nothing
+// changes.
 function refreshTables() {
-  const tables = document.querySelectorAll("[data-refresh]");
-  if (!tables.length) return;
-  const tick = async () => {
-    const live = document.querySelector("[data-refresh] tr[data-live]");
-    if (!document.hidden) {
-      try {
-        const r = await fetch(location.href, { credentials: "same-origin", cache: "no-store" });
-        if (r.ok) {
-          const fresh = new DOMParser().parseFromString(await r.text(), "text/html").querySelectorAll("[data-refresh]");
-          document.querySelectorAll("[data-refresh]").forEach((el, i) => { if (fresh[i]) el.innerHTML = fresh[i].innerHTML; });
-        }
-      } catch (_) { /* the next tick tries again */ }
-    }
-    setTimeout(tick, live ? 2000 : 10000);
+  if (!document.querySelector("[data-refresh]")) return;
+  let pending = null;
+  const swap = async () => {
+    pending = null;
+    try {
+      const r = await fetch(location.href, { credentials: "same-origin", cache: "no-store" });
+      if (r.ok) {
+        const fresh = new DOMParser().parseFromString(await r.text(), "text/html").querySelectorAll("[data-refresh]");
+        document.querySelectorAll("[data-refresh]").forEach((el, i) => { if (fresh[i]) el.innerHTML = fresh[i].innerHTML; });
+      }
+    } catch (_) { /* the next change tries again */ }
   };
-  setTimeout(tick, document.querySelector("[data-refresh] tr[data-live]") ? 2000 : 10000);
+  // Changes come in bursts (a push queues several runs): one fetch for a burst.
+  const soon = () => { if (!pending) pending = setTimeout(swap, 250); };
+  const events = new EventSource("/api/events");
+  // Each (re)connection may have missed changes since the page or the last stream.
+  events.addEventListener("open", soon);
+  events.addEventListener("run", soon);
+  events.addEventListener("lagged", soon);
+  events.addEventListener("stopping", () => events.close());
+  // Refused (503 when too many follow): a slow look now and then instead.
+  events.addEventListener("error", () => {
+    if (events.readyState === EventSource.CLOSED) {
+      setInterval(() => { if (!document.hidden) swap(); }, 30000);
+    }
+  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
