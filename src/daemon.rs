@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::intake::error_reply;
 use crate::intake::{self, reconcile};
 use crate::pipeline::PipelineSet;
-use crate::run::{runner, scheduler};
+use crate::run::{runner, scheduler, workspace};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
 use crate::web::{api, control, http};
@@ -114,6 +114,12 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
             }
         }
     }
+    // Reused workspaces stay (that is their point); only the processes a step left
+    // running in them go. A workspace an update was cut short in is replaced by the
+    // next run of its slot, never built from.
+    for reused in workspace::reused(&state_dir.join("workspaces")) {
+        runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", reused.display()));
+    }
     remove_leftover_workspaces(&state_dir.join("workspaces"));
     for (id, attempt, status) in store.requeue_interrupted()? {
         // A run that ends here keeps its logs where its last attempt's are read from.
@@ -132,12 +138,16 @@ fn open_and_recover(state_dir: &Path) -> Result<(Store, PathBuf, std::fs::File),
 
 /// Removes every workspace a previous daemon left: a run's end is stored before its
 /// workspace is removed, so a crash in between leaves the workspace of an ended run
-/// behind. Nothing executes yet, so every workspace found is a leftover.
+/// behind. Nothing executes yet, so every workspace found is a leftover, except the
+/// reused ones (`workspace: reuse`), which outlive their runs.
 fn remove_leftover_workspaces(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
+        if entry.file_name() == workspace::REUSE_DIR {
+            continue;
+        }
         let path = entry.path();
         if let Err(e) = std::fs::remove_dir_all(&path) {
             tracing::warn!(workspace = %path.display(), error = %e, "cannot remove a leftover workspace");

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::git::worker::GitWorker;
 use crate::pipeline::PipelineSet;
-use crate::run::scheduler;
+use crate::run::{scheduler, workspace};
 use crate::store::Store;
 
 /// What every stage shares.
@@ -25,6 +25,8 @@ pub struct AppState {
     pub running: scheduler::Running,
     /// Runs git jobs (fetch, checkout, ref listings) in child processes.
     pub git: GitWorker,
+    /// The reused workspaces held by executing runs.
+    pub slots: workspace::Slots,
     /// Turns true once when the daemon begins to stop.
     stopping: watch::Sender<bool>,
 }
@@ -38,6 +40,7 @@ impl AppState {
             pipelines: RwLock::new(Arc::new(pipelines)),
             wake: Notify::new(),
             running: scheduler::Running::default(),
+            slots: workspace::Slots::default(),
             stopping: watch::Sender::new(false),
         }
     }

@@ -10,3 +10,4 @@ mod control;
 mod intake;
 mod reconcile;
 mod recovery;
+mod workspaces;

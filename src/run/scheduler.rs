@@ -19,6 +19,7 @@ use crate::git::worker::{Fetch, GitError};
 use crate::pipeline::{Interrupted, Pipeline};
 use crate::run::mask::Masker;
 use crate::run::runner::{self, StepCommand, StepEnd};
+use crate::run::workspace::Lease;
 use crate::state::AppState;
 use crate::store::{
     OnInterrupt, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
@@ -329,8 +330,10 @@ async fn execute(
     _permit: OwnedSemaphorePermit,
 ) {
     tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
-    let workspace = state.workspace(run.id);
-    let ending = match state.pipelines().get(&run.pipeline).cloned() {
+    let pipeline = state.pipelines().get(&run.pipeline).cloned();
+    let lease = workspace_of(&state, &run, pipeline.as_deref());
+    let workspace = lease.path.clone();
+    let ending = match pipeline {
         None => Ending {
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
@@ -340,7 +343,7 @@ async fn execute(
                 status: RunStatus::Failed,
                 reason: Some(reason),
             },
-            Ok(secrets) => match prepare(&state, &run, &pipeline, &workspace, &stop).await {
+            Ok(secrets) => match prepare(&state, &run, &pipeline, &lease, &stop).await {
                 Ok(Some(skip)) => Ending {
                     status: RunStatus::Skipped,
                     reason: Some(skip),
@@ -377,10 +380,14 @@ async fn execute(
     })
     .await;
     state.running.remove(run.id);
-    let ws = workspace.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
-        tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
+    if lease.is_fresh() {
+        let ws = workspace.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || remove_dir(&ws)).await {
+            tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
+        }
     }
+    // Held until every process of the run is gone: the next run of the slot may start.
+    drop(lease);
     // Not while the daemon stops: the stop waits for this task, and the next start
     // prunes anyway.
     if !*state.stopping().borrow() {
@@ -518,7 +525,7 @@ async fn prepare(
     state: &Arc<AppState>,
     run: &Run,
     pipeline: &Pipeline,
-    workspace: &Path,
+    workspace: &Lease,
     stop: &watch::Receiver<bool>,
 ) -> Result<Option<String>, GitError> {
     let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
@@ -556,11 +563,45 @@ async fn prepare(
             )));
         }
     }
-    state
-        .git
-        .checkout(&repo, &run.clone_url, &run.commit, workspace, stop)
-        .await?;
+    check_out(state, run, &repo, workspace, stop).await?;
     Ok(None)
+}
+
+/// The workspace `run` executes in: its own, or its slot's reused one (`workspace:`).
+fn workspace_of(state: &AppState, run: &Run, pipeline: Option<&Pipeline>) -> Lease {
+    match pipeline {
+        Some(p) => state.slots.lease(&state.config.state_dir, run, p),
+        None => Lease::fresh(state.workspace(run.id)),
+    }
+}
+
+/// Puts the run's commit into its workspace: a fresh checkout, or the reused workspace
+/// updated in place.
+async fn check_out(
+    state: &Arc<AppState>,
+    run: &Run,
+    repo: &RepoName,
+    workspace: &Lease,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), GitError> {
+    let Some(keep) = &workspace.reuse else {
+        return state
+            .git
+            .checkout(repo, &run.clone_url, &run.commit, &workspace.path, stop)
+            .await;
+    };
+    let how = state
+        .git
+        .update(
+            repo,
+            &run.clone_url,
+            &run.commit,
+            (&workspace.path, keep),
+            stop,
+        )
+        .await?;
+    tracing::info!(workspace = %workspace.path.display(), updated = ?how, "reused workspace ready");
+    Ok(())
 }
 
 /// The daemon's own variables a step may see; nothing else of its environment passes.
