@@ -22,7 +22,7 @@ use crate::run::runner::{self, StepCommand, StepEnd};
 use crate::run::workspace::Lease;
 use crate::state::AppState;
 use crate::store::{
-    OnInterrupt, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
+    OnInterrupt, Phases, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
 };
 
 /// The stop switches of one executing run.
@@ -344,15 +344,13 @@ async fn execute(
                 reason: Some(reason),
             },
             Ok(secrets) => match prepare(&state, &run, &pipeline, &lease, &stop).await {
-                Ok(Some(skip)) => Ending {
+                Ok(Prepared::Skip(skip)) => Ending {
                     status: RunStatus::Skipped,
                     reason: Some(skip),
                 },
-                Ok(None) => {
-                    run_steps(
-                        &state, &run, &pipeline, &workspace, &secrets, &control, stop,
-                    )
-                    .await
+                Ok(Prepared::Ready(phases)) => {
+                    let ws = (workspace.as_path(), phases);
+                    run_steps(&state, &run, &pipeline, ws, &secrets, &control, stop).await
                 }
                 Err(GitError::Stopped) => stopped(&control, "the checkout"),
                 Err(GitError::Failed(reason)) => Ending {
@@ -519,15 +517,22 @@ fn secrets_of(state: &AppState, pipeline: &Pipeline) -> Result<Vec<(String, Secr
         .collect()
 }
 
-/// Records the planned steps and checks the commit out; `Some(reason)` when the
-/// pipeline's path filter says the run has nothing to do. A stop kills the git job.
+/// What [`prepare`] leaves a run with.
+enum Prepared {
+    /// The commit is in the workspace; the fetch and checkout took this long.
+    Ready(Phases),
+    /// The pipeline's path filter says the run has nothing to do, for this reason.
+    Skip(String),
+}
+
+/// Records the planned steps and checks the commit out. A stop kills the git job.
 async fn prepare(
     state: &Arc<AppState>,
     run: &Run,
     pipeline: &Pipeline,
     workspace: &Lease,
     stop: &watch::Receiver<bool>,
-) -> Result<Option<String>, GitError> {
+) -> Result<Prepared, GitError> {
     let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
     let on_interrupt = match pipeline.interrupted {
         Interrupted::Retry => OnInterrupt::Retry,
@@ -551,20 +556,32 @@ async fn prepare(
         commit: &run.commit,
         changes_since: paths.map(|_| run.before.as_str()),
     };
+    let fetching = Instant::now();
     let changes = state.git.fetch(fetch, stop).await?;
+    let fetch_ms = millis(fetching.elapsed());
     if let Some(paths) = paths {
         let changes = changes.ok_or_else(|| GitError::Failed("git worker: no changes".into()))?;
         if !changes.paths.iter().any(|p| paths.is_match(p)) {
             let wanted: Vec<&str> = paths.patterns().iter().map(|p| p.as_str()).collect();
-            return Ok(Some(format!(
+            return Ok(Prepared::Skip(format!(
                 "no changed file matches on.paths {wanted:?} ({} file(s) changed; diff against {})",
                 changes.paths.len(),
                 changes.base
             )));
         }
     }
+    let checking_out = Instant::now();
     check_out(state, run, &repo, workspace, stop).await?;
-    Ok(None)
+    Ok(Prepared::Ready(Phases {
+        fetch_ms,
+        checkout_ms: millis(checking_out.elapsed()),
+    }))
+}
+
+/// Whole milliseconds, rounded down: phases rounded so never add up to more than the
+/// whole they are part of.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The workspace `run` executes in: its own, or its slot's reused one (`workspace:`).
@@ -677,7 +694,7 @@ async fn run_steps(
     state: &Arc<AppState>,
     run: &Run,
     pipeline: &Pipeline,
-    workspace: &Path,
+    (workspace, phases): (&Path, Phases),
     secrets: &[(String, Secret)],
     control: &RunControl,
     stop: watch::Receiver<bool>,
@@ -691,6 +708,8 @@ async fn run_steps(
     // `if: always` steps left still run, each on its own time, and only the daemon
     // stopping stops them: they are how a pipeline cleans up after itself.
     let mut cut = false;
+    // Recorded with the first step that starts: push to first step.
+    let mut first = Some(phases);
     for (i, step) in pipeline.steps.iter().enumerate() {
         let number = i as i64 + 1;
         let halted = *halt.borrow();
@@ -728,9 +747,16 @@ async fn run_steps(
         let id = run.id;
         // Stored before the step starts: recovery tells from it whether a step of an
         // interrupted run ran (`interrupted: fail`), so an unrecorded start must not run.
-        let started = until_stored(state, control, "the start of a step", move |s| {
-            s.step_started(id, number)
-        })
+        let first = first.take();
+        let started = until_stored(
+            state,
+            control,
+            "the start of a step",
+            move |s| match first {
+                Some(phases) => s.first_step_started(id, number, phases),
+                None => s.step_started(id, number),
+            },
+        )
         .instrument(span.clone())
         .await;
         if started.is_err() {

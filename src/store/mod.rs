@@ -142,6 +142,15 @@ CREATE TABLE reconciled (
 INSERT INTO reconciled (repo, first_at)
     SELECT repo, MIN(updated_at) FROM ref_heads GROUP BY repo;
 "#,
+    // Push to first step, per run: the phases before its first step started (queue
+    // wait, fetch, checkout) and the whole of it, in milliseconds since the run was
+    // created; NULL until a first step starts. Older runs never had them measured.
+    r#"
+ALTER TABLE runs ADD COLUMN queue_ms INTEGER;
+ALTER TABLE runs ADD COLUMN fetch_ms INTEGER;
+ALTER TABLE runs ADD COLUMN checkout_ms INTEGER;
+ALTER TABLE runs ADD COLUMN first_step_ms INTEGER;
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -202,7 +211,8 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
-     status, reason, attempt, generation, created_at, started_at, finished_at";
+     status, reason, attempt, generation, created_at, started_at, finished_at, \
+     queue_ms, fetch_ms, checkout_ms, first_step_ms";
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status: String = row.get(9)?;
@@ -223,6 +233,15 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         created_at: row.get(13)?,
         started_at: row.get(14)?,
         finished_at: row.get(15)?,
+        timings: match row.get::<_, Option<i64>>(19)? {
+            Some(to_first_step_ms) => Some(Timings {
+                queue_ms: row.get(16)?,
+                fetch_ms: row.get(17)?,
+                checkout_ms: row.get(18)?,
+                to_first_step_ms,
+            }),
+            None => None,
+        },
     })
 }
 

@@ -5,8 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{repo_key, run_from_row, Store, StoreError, RUN_COLUMNS};
 use super::{
-    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, Reconciled, RefChange, Run, RunRef,
-    RunStatus, StepEnd, StepStatus, Supersede,
+    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned, Reconciled, RefChange, Run,
+    RunRef, RunStatus, StepEnd, StepStatus, Supersede,
 };
 use crate::clock::now_ms;
 
@@ -110,6 +110,31 @@ impl Store {
                  WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2"
             ))?
             .execute(params![run_id, number, now_ms()])
+            .map(drop)
+        })
+    }
+
+    /// [`Store::step_started`] for a run's first step, recording with it how long the
+    /// run took to get there (see [`super::Timings`]), in the same commit.
+    pub fn first_step_started(
+        &self,
+        run_id: i64,
+        number: i64,
+        phases: Phases,
+    ) -> Result<(), StoreError> {
+        self.writer.exec(move |c| {
+            let now = now_ms();
+            c.prepare_cached(&format!(
+                "UPDATE steps SET status = 'running', started_at = ?3
+                 WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2"
+            ))?
+            .execute(params![run_id, number, now])?;
+            c.prepare_cached(
+                "UPDATE runs SET queue_ms = MAX(0, COALESCE(started_at, ?2) - created_at),
+                        fetch_ms = ?3, checkout_ms = ?4, first_step_ms = MAX(0, ?2 - created_at)
+                 WHERE id = ?1",
+            )?
+            .execute(params![run_id, now, phases.fetch_ms, phases.checkout_ms])
             .map(drop)
         })
     }

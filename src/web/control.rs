@@ -231,6 +231,7 @@ async fn trigger(
         created_at: 0,
         started_at: None,
         finished_at: None,
+        timings: None,
     };
     let new = explicit_run(&template, "manual", 1, &state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;
