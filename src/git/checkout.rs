@@ -13,6 +13,7 @@ use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
 
 use crate::config::HostToken;
 use crate::git::changes::{self, Changes};
+use crate::git::parallel;
 use crate::git::repo::RepoName;
 
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +346,9 @@ impl Mirrors {
         repo.remote("origin", req.clone_url)
             .map_err(|e| ws_err(e.to_string()))?;
         let oid = parse_oid(req.commit)?;
+        if parallel::checkout(&repo, oid).map_err(|e| ws_err(e.to_string()))? {
+            return Ok(());
+        }
         repo.set_head_detached(oid)
             .map_err(|e| ws_err(e.to_string()))?;
         repo.checkout_head(Some(CheckoutBuilder::new().force()))
