@@ -243,7 +243,8 @@ impl Store {
                 } else if attempt < MAX_ATTEMPTS {
                     c.execute(
                         "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
-                                finished_at = NULL, reason = ?2
+                                finished_at = NULL, reason = ?2, queue_ms = NULL, fetch_ms = NULL,
+                                checkout_ms = NULL, first_step_ms = NULL
                          WHERE id = ?1",
                         params![id, format!("attempt {attempt} was interrupted by a daemon stop or crash")],
                     )?;
