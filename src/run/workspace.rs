@@ -76,6 +76,11 @@ impl Slots {
             .join(REUSE_DIR)
             .join(&pipeline.name)
             .join(slot_name(pipeline.concurrency.group, &run.git_ref));
+        self.hold(&slot, &pipeline.keep)
+    }
+
+    /// The lowest-numbered workspace of `slot` that no executing run holds.
+    fn hold(&self, slot: &Path, keep: &[String]) -> Lease {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let path = (0u32..)
             .map(|n| slot.join(n.to_string()))
@@ -84,7 +89,7 @@ impl Slots {
         held.insert(path.clone());
         Lease {
             path,
-            reuse: Some(pipeline.keep.clone()),
+            reuse: Some(keep.to_vec()),
             held: Some(Arc::clone(&self.held)),
         }
     }
@@ -140,6 +145,22 @@ pub fn reused(workspaces: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_runs_of_a_slot_never_share_a_workspace() {
+        let slots = Slots::default();
+        let slot = Path::new("/s/workspaces/reuse/ci/main-0000");
+        let keep = vec!["target/".to_owned()];
+        let first = slots.hold(slot, &keep);
+        let second = slots.hold(slot, &keep);
+        assert_eq!(first.path, slot.join("0"));
+        assert_eq!(second.path, slot.join("1"));
+        assert_eq!(second.reuse.as_deref(), Some(&keep[..]));
+        assert!(!first.is_fresh());
+        drop(first);
+        // Given back when its run ended: the next run takes the warm one again.
+        assert_eq!(slots.hold(slot, &keep).path, slot.join("0"));
+    }
 
     #[test]
     fn slot_names_are_one_safe_segment_and_keep_refs_apart() {
