@@ -13,7 +13,7 @@ use crate::config::{Config, ConfigSource};
 use crate::git::worker::GitWorker;
 use crate::pipeline::PipelineSet;
 use crate::run::contain::Cgroups;
-use crate::run::{scheduler, Events};
+use crate::run::{scheduler, workspace, Events};
 use crate::store::Store;
 use crate::web::follow::Followers;
 use crate::web::metrics::Metrics;
@@ -53,6 +53,8 @@ pub struct AppState {
     /// service manager's status line; `changed` wakes the one who keeps that line.
     pub last_delivery: Mutex<Option<i64>>,
     pub changed: Notify,
+    /// The reused workspaces held by executing runs.
+    pub slots: workspace::Slots,
     /// Turns true once when the daemon begins to stop.
     stopping: watch::Sender<bool>,
     /// Where runs' cgroups are made, if anywhere.
@@ -85,6 +87,7 @@ impl AppState {
             metrics: Metrics::new(),
             last_delivery: Mutex::new(None),
             changed: Notify::new(),
+            slots: workspace::Slots::default(),
             stopping: watch::Sender::new(false),
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),

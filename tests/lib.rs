@@ -11,3 +11,4 @@ mod intake;
 mod reconcile;
 mod recovery;
 mod systemd;
+mod workspaces;

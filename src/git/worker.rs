@@ -20,8 +20,9 @@ use tokio::sync::watch;
 
 use crate::config::{HostToken, Secret};
 use crate::git::changes::Changes;
-use crate::git::checkout::{self, Mirrors, Request as Checkout};
+use crate::git::checkout::{self, Mirrors, Request as Checkout, Updated};
 use crate::git::repo::RepoName;
+use crate::pipeline::pattern::PatternList;
 
 /// The subcommand that runs one job (hidden from `--help`).
 pub const SUBCOMMAND: &str = "git-worker";
@@ -82,6 +83,15 @@ enum Job {
         commit: String,
         dest: PathBuf,
     },
+    /// Bring the reused workspace `dest` to a fetched commit in place (see
+    /// [`Mirrors::update`]), keeping the untracked paths `keep` matches.
+    Update {
+        repo: String,
+        clone_url: String,
+        commit: String,
+        dest: PathBuf,
+        keep: Vec<String>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -90,6 +100,7 @@ enum Reply {
     Heads(Vec<(String, String)>),
     Fetched { changes: Option<Changes> },
     CheckedOut,
+    Updated(Updated),
     Failed(String),
 }
 
@@ -196,6 +207,30 @@ impl GitWorker {
         };
         match self.call(job, Some(stop.clone())).await? {
             Reply::CheckedOut => Ok(()),
+            _ => Err(GitError::Failed("git worker: unexpected reply".into())),
+        }
+    }
+
+    /// Brings the reused workspace `dest` to a commit [`GitWorker::fetch`] brought into
+    /// the mirror, keeping the untracked paths that `keep` (filter patterns) matches.
+    /// Like a checkout it only reads the mirror.
+    pub async fn update(
+        &self,
+        repo: &RepoName,
+        clone_url: &str,
+        commit: &str,
+        (dest, keep): (&Path, &[String]),
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Updated, GitError> {
+        let job = Job::Update {
+            repo: repo.to_string(),
+            clone_url: clone_url.to_owned(),
+            commit: commit.to_owned(),
+            dest: dest.to_path_buf(),
+            keep: keep.to_vec(),
+        };
+        match self.call(job, Some(stop.clone())).await? {
+            Reply::Updated(how) => Ok(how),
             _ => Err(GitError::Failed("git worker: unexpected reply".into())),
         }
     }
@@ -398,6 +433,26 @@ fn work(request: Request) -> Result<Reply, String> {
                 .checkout(&req, &dest)
                 .map_err(|e| format!("checkout failed: {e}"))?;
             Ok(Reply::CheckedOut)
+        }
+        Job::Update {
+            repo,
+            clone_url,
+            commit,
+            dest,
+            keep,
+        } => {
+            let repo = RepoName::parse(&repo)?;
+            let keep = PatternList::parse(&keep).map_err(|e| e.to_string())?;
+            let req = Checkout {
+                repo: &repo,
+                clone_url: &clone_url,
+                git_ref: "",
+                commit: &commit,
+            };
+            mirrors
+                .update(&req, &dest, &|path| keep.is_match(path))
+                .map(Reply::Updated)
+                .map_err(|e| format!("updating the workspace failed: {e}"))
         }
     }
 }

@@ -99,6 +99,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             log_dropped: 0,
+            timings: None,
         }
     }
 

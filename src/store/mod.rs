@@ -179,6 +179,15 @@ CREATE INDEX reports_due ON reports(next_at, id) WHERE state = 'pending';
 CREATE INDEX reports_coalesce ON reports(coalesce_key) WHERE state = 'pending';
 CREATE INDEX reports_run ON reports(run_id);
 "#,
+    // Push to first step, per run: the phases before its first step started (queue
+    // wait, fetch, checkout) and the whole of it, in milliseconds since the run was
+    // created; NULL until a first step starts. Older runs never had them measured.
+    r#"
+ALTER TABLE runs ADD COLUMN queue_ms INTEGER;
+ALTER TABLE runs ADD COLUMN fetch_ms INTEGER;
+ALTER TABLE runs ADD COLUMN checkout_ms INTEGER;
+ALTER TABLE runs ADD COLUMN first_step_ms INTEGER;
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -241,7 +250,8 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
-     status, reason, attempt, generation, created_at, started_at, finished_at, log_dropped";
+     status, reason, attempt, generation, created_at, started_at, finished_at, log_dropped, \
+     queue_ms, fetch_ms, checkout_ms, first_step_ms";
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status: String = row.get(9)?;
@@ -263,6 +273,15 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         started_at: row.get(14)?,
         finished_at: row.get(15)?,
         log_dropped: row.get(16)?,
+        timings: match row.get::<_, Option<i64>>(20)? {
+            Some(to_first_step_ms) => Some(Timings {
+                queue_ms: row.get(17)?,
+                fetch_ms: row.get(18)?,
+                checkout_ms: row.get(19)?,
+                to_first_step_ms,
+            }),
+            None => None,
+        },
     })
 }
 

@@ -259,6 +259,7 @@ pub(crate) async fn trigger_run(
         started_at: None,
         finished_at: None,
         log_dropped: 0,
+        timings: None,
     };
     let new = explicit_run(&template, "manual", 1, state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;

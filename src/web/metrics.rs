@@ -204,6 +204,7 @@ mod tests {
             started_at: started,
             finished_at: end,
             log_dropped: 0,
+            timings: None,
         }
     }
 

@@ -1,0 +1,124 @@
+//! `workspace: reuse`: a slot's workspace outlives its runs and a restart, is updated to
+//! exactly the new commit (keeping only what `keep:` names), and is replaced when an
+//! update of it was cut short.
+
+use std::collections::HashMap;
+
+use crate::harness::*;
+
+const REPO: &str = "octo-org/octo-repo";
+
+/// Prints what the step finds, then leaves what a build leaves: output under `target/`
+/// (kept), a stray untracked file (not kept) and an edited tracked file.
+const INSPECT: &str = r#"  - name: inspect
+    run: |
+      echo "ws=$HOOKCI_WORKSPACE"
+      echo "files=$(ls -A | grep -vx .git | sort | tr '\n' ' ')"
+      echo "a=$(cat a.txt)"
+      echo "head=$(git rev-parse HEAD)"
+      echo "stamp=$(cat target/stamp 2>/dev/null)"
+      mkdir -p target/debug && echo "warm-$HOOKCI_RUN_ID" > target/stamp
+      echo junk > untracked.txt
+      echo "edited by run $HOOKCI_RUN_ID" > a.txt
+"#;
+
+/// Pushes `after` (on main, after `before`) and returns what the run's step printed,
+/// and its id as `run`.
+fn build(d: &Daemon, n: u32, before: &str, after: &str) -> HashMap<String, String> {
+    let payload = PushPayload::new(
+        REPO,
+        "refs/heads/main",
+        before,
+        after,
+        "https://example.invalid/x.git",
+    );
+    let r = d.deliver("push", &format!("delivery-{n}"), &payload.bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    let mut printed: HashMap<String, String> = d
+        .run_log(id)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect();
+    printed.insert("run".into(), id.to_string());
+    printed
+}
+
+#[test]
+fn a_reused_workspace_builds_the_new_commit_exactly_and_a_damaged_one_is_replaced() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit(
+        "main",
+        &[("a.txt", "one"), ("doomed.txt", "deleted upstream")],
+        "first",
+    );
+    let pipeline = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nkeep: [\"target/\"]\nsteps:\n{INSPECT}",
+        origin.url()
+    );
+    let mut d = b.pipeline("ci", &pipeline).start();
+
+    let first = build(&d, 1, &"0".repeat(40), &c1);
+    assert_eq!(first["files"], "a.txt doomed.txt");
+    assert_eq!(first["a"], "one");
+    assert_eq!(first["head"], c1);
+    assert_eq!(first["stamp"], "");
+    let ws = first["ws"].clone();
+    assert!(
+        ws.starts_with(
+            &d.state_dir()
+                .canonicalize()
+                .unwrap()
+                .join("workspaces/reuse/ci/")
+                .display()
+                .to_string()
+        ),
+        "{ws}"
+    );
+    assert!(
+        std::path::Path::new(&ws).join("target/stamp").exists(),
+        "kept after the run"
+    );
+
+    // The next commit deletes a file and adds one: the same workspace, exactly that
+    // commit, with `target/` still warm.
+    let c2 = origin.commit_removing("main", &["doomed.txt"], "drop");
+    let c3 = origin.commit("main", &[("b.txt", "two")], "add");
+    let second = build(&d, 2, &c1, &c3);
+    assert_eq!(second["ws"], ws, "the slot's workspace is reused");
+    assert_eq!(second["files"], "a.txt b.txt target", "{second:?}");
+    assert_eq!(second["a"], "one", "the edit of a tracked file is undone");
+    assert_eq!(second["head"], c3);
+    assert!(second["stamp"].starts_with("warm-"), "{second:?}");
+    assert_ne!(c2, c3);
+
+    // A restart (startup recovery) keeps reused workspaces.
+    d.signal(libc::SIGTERM);
+    d.wait();
+    d.spawn();
+    let c4 = origin.commit("main", &[("a.txt", "four")], "four");
+    let third = build(&d, 3, &c3, &c4);
+    assert_eq!(third["ws"], ws);
+    assert_eq!(
+        third["stamp"],
+        format!("warm-{}", second["run"]),
+        "{third:?}"
+    );
+    assert_eq!(third["a"], "four");
+
+    // What a failed or killed update leaves: its marker. Never built from: replaced.
+    let marker = format!("{ws}.updating");
+    std::fs::write(&marker, "").unwrap();
+    let c5 = origin.commit("main", &[("c.txt", "five")], "five");
+    let fourth = build(&d, 4, &c4, &c5);
+    assert_eq!(fourth["ws"], ws);
+    assert_eq!(fourth["files"], "a.txt b.txt c.txt", "{fourth:?}");
+    assert_eq!(fourth["stamp"], "", "a replaced workspace starts cold");
+    assert_eq!(fourth["head"], c5);
+    assert!(!std::path::Path::new(&marker).exists());
+    assert!(d.log().contains("replacing it"), "{}", d.log());
+}
