@@ -483,6 +483,26 @@ fn push_to_first_step_is_recorded_per_run_in_its_phases() {
     // The listing carries the same numbers.
     let listed = d.get_json("/api/runs?pipeline=ci")["runs"][0].clone();
     assert_eq!(listed["timings"], *timings, "{listed:#}");
+    // And the metrics observe each phase, and the whole, once for this one run.
+    let counts: Vec<String> = ["total", "queue", "fetch", "checkout"]
+        .iter()
+        .map(|phase| format!("hookci_push_to_first_step_seconds_count{{phase=\"{phase}\"}} 1"))
+        .collect();
+    let mut metrics = String::new();
+    eventually("the metrics observe the run's first step", || {
+        metrics = d.get("/metrics").text();
+        counts.iter().all(|c| metrics.lines().any(|l| l == c))
+    });
+    let sum = |phase: &str| -> f64 {
+        let prefix = format!("hookci_push_to_first_step_seconds_sum{{phase=\"{phase}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+    };
+    assert_eq!(sum("total"), ms("to_first_step_ms") as f64 / 1000.0);
+    assert_eq!(sum("checkout"), ms("checkout_ms") as f64 / 1000.0);
 }
 
 #[test]

@@ -992,16 +992,18 @@ async fn run_steps(
             "the start of a step",
             move |s| match first {
                 Some(phases) => s.first_step_started(id, number, phases),
-                None => s.step_started(id, number),
+                None => s.step_started(id, number).map(|step| (step, None)),
             },
         )
         .instrument(span.clone())
         .await;
         match started {
-            Ok(Some(step)) => state
-                .events
-                .publish(RunEvent::StepStarted { run: id, step }),
-            Ok(None) => {}
+            Ok((Some(step), timings)) => state.events.publish(RunEvent::StepStarted {
+                run: id,
+                step,
+                timings,
+            }),
+            Ok((None, _)) => {}
             Err(_) => {
                 ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
                 continue;

@@ -7,7 +7,7 @@ use super::outbox::{self, ReportPolicy, Transition};
 use super::{repo_key, run_from_row, step_from_row, steps_in, Store, StoreError};
 use super::{
     DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned, QueuedCancel, Reconciled,
-    RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede,
+    RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede, Timings,
 };
 use super::{RUN_COLUMNS, STEP_COLUMNS};
 use crate::clock::now_ms;
@@ -112,17 +112,18 @@ impl Store {
 
     /// Marks a step running; returns it as committed (`None`: no such step).
     pub fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
-        self.start_step(run_id, number, None)
+        self.start_step(run_id, number, None).map(|(step, _)| step)
     }
 
     /// [`Store::step_started`] for a run's first step, recording with it how long the
-    /// run took to get there (see [`super::Timings`]), in the same commit.
+    /// run took to get there (see [`Timings`]), in the same commit; returns both as
+    /// committed.
     pub fn first_step_started(
         &self,
         run_id: i64,
         number: i64,
         phases: Phases,
-    ) -> Result<Option<Step>, StoreError> {
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
         self.start_step(run_id, number, Some(phases))
     }
 
@@ -131,7 +132,7 @@ impl Store {
         run_id: i64,
         number: i64,
         first: Option<Phases>,
-    ) -> Result<Option<Step>, StoreError> {
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
         self.exec_reporting(move |c, policy| {
             let now = now_ms();
             let step = c.prepare_cached(&format!(
@@ -141,16 +142,31 @@ impl Store {
             ))?
             .query_row(params![run_id, number, now], step_from_row)
             .optional()?;
-            if let Some(phases) = first {
-                c.prepare_cached(
-                    "UPDATE runs SET queue_ms = MAX(0, COALESCE(started_at, ?2) - created_at),
-                            fetch_ms = ?3, checkout_ms = ?4, first_step_ms = MAX(0, ?2 - created_at)
-                     WHERE id = ?1",
-                )?
-                .execute(params![run_id, now, phases.fetch_ms, phases.checkout_ms])?;
-            }
+            let timings = match first {
+                None => None,
+                Some(phases) => c
+                    .prepare_cached(
+                        "UPDATE runs SET queue_ms = MAX(0, COALESCE(started_at, ?2) - created_at),
+                                fetch_ms = ?3, checkout_ms = ?4,
+                                first_step_ms = MAX(0, ?2 - created_at)
+                         WHERE id = ?1
+                         RETURNING queue_ms, fetch_ms, checkout_ms, first_step_ms",
+                    )?
+                    .query_row(
+                        params![run_id, now, phases.fetch_ms, phases.checkout_ms],
+                        |r| {
+                            Ok(Timings {
+                                queue_ms: r.get(0)?,
+                                fetch_ms: r.get(1)?,
+                                checkout_ms: r.get(2)?,
+                                to_first_step_ms: r.get(3)?,
+                            })
+                        },
+                    )
+                    .optional()?,
+            };
             let Some(policy) = policy else {
-                return Ok(step);
+                return Ok((step, timings));
             };
             let found = c
                 .prepare_cached(&format!(
@@ -184,7 +200,7 @@ impl Store {
                 };
                 outbox::record(c, policy, &t)?;
             }
-            Ok(step)
+            Ok((step, timings))
         })
     }
 

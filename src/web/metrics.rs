@@ -2,7 +2,9 @@
 //! the runs in the store, read at each scrape; and, kept from the run event stream
 //! since the daemon started, `hookci_runs_total{pipeline,status}` (runs that ended),
 //! `hookci_run_duration_seconds{pipeline}` (start to end of the runs that ended) and
-//! `hookci_queue_wait_seconds` (creation to start of a run's first attempt). Encoded by
+//! `hookci_queue_wait_seconds` (creation to start of a run's first attempt) and
+//! `hookci_push_to_first_step_seconds{phase}` (a run's creation to its first step's
+//! start: `total`, and its phases `queue`, `fetch`, `checkout`). Encoded by
 //! `prometheus-client`, so the text is valid whatever the label values hold.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -38,6 +40,17 @@ struct Ended {
     status: &'static str,
 }
 
+/// Seconds: from an update of a warm workspace to a cold fetch of a large repository
+/// behind a backlog.
+const FIRST_STEP_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PipelineLabel {
     pipeline: String,
@@ -52,6 +65,7 @@ struct Kept {
     ended: Family<Ended, Counter>,
     duration: Histograms,
     queue_wait: Histogram,
+    to_first_step: Family<PhaseLabel, Histogram, fn() -> Histogram>,
 }
 
 pub struct Metrics {
@@ -72,6 +86,7 @@ impl Metrics {
             ended: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
             queue_wait: Histogram::new(WAIT_BUCKETS),
+            to_first_step: Family::new_with_constructor(|| Histogram::new(FIRST_STEP_BUCKETS)),
         };
         let mut registry = Registry::default();
         registry.register(
@@ -94,6 +109,12 @@ impl Metrics {
             "hookci_queue_wait_seconds",
             "How long runs waited from being queued to their first start",
             kept.queue_wait.clone(),
+        );
+        registry.register(
+            "hookci_push_to_first_step_seconds",
+            "How long runs took from their push (or trigger) to their first step's start (total), \
+             and the phases of it: queue wait, fetch and checkout",
+            kept.to_first_step.clone(),
         );
         Metrics { registry, kept }
     }
@@ -146,6 +167,20 @@ impl Kept {
                     self.queue_wait.observe(wait);
                 }
             }
+            RunEvent::StepStarted {
+                timings: Some(t), ..
+            } => {
+                for (phase, ms) in [
+                    ("total", t.to_first_step_ms),
+                    ("queue", t.queue_ms),
+                    ("fetch", t.fetch_ms),
+                    ("checkout", t.checkout_ms),
+                ] {
+                    self.to_first_step
+                        .get_or_create(&PhaseLabel { phase })
+                        .observe(ms.max(0) as f64 / 1000.0);
+                }
+            }
             RunEvent::Finished { run, .. } => self.ended(run),
             _ => {}
         }
@@ -178,6 +213,7 @@ fn seconds(from: Option<i64>, to: Option<i64>) -> Option<f64> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::{Step, StepStatus, Timings};
 
     fn run(
         id: i64,
@@ -208,6 +244,19 @@ mod tests {
         }
     }
 
+    fn step() -> Step {
+        Step {
+            number: 1,
+            name: "build".into(),
+            status: StepStatus::Running,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            started_at: Some(1_600),
+            finished_at: None,
+        }
+    }
+
     #[test]
     fn runs_from_the_stream_are_counted_and_timed_with_labels_escaped() {
         let metrics = Metrics::new();
@@ -222,6 +271,22 @@ mod tests {
                 steps: Vec::new(),
             });
         }
+        metrics.kept.count(&RunEvent::StepStarted {
+            run: 1,
+            step: step(),
+            timings: Some(Timings {
+                queue_ms: 5,
+                fetch_ms: 40,
+                checkout_ms: 60,
+                to_first_step_ms: 120,
+            }),
+        });
+        // Not the first step: no timings, nothing observed.
+        metrics.kept.count(&RunEvent::StepStarted {
+            run: 1,
+            step: step(),
+            timings: None,
+        });
         // Never started: counted, not timed.
         metrics.kept.count(&RunEvent::Finished {
             run: run(3, RunStatus::Skipped, 1_000, None, Some(1_000)),
@@ -245,6 +310,14 @@ mod tests {
             "hookci_queue_wait_seconds_bucket{le=\"0.5\"} 1".to_owned(),
             "hookci_queue_wait_seconds_count 1".to_owned(),
             "hookci_queue_wait_seconds_sum 0.5".to_owned(),
+            "# TYPE hookci_push_to_first_step_seconds histogram".to_owned(),
+            r#"hookci_push_to_first_step_seconds_count{phase="total"} 1"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="total"} 0.12"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_bucket{phase="total",le="0.1"} 0"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_bucket{phase="total",le="0.25"} 1"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="queue"} 0.005"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="fetch"} 0.04"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="checkout"} 0.06"#.to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }
