@@ -435,6 +435,9 @@ impl Mirrors {
     }
 
     /// The reused workspace's repository, if it borrows its objects from this mirror.
+    /// Its work tree may be the `run_as` user's, which libgit2 refuses unless owner
+    /// validation is off (the git worker turns it off for updates): what could send the
+    /// update elsewhere is `.git`, and that is checked here.
     fn open_reused(&self, req: &Request<'_>, dest: &Path) -> Result<Repository, String> {
         // With `run_as` a step owns the work tree but not `.git`: a `.git` it could
         // have made (a link, a `gitdir:` file, one of its own) could send this update,

@@ -443,6 +443,11 @@ fn work(request: Request) -> Result<Reply, String> {
         } => {
             let repo = RepoName::parse(&repo)?;
             let keep = PatternList::parse(&keep).map_err(|e| e.to_string())?;
+            // A reused workspace's work tree is the `run_as` user's; `Mirrors::update`
+            // checks that its `.git` is hookci's own instead.
+            // SAFETY: this process runs this one job, on this thread alone, so no other
+            // thread reads libgit2's options meanwhile.
+            unsafe { git2::opts::set_verify_owner_validation(false) }.map_err(|e| e.to_string())?;
             let req = Checkout {
                 repo: &repo,
                 clone_url: &clone_url,

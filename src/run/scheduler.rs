@@ -690,6 +690,13 @@ async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Lease) -> Result
             )
         })?;
         std::fs::create_dir_all(&home)
+            .and_then(|()| {
+                if reused {
+                    trust_work_tree(&home, &workspace)
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| user::chown_tree(&home, &who))
             .map_err(|e| {
                 format!(
@@ -701,6 +708,21 @@ async fn hand_over(state: &Arc<AppState>, run: i64, workspace: &Lease) -> Result
     })
     .await;
     done.map_err(|e| e.to_string())?
+}
+
+/// Lets git in the steps read a reused workspace whose `.git` is hookci's, not theirs:
+/// git refuses a repository of another owner unless its user's config names it in
+/// `safe.directory`, and the run's `HOME` is that user's for this run only.
+fn trust_work_tree(home: &Path, workspace: &Path) -> std::io::Result<()> {
+    let quoted = workspace
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    std::fs::write(
+        home.join(".gitconfig"),
+        format!("[safe]\n\tdirectory = \"{quoted}\"\n"),
+    )
 }
 
 /// The pipeline's secrets, by name; a missing one fails the run before any step.
