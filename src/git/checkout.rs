@@ -370,14 +370,34 @@ pub enum Updated {
     Replaced,
 }
 
-/// The marker beside a reused workspace while it is being updated: written (and synced)
-/// before the update touches a file, removed once the workspace holds the commit
-/// exactly. Found at the start of an update, it says the last one was cut short (a
-/// failed update, a killed git job, a crash), and the workspace is never built from.
+/// The marker beside a reused workspace while it is being updated: written before the
+/// update touches a file, removed once the workspace holds the commit exactly. Found at
+/// the start of an update, it says the last one was cut short (a failed update, a
+/// killed git job, a crash of hookci), and the workspace is never built from.
 pub fn updating_marker(dest: &Path) -> PathBuf {
+    beside(dest, ".updating")
+}
+
+/// The file beside a reused workspace that names the boot its last complete update was
+/// made in. Nothing of an update is synced to disk (that would cost more than the
+/// update), so after the machine itself went down neither the marker nor the files
+/// can be trusted: a workspace last updated in another boot is replaced.
+fn boot_stamp(dest: &Path) -> PathBuf {
+    beside(dest, ".boot")
+}
+
+fn beside(dest: &Path, suffix: &str) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".updating");
+    name.push(suffix);
     dest.with_file_name(name)
+}
+
+/// This boot of the machine (Linux's boot id; empty where there is none, so a
+/// restart of the machine goes unseen there).
+fn this_boot() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
 }
 
 impl Mirrors {
@@ -398,8 +418,12 @@ impl Mirrors {
         };
         let oid = parse_oid(req.commit)?;
         let marker = updating_marker(dest);
-        let damaged = marker.exists();
+        let stamp = boot_stamp(dest);
+        let boot = this_boot();
         let existed = dest.exists();
+        let cut_short = marker.exists();
+        let other_boot =
+            existed && !std::fs::read_to_string(&stamp).is_ok_and(|b| b.trim() == boot);
         if let Some(parent) = dest.parent() {
             // Passable but not listable, as `workspaces/` is for a `run_as` user.
             std::fs::DirBuilder::new()
@@ -408,9 +432,15 @@ impl Mirrors {
                 .create(parent)
                 .map_err(|e| ws_err(e.to_string()))?;
         }
-        mark(&marker).map_err(|e| ws_err(format!("writing {}: {e}", marker.display())))?;
-        let outcome = if damaged {
-            tracing::warn!(workspace = %dest.display(), "the last update of this workspace was cut short: replacing it");
+        std::fs::File::create(&marker)
+            .map_err(|e| ws_err(format!("writing {}: {e}", marker.display())))?;
+        let outcome = if cut_short || other_boot {
+            let why = if cut_short {
+                "the last update of this workspace was cut short"
+            } else {
+                "the machine restarted since this workspace was last updated"
+            };
+            tracing::warn!(workspace = %dest.display(), "{why}: replacing it");
             self.checkout(req, dest)?;
             Updated::Replaced
         } else if !existed {
@@ -429,6 +459,8 @@ impl Mirrors {
                 }
             }
         };
+        std::fs::write(&stamp, format!("{boot}\n"))
+            .map_err(|e| ws_err(format!("writing {}: {e}", stamp.display())))?;
         std::fs::remove_file(&marker)
             .map_err(|e| ws_err(format!("removing {}: {e}", marker.display())))?;
         Ok(outcome)
@@ -471,15 +503,6 @@ impl Mirrors {
         }
         Ok(repo)
     }
-}
-
-/// Creates `marker` and makes it durable before anything it guards is touched.
-fn mark(marker: &Path) -> std::io::Result<()> {
-    std::fs::File::create(marker)?.sync_all()?;
-    if let Some(dir) = marker.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn update_in_place(
@@ -737,6 +760,25 @@ pub(crate) mod tests {
         assert!(!ws.join("target").exists());
         assert!(!updating_marker(&ws).exists());
         assert_eq!(read("c").as_deref(), Some("new"));
+
+        // Sound again: updated in place. Last updated in another boot of the machine
+        // (nothing of an update is synced): replaced.
+        std::fs::create_dir_all(ws.join("target")).unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c2), &ws, &keep).unwrap(),
+            Updated::InPlace
+        );
+        assert!(ws.join("target").exists());
+        std::fs::write(boot_stamp(&ws), "another-boot\n").unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c2), &ws, &keep).unwrap(),
+            Updated::Replaced
+        );
+        assert!(!ws.join("target").exists());
+        assert_eq!(
+            std::fs::read_to_string(boot_stamp(&ws)).unwrap().trim(),
+            this_boot()
+        );
     }
 
     #[test]

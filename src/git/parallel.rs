@@ -128,9 +128,12 @@ fn write_files(
     for f in files {
         let object = odb.read(f.id)?;
         let dest = workdir.join(&f.path);
-        if f.mode == i32::from(FileMode::Link) {
+        // The stat data of what was written, for the index: of the open file itself
+        // where there is one (no second lookup of its path).
+        let meta = if f.mode == i32::from(FileMode::Link) {
             let target = std::ffi::OsStr::from_bytes(object.data());
             std::os::unix::fs::symlink(target, &dest).map_err(|e| io_err(&f.path, &e))?;
+            std::fs::symlink_metadata(&dest)
         } else {
             let perm = if f.mode == i32::from(FileMode::BlobExecutable) {
                 0o777
@@ -145,8 +148,9 @@ fn write_files(
                 .map_err(|e| io_err(&f.path, &e))?;
             out.write_all(object.data())
                 .map_err(|e| io_err(&f.path, &e))?;
+            out.metadata()
         }
-        let meta = std::fs::symlink_metadata(&dest).map_err(|e| io_err(&f.path, &e))?;
+        .map_err(|e| io_err(&f.path, &e))?;
         entries.push(IndexEntry {
             ctime: IndexTime::new(meta.ctime() as i32, meta.ctime_nsec() as u32),
             mtime: IndexTime::new(meta.mtime() as i32, meta.mtime_nsec() as u32),
