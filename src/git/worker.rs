@@ -94,6 +94,24 @@ enum Job {
     },
 }
 
+impl Job {
+    /// Whether the job may talk to a remote over https: checkouts and updates only read
+    /// the mirror, and a local or `git://` remote has no TLS (an `http://` one may
+    /// redirect to https).
+    fn may_use_tls(&self) -> bool {
+        let url = match self {
+            Job::RemoteHeads { url } => url,
+            Job::Fetch { clone_url, .. } => clone_url,
+            Job::Checkout { .. } | Job::Update { .. } => return false,
+        };
+        let plain = ["/", "file://", "git://"];
+        !plain.iter().any(|p| {
+            url.get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p))
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Reply {
@@ -245,6 +263,7 @@ impl GitWorker {
     async fn call(&self, job: Job, stop: Option<watch::Receiver<bool>>) -> Result<Reply, GitError> {
         let failed =
             |what: &str, e: std::io::Error| GitError::Failed(format!("git worker: {what}: {e}"));
+        let tls = job.may_use_tls();
         let request = serde_json::to_vec(&Request {
             state_dir: self.state_dir.clone(),
             token: self
@@ -274,6 +293,12 @@ impl GitWorker {
             // terminal) must not end a job the daemon means to stop its own way.
             .process_group(0)
             .kill_on_drop(true);
+        if !tls {
+            // libgit2 loads the whole CA bundle when it starts (tens of milliseconds,
+            // more than a one-file update takes); a job that never opens a TLS
+            // connection gets an empty one instead.
+            cmd.env("SSL_CERT_FILE", "/dev/null");
+        }
         // A daemon that died between fork and prctl would leave the job running: the
         // child checks that its parent is still the daemon once the signal is armed.
         let daemon = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
@@ -458,6 +483,52 @@ fn work(request: Request) -> Result<Reply, String> {
                 .update(&req, &dest, &|path| keep.is_match(path))
                 .map(Reply::Updated)
                 .map_err(|e| format!("updating the workspace failed: {e}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_jobs_that_may_reach_an_https_remote_load_the_ca_bundle() {
+        let fetch = |url: &str| Job::Fetch {
+            repo: "o/r".into(),
+            clone_url: url.into(),
+            git_ref: "refs/heads/main".into(),
+            commit: "c".repeat(40),
+            changes_since: None,
+        };
+        for (job, tls) in [
+            (fetch("https://github.com/o/r.git"), true),
+            (fetch("HTTPS://github.com/o/r.git"), true),
+            (fetch("http://git.example/r.git"), true),
+            (fetch("/srv/git/r.git"), false),
+            (fetch("file:///srv/git/r.git"), false),
+            (fetch("git://127.0.0.1/r.git"), false),
+            (
+                Job::RemoteHeads {
+                    url: "https://github.com/o/r.git".into(),
+                },
+                true,
+            ),
+            (
+                Job::Checkout {
+                    repo: "o/r".into(),
+                    clone_url: "https://github.com/o/r.git".into(),
+                    commit: "c".repeat(40),
+                    dest: "/w".into(),
+                },
+                false,
+            ),
+        ] {
+            assert_eq!(
+                job.may_use_tls(),
+                tls,
+                "{}",
+                serde_json::to_string(&job).unwrap()
+            );
         }
     }
 }
