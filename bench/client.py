@@ -12,7 +12,9 @@ Usage:
       Prints "FLOOD sent=N acked=N other=N" (acked: answered 202).
   client.py wait-run BASE_URL RUN_ID TIMEOUT_SECS
       Polls GET /api/runs/RUN_ID until the run has ended. Prints
-      "RUN id=N status=S step_ms=D1,D2,..." (each step's duration_ms); exit 1 on timeout.
+      "RUN id=N status=S step_ms=D1,D2,... queue_ms=Q fetch_ms=F checkout_ms=C first_ms=T"
+      (each step's duration_ms, then the run's push-to-first-step timings, "-" where
+      the run has none); exit 1 on timeout.
 
 The body is compact JSON and X-Hub-Signature-256 the HMAC-SHA256 of its exact bytes with
 the secret, as GitHub sends them. Only 127.0.0.1 is accepted. Stdlib only.
@@ -155,7 +157,13 @@ def wait_run(base, run_id, timeout) -> int:
         time.sleep(0.02)
     conn.close()
     steps = ",".join(str(s.get("duration_ms")) for s in run.get("steps") or [])
-    print("RUN id=%s status=%s step_ms=%s" % (run_id, run["status"], steps or "-"))
+    timings = run.get("timings") or {}
+    phases = " ".join(
+        "%s=%s" % (name, timings.get(key, "-"))
+        for name, key in [("queue_ms", "queue_ms"), ("fetch_ms", "fetch_ms"),
+                          ("checkout_ms", "checkout_ms"), ("first_ms", "to_first_step_ms")]
+    )
+    print("RUN id=%s status=%s step_ms=%s %s" % (run_id, run["status"], steps or "-", phases))
     return 0
 
 

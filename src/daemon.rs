@@ -23,7 +23,7 @@ use crate::reload;
 use crate::report::{self, policy::Policy};
 use crate::run::contain::{self, Cgroups};
 use crate::run::user::{self, RunAs};
-use crate::run::{runner, scheduler};
+use crate::run::{runner, scheduler, workspace};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
 use crate::web::{api, badge, control, forms, http, pages};
@@ -135,6 +135,12 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
                 tracing::warn!(run = id, error = %e, "cannot remove the workspace of an interrupted run");
             }
         }
+    }
+    // Reused workspaces stay (that is their point); only the processes a step left
+    // running in them go. A workspace an update was cut short in is replaced by the
+    // next run of its slot, never built from.
+    for reused in workspace::reused(&state_dir.join("workspaces")) {
+        runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", reused.display()));
     }
     remove_leftover_workspaces(&state_dir.join("workspaces"));
     remove_leftover_workspaces(&state_dir.join("homes"));
@@ -272,12 +278,16 @@ pub fn warn_if_steps_run_as_root(config: &Config) -> Option<String> {
 
 /// Removes every workspace (or run `HOME`) a previous daemon left: a run's end is
 /// stored before its workspace is removed, so a crash in between leaves the workspace
-/// of an ended run behind. Nothing executes yet, so every one found is a leftover.
+/// of an ended run behind. Nothing executes yet, so every one found is a leftover,
+/// except the reused workspaces (`workspace: reuse`), which outlive their runs.
 fn remove_leftover_workspaces(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
+        if entry.file_name() == workspace::REUSE_DIR {
+            continue;
+        }
         let path = entry.path();
         if let Err(e) = std::fs::remove_dir_all(&path) {
             tracing::warn!(workspace = %path.display(), error = %e, "cannot remove a leftover workspace");

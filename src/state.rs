@@ -14,7 +14,7 @@ use crate::git::worker::GitWorker;
 use crate::intake::budget::BodyBudget;
 use crate::pipeline::PipelineSet;
 use crate::run::contain::Cgroups;
-use crate::run::{scheduler, Events};
+use crate::run::{scheduler, workspace, Events};
 use crate::store::Store;
 use crate::web::follow::Followers;
 use crate::web::metrics::Metrics;
@@ -54,6 +54,8 @@ pub struct AppState {
     /// service manager's status line; `changed` wakes the one who keeps that line.
     pub last_delivery: Mutex<Option<i64>>,
     pub changed: Notify,
+    /// The reused workspaces held by executing runs.
+    pub slots: workspace::Slots,
     /// Turns true once when the daemon begins to stop.
     stopping: watch::Sender<bool>,
     /// Where runs' cgroups are made, if anywhere.
@@ -84,6 +86,7 @@ impl AppState {
             metrics: Metrics::new(),
             last_delivery: Mutex::new(None),
             changed: Notify::new(),
+            slots: workspace::Slots::default(),
             stopping: watch::Sender::new(false),
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),

@@ -30,7 +30,10 @@ const RUN_KEYS: &[&str] = &[
     "log_truncated",
     "log_dropped_bytes",
     "instance",
+    "timings",
 ];
+
+const TIMING_KEYS: &[&str] = &["queue_ms", "fetch_ms", "checkout_ms", "to_first_step_ms"];
 
 const STEP_KEYS: &[&str] = &[
     "number",
@@ -260,6 +263,7 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
         failed["reason"].as_str().unwrap().contains("lint"),
         "{failed:#}"
     );
+    assert_eq!(keys(&failed["timings"]), set(TIMING_KEYS), "{failed:#}");
     let steps = failed["steps"].as_array().unwrap();
     assert_eq!(
         (steps[0]["status"].as_str(), steps[0]["exit_code"].as_i64()),
@@ -448,6 +452,65 @@ fn runs_steps_deliveries_and_logs_have_their_contract_shapes() {
     assert_json_error(&d.get("/webhook"), 405, "GET /webhook");
     assert_json_error(&d.post("/healthz", &[], b""), 405, "POST /healthz");
     assert_json_error(&d.post("/api/runs", &[], b""), 405, "POST /api/runs");
+}
+
+#[test]
+fn push_to_first_step_is_recorded_per_run_in_its_phases() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let first = origin.commit("main", &[("a", "1")], "first");
+    let sha = origin.commit("main", &[("a", "2")], "second");
+    let d = b
+        .pipeline(
+            "ci",
+            &format!(
+                "repo: {REPO}\nclone_url: {}\nsteps:\n  - name: build\n    run: cat a\n",
+                origin.url()
+            ),
+        )
+        .start();
+    let r = d.deliver(
+        "push",
+        "timed-1",
+        &PushPayload::new(REPO, "refs/heads/main", &first, &sha, "x").bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let timings = &run["timings"];
+    assert_eq!(keys(timings), set(TIMING_KEYS), "{run:#}");
+    let ms = |k: &str| {
+        timings[k]
+            .as_i64()
+            .filter(|n| *n >= 0)
+            .unwrap_or_else(|| panic!("{k} is not a non-negative integer: {run:#}"))
+    };
+    let phases = ms("queue_ms") + ms("fetch_ms") + ms("checkout_ms");
+    assert!(phases <= ms("to_first_step_ms"), "{run:#}");
+    // The listing carries the same numbers.
+    let listed = d.get_json("/api/runs?pipeline=ci")["runs"][0].clone();
+    assert_eq!(listed["timings"], *timings, "{listed:#}");
+    // And the metrics observe each phase, and the whole, once for this one run.
+    let counts: Vec<String> = ["total", "queue", "fetch", "checkout"]
+        .iter()
+        .map(|phase| format!("hookci_push_to_first_step_seconds_count{{phase=\"{phase}\"}} 1"))
+        .collect();
+    let mut metrics = String::new();
+    eventually("the metrics observe the run's first step", || {
+        metrics = d.get("/metrics").text();
+        counts.iter().all(|c| metrics.lines().any(|l| l == c))
+    });
+    let sum = |phase: &str| -> f64 {
+        let prefix = format!("hookci_push_to_first_step_seconds_sum{{phase=\"{phase}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+    };
+    assert_eq!(sum("total"), ms("to_first_step_ms") as f64 / 1000.0);
+    assert_eq!(sum("checkout"), ms("checkout_ms") as f64 / 1000.0);
 }
 
 #[test]

@@ -453,6 +453,31 @@ impl Origin {
         self.commit_on(branch, None, files, message)
     }
 
+    /// Commits the removal of `paths` on top of `branch` and moves the branch.
+    pub fn commit_removing(&self, branch: &str, paths: &[&str], message: &str) -> String {
+        let sig = git2::Signature::now("hookci test", "test@hookci.invalid").unwrap();
+        let refname = format!("refs/heads/{branch}");
+        let parent = self
+            .repo
+            .find_reference(&refname)
+            .unwrap()
+            .peel_to_commit()
+            .unwrap();
+        let mut tb = self
+            .repo
+            .treebuilder(Some(&parent.tree().unwrap()))
+            .unwrap();
+        for path in paths {
+            tb.remove(path).unwrap();
+        }
+        let tree = self.repo.find_tree(tb.write().unwrap()).unwrap();
+        let oid = self
+            .repo
+            .commit(Some(&refname), &sig, &sig, message, &tree, &[&parent])
+            .unwrap();
+        oid.to_string()
+    }
+
     /// An annotated tag on `commit`; returns the tag object's id.
     pub fn annotated_tag(&self, name: &str, commit: &str) -> String {
         let sig = git2::Signature::now("hookci test", "test@hookci.invalid").unwrap();

@@ -12,3 +12,4 @@ mod intake;
 mod reconcile;
 mod recovery;
 mod systemd;
+mod workspaces;

@@ -1,9 +1,11 @@
 //! Getting a commit onto disk: one bare mirror per repository under
 //! `state_dir/mirrors/HOST/OWNER/REPO.git`, fetched incrementally with git2, and a fresh
-//! detached checkout per run in `state_dir/workspaces/RUN_ID`. Everything here blocks:
-//! callers run it on blocking threads. Knows nothing of pipelines, runs or the store.
+//! detached checkout per run in `state_dir/workspaces/RUN_ID`, or a reused workspace
+//! updated in place to the new commit. Everything here blocks: callers run it on
+//! blocking threads. Knows nothing of pipelines, runs or the store.
 
 use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +14,7 @@ use git2::{Cred, FetchOptions, Oid, RemoteCallbacks, Repository};
 
 use crate::config::{HostToken, Secret};
 use crate::git::changes::{self, Changes};
+use crate::git::parallel;
 use crate::git::repo::RepoName;
 
 #[derive(Debug, thiserror::Error)]
@@ -364,12 +367,242 @@ impl Mirrors {
         repo.remote("origin", req.clone_url)
             .map_err(|e| ws_err(e.to_string()))?;
         let oid = parse_oid(req.commit)?;
+        if parallel::checkout(&repo, oid).map_err(|e| ws_err(e.to_string()))? {
+            return Ok(());
+        }
         repo.set_head_detached(oid)
             .map_err(|e| ws_err(e.to_string()))?;
         repo.checkout_head(Some(CheckoutBuilder::new().force()))
             .map_err(|e| ws_err(e.to_string()))?;
         Ok(())
     }
+}
+
+/// How [`Mirrors::update`] brought a reused workspace to its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Updated {
+    /// The workspace was there and sound: only what differs was written.
+    InPlace,
+    /// None was there yet, or the last update of it was cut short: checked out afresh.
+    Fresh,
+    /// It was damaged (an update cut short, or not a workspace of this mirror): replaced.
+    Replaced,
+}
+
+/// The marker beside a reused workspace while it is being updated: written before the
+/// update touches a file, removed once the workspace holds the commit exactly. Found at
+/// the start of an update, it says the last one was cut short (a failed update, a
+/// killed git job, a crash of hookci), and the workspace is never built from.
+pub fn updating_marker(dest: &Path) -> PathBuf {
+    beside(dest, ".updating")
+}
+
+/// The file beside a reused workspace that names the boot its last complete update was
+/// made in. Nothing of an update is synced to disk (that would cost more than the
+/// update), so after the machine itself went down neither the marker nor the files
+/// can be trusted: a workspace last updated in another boot is replaced.
+fn boot_stamp(dest: &Path) -> PathBuf {
+    beside(dest, ".boot")
+}
+
+fn beside(dest: &Path, suffix: &str) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    dest.with_file_name(name)
+}
+
+/// This boot of the machine (Linux's boot id; empty where there is none, so a
+/// restart of the machine goes unseen there).
+fn this_boot() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Mirrors {
+    /// Brings the reused workspace `dest` to `commit`: a checkout of the new tree over
+    /// the old one (libgit2 writes only the files that differ and removes those the new
+    /// tree no longer has), then every untracked or ignored path goes except those
+    /// `keep` accepts (given a path relative to `dest`, with a trailing `/` for a
+    /// directory). A missing or damaged workspace is replaced by a fresh checkout.
+    pub fn update(
+        &self,
+        req: &Request<'_>,
+        dest: &Path,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Updated, CheckoutError> {
+        let ws_err = |reason: String| CheckoutError::Workspace {
+            path: dest.to_path_buf(),
+            reason,
+        };
+        let oid = parse_oid(req.commit)?;
+        let marker = updating_marker(dest);
+        let stamp = boot_stamp(dest);
+        let boot = this_boot();
+        let existed = dest.exists();
+        let cut_short = marker.exists();
+        let other_boot =
+            existed && !std::fs::read_to_string(&stamp).is_ok_and(|b| b.trim() == boot);
+        if let Some(parent) = dest.parent() {
+            // Passable but not listable, as `workspaces/` is for a `run_as` user.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(parent)
+                .map_err(|e| ws_err(e.to_string()))?;
+        }
+        std::fs::File::create(&marker)
+            .map_err(|e| ws_err(format!("writing {}: {e}", marker.display())))?;
+        let outcome = if cut_short || other_boot {
+            let why = if cut_short {
+                "the last update of this workspace was cut short"
+            } else {
+                "the machine restarted since this workspace was last updated"
+            };
+            tracing::warn!(workspace = %dest.display(), "{why}: replacing it");
+            self.checkout(req, dest)?;
+            Updated::Replaced
+        } else if !existed {
+            self.checkout(req, dest)?;
+            Updated::Fresh
+        } else {
+            match self.open_reused(req, dest) {
+                Ok(repo) => {
+                    update_in_place(&repo, oid, dest, keep).map_err(|e| ws_err(e.to_string()))?;
+                    Updated::InPlace
+                }
+                Err(why) => {
+                    tracing::warn!(workspace = %dest.display(), reason = %why, "not a sound workspace of this mirror: replacing it");
+                    self.checkout(req, dest)?;
+                    Updated::Replaced
+                }
+            }
+        };
+        std::fs::write(&stamp, format!("{boot}\n"))
+            .map_err(|e| ws_err(format!("writing {}: {e}", stamp.display())))?;
+        std::fs::remove_file(&marker)
+            .map_err(|e| ws_err(format!("removing {}: {e}", marker.display())))?;
+        Ok(outcome)
+    }
+
+    /// The reused workspace's repository, if it borrows its objects from this mirror.
+    /// Its work tree may be the `run_as` user's, which libgit2 refuses unless owner
+    /// validation is off (the git worker turns it off for updates): what could send the
+    /// update elsewhere is `.git`, and that is checked here.
+    fn open_reused(&self, req: &Request<'_>, dest: &Path) -> Result<Repository, String> {
+        // With `run_as` a step owns the work tree but not `.git`: a `.git` it could
+        // have made (a link, a `gitdir:` file, one of its own) could send this update,
+        // run by the daemon, out of the workspace.
+        let git_dir = std::fs::symlink_metadata(dest.join(".git"))
+            .map_err(|e| format!("reading its .git: {e}"))?;
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let daemon = unsafe { libc::geteuid() };
+        if !git_dir.is_dir() || git_dir.uid() != daemon {
+            return Err(format!(
+                "its .git is not a directory of hookci's own (uid {daemon})"
+            ));
+        }
+        let repo = Repository::open(dest).map_err(|e| e.to_string())?;
+        let workdir = repo.workdir().map(std::fs::canonicalize).transpose();
+        if workdir.ok().flatten() != std::fs::canonicalize(dest).ok() {
+            return Err("its work tree is configured to be elsewhere".into());
+        }
+        let mirror = self
+            .mirror_path(req.repo, req.clone_url)
+            .map_err(|e| e.to_string())?;
+        let objects = std::fs::canonicalize(mirror.join("objects")).map_err(|e| e.to_string())?;
+        let alternates = std::fs::read_to_string(repo.path().join("objects/info/alternates"))
+            .map_err(|e| format!("reading its alternates: {e}"))?;
+        if alternates.trim_end() != objects.to_string_lossy() {
+            return Err(format!(
+                "it borrows objects from {:?}, not {}",
+                alternates.trim_end(),
+                objects.display()
+            ));
+        }
+        Ok(repo)
+    }
+}
+
+fn update_in_place(
+    repo: &Repository,
+    oid: Oid,
+    dest: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(), git2::Error> {
+    let commit = repo.find_commit(oid)?;
+    // Forced: a step may have edited tracked files, and the commit's content wins.
+    repo.checkout_tree(commit.as_object(), Some(CheckoutBuilder::new().force()))?;
+    repo.set_head_detached(oid)?;
+    let index = repo.index()?;
+    let mut tracked = std::collections::HashSet::new();
+    let mut tracked_dirs = std::collections::HashSet::new();
+    for entry in index.iter() {
+        let path = String::from_utf8_lossy(&entry.path).into_owned();
+        let mut dir = path.as_str();
+        while let Some((parent, _)) = dir.rsplit_once('/') {
+            if !tracked_dirs.insert(parent.to_owned()) {
+                break;
+            }
+            dir = parent;
+        }
+        tracked.insert(path);
+    }
+    let tree = Tracked {
+        files: tracked,
+        dirs: tracked_dirs,
+    };
+    clean(dest, "", &tree, keep)
+        .map(drop)
+        .map_err(|e| git2::Error::from_str(&format!("removing untracked files: {e}")))
+}
+
+/// The paths of the new commit's index: files (and submodules), and every directory
+/// that holds one.
+struct Tracked {
+    files: std::collections::HashSet<String>,
+    dirs: std::collections::HashSet<String>,
+}
+
+/// Removes from `dir` (at `rel` below the workspace) every path neither tracked nor
+/// kept; returns whether `dir` is left empty.
+fn clean(
+    dir: &Path,
+    rel: &str,
+    tracked: &Tracked,
+    keep: &dyn Fn(&str) -> bool,
+) -> std::io::Result<bool> {
+    let mut empty = true;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if rel.is_empty() && name == ".git" {
+            empty = false;
+            continue;
+        }
+        let path = if rel.is_empty() {
+            name.into_owned()
+        } else {
+            format!("{rel}/{name}")
+        };
+        // Not followed: a symbolic link is removed or kept as the link itself.
+        let is_dir = entry.file_type()?.is_dir();
+        if tracked.files.contains(&path) || keep(&path) || (is_dir && keep(&format!("{path}/"))) {
+            empty = false;
+        } else if is_dir {
+            let left_empty = clean(&entry.path(), &path, tracked, keep)?;
+            if left_empty && !tracked.dirs.contains(&path) {
+                std::fs::remove_dir(entry.path())?;
+            } else {
+                empty = false;
+            }
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(empty)
 }
 
 #[cfg(test)]
@@ -486,6 +719,120 @@ pub(crate) mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains(&missing), "{err}");
+    }
+
+    #[test]
+    fn an_update_in_place_writes_the_new_commit_exactly_and_keeps_what_it_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
+        let url = dir.path().join("o.git").display().to_string();
+        let repo = RepoName::parse("o/r").unwrap();
+        let mirrors = Mirrors::new(&dir.path().join("state"), None);
+        let c1 = commit(
+            &origin,
+            "main",
+            &[("a", "1"), ("gone", "x"), ("b", "b")],
+            "one",
+        )
+        .to_string();
+        let req = |commit| Request {
+            repo: &repo,
+            clone_url: &url,
+            git_ref: "refs/heads/main",
+            commit,
+        };
+        let ws = dir.path().join("slot/0");
+        let keep = |p: &str| p == "target/" || p == "src/kept.o";
+        mirrors.fetch(&req(&c1)).unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c1), &ws, &keep).unwrap(),
+            Updated::Fresh
+        );
+        for (path, content) in [
+            ("target/debug/x", "warm"),
+            ("untracked/deep/f", "u"),
+            ("stray", "s"),
+            ("src/kept.o", "o"),
+            ("src/drop.o", "o"),
+            ("a", "edited by a step"),
+        ] {
+            std::fs::create_dir_all(ws.join(path).parent().unwrap()).unwrap();
+            std::fs::write(ws.join(path), content).unwrap();
+        }
+        let mut tb = origin
+            .treebuilder(Some(
+                &origin
+                    .find_commit(Oid::from_str(&c1).unwrap())
+                    .unwrap()
+                    .tree()
+                    .unwrap(),
+            ))
+            .unwrap();
+        tb.remove("gone").unwrap();
+        let tree = origin.find_tree(tb.write().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@hookci.invalid").unwrap();
+        let parent = origin.find_commit(Oid::from_str(&c1).unwrap()).unwrap();
+        origin
+            .commit(
+                Some("refs/heads/main"),
+                &sig,
+                &sig,
+                "drop",
+                &tree,
+                &[&parent],
+            )
+            .unwrap();
+        let c2 = commit(&origin, "main", &[("c", "new")], "two").to_string();
+        mirrors.fetch(&req(&c2)).unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c2), &ws, &keep).unwrap(),
+            Updated::InPlace
+        );
+        let read = |p: &str| std::fs::read_to_string(ws.join(p)).ok();
+        assert_eq!(read("a").as_deref(), Some("1"));
+        assert_eq!(read("c").as_deref(), Some("new"));
+        assert_eq!(read("b").as_deref(), Some("b"));
+        assert_eq!(read("target/debug/x").as_deref(), Some("warm"));
+        assert_eq!(read("src/kept.o").as_deref(), Some("o"));
+        for gone in ["gone", "stray", "src/drop.o", "untracked"] {
+            assert!(!ws.join(gone).exists(), "{gone} is still there");
+        }
+        let head = Repository::open(&ws)
+            .unwrap()
+            .head()
+            .unwrap()
+            .target()
+            .unwrap();
+        assert_eq!(head.to_string(), c2);
+
+        // An update cut short leaves its marker: the workspace is replaced, keep or not.
+        std::fs::write(updating_marker(&ws), "").unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c2), &ws, &keep).unwrap(),
+            Updated::Replaced
+        );
+        assert!(!ws.join("target").exists());
+        assert!(!updating_marker(&ws).exists());
+        assert_eq!(read("c").as_deref(), Some("new"));
+
+        // Sound again: updated in place. Last updated in another boot of the machine
+        // (nothing of an update is synced): replaced.
+        std::fs::create_dir_all(ws.join("target")).unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c2), &ws, &keep).unwrap(),
+            Updated::InPlace
+        );
+        assert!(ws.join("target").exists());
+        std::fs::write(boot_stamp(&ws), "another-boot\n").unwrap();
+        assert_eq!(
+            mirrors.update(&req(&c2), &ws, &keep).unwrap(),
+            Updated::Replaced
+        );
+        assert!(!ws.join("target").exists());
+        assert_eq!(
+            std::fs::read_to_string(boot_stamp(&ws)).unwrap().trim(),
+            this_boot()
+        );
     }
 
     #[test]

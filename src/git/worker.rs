@@ -20,8 +20,9 @@ use tokio::sync::watch;
 
 use crate::config::{HostToken, Secret};
 use crate::git::changes::Changes;
-use crate::git::checkout::{self, Mirrors, Request as Checkout};
+use crate::git::checkout::{self, Mirrors, Request as Checkout, Updated};
 use crate::git::repo::RepoName;
+use crate::pipeline::pattern::PatternList;
 
 /// The subcommand that runs one job (hidden from `--help`).
 pub const SUBCOMMAND: &str = "git-worker";
@@ -82,6 +83,33 @@ enum Job {
         commit: String,
         dest: PathBuf,
     },
+    /// Bring the reused workspace `dest` to a fetched commit in place (see
+    /// [`Mirrors::update`]), keeping the untracked paths `keep` matches.
+    Update {
+        repo: String,
+        clone_url: String,
+        commit: String,
+        dest: PathBuf,
+        keep: Vec<String>,
+    },
+}
+
+impl Job {
+    /// Whether the job may talk to a remote over https: checkouts and updates only read
+    /// the mirror, and a local or `git://` remote has no TLS (an `http://` one may
+    /// redirect to https).
+    fn may_use_tls(&self) -> bool {
+        let url = match self {
+            Job::RemoteHeads { url } => url,
+            Job::Fetch { clone_url, .. } => clone_url,
+            Job::Checkout { .. } | Job::Update { .. } => return false,
+        };
+        let plain = ["/", "file://", "git://"];
+        !plain.iter().any(|p| {
+            url.get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p))
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -90,6 +118,7 @@ enum Reply {
     Heads(Vec<(String, String)>),
     Fetched { changes: Option<Changes> },
     CheckedOut,
+    Updated(Updated),
     Failed(String),
 }
 
@@ -200,6 +229,30 @@ impl GitWorker {
         }
     }
 
+    /// Brings the reused workspace `dest` to a commit [`GitWorker::fetch`] brought into
+    /// the mirror, keeping the untracked paths that `keep` (filter patterns) matches.
+    /// Like a checkout it only reads the mirror.
+    pub async fn update(
+        &self,
+        repo: &RepoName,
+        clone_url: &str,
+        commit: &str,
+        (dest, keep): (&Path, &[String]),
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Updated, GitError> {
+        let job = Job::Update {
+            repo: repo.to_string(),
+            clone_url: clone_url.to_owned(),
+            commit: commit.to_owned(),
+            dest: dest.to_path_buf(),
+            keep: keep.to_vec(),
+        };
+        match self.call(job, Some(stop.clone())).await? {
+            Reply::Updated(how) => Ok(how),
+            _ => Err(GitError::Failed("git worker: unexpected reply".into())),
+        }
+    }
+
     fn lock_of(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(locks.entry(mirror.to_path_buf()).or_default())
@@ -210,6 +263,7 @@ impl GitWorker {
     async fn call(&self, job: Job, stop: Option<watch::Receiver<bool>>) -> Result<Reply, GitError> {
         let failed =
             |what: &str, e: std::io::Error| GitError::Failed(format!("git worker: {what}: {e}"));
+        let tls = job.may_use_tls();
         let request = serde_json::to_vec(&Request {
             state_dir: self.state_dir.clone(),
             token: self
@@ -239,6 +293,12 @@ impl GitWorker {
             // terminal) must not end a job the daemon means to stop its own way.
             .process_group(0)
             .kill_on_drop(true);
+        if !tls {
+            // libgit2 loads the whole CA bundle when it starts (tens of milliseconds,
+            // more than a one-file update takes); a job that never opens a TLS
+            // connection gets an empty one instead.
+            cmd.env("SSL_CERT_FILE", "/dev/null");
+        }
         // A daemon that died between fork and prctl would leave the job running: the
         // child checks that its parent is still the daemon once the signal is armed.
         let daemon = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
@@ -398,6 +458,77 @@ fn work(request: Request) -> Result<Reply, String> {
                 .checkout(&req, &dest)
                 .map_err(|e| format!("checkout failed: {e}"))?;
             Ok(Reply::CheckedOut)
+        }
+        Job::Update {
+            repo,
+            clone_url,
+            commit,
+            dest,
+            keep,
+        } => {
+            let repo = RepoName::parse(&repo)?;
+            let keep = PatternList::parse(&keep).map_err(|e| e.to_string())?;
+            // A reused workspace's work tree is the `run_as` user's; `Mirrors::update`
+            // checks that its `.git` is hookci's own instead.
+            // SAFETY: this process runs this one job, on this thread alone, so no other
+            // thread reads libgit2's options meanwhile.
+            unsafe { git2::opts::set_verify_owner_validation(false) }.map_err(|e| e.to_string())?;
+            let req = Checkout {
+                repo: &repo,
+                clone_url: &clone_url,
+                git_ref: "",
+                commit: &commit,
+            };
+            mirrors
+                .update(&req, &dest, &|path| keep.is_match(path))
+                .map(Reply::Updated)
+                .map_err(|e| format!("updating the workspace failed: {e}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_jobs_that_may_reach_an_https_remote_load_the_ca_bundle() {
+        let fetch = |url: &str| Job::Fetch {
+            repo: "o/r".into(),
+            clone_url: url.into(),
+            git_ref: "refs/heads/main".into(),
+            commit: "c".repeat(40),
+            changes_since: None,
+        };
+        for (job, tls) in [
+            (fetch("https://github.com/o/r.git"), true),
+            (fetch("HTTPS://github.com/o/r.git"), true),
+            (fetch("http://git.example/r.git"), true),
+            (fetch("/srv/git/r.git"), false),
+            (fetch("file:///srv/git/r.git"), false),
+            (fetch("git://127.0.0.1/r.git"), false),
+            (
+                Job::RemoteHeads {
+                    url: "https://github.com/o/r.git".into(),
+                },
+                true,
+            ),
+            (
+                Job::Checkout {
+                    repo: "o/r".into(),
+                    clone_url: "https://github.com/o/r.git".into(),
+                    commit: "c".repeat(40),
+                    dest: "/w".into(),
+                },
+                false,
+            ),
+        ] {
+            assert_eq!(
+                job.may_use_tls(),
+                tls,
+                "{}",
+                serde_json::to_string(&job).unwrap()
+            );
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct Pipeline {
     pub interrupted: Interrupted,
     /// Where the run's result is sent (`notify:`), through the outbox.
     pub notify: Vec<NotifyTarget>,
+    pub workspace: Workspace,
+    /// With `workspace: reuse`: the untracked paths an update leaves in place.
+    pub keep: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -97,6 +100,18 @@ pub enum Interrupted {
     Fail,
 }
 
+/// `workspace:`: where a run's steps run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workspace {
+    /// A new checkout per run, removed when the run ends.
+    #[default]
+    Fresh,
+    /// One workspace per concurrency slot, kept between runs and updated in place, so
+    /// incremental builds stay warm.
+    Reuse,
+}
+
 #[derive(Debug, Clone)]
 pub struct Step {
     pub name: String,
@@ -150,6 +165,10 @@ struct RawPipeline {
     interrupted: Interrupted,
     #[serde(default)]
     notify: Vec<NotifyTarget>,
+    #[serde(default)]
+    workspace: Workspace,
+    #[serde(default, deserialize_with = "keep_patterns")]
+    keep: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -208,6 +227,20 @@ fn patterns<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PatternList>, D::E
     PatternList::parse(&srcs)
         .map(Some)
         .map_err(|e| D::Error::custom(value_error(&e.pattern, &e)))
+}
+
+/// `keep:` patterns, compiled once here so a bad one is reported with its place; the
+/// git worker compiles the same text again in its own process.
+fn keep_patterns<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let srcs = Vec::<String>::deserialize(d)?;
+    if let Some(empty) = srcs.iter().find(|s| s.trim().is_empty()) {
+        return Err(D::Error::custom(value_error(
+            empty,
+            "a `keep` pattern must not be empty",
+        )));
+    }
+    PatternList::parse(&srcs).map_err(|e| D::Error::custom(value_error(&e.pattern, &e)))?;
+    Ok(Some(srcs))
 }
 
 fn non_empty_steps<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RawStep>, D::Error> {
@@ -290,6 +323,16 @@ impl Pipeline {
             .to_owned();
         let raw: RawPipeline = yaml::parse(path, text)?;
         undeclared_notify_secret(path, text, &raw.notify, &raw.secrets)?;
+        if raw.keep.is_some() && raw.workspace != Workspace::Reuse {
+            let (line, column) = top_level_key(text, "keep").unwrap_or((0, 0));
+            return Err(SourceError::at(
+                path,
+                text,
+                line,
+                column,
+                "`keep` needs `workspace: reuse` (a fresh workspace keeps nothing)",
+            ));
+        }
         let steps = raw
             .steps
             .into_iter()
@@ -320,6 +363,8 @@ impl Pipeline {
             steps,
             interrupted: raw.interrupted,
             notify: raw.notify,
+            workspace: raw.workspace,
+            keep: raw.keep.unwrap_or_default(),
         })
     }
 }
@@ -346,6 +391,15 @@ fn undeclared_notify_secret(
         Some((line, column)) => SourceError::at(path, text, line, column, message),
         None => SourceError::whole_file(path, message),
     })
+}
+
+/// The 1-based place of a top-level `key:` in `text`, for errors that concern the
+/// whole pipeline rather than one value.
+fn top_level_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    let prefix = format!("{key}:");
+    text.lines()
+        .position(|l| l.starts_with(&prefix))
+        .map(|i| (i + 1, 1))
 }
 
 fn is_pipeline_name(s: &str) -> bool {
@@ -505,6 +559,8 @@ interrupted: fail
         assert!(p.on.branches.is_none() && p.on.tags.is_none() && p.on.paths.is_none());
         assert_eq!(p.steps[0].when, When::Success);
         assert_eq!(p.interrupted, Interrupted::Retry);
+        assert_eq!(p.workspace, Workspace::Fresh);
+        assert!(p.keep.is_empty());
     }
 
     /// (text, line, column, message fragment)
@@ -591,6 +647,24 @@ interrupted: fail
             "unknown variant `twice`, expected `retry` or `fail`",
         ),
         (
+            "repo: a/b\nworkspace: shared\nsteps:\n  - run: x\n",
+            2,
+            12,
+            "unknown variant `shared`, expected `fresh` or `reuse`",
+        ),
+        (
+            "repo: a/b\nsteps:\n  - run: x\nkeep: [\"target/\"]\n",
+            4,
+            1,
+            "`keep` needs `workspace: reuse`",
+        ),
+        (
+            "repo: a/b\nworkspace: reuse\nkeep: [\"target/\", \"[z-a]\"]\nsteps:\n  - run: x\n",
+            3,
+            20,
+            "bad pattern",
+        ),
+        (
             "repo: a/b\nsteps:\n  - run: [x\n",
             3,
             10,
@@ -603,6 +677,16 @@ interrupted: fail
             "found unexpected end of stream",
         ),
     ];
+
+    #[test]
+    fn reuse_keeps_its_patterns() {
+        let p = parse(
+            "repo: a/b\nworkspace: reuse\nkeep: [\"target/\", \"**/*.o\"]\nsteps:\n  - run: x\n",
+        )
+        .unwrap();
+        assert_eq!(p.workspace, Workspace::Reuse);
+        assert_eq!(p.keep, ["target/", "**/*.o"]);
+    }
 
     #[test]
     fn errors_carry_their_place() {

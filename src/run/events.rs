@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 
 pub use tokio::sync::broadcast::error::RecvError;
 
-use crate::store::{Run, RunStatus, Step};
+use crate::store::{Run, RunStatus, Step, Timings};
 
 /// How many events a subscriber may fall behind before it lags. Output dominates: a
 /// chunk an event, so this is a few hundred KiB of a noisy step's log per subscriber
@@ -43,6 +43,8 @@ pub enum RunEvent {
     StepStarted {
         run: i64,
         step: Step,
+        /// With the first step that starts in the run's attempt: push to first step.
+        timings: Option<Timings>,
     },
     /// Log text of a step, exactly as written to its log file (secrets masked), which
     /// holds it at `offset`. A step's output comes between its start and its end.

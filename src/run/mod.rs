@@ -3,7 +3,9 @@
 //! out of that log, `contain` ends whatever a run leaves behind (its cgroup, else a
 //! subreaper's sweep), `user` switches steps to `run_as`, and `disk` keeps runs from
 //! starting on a full disk; the scheduler's `heartbeat` feeds the service manager's
-//! watchdog and status line. Everything a run does to the machine happens here.
+//! watchdog and status line; `workspace` says where a run's steps run (its own
+//! checkout, or its slot's reused one). Everything a run does to the machine happens
+//! here.
 //! `events` is the stream every run transition is published on, for whoever follows
 //! runs (live logs, metrics, reports) to subscribe to.
 
@@ -15,5 +17,6 @@ pub mod mask;
 pub mod runner;
 pub mod scheduler;
 pub mod user;
+pub mod workspace;
 
 pub use events::{Events, RunEvent};

@@ -23,9 +23,11 @@ use crate::run::heartbeat::Heartbeat;
 use crate::run::mask::Masker;
 use crate::run::runner::{self, LogBudget, StepCommand, StepEnd};
 use crate::run::user::{self, RunAs};
+use crate::run::workspace::Lease;
 use crate::state::AppState;
 use crate::store::{
-    OnInterrupt, QueuedCancel, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store, StoreError,
+    OnInterrupt, Phases, QueuedCancel, Run, RunStatus, StepEnd as StepRecord, StepStatus, Store,
+    StoreError,
 };
 
 /// The stop switches of one executing run.
@@ -462,7 +464,8 @@ async fn execute(
     _permit: OwnedSemaphorePermit,
 ) {
     tracing::info!(git_ref = %run.git_ref, commit = %run.commit, "run started");
-    let workspace = state.workspace(run.id);
+    let lease = workspace_of(&state, &run, pipeline.as_deref());
+    let workspace = lease.path.clone();
     let contain = state.cgroups.for_run(run.id);
     let ending = match pipeline {
         None => Ending {
@@ -474,26 +477,29 @@ async fn execute(
                 status: RunStatus::Failed,
                 reason: Some(reason),
             },
-            Ok(secrets) => match prepare(&state, &run, &pipeline, &workspace, &stop).await {
-                Ok(Some(skip)) => Ending {
+            Ok(secrets) => match prepare(&state, &run, &pipeline, &lease, &stop).await {
+                Ok(Prepared::Skip(skip)) => Ending {
                     status: RunStatus::Skipped,
                     reason: Some(skip),
                 },
-                Ok(None) => match hand_over(&state, &config, run.id, &workspace).await {
-                    Err(reason) => Ending {
-                        status: RunStatus::Failed,
-                        reason: Some(reason),
-                    },
-                    Ok(()) => {
-                        let ctx = StepsContext {
-                            workspace: &workspace,
-                            secrets: &secrets,
-                            control: &control,
-                            contain: &contain,
-                        };
-                        run_steps(&state, &config, &run, &pipeline, ctx, stop).await
+                Ok(Prepared::Ready(phases)) => {
+                    match hand_over(&state, &config, run.id, &lease).await {
+                        Err(reason) => Ending {
+                            status: RunStatus::Failed,
+                            reason: Some(reason),
+                        },
+                        Ok(()) => {
+                            let ctx = StepsContext {
+                                workspace: &workspace,
+                                phases,
+                                secrets: &secrets,
+                                control: &control,
+                                contain: &contain,
+                            };
+                            run_steps(&state, &config, &run, &pipeline, ctx, stop).await
+                        }
                     }
-                },
+                }
                 Err(GitError::Stopped) => stopped(&control, "the checkout"),
                 Err(GitError::Failed(reason)) => Ending {
                     status: RunStatus::Failed,
@@ -526,12 +532,20 @@ async fn execute(
         state.events.publish(RunEvent::Finished { run, steps });
     }
     state.running.remove(run.id);
-    let ws = workspace.clone();
+    // A reused workspace stays for the next run of its slot; the run's `HOME` goes.
+    let ws = lease.is_fresh().then(|| workspace.clone());
     let home = state.home(run.id);
-    let removed = tokio::task::spawn_blocking(move || remove_dir(&ws).and(remove_dir(&home))).await;
+    let removed = tokio::task::spawn_blocking(move || {
+        ws.as_deref()
+            .map_or(Ok(()), remove_dir)
+            .and(remove_dir(&home))
+    })
+    .await;
     if let Ok(Err(e)) = removed {
         tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
     }
+    // Held until every process of the run is gone: the next run of the slot may start.
+    drop(lease);
     // Not while the daemon stops: the stop waits for this task, and the next start
     // prunes anyway.
     if !*state.stopping().borrow() {
@@ -663,19 +677,30 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
 }
 
 /// With `run_as`: gives the checkout to that user and makes the run's `HOME`, owned by
-/// it. The folders above them let it through but not look (see `daemon`).
+/// it. The folders above them let it through but not look (see `daemon`). A reused
+/// workspace's `.git` stays the daemon's: the daemon updates that workspace again, and
+/// a step must not be able to point that update anywhere else.
 async fn hand_over(
     state: &Arc<AppState>,
     config: &Config,
     run: i64,
-    workspace: &Path,
+    workspace: &Lease,
 ) -> Result<(), String> {
     let Some(who) = config.run_as.clone() else {
         return Ok(());
     };
-    let (workspace, home) = (workspace.to_path_buf(), state.home(run));
+    let (reused, workspace, home) = (
+        !workspace.is_fresh(),
+        workspace.path.clone(),
+        state.home(run),
+    );
     let done = tokio::task::spawn_blocking(move || {
-        user::chown_tree(&workspace, &who).map_err(|e| {
+        let given = if reused {
+            user::chown_work_tree(&workspace, &who)
+        } else {
+            user::chown_tree(&workspace, &who)
+        };
+        given.map_err(|e| {
             format!(
                 "cannot give the workspace {} to run_as user {}: {e}",
                 workspace.display(),
@@ -683,6 +708,13 @@ async fn hand_over(
             )
         })?;
         std::fs::create_dir_all(&home)
+            .and_then(|()| {
+                if reused {
+                    trust_work_tree(&home, &workspace)
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| user::chown_tree(&home, &who))
             .map_err(|e| {
                 format!(
@@ -694,6 +726,21 @@ async fn hand_over(
     })
     .await;
     done.map_err(|e| e.to_string())?
+}
+
+/// Lets git in the steps read a reused workspace whose `.git` is hookci's, not theirs:
+/// git refuses a repository of another owner unless its user's config names it in
+/// `safe.directory`, and the run's `HOME` is that user's for this run only.
+fn trust_work_tree(home: &Path, workspace: &Path) -> std::io::Result<()> {
+    let quoted = workspace
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    std::fs::write(
+        home.join(".gitconfig"),
+        format!("[safe]\n\tdirectory = \"{quoted}\"\n"),
+    )
 }
 
 /// The pipeline's secrets, by name; a missing one fails the run before any step.
@@ -708,15 +755,22 @@ fn secrets_of(config: &Config, pipeline: &Pipeline) -> Result<Vec<(String, Secre
         .collect()
 }
 
-/// Records the planned steps and checks the commit out; `Some(reason)` when the
-/// pipeline's path filter says the run has nothing to do. A stop kills the git job.
+/// What [`prepare`] leaves a run with.
+enum Prepared {
+    /// The commit is in the workspace; the fetch and checkout took this long.
+    Ready(Phases),
+    /// The pipeline's path filter says the run has nothing to do, for this reason.
+    Skip(String),
+}
+
+/// Records the planned steps and checks the commit out. A stop kills the git job.
 async fn prepare(
     state: &Arc<AppState>,
     run: &Run,
     pipeline: &Pipeline,
-    workspace: &Path,
+    workspace: &Lease,
     stop: &watch::Receiver<bool>,
-) -> Result<Option<String>, GitError> {
+) -> Result<Prepared, GitError> {
     let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
     let on_interrupt = match pipeline.interrupted {
         Interrupted::Retry => OnInterrupt::Retry,
@@ -740,23 +794,69 @@ async fn prepare(
         commit: &run.commit,
         changes_since: paths.map(|_| run.before.as_str()),
     };
+    let fetching = Instant::now();
     let changes = state.git.fetch(fetch, stop).await?;
+    let fetch_ms = millis(fetching.elapsed());
     if let Some(paths) = paths {
         let changes = changes.ok_or_else(|| GitError::Failed("git worker: no changes".into()))?;
         if !changes.paths.iter().any(|p| paths.is_match(p)) {
             let wanted: Vec<&str> = paths.patterns().iter().map(|p| p.as_str()).collect();
-            return Ok(Some(format!(
+            return Ok(Prepared::Skip(format!(
                 "no changed file matches on.paths {wanted:?} ({} file(s) changed; diff against {})",
                 changes.paths.len(),
                 changes.base
             )));
         }
     }
-    state
+    let checking_out = Instant::now();
+    check_out(state, run, &repo, workspace, stop).await?;
+    Ok(Prepared::Ready(Phases {
+        fetch_ms,
+        checkout_ms: millis(checking_out.elapsed()),
+    }))
+}
+
+/// Whole milliseconds, rounded down: phases rounded so never add up to more than the
+/// whole they are part of.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The workspace `run` executes in: its own, or its slot's reused one (`workspace:`).
+fn workspace_of(state: &AppState, run: &Run, pipeline: Option<&Pipeline>) -> Lease {
+    match pipeline {
+        Some(p) => state.slots.lease(&state.config().state_dir, run, p),
+        None => Lease::fresh(state.workspace(run.id)),
+    }
+}
+
+/// Puts the run's commit into its workspace: a fresh checkout, or the reused workspace
+/// updated in place.
+async fn check_out(
+    state: &Arc<AppState>,
+    run: &Run,
+    repo: &RepoName,
+    workspace: &Lease,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), GitError> {
+    let Some(keep) = &workspace.reuse else {
+        return state
+            .git
+            .checkout(repo, &run.clone_url, &run.commit, &workspace.path, stop)
+            .await;
+    };
+    let how = state
         .git
-        .checkout(&repo, &run.clone_url, &run.commit, workspace, stop)
+        .update(
+            repo,
+            &run.clone_url,
+            &run.commit,
+            (&workspace.path, keep),
+            stop,
+        )
         .await?;
-    Ok(None)
+    tracing::info!(workspace = %workspace.path.display(), updated = ?how, "reused workspace ready");
+    Ok(())
 }
 
 /// The daemon's own variables a step may see; nothing else of its environment passes.
@@ -848,6 +948,8 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// What the steps of one run share.
 struct StepsContext<'a> {
     workspace: &'a Path,
+    /// How long the fetch and checkout took, recorded with the first step's start.
+    phases: Phases,
     secrets: &'a [(String, Secret)],
     control: &'a RunControl,
     contain: &'a Containment,
@@ -863,6 +965,7 @@ async fn run_steps(
 ) -> Ending {
     let StepsContext {
         workspace,
+        phases,
         secrets,
         control,
         contain,
@@ -879,6 +982,8 @@ async fn run_steps(
     // `if: always` steps left still run, each on its own time, and only the daemon
     // stopping stops them: they are how a pipeline cleans up after itself.
     let mut cut = false;
+    // Recorded with the first step that starts: push to first step.
+    let mut first = Some(phases);
     for (i, step) in pipeline.steps.iter().enumerate() {
         let number = i as i64 + 1;
         let halted = *halt.borrow();
@@ -916,16 +1021,25 @@ async fn run_steps(
         let id = run.id;
         // Stored before the step starts: recovery tells from it whether a step of an
         // interrupted run ran (`interrupted: fail`), so an unrecorded start must not run.
-        let started = until_stored(state, control, "the start of a step", move |s| {
-            s.step_started(id, number)
-        })
+        let first = first.take();
+        let started = until_stored(
+            state,
+            control,
+            "the start of a step",
+            move |s| match first {
+                Some(phases) => s.first_step_started(id, number, phases),
+                None => s.step_started(id, number).map(|step| (step, None)),
+            },
+        )
         .instrument(span.clone())
         .await;
         match started {
-            Ok(Some(step)) => state
-                .events
-                .publish(RunEvent::StepStarted { run: id, step }),
-            Ok(None) => {}
+            Ok((Some(step), timings)) => state.events.publish(RunEvent::StepStarted {
+                run: id,
+                step,
+                timings,
+            }),
+            Ok((None, _)) => {}
             Err(_) => {
                 ending.get_or_insert_with(|| stopped(control, &format!("step {:?}", step.name)));
                 continue;

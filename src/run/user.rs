@@ -196,6 +196,19 @@ pub fn chown_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
     Ok(())
 }
 
+/// [`chown_tree`] for a reused workspace: everything but its `.git`, which stays the
+/// daemon's (the update checks that it is; see `git::checkout`).
+pub fn chown_work_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_name() != ".git" {
+            chown_tree(&entry.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

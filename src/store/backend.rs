@@ -13,9 +13,9 @@ use tokio::sync::Notify;
 
 use super::postgres::{PgTarget, Postgres};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel,
-    ReconcileView, Reconciled, RefChange, Report, ReportPolicy, ReportView, Run, RunFilter, RunRef,
-    RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError,
+    Attempt, Delivery, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
+    QueuedCancel, ReconcileView, Reconciled, RefChange, Report, ReportPolicy, ReportView, Run,
+    RunFilter, RunRef, RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError, Timings,
 };
 
 /// The future of [`Store::record_delivery_async`]: boxed, so the trait stays usable as
@@ -77,6 +77,14 @@ pub trait Store: Send + Sync {
         on_interrupt: OnInterrupt,
     ) -> Result<(), StoreError>;
     fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError>;
+    /// `step_started` for a run's first step, recording with it how long the run took
+    /// to get there (see `Timings`), in the same commit; returns both as committed.
+    fn first_step_started(
+        &self,
+        run_id: i64,
+        number: i64,
+        phases: Phases,
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError>;
     fn step_finished(
         &self,
         run_id: i64,
@@ -204,6 +212,14 @@ impl Store for Sqlite {
     }
     fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
         Sqlite::step_started(self, run_id, number)
+    }
+    fn first_step_started(
+        &self,
+        run_id: i64,
+        number: i64,
+        phases: Phases,
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
+        Sqlite::first_step_started(self, run_id, number, phases)
     }
     fn step_finished(
         &self,

@@ -191,6 +191,15 @@ CREATE INDEX reports_run ON reports(run_id);
     r#"
 ALTER TABLE runs ADD COLUMN owner TEXT;
 "#,
+    // Push to first step, per run: the phases before its first step started (queue
+    // wait, fetch, checkout) and the whole of it, in milliseconds since the run was
+    // created; NULL until a first step starts. Older runs never had them measured.
+    r#"
+ALTER TABLE runs ADD COLUMN queue_ms INTEGER;
+ALTER TABLE runs ADD COLUMN fetch_ms INTEGER;
+ALTER TABLE runs ADD COLUMN checkout_ms INTEGER;
+ALTER TABLE runs ADD COLUMN first_step_ms INTEGER;
+"#,
 ];
 
 /// The key of a repository in `ref_heads` and `repositories`: GitHub names are
@@ -270,7 +279,8 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \
-     status, reason, attempt, generation, created_at, started_at, finished_at, log_dropped, owner";
+     status, reason, attempt, generation, created_at, started_at, finished_at, log_dropped, owner, \
+     queue_ms, fetch_ms, checkout_ms, first_step_ms";
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status: String = row.get(9)?;
@@ -293,6 +303,15 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         finished_at: row.get(15)?,
         log_dropped: row.get(16)?,
         instance: row.get(17)?,
+        timings: match row.get::<_, Option<i64>>(21)? {
+            Some(to_first_step_ms) => Some(Timings {
+                queue_ms: row.get(18)?,
+                fetch_ms: row.get(19)?,
+                checkout_ms: row.get(20)?,
+                to_first_step_ms,
+            }),
+            None => None,
+        },
     })
 }
 

@@ -237,6 +237,28 @@ pub struct Run {
     /// The instance that claimed it last (see `store::instance_id`); `None` until
     /// claimed.
     pub instance: Option<String>,
+    /// Push to first step, once its current attempt's first step started.
+    pub timings: Option<Timings>,
+}
+
+/// How long a run took from its creation (the push's arrival) to its first step's
+/// start, and the phases of that time, in milliseconds. The phases add up to at most
+/// the whole: what is left is the store's writes between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// Queued, until the scheduler claimed it (a re-queued attempt counts from the
+    /// run's creation too).
+    pub queue_ms: i64,
+    pub fetch_ms: i64,
+    pub checkout_ms: i64,
+    pub to_first_step_ms: i64,
+}
+
+/// The phases the scheduler measured itself (see [`Timings`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phases {
+    pub fetch_ms: i64,
+    pub checkout_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

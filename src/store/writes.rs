@@ -6,8 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::outbox::{self, ReportPolicy, Transition};
 use super::{repo_key, run_from_row, step_from_row, steps_in, Sqlite, StoreError};
 use super::{
-    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel, Reconciled, RefChange,
-    Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede,
+    DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned, QueuedCancel, Reconciled,
+    RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede, Timings,
 };
 use super::{RUN_COLUMNS, STEP_COLUMNS};
 use crate::clock::now_ms;
@@ -116,16 +116,61 @@ impl Sqlite {
 
     /// Marks a step running; returns it as committed (`None`: no such step).
     pub fn step_started(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
+        self.start_step(run_id, number, None).map(|(step, _)| step)
+    }
+
+    /// [`Store::step_started`] for a run's first step, recording with it how long the
+    /// run took to get there (see [`Timings`]), in the same commit; returns both as
+    /// committed.
+    pub fn first_step_started(
+        &self,
+        run_id: i64,
+        number: i64,
+        phases: Phases,
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
+        self.start_step(run_id, number, Some(phases))
+    }
+
+    fn start_step(
+        &self,
+        run_id: i64,
+        number: i64,
+        first: Option<Phases>,
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
         self.exec_reporting(move |c, policy| {
+            let now = now_ms();
             let step = c.prepare_cached(&format!(
                 "UPDATE steps SET status = 'running', started_at = ?3
                  WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT} AND number = ?2
                  RETURNING {STEP_COLUMNS}"
             ))?
-            .query_row(params![run_id, number, now_ms()], step_from_row)
+            .query_row(params![run_id, number, now], step_from_row)
             .optional()?;
+            let timings = match first {
+                None => None,
+                Some(phases) => c
+                    .prepare_cached(
+                        "UPDATE runs SET queue_ms = MAX(0, COALESCE(started_at, ?2) - created_at),
+                                fetch_ms = ?3, checkout_ms = ?4,
+                                first_step_ms = MAX(0, ?2 - created_at)
+                         WHERE id = ?1
+                         RETURNING queue_ms, fetch_ms, checkout_ms, first_step_ms",
+                    )?
+                    .query_row(
+                        params![run_id, now, phases.fetch_ms, phases.checkout_ms],
+                        |r| {
+                            Ok(Timings {
+                                queue_ms: r.get(0)?,
+                                fetch_ms: r.get(1)?,
+                                checkout_ms: r.get(2)?,
+                                to_first_step_ms: r.get(3)?,
+                            })
+                        },
+                    )
+                    .optional()?,
+            };
             let Some(policy) = policy else {
-                return Ok(step);
+                return Ok((step, timings));
             };
             let found = c
                 .prepare_cached(&format!(
@@ -159,7 +204,7 @@ impl Sqlite {
                 };
                 outbox::record(c, policy, &t)?;
             }
-            Ok(step)
+            Ok((step, timings))
         })
     }
 
@@ -307,7 +352,8 @@ impl Sqlite {
                 } else if attempt < MAX_ATTEMPTS {
                     c.execute(
                         "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
-                                finished_at = NULL, reason = ?2
+                                finished_at = NULL, reason = ?2, queue_ms = NULL, fetch_ms = NULL,
+                                checkout_ms = NULL, first_step_ms = NULL
                          WHERE id = ?1",
                         params![id, format!("attempt {attempt} was interrupted by a daemon stop or crash")],
                     )?;

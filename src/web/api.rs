@@ -61,6 +61,12 @@ pub fn run_json(run: &Run, steps: Option<&[Step]>) -> Value {
         "log_truncated": run.log_dropped > 0,
         "log_dropped_bytes": run.log_dropped,
         "instance": run.instance,
+        "timings": run.timings.map(|t| json!({
+            "queue_ms": t.queue_ms,
+            "fetch_ms": t.fetch_ms,
+            "checkout_ms": t.checkout_ms,
+            "to_first_step_ms": t.to_first_step_ms,
+        })),
     });
     if let Some(steps) = steps {
         v["steps"] = steps.iter().map(step_json).collect();

@@ -260,6 +260,7 @@ pub(crate) async fn trigger_run(
         finished_at: None,
         log_dropped: 0,
         instance: None,
+        timings: None,
     };
     let new = explicit_run(&template, "manual", 1, state);
     let made = blocking(&state.store, move |s| s.create_run(new)).await?;

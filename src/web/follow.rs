@@ -708,9 +708,11 @@ mod tests {
             .events
             .publish(RunEvent::StepFinished { run: id, step });
         let step = state.store.step_started(id, 2).unwrap().unwrap();
-        state
-            .events
-            .publish(RunEvent::StepStarted { run: id, step });
+        state.events.publish(RunEvent::StepStarted {
+            run: id,
+            step,
+            timings: None,
+        });
         let path = state.log_path(id, 2);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let mut log = std::fs::File::create(&path).unwrap();

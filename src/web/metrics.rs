@@ -3,8 +3,10 @@
 //! `hookci_reports_pending`, the outbox's reports still to send. Kept from the run
 //! event stream since the daemon started: `hookci_runs_total{pipeline,status}` (runs
 //! that ended), `hookci_run_duration_seconds{pipeline}` (start to end of the runs that
-//! ended) and `hookci_queue_wait_seconds` (creation to start of a run's first attempt).
-//! Counted by intake and the HTTP server: `hookci_deliveries_total{event,outcome}` and
+//! ended), `hookci_queue_wait_seconds` (creation to start of a run's first attempt) and
+//! `hookci_push_to_first_step_seconds{phase}` (a run's creation to its first step's
+//! start: `total`, and its phases `queue`, `fetch`, `checkout`). Counted by intake and
+//! the HTTP server: `hookci_deliveries_total{event,outcome}` and
 //! `hookci_http_request_duration_seconds{route}`, the route a fixed name ([`route_of`])
 //! so that no client can grow the series. And `hookci_build_info{version}`, always 1.
 //! Encoded by `prometheus-client`, so the text is valid whatever the label values hold.
@@ -46,6 +48,17 @@ struct Ended {
     status: &'static str,
 }
 
+/// Seconds: from an update of a warm workspace to a cold fetch of a large repository
+/// behind a backlog.
+const FIRST_STEP_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PipelineLabel {
     pipeline: String,
@@ -79,6 +92,7 @@ struct Kept {
     queue_wait: Histogram,
     deliveries: Family<DeliveryLabels, Counter>,
     http: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    to_first_step: Family<PhaseLabel, Histogram, fn() -> Histogram>,
 }
 
 /// How a webhook delivery was answered, as `hookci_deliveries_total` counts it.
@@ -184,6 +198,7 @@ impl Metrics {
             queue_wait: Histogram::new(WAIT_BUCKETS),
             deliveries: Family::default(),
             http: Family::new_with_constructor(|| Histogram::new(HTTP_BUCKETS)),
+            to_first_step: Family::new_with_constructor(|| Histogram::new(FIRST_STEP_BUCKETS)),
         };
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
@@ -234,6 +249,12 @@ impl Metrics {
             "hookci_http_request_duration_seconds",
             "How long HTTP requests took to answer (to the response head for streams), by route",
             kept.http.clone(),
+        );
+        registry.register(
+            "hookci_push_to_first_step_seconds",
+            "How long runs took from their push (or trigger) to their first step's start (total), \
+             and the phases of it: queue wait, fetch and checkout",
+            kept.to_first_step.clone(),
         );
         Metrics { registry, kept }
     }
@@ -311,6 +332,20 @@ impl Kept {
                     self.queue_wait.observe(wait);
                 }
             }
+            RunEvent::StepStarted {
+                timings: Some(t), ..
+            } => {
+                for (phase, ms) in [
+                    ("total", t.to_first_step_ms),
+                    ("queue", t.queue_ms),
+                    ("fetch", t.fetch_ms),
+                    ("checkout", t.checkout_ms),
+                ] {
+                    self.to_first_step
+                        .get_or_create(&PhaseLabel { phase })
+                        .observe(ms.max(0) as f64 / 1000.0);
+                }
+            }
             RunEvent::Finished { run, .. } => self.ended(run),
             _ => {}
         }
@@ -343,6 +378,7 @@ fn seconds(from: Option<i64>, to: Option<i64>) -> Option<f64> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::{Step, StepStatus, Timings};
 
     fn run(
         id: i64,
@@ -370,6 +406,20 @@ mod tests {
             finished_at: end,
             log_dropped: 0,
             instance: None,
+            timings: None,
+        }
+    }
+
+    fn step() -> Step {
+        Step {
+            number: 1,
+            name: "build".into(),
+            status: StepStatus::Running,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            started_at: Some(1_600),
+            finished_at: None,
         }
     }
 
@@ -387,6 +437,22 @@ mod tests {
                 steps: Vec::new(),
             });
         }
+        metrics.kept.count(&RunEvent::StepStarted {
+            run: 1,
+            step: step(),
+            timings: Some(Timings {
+                queue_ms: 5,
+                fetch_ms: 40,
+                checkout_ms: 60,
+                to_first_step_ms: 120,
+            }),
+        });
+        // Not the first step: no timings, nothing observed.
+        metrics.kept.count(&RunEvent::StepStarted {
+            run: 1,
+            step: step(),
+            timings: None,
+        });
         // Never started: counted, not timed.
         metrics.kept.count(&RunEvent::Finished {
             run: run(3, RunStatus::Skipped, 1_000, None, Some(1_000)),
@@ -410,6 +476,14 @@ mod tests {
             "hookci_queue_wait_seconds_bucket{le=\"0.5\"} 1".to_owned(),
             "hookci_queue_wait_seconds_count 1".to_owned(),
             "hookci_queue_wait_seconds_sum 0.5".to_owned(),
+            "# TYPE hookci_push_to_first_step_seconds histogram".to_owned(),
+            r#"hookci_push_to_first_step_seconds_count{phase="total"} 1"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="total"} 0.12"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_bucket{phase="total",le="0.1"} 0"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_bucket{phase="total",le="0.25"} 1"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="queue"} 0.005"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="fetch"} 0.04"#.to_owned(),
+            r#"hookci_push_to_first_step_seconds_sum{phase="checkout"} 0.06"#.to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }

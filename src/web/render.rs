@@ -250,6 +250,7 @@ mod tests {
             finished_at: None,
             log_dropped: 0,
             instance: None,
+            timings: None,
         }
     }
 

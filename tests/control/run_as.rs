@@ -186,3 +186,70 @@ fn a_daemon_that_cannot_switch_users_says_what_it_lacks() {
         "{err}"
     );
 }
+
+/// With `run_as`, a reused workspace is the steps' user's but its `.git` is hookci's:
+/// git in a step reads it, a step cannot write it, and a `.git` a step put in its place
+/// makes the next run replace the workspace rather than let hookci update through it.
+#[test]
+fn with_run_as_a_reused_workspace_keeps_its_git_out_of_the_steps_reach() {
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a", "1"), ("mode", "look")], "one");
+    let script = "echo \"head=$(git rev-parse HEAD)\"\n\
+        echo \"stamp=$(cat target/stamp 2>/dev/null)\"\n\
+        if touch .git/planted 2>/dev/null; then echo GOT-git-writable; fi\n\
+        mkdir -p target && echo \"warm-$HOOKCI_RUN_ID\" > target/stamp\n\
+        if [ \"$(cat mode)\" = plant ]; then mv .git .git-away && git init -q . && echo planted; fi";
+    let b = b
+        .pipeline(
+            "ci",
+            &pipeline(
+                &origin,
+                "workspace: reuse\nkeep: [\"target/\"]\n",
+                &[step("look", script)],
+            ),
+        )
+        .config(&format!("run_as: {TEST_USER}"));
+    chmod(b.path(), 0o711);
+    b.write_config();
+    for path in ["secret", "hookci.yml"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    let d = b.start();
+    let run = |n: u32, before: &str, after: &str| {
+        let id = push(
+            &d,
+            &format!("reuse-as-{n}"),
+            "refs/heads/main",
+            before,
+            after,
+        );
+        let run = d.wait_run(id);
+        let log = d.run_log(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{log}\n{}", d.log());
+        assert!(!log.contains("GOT-"), "the step wrote into .git: {log}");
+        log
+    };
+    let first = run(1, ZERO, &c1);
+    assert!(first.contains(&format!("head={c1}")), "{first}");
+
+    let c2 = origin.commit("main", &[("mode", "plant")], "two");
+    let second = run(2, &c1, &c2);
+    assert!(second.contains(&format!("head={c2}")), "{second}");
+    assert!(
+        second.contains("stamp=warm-"),
+        "updated in place: {second}\n{}",
+        d.log()
+    );
+    assert!(second.contains("planted"), "{second}");
+
+    let c3 = origin.commit("main", &[("mode", "look")], "three");
+    let third = run(3, &c2, &c3);
+    assert!(third.contains(&format!("head={c3}")), "{third}");
+    assert!(
+        third.contains("stamp=\n") || third.contains("stamp=\r"),
+        "replaced, cold: {third}"
+    );
+    assert!(d.log().contains("replacing it"), "{}", d.log());
+}

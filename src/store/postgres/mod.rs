@@ -480,7 +480,15 @@ impl super::Store for Postgres {
         self.plan(run_id, names, on_interrupt)
     }
     fn step_started(&self, run_id: i64, number: i64) -> Result<Option<super::Step>, StoreError> {
-        self.start_step(run_id, number)
+        self.start_step(run_id, number, None).map(|(step, _)| step)
+    }
+    fn first_step_started(
+        &self,
+        run_id: i64,
+        number: i64,
+        phases: super::Phases,
+    ) -> Result<(Option<super::Step>, Option<super::Timings>), StoreError> {
+        self.start_step(run_id, number, Some(phases))
     }
     fn step_finished(
         &self,

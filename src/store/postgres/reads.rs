@@ -10,7 +10,7 @@ use super::{query, query_opt, PgResult, Postgres};
 use crate::store::outbox::ReportKind;
 use crate::store::{
     repo_key, Decision, Delivery, ReconcileView, Report, ReportView, Run, RunFilter, RunStatus,
-    Step, StepStatus, StoreError, RUN_COLUMNS, STEP_COLUMNS,
+    Step, StepStatus, StoreError, Timings, RUN_COLUMNS, STEP_COLUMNS,
 };
 
 pub(super) fn run_from_row(row: &Row) -> PgResult<Run> {
@@ -34,6 +34,15 @@ pub(super) fn run_from_row(row: &Row) -> PgResult<Run> {
         finished_at: row.try_get(15)?,
         log_dropped: row.try_get(16)?,
         instance: row.try_get(17)?,
+        timings: match row.try_get::<_, Option<i64>>(21)? {
+            Some(to_first_step_ms) => Some(Timings {
+                queue_ms: row.try_get(18)?,
+                fetch_ms: row.try_get(19)?,
+                checkout_ms: row.try_get(20)?,
+                to_first_step_ms,
+            }),
+            None => None,
+        },
     })
 }
 

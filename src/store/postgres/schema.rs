@@ -107,6 +107,13 @@ CREATE INDEX reports_due ON reports(next_at, id) WHERE state = 'pending';
 CREATE INDEX reports_coalesce ON reports(coalesce_key) WHERE state = 'pending';
 CREATE INDEX reports_run ON reports(run_id);
 "#,
+    // Push to first step, per run (SQLite's migration of the same columns).
+    r#"
+ALTER TABLE runs ADD COLUMN queue_ms BIGINT;
+ALTER TABLE runs ADD COLUMN fetch_ms BIGINT;
+ALTER TABLE runs ADD COLUMN checkout_ms BIGINT;
+ALTER TABLE runs ADD COLUMN first_step_ms BIGINT;
+"#,
 ];
 
 /// Why the schema cannot be used: a newer hookci wrote it.

@@ -14,9 +14,9 @@ use crate::clock::now_ms;
 use crate::store::outbox::{NewReport, ReportPolicy, Transition};
 use crate::store::writes::{FINISHED, NOT_RETRIED, PRUNE_DELIVERIES, PRUNE_RUNS};
 use crate::store::{
-    repo_key, Attempt, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Pruned, QueuedCancel,
-    Reconciled, RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus, StoreError,
-    Supersede, MAX_ATTEMPTS, RUN_COLUMNS, STEP_COLUMNS,
+    repo_key, Attempt, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
+    QueuedCancel, Reconciled, RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus,
+    StoreError, Supersede, Timings, MAX_ATTEMPTS, RUN_COLUMNS, STEP_COLUMNS,
 };
 
 /// The current attempt of run $1, for statements on its steps.
@@ -207,8 +207,16 @@ impl Postgres {
         })
     }
 
-    pub(super) fn start_step(&self, run_id: i64, number: i64) -> Result<Option<Step>, StoreError> {
+    /// A step's start; for the run's first step (`first`), with the run's push to first
+    /// step recorded in the same commit (see `Timings`).
+    pub(super) fn start_step(
+        &self,
+        run_id: i64,
+        number: i64,
+        first: Option<Phases>,
+    ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
         self.write(true, move |c, policy| async move {
+            let now = now_ms();
             let step = query_opt(
                 &*c,
                 &format!(
@@ -216,14 +224,36 @@ impl Postgres {
                      WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT} AND number = $2
                      RETURNING {STEP_COLUMNS}"
                 ),
-                &[&run_id, &number, &now_ms()],
+                &[&run_id, &number, &now],
             )
             .await?
             .as_ref()
             .map(step_from_row)
             .transpose()?;
+            let timings = match first {
+                None => None,
+                Some(phases) => query_opt(
+                    &*c,
+                    "UPDATE runs SET queue_ms = GREATEST(0, COALESCE(started_at, $2) - created_at),
+                            fetch_ms = $3, checkout_ms = $4,
+                            first_step_ms = GREATEST(0, $2 - created_at)
+                     WHERE id = $1
+                     RETURNING queue_ms, fetch_ms, checkout_ms, first_step_ms",
+                    &[&run_id, &now, &phases.fetch_ms, &phases.checkout_ms],
+                )
+                .await?
+                .map(|r| {
+                    Ok::<_, tokio_postgres::Error>(Timings {
+                        queue_ms: r.try_get(0)?,
+                        fetch_ms: r.try_get(1)?,
+                        checkout_ms: r.try_get(2)?,
+                        to_first_step_ms: r.try_get(3)?,
+                    })
+                })
+                .transpose()?,
+            };
             let Some(policy) = policy.as_deref() else {
-                return Ok(step);
+                return Ok((step, timings));
             };
             let found = query_opt(
                 &*c,
@@ -253,7 +283,7 @@ impl Postgres {
                 };
                 report(&*c, policy, &t).await?;
             }
-            Ok(step)
+            Ok((step, timings))
         })
     }
 
@@ -436,7 +466,8 @@ impl Postgres {
                         execute(
                             &*c,
                             "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
-                                    finished_at = NULL, reason = $2
+                                    finished_at = NULL, reason = $2, queue_ms = NULL, fetch_ms = NULL,
+                                    checkout_ms = NULL, first_step_ms = NULL
                              WHERE id = $1",
                             &[
                                 &id,

@@ -1,0 +1,178 @@
+//! Where a run's steps run. `workspace: fresh` (the default) gives each run its own
+//! `state_dir/workspaces/RUN_ID`, removed when the run ends. `workspace: reuse` gives
+//! each concurrency slot of a pipeline one workspace that outlives its runs, under
+//! `state_dir/workspaces/reuse/PIPELINE/SLOT/N`:
+//! - SLOT is `all` for `concurrency.group: pipeline` (one run of the pipeline at a
+//!   time, whatever the ref), else the ref (`group: ref` and `none`), made one safe
+//!   path segment;
+//! - N is the lowest number no executing run holds, so runs that may overlap
+//!   (`group: none`) never share a directory, and a slot's workspaces stay few.
+//!
+//! Leases are held in this process only: one daemon owns a state directory (its lock
+//! file), and nothing executes before recovery is done. Changes of ownership for a
+//! reused workspace belong in [`Lease`]'s preparation, the one place a run takes it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::pipeline::{Group, Pipeline, Workspace};
+use crate::store::Run;
+
+/// The directory under `state_dir/workspaces/` that holds reused workspaces; never a
+/// run id, so it cannot collide with a fresh workspace.
+pub const REUSE_DIR: &str = "reuse";
+
+/// The reused workspaces held by executing runs.
+#[derive(Default)]
+pub struct Slots {
+    held: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// A run's workspace. A reused one is held until the lease drops, after the run ended.
+pub struct Lease {
+    pub path: PathBuf,
+    /// For `workspace: reuse`: the untracked paths an update keeps.
+    pub reuse: Option<Vec<String>>,
+    held: Option<Arc<Mutex<HashSet<PathBuf>>>>,
+}
+
+impl Lease {
+    /// A run's own workspace, removed when the run ends.
+    pub fn fresh(path: PathBuf) -> Lease {
+        Lease {
+            path,
+            reuse: None,
+            held: None,
+        }
+    }
+
+    /// Whether the workspace goes when the run ends.
+    pub fn is_fresh(&self) -> bool {
+        self.reuse.is_none()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held {
+            held.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.path);
+        }
+    }
+}
+
+impl Slots {
+    /// The workspace `run` of `pipeline` executes in.
+    pub fn lease(&self, state_dir: &Path, run: &Run, pipeline: &Pipeline) -> Lease {
+        let workspaces = state_dir.join("workspaces");
+        if pipeline.workspace == Workspace::Fresh {
+            return Lease::fresh(workspaces.join(run.id.to_string()));
+        }
+        let slot = workspaces
+            .join(REUSE_DIR)
+            .join(&pipeline.name)
+            .join(slot_name(pipeline.concurrency.group, &run.git_ref));
+        self.hold(&slot, &pipeline.keep)
+    }
+
+    /// The lowest-numbered workspace of `slot` that no executing run holds.
+    fn hold(&self, slot: &Path, keep: &[String]) -> Lease {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let path = (0u32..)
+            .map(|n| slot.join(n.to_string()))
+            .find(|p| !held.contains(p))
+            .unwrap_or_else(|| slot.join("0"));
+        held.insert(path.clone());
+        Lease {
+            path,
+            reuse: Some(keep.to_vec()),
+            held: Some(Arc::clone(&self.held)),
+        }
+    }
+}
+
+/// One safe path segment per slot: the ref's readable part, plus a digest of the whole
+/// ref so that refs differing only in characters replaced here stay apart.
+fn slot_name(group: Group, git_ref: &str) -> String {
+    if group == Group::Pipeline {
+        return "all".into();
+    }
+    let short = git_ref
+        .strip_prefix("refs/heads/")
+        .or_else(|| git_ref.strip_prefix("refs/tags/"))
+        .unwrap_or(git_ref);
+    let readable: String = short
+        .chars()
+        .take(60)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let digest = Sha256::digest(git_ref.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{readable}-{hex}")
+}
+
+/// Every reused workspace under `state_dir/workspaces/reuse` (recovery kills what the
+/// steps of a previous daemon left running in them).
+pub fn reused(workspaces: &Path) -> Vec<PathBuf> {
+    let list = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    list(&workspaces.join(REUSE_DIR))
+        .iter()
+        .flat_map(|pipeline| list(pipeline))
+        .flat_map(|slot| list(&slot))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_runs_of_a_slot_never_share_a_workspace() {
+        let slots = Slots::default();
+        let slot = Path::new("/s/workspaces/reuse/ci/main-0000");
+        let keep = vec!["target/".to_owned()];
+        let first = slots.hold(slot, &keep);
+        let second = slots.hold(slot, &keep);
+        assert_eq!(first.path, slot.join("0"));
+        assert_eq!(second.path, slot.join("1"));
+        assert_eq!(second.reuse.as_deref(), Some(&keep[..]));
+        assert!(!first.is_fresh());
+        drop(first);
+        // Given back when its run ended: the next run takes the warm one again.
+        assert_eq!(slots.hold(slot, &keep).path, slot.join("0"));
+    }
+
+    #[test]
+    fn slot_names_are_one_safe_segment_and_keep_refs_apart() {
+        let a = slot_name(Group::Ref, "refs/heads/feature/x");
+        let b = slot_name(Group::Ref, "refs/heads/feature_x");
+        assert!(a.starts_with("feature_x-") && b.starts_with("feature_x-"));
+        assert_ne!(a, b);
+        assert!(!slot_name(Group::None, "refs/heads/../../etc").contains('/'));
+        assert_eq!(slot_name(Group::Pipeline, "refs/heads/main"), "all");
+        assert_eq!(
+            slot_name(Group::Ref, "refs/heads/main"),
+            slot_name(Group::None, "refs/heads/main")
+        );
+    }
+}

@@ -1,0 +1,262 @@
+//! `workspace: reuse`: a slot's workspace outlives its runs and a restart, is updated to
+//! exactly the new commit (keeping only what `keep:` names), and is replaced when an
+//! update of it was cut short.
+
+use std::collections::HashMap;
+
+use crate::harness::*;
+
+const REPO: &str = "octo-org/octo-repo";
+
+/// Prints what the step finds, then leaves what a build leaves: output under `target/`
+/// (kept), a stray untracked file (not kept) and an edited tracked file.
+const INSPECT: &str = r#"  - name: inspect
+    run: |
+      echo "ws=$HOOKCI_WORKSPACE"
+      echo "files=$(ls -A | grep -vx .git | sort | tr '\n' ' ')"
+      echo "a=$(cat a.txt)"
+      echo "head=$(git rev-parse HEAD)"
+      echo "stamp=$(cat target/stamp 2>/dev/null)"
+      mkdir -p target/debug && echo "warm-$HOOKCI_RUN_ID" > target/stamp
+      echo junk > untracked.txt
+      echo "edited by run $HOOKCI_RUN_ID" > a.txt
+"#;
+
+/// Pushes `after` (on main, after `before`) and returns what the run's step printed,
+/// and its id as `run`.
+fn build(d: &Daemon, n: u32, before: &str, after: &str) -> HashMap<String, String> {
+    let payload = PushPayload::new(
+        REPO,
+        "refs/heads/main",
+        before,
+        after,
+        "https://example.invalid/x.git",
+    );
+    let r = d.deliver("push", &format!("delivery-{n}"), &payload.bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    let mut printed: HashMap<String, String> = d
+        .run_log(id)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect();
+    printed.insert("run".into(), id.to_string());
+    printed
+}
+
+#[test]
+fn a_reused_workspace_builds_the_new_commit_exactly_and_a_damaged_one_is_replaced() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit(
+        "main",
+        &[("a.txt", "one"), ("doomed.txt", "deleted upstream")],
+        "first",
+    );
+    let pipeline = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nkeep: [\"target/\"]\nsteps:\n{INSPECT}",
+        origin.url()
+    );
+    let mut d = b.pipeline("ci", &pipeline).start();
+
+    let first = build(&d, 1, &"0".repeat(40), &c1);
+    assert_eq!(first["files"], "a.txt doomed.txt");
+    assert_eq!(first["a"], "one");
+    assert_eq!(first["head"], c1);
+    assert_eq!(first["stamp"], "");
+    let ws = first["ws"].clone();
+    assert!(
+        ws.starts_with(
+            &d.state_dir()
+                .canonicalize()
+                .unwrap()
+                .join("workspaces/reuse/ci/")
+                .display()
+                .to_string()
+        ),
+        "{ws}"
+    );
+    assert!(
+        std::path::Path::new(&ws).join("target/stamp").exists(),
+        "kept after the run"
+    );
+
+    // The next commit deletes a file and adds one: the same workspace, exactly that
+    // commit, with `target/` still warm.
+    let c2 = origin.commit_removing("main", &["doomed.txt"], "drop");
+    let c3 = origin.commit("main", &[("b.txt", "two")], "add");
+    let second = build(&d, 2, &c1, &c3);
+    assert_eq!(second["ws"], ws, "the slot's workspace is reused");
+    assert_eq!(second["files"], "a.txt b.txt target", "{second:?}");
+    assert_eq!(second["a"], "one", "the edit of a tracked file is undone");
+    assert_eq!(second["head"], c3);
+    assert!(second["stamp"].starts_with("warm-"), "{second:?}");
+    assert_ne!(c2, c3);
+
+    // A restart (startup recovery) keeps reused workspaces.
+    d.signal(libc::SIGTERM);
+    d.wait();
+    d.spawn();
+    let c4 = origin.commit("main", &[("a.txt", "four")], "four");
+    let third = build(&d, 3, &c3, &c4);
+    assert_eq!(third["ws"], ws);
+    assert_eq!(
+        third["stamp"],
+        format!("warm-{}", second["run"]),
+        "{third:?}"
+    );
+    assert_eq!(third["a"], "four");
+
+    // What a failed or killed update leaves: its marker. Never built from: replaced.
+    let marker = format!("{ws}.updating");
+    std::fs::write(&marker, "").unwrap();
+    let c5 = origin.commit("main", &[("c.txt", "five")], "five");
+    let fourth = build(&d, 4, &c4, &c5);
+    assert_eq!(fourth["ws"], ws);
+    assert_eq!(fourth["files"], "a.txt b.txt c.txt", "{fourth:?}");
+    assert_eq!(fourth["stamp"], "", "a replaced workspace starts cold");
+    assert_eq!(fourth["head"], c5);
+    assert!(!std::path::Path::new(&marker).exists());
+    assert!(d.log().contains("replacing it"), "{}", d.log());
+}
+
+/// Prints what the step finds, leaves `target/stamp` (kept), and then damages the
+/// workspace as the commit's `mode` file says: `corrupt` breaks its index (the next
+/// update fails), `junk` leaves many untracked files (the next update takes long enough
+/// to be killed while it removes them).
+const DAMAGE: &str = r#"  - name: inspect
+    run: |
+      echo "files=$(ls -A | grep -vx .git | sort | tr '\n' ' ')"
+      echo "head=$(git rev-parse HEAD)"
+      echo "stamp=$(cat target/stamp 2>/dev/null)"
+      mkdir -p target && echo "warm-$HOOKCI_RUN_ID" > target/stamp
+      case "$(cat mode)" in
+        corrupt) echo "not an index" > .git/index ;;
+        junk) mkdir junk && cd junk && seq 1 40000 | xargs touch ;;
+      esac
+"#;
+
+const TOKEN: &str = "workspaces-api-token";
+
+fn push_main(d: &Daemon, n: u32, before: &str, after: &str) -> i64 {
+    let payload = PushPayload::new(
+        REPO,
+        "refs/heads/main",
+        before,
+        after,
+        "https://example.invalid/x.git",
+    );
+    let r = d.deliver("push", &format!("damage-{n}"), &payload.bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["runs"][0]["id"].as_i64().unwrap()
+}
+
+fn printed(d: &Daemon, id: i64) -> HashMap<String, String> {
+    d.run_log(id)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_workspace_whose_update_failed_or_was_killed_is_replaced_never_built_from() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let token_file = b.path().join("api-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let pipeline = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nkeep: [\"target/\"]\nsteps:\n{DAMAGE}",
+        origin.url()
+    );
+    let d = b
+        .pipeline("ci", &pipeline)
+        .config(&format!("api_token_file: {}", token_file.display()))
+        .start();
+    let ok = |id: i64| {
+        let run = d.wait_run(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+        printed(&d, id)
+    };
+
+    // A step breaks the workspace's index: the next update fails, and so does its run.
+    let c1 = origin.commit("main", &[("a.txt", "1"), ("mode", "corrupt")], "one");
+    let first = ok(push_main(&d, 1, &"0".repeat(40), &c1));
+    let ws = d
+        .state_dir()
+        .join("workspaces/reuse/ci")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("0");
+    assert_eq!(first["head"], c1);
+    let marker = format!("{}.updating", ws.display());
+    let c2 = origin.commit("main", &[("mode", "junk")], "two");
+    let failed = d.wait_run(push_main(&d, 2, &c1, &c2));
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("updating the workspace failed")),
+        "{failed:#}"
+    );
+    assert!(
+        std::path::Path::new(&marker).exists(),
+        "the failed update left its marker"
+    );
+
+    // The next run gets a fresh checkout: nothing of the old workspace, `target/` cold.
+    let c3 = origin.commit("main", &[("b.txt", "3")], "three");
+    let third = ok(push_main(&d, 3, &c2, &c3));
+    assert_eq!(third["files"], "a.txt b.txt mode", "{third:?}");
+    assert_eq!(
+        third["stamp"], "",
+        "a replaced workspace starts cold: {third:?}"
+    );
+    assert_eq!(third["head"], c3);
+    assert!(!std::path::Path::new(&marker).exists());
+
+    // That run left 40,000 untracked files: the next update is killed (its run canceled)
+    // while it removes them.
+    let c4 = origin.commit("main", &[("mode", "plain")], "four");
+    let killed = push_main(&d, 4, &c3, &c4);
+    eventually("the update of the reused workspace begins", || {
+        std::path::Path::new(&marker).exists()
+    });
+    let r = d.post(
+        &format!("/api/runs/{killed}/cancel"),
+        &[
+            ("authorization", &format!("Bearer {TOKEN}")),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let run = d.wait_run(killed);
+    assert_eq!(run["status"], "canceled", "{run:#}");
+    assert!(
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["started_at"].is_null()),
+        "canceled during the update, before any step: {run:#}"
+    );
+    assert!(
+        std::path::Path::new(&marker).exists(),
+        "the killed update left its marker"
+    );
+
+    let c5 = origin.commit("main", &[("c.txt", "5")], "five");
+    let fifth = ok(push_main(&d, 5, &c4, &c5));
+    assert_eq!(fifth["files"], "a.txt b.txt c.txt mode", "{fifth:?}");
+    assert_eq!(fifth["stamp"], "", "{fifth:?}");
+    assert_eq!(fifth["head"], c5);
+    assert!(d.log().contains("replacing it"), "{}", d.log());
+}
