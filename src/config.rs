@@ -476,6 +476,19 @@ impl FileConfig {
     }
 }
 
+/// The `state_dir` a config file sets, resolved as [`FileConfig::load`] does, and
+/// nothing else of it read or checked: `hookci reload --local` must find the daemon of
+/// a config that may be broken, which the reload it asks for is there to report.
+pub fn state_dir_in(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let dir = PathBuf::from(value.get("state_dir")?.as_str()?);
+    Some(match path.parent() {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir,
+    })
+}
+
 fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
         what,
@@ -742,6 +755,25 @@ pub fn resolve_secret(
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_state_dir_of_a_config_is_found_whatever_else_is_wrong_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hookci.yml");
+        for (text, wanted) in [
+            (
+                "state_dir: /srv/ci\nno_such_key: 1\n",
+                Some(PathBuf::from("/srv/ci")),
+            ),
+            ("state_dir: state\n", Some(dir.path().join("state"))),
+            ("listen: 127.0.0.1:8080\n", None),
+            ("state_dir: [\n", None),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            assert_eq!(state_dir_in(&file), wanted, "{text}");
+        }
+        assert_eq!(state_dir_in(&dir.path().join("missing.yml")), None);
+    }
 
     struct FakeEnv(HashMap<&'static str, &'static str>);
 

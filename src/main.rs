@@ -125,8 +125,8 @@ enum Command {
         /// HTTP API: no API token, as the daemon's user or root (the unit's ExecReload=)
         #[arg(long, conflicts_with = "url")]
         local: bool,
-        /// With --local: the daemon's state directory (default: $STATE_DIRECTORY,
-        /// else ./.hookci)
+        /// With --local: the daemon's state directory (default: the config's
+        /// state_dir, else $STATE_DIRECTORY, else ./.hookci)
         #[arg(long, value_name = "DIR", requires = "local")]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -442,11 +442,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload {
             local: true,
             state_dir,
-            ..
+            remote,
         } => {
-            // Not from the config file: the reload is what reads that, and a broken one
-            // is the daemon's to report.
+            // Only `state_dir` from the config file: the reload is what reads the rest,
+            // and a broken one is the daemon's to report.
+            let configured = || {
+                config_source(&remote.config, Overrides::default())
+                    .path
+                    .and_then(|path| hookci::config::state_dir_in(&path))
+            };
             let dir = state_dir
+                .or_else(configured)
                 .or_else(|| {
                     std::env::var_os("STATE_DIRECTORY").map(|s| {
                         let s = s.to_string_lossy().into_owned();

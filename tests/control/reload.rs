@@ -537,3 +537,47 @@ fn editor_lock_files_and_fifos_in_the_pipelines_directory_hold_no_reload_back() 
         "{log}"
     );
 }
+
+#[test]
+fn hookci_reload_local_finds_the_socket_in_the_configs_state_dir_even_when_it_is_broken() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = b
+        .config("watch_pipelines: false")
+        .pipeline("ci", &pipeline(&origin, "", &[step("old", "true")]))
+        .start();
+    eventually("the reload socket is open", || {
+        d.log().contains("hookci reload --local asks here")
+    });
+    let config = d.path().join("hookci.yml");
+    // Somewhere with no ./.hookci and no $STATE_DIRECTORY: only the config says where.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let reload = |how: &dyn Fn(&mut Command)| {
+        let mut cmd = cli(&["reload", "--local"], None);
+        cmd.current_dir(elsewhere.path())
+            .env_remove("STATE_DIRECTORY");
+        how(&mut cmd);
+        cmd.output().unwrap()
+    };
+    let out = reload(&|c| {
+        c.arg("-c").arg(&config);
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("reloaded: pipelines ci"));
+    let out = reload(&|c| {
+        c.env("HOOKCI_CONFIG", &config);
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(count(&d, RELOADED), 2);
+
+    // A broken config still names the state directory: the daemon says what is wrong.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}max_parallel_runz: 3\n")).unwrap();
+    let out = reload(&|c| {
+        c.arg("-c").arg(&config);
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("unknown field `max_parallel_runz`"), "{err}");
+    assert!(err.contains("reload failed: nothing changed"), "{err}");
+}
