@@ -256,14 +256,25 @@ impl ConfigSource {
     }
 
     /// A problem of the config as one line, `file:line:col: message` where it has a
-    /// place, else prefixed with the config file's name.
+    /// place (a value checked after parsing is placed at its key), else prefixed with
+    /// the config file's name.
     pub fn describe(&self, error: &ConfigError) -> String {
-        match (error, &self.path) {
-            (ConfigError::File(e), _) => e.one_line(),
-            (ConfigError::Invalid(_) | ConfigError::NoWebhookSecret, Some(path)) => {
+        if let ConfigError::File(e) = error {
+            return e.one_line();
+        }
+        let Some(path) = &self.path else {
+            return error.to_string();
+        };
+        let place = error.key().and_then(|key| {
+            let text = std::fs::read_to_string(path).ok()?;
+            yaml::find_key(&text, key)
+        });
+        match (place, error) {
+            (Some((line, column)), _) => format!("{}:{line}:{column}: {error}", path.display()),
+            (None, ConfigError::Invalid { .. } | ConfigError::NoWebhookSecret) => {
                 format!("{}: {error}", path.display())
             }
-            _ => error.to_string(),
+            (None, _) => error.to_string(),
         }
     }
 }
@@ -274,19 +285,46 @@ pub enum ConfigError {
     File(#[from] SourceError),
     #[error("{path}: cannot read {what}: {source}")]
     SecretFile {
+        /// The config key that names the file.
+        key: &'static str,
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("{path}: {what} file is empty")]
-    EmptySecret { what: &'static str, path: PathBuf },
-    #[error("{0}")]
-    Invalid(String),
+    EmptySecret {
+        key: &'static str,
+        what: &'static str,
+        path: PathBuf,
+    },
+    /// A value the file's shape allows but hookci does not; `key` is its place, dotted
+    /// below the top level (`retention.runs`).
+    #[error("{message}")]
+    Invalid { key: &'static str, message: String },
     #[error(
         "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
          (or pass --allow-unsigned for a local trial)"
     )]
     NoWebhookSecret,
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// The config key the problem is about, where it has one.
+    fn key(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::SecretFile { key, .. }
+            | ConfigError::EmptySecret { key, .. }
+            | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::File(_) | ConfigError::NoWebhookSecret => None,
+        }
+    }
 }
 
 /// The config file's shape. Unknown keys are typos, hence errors.
@@ -489,8 +527,10 @@ pub fn state_dir_in(path: &Path) -> Option<PathBuf> {
     })
 }
 
-fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+/// `key`: the config key that names the file.
+fn read_secret(key: &'static str, what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        key,
         what,
         path: path.to_path_buf(),
         source,
@@ -499,6 +539,7 @@ fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     let value = text.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         return Err(ConfigError::EmptySecret {
+            key,
             what,
             path: path.to_path_buf(),
         });
@@ -507,13 +548,14 @@ fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
 }
 
 fn secret(
+    key: &'static str,
     what: &'static str,
     file: Option<&Path>,
     var: &str,
     env: &dyn EnvSource,
 ) -> Result<Option<Secret>, ConfigError> {
     match file {
-        Some(path) => read_secret(what, path).map(Some),
+        Some(path) => read_secret(key, what, path).map(Some),
         None => Ok(env.var(var).map(Secret::new)),
     }
 }
@@ -596,18 +638,21 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("./pipelines")),
             state_dir,
             webhook_secret: secret(
+                "webhook_secret_file",
                 "webhook secret",
                 file.webhook_secret_file.as_deref(),
                 "HOOKCI_WEBHOOK_SECRET",
                 env,
             )?,
             api_token: secret(
+                "api_token_file",
                 "API token",
                 file.api_token_file.as_deref(),
                 "HOOKCI_API_TOKEN",
                 env,
             )?,
             read_token: secret(
+                "read_token_file",
                 "read token",
                 file.read_token_file.as_deref(),
                 "HOOKCI_READ_TOKEN",
@@ -627,7 +672,7 @@ impl Config {
             },
             github: GithubConfig {
                 token: match github.token_file {
-                    Some(path) => Some(read_secret("GitHub token", &path)?),
+                    Some(path) => Some(read_secret("github.token_file", "GitHub token", &path)?),
                     None => env.var("HOOKCI_GITHUB_TOKEN").map(Secret::new),
                 },
                 api_url: github
@@ -636,7 +681,10 @@ impl Config {
                 statuses: github.statuses.unwrap_or(true),
             },
             run_as: match file.run_as {
-                Some(user) => Some(RunAs::resolve(&user).map_err(ConfigError::Invalid)?),
+                Some(user) => Some(
+                    RunAs::resolve(&user)
+                        .map_err(|message| ConfigError::invalid("run_as", message))?,
+                ),
                 None => None,
             },
             max_log_bytes: file.max_log_bytes.unwrap_or(100 * 1024 * 1024),
@@ -654,8 +702,9 @@ impl Config {
             )?,
         };
         if config.max_connections == 0 {
-            return Err(ConfigError::Invalid(
-                "max_connections must be at least 1".into(),
+            return Err(ConfigError::invalid(
+                "max_connections",
+                "max_connections must be at least 1",
             ));
         }
         if config.keep_alive_timeout.is_zero() {
@@ -666,24 +715,31 @@ impl Config {
         if config.max_unverified_bytes < config.max_body_bytes {
             // A body the budget can never hold would get 503 for ever, and GitHub does
             // not retry.
-            return Err(ConfigError::Invalid(format!(
-                "max_unverified_bytes ({}) must be at least max_body_bytes ({}), so that \
+            return Err(ConfigError::invalid(
+                "max_unverified_bytes",
+                format!(
+                    "max_unverified_bytes ({}) must be at least max_body_bytes ({}), so that \
                  the largest webhook fits",
-                config.max_unverified_bytes, config.max_body_bytes
-            )));
+                    config.max_unverified_bytes, config.max_body_bytes
+                ),
+            ));
         }
         if config.max_parallel_runs == 0 {
-            return Err(ConfigError::Invalid(
-                "max_parallel_runs must be at least 1".into(),
+            return Err(ConfigError::invalid(
+                "max_parallel_runs",
+                "max_parallel_runs must be at least 1",
             ));
         }
         if config.retention.runs == 0 {
-            return Err(ConfigError::Invalid(
-                "retention.runs must be at least 1 (the newest finished runs to keep)".into(),
+            return Err(ConfigError::invalid(
+                "retention.runs",
+                "retention.runs must be at least 1 (the newest finished runs to keep)",
             ));
         }
         if !api_url_ok(&config.github.api_url) {
-            return Err(ConfigError::Invalid(format!(
+            return Err(ConfigError::invalid(
+                "github.api_url",
+                format!(
                 "github.api_url {:?} is not an https:// URL (for example https://api.github.com, \
                  or https://HOST/api/v3 for GitHub Enterprise; plain http only on 127.0.0.1 or localhost)",
                 config.github.api_url
@@ -691,14 +747,16 @@ impl Config {
         }
         if let Some(url) = &config.public_url {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "public_url {url:?} is not an http:// or https:// URL"
-                )));
+                return Err(ConfigError::invalid(
+                    "public_url",
+                    format!("public_url {url:?} is not an http:// or https:// URL"),
+                ));
             }
         }
         if config.max_body_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "max_body_bytes must be at least 1".into(),
+            return Err(ConfigError::invalid(
+                "max_body_bytes",
+                "max_body_bytes must be at least 1",
             ));
         }
         Ok(config)
@@ -1146,6 +1204,45 @@ mod tests {
         let place = format!("{}:2:1: unknown field `listen_addr`", path.display());
         assert!(told.starts_with(&place), "{told}");
         assert!(!told.contains('\n'), "one line: {told}");
+    }
+
+    #[test]
+    fn a_value_checked_after_parsing_is_told_at_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hookci.yml");
+        let env = FakeEnv(HashMap::new());
+        let source = ConfigSource {
+            path: Some(path.clone()),
+            allow_unsigned: true,
+            ..ConfigSource::default()
+        };
+        let missing = dir.path().join("no-such-secret");
+        for (text, place, message) in [
+            (
+                "listen: 127.0.0.1:1\nmax_parallel_runs: 0\n".to_owned(),
+                "2:1",
+                "max_parallel_runs must be at least 1",
+            ),
+            (
+                "retention:\n  days: 1\n  runs: 0\n".to_owned(),
+                "3:3",
+                "retention.runs must be at least 1",
+            ),
+            ("run_as: 0:0\n".to_owned(), "1:1", "must not run as root"),
+            (
+                format!("\nwebhook_secret_file: {}\n", missing.display()),
+                "2:1",
+                "cannot read webhook secret",
+            ),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let told = source.describe(&source.load(&env).unwrap_err());
+            let at = format!("{}:{place}: ", path.display());
+            assert!(
+                told.starts_with(&at) && told.contains(message),
+                "{at} {message}: {told}"
+            );
+        }
     }
 
     #[test]

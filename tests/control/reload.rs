@@ -580,4 +580,18 @@ fn hookci_reload_local_finds_the_socket_in_the_configs_state_dir_even_when_it_is
     let err = text(&out.stderr);
     assert!(err.contains("unknown field `max_parallel_runz`"), "{err}");
     assert!(err.contains("reload failed: nothing changed"), "{err}");
+
+    // A value refused once the file is parsed is told at its key's place too.
+    std::fs::write(&config, format!("{good}max_parallel_runs: 0\n")).unwrap();
+    let out = reload(&|c| {
+        c.arg("-c").arg(&config);
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let place = format!(
+        "{}:{}:1: max_parallel_runs must be at least 1",
+        config.display(),
+        good.lines().count() + 1
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains(&place), "{place} in:\n{err}");
 }
