@@ -1030,4 +1030,100 @@ mod tests {
         assert_eq!(out.end, StepEnd::Signaled(libc::SIGKILL));
         assert_gone(bg).await;
     }
+
+    /// This thread's effective capabilities without CAP_KILL (the others kept), as a
+    /// daemon that was not granted it; put back when dropped.
+    struct WithoutKill([[u32; 3]; 2]);
+
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+
+    const CAP_VERSION_3: u32 = 0x2008_0522;
+
+    fn capabilities() -> [[u32; 3]; 2] {
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [[0u32; 3]; 2];
+        // SAFETY: capget fills two (effective, permitted, inheritable) triples.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        data
+    }
+
+    fn set_capabilities(data: &[[u32; 3]; 2]) {
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        // SAFETY: capset reads two triples; pid 0 is this thread only.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    impl WithoutKill {
+        fn new() -> WithoutKill {
+            let before = capabilities();
+            let mut without = before;
+            without[0][0] &= !(1 << 5); // CAP_KILL
+            set_capabilities(&without);
+            WithoutKill(before)
+        }
+    }
+
+    impl Drop for WithoutKill {
+        fn drop(&mut self) {
+            set_capabilities(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_the_daemon_may_not_signal_is_ended_through_the_runs_cgroup() {
+        assert!(
+            user_is_root(),
+            "this test needs root (CI runs as root): it runs a step as another user"
+        );
+        let cgroups = crate::run::contain::Cgroups::setup();
+        assert!(cgroups.available(), "this test needs a writable cgroup v2");
+        let contain = cgroups.for_run(1, "HOOKCI_WORKSPACE=/nowhere".into());
+        let user = RunAs::resolve("54321:54321").unwrap();
+        let step = Step::new(&[]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(step.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let log_path = step.log_path();
+        let mask = Masker::new(std::iter::empty::<&str>());
+        let cmd = StepCommand {
+            script: "sleep 600",
+            cwd: step.dir.path(),
+            env: &step.env,
+            log_path: &log_path,
+            timeout: Some(Duration::from_millis(200)),
+            grace: Duration::from_millis(200),
+            mask: &mask,
+            output: None,
+            budget: &Arc::new(LogBudget::new(0)),
+            run_as: Some(&user),
+            contain: Some(&contain),
+        };
+        // The runtime of a #[tokio::test] runs on this thread, which signals the step.
+        let without = WithoutKill::new();
+        let out = tokio::time::timeout(LONG, run_step(cmd, never_cancel())).await;
+        drop(without);
+        // A failed stop leaves the sleep: ended here, so that nothing outlives the test.
+        contain.sweep().await;
+        contain.remove();
+        cgroups.remove();
+        let out = out
+            .expect("a step of another user was never stopped")
+            .unwrap();
+        assert_eq!(out.end, StepEnd::TimedOut);
+    }
+
+    fn user_is_root() -> bool {
+        crate::run::user::is_root()
+    }
 }
