@@ -271,7 +271,12 @@ impl ConfigSource {
         });
         match (place, error) {
             (Some((line, column)), _) => format!("{}:{line}:{column}: {error}", path.display()),
-            (None, ConfigError::Invalid { .. } | ConfigError::NoWebhookSecret) => {
+            (
+                None,
+                ConfigError::Invalid(_)
+                | ConfigError::InvalidValue { .. }
+                | ConfigError::NoWebhookSecret,
+            ) => {
                 format!("{}: {error}", path.display())
             }
             (None, _) => error.to_string(),
@@ -297,10 +302,12 @@ pub enum ConfigError {
         what: &'static str,
         path: PathBuf,
     },
+    #[error("{0}")]
+    Invalid(String),
     /// A value the file's shape allows but hookci does not; `key` is its place, dotted
     /// below the top level (`retention.runs`).
     #[error("{message}")]
-    Invalid { key: &'static str, message: String },
+    InvalidValue { key: &'static str, message: String },
     #[error(
         "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
          (or pass --allow-unsigned for a local trial)"
@@ -310,7 +317,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
+        ConfigError::InvalidValue {
             key,
             message: message.into(),
         }
@@ -321,8 +328,8 @@ impl ConfigError {
         match self {
             ConfigError::SecretFile { key, .. }
             | ConfigError::EmptySecret { key, .. }
-            | ConfigError::Invalid { key, .. } => Some(key),
-            ConfigError::File(_) | ConfigError::NoWebhookSecret => None,
+            | ConfigError::InvalidValue { key, .. } => Some(key),
+            ConfigError::File(_) | ConfigError::Invalid(_) | ConfigError::NoWebhookSecret => None,
         }
     }
 }
