@@ -290,7 +290,7 @@ pub enum ConfigError {
     File(#[from] SourceError),
     #[error("{path}: cannot read {what}: {source}")]
     SecretFile {
-        /// The config key that names the file.
+        /// The config key that names the file; empty when no key does.
         key: &'static str,
         what: &'static str,
         path: PathBuf,
@@ -328,7 +328,7 @@ impl ConfigError {
         match self {
             ConfigError::SecretFile { key, .. }
             | ConfigError::EmptySecret { key, .. }
-            | ConfigError::InvalidValue { key, .. } => Some(key),
+            | ConfigError::InvalidValue { key, .. } => Some(*key).filter(|k| !k.is_empty()),
             ConfigError::File(_) | ConfigError::Invalid(_) | ConfigError::NoWebhookSecret => None,
         }
     }
@@ -534,7 +534,7 @@ pub fn state_dir_in(path: &Path) -> Option<PathBuf> {
     })
 }
 
-/// `key`: the config key that names the file.
+/// `key`: the config key that names the file (empty when none does).
 fn read_secret(key: &'static str, what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
         key,
@@ -582,17 +582,22 @@ fn database(
         return Ok(None);
     };
     let password = match password_file {
-        Some(path) => Some(read_secret("database password", path)?),
+        Some(path) => Some(read_secret(
+            "database_password_file",
+            "database password",
+            path,
+        )?),
         None => env
             .var("CREDENTIALS_DIRECTORY")
             .map(|dir| Path::new(&dir).join("database-password"))
             .filter(|path| path.exists())
-            .map(|path| read_secret("database password", &path))
+            // Not from the file: no key to place it at.
+            .map(|path| read_secret("", "database password", &path))
             .transpose()?,
     };
     PgTarget::parse(&url, password.as_ref().map(Secret::expose))
         .map(Some)
-        .map_err(ConfigError::Invalid)
+        .map_err(|message| ConfigError::invalid("database", message))
 }
 
 impl Config {
@@ -715,8 +720,9 @@ impl Config {
             ));
         }
         if config.keep_alive_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "keep_alive_timeout must be more than 0s".into(),
+            return Err(ConfigError::invalid(
+                "keep_alive_timeout",
+                "keep_alive_timeout must be more than 0s",
             ));
         }
         if config.max_unverified_bytes < config.max_body_bytes {

@@ -165,7 +165,7 @@ pub async fn on_hangup(
 mod tests {
     use super::*;
     use crate::config::{ConfigSource, Overrides};
-    use crate::store::Store;
+    use crate::store::{Sqlite, Store};
     use std::time::Duration;
 
     /// A daemon's state whose config file names `dir/pipelines`, which holds `ci.yml`.
@@ -193,11 +193,8 @@ mod tests {
             allow_unsigned: true,
         };
         let loaded = source.load(&ProcessEnv).unwrap();
-        let store = Store::open(&loaded.state_dir).unwrap();
-        Arc::new(
-            AppState::new(loaded, Arc::new(store), PipelineSet::new(Vec::new()))
-                .with_source(source),
-        )
+        let store: Arc<dyn Store> = Arc::new(Sqlite::open(&loaded.state_dir).unwrap());
+        Arc::new(AppState::new(loaded, store, PipelineSet::new(Vec::new())).with_source(source))
     }
 
     #[tokio::test]

@@ -1089,7 +1089,7 @@ mod tests {
         );
         let cgroups = crate::run::contain::Cgroups::setup();
         assert!(cgroups.available(), "this test needs a writable cgroup v2");
-        let contain = cgroups.for_run(1, "HOOKCI_WORKSPACE=/nowhere".into());
+        let contain = cgroups.for_run(1);
         let user = RunAs::resolve("54321:54321").unwrap();
         let step = Step::new(&[]);
         use std::os::unix::fs::PermissionsExt;
