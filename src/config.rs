@@ -256,14 +256,30 @@ impl ConfigSource {
     }
 
     /// A problem of the config as one line, `file:line:col: message` where it has a
-    /// place, else prefixed with the config file's name.
+    /// place (a value checked after parsing is placed at its key), else prefixed with
+    /// the config file's name.
     pub fn describe(&self, error: &ConfigError) -> String {
-        match (error, &self.path) {
-            (ConfigError::File(e), _) => e.one_line(),
-            (ConfigError::Invalid(_) | ConfigError::NoWebhookSecret, Some(path)) => {
+        if let ConfigError::File(e) = error {
+            return e.one_line();
+        }
+        let Some(path) = &self.path else {
+            return error.to_string();
+        };
+        let place = error.key().and_then(|key| {
+            let text = std::fs::read_to_string(path).ok()?;
+            yaml::find_key(&text, key)
+        });
+        match (place, error) {
+            (Some((line, column)), _) => format!("{}:{line}:{column}: {error}", path.display()),
+            (
+                None,
+                ConfigError::Invalid(_)
+                | ConfigError::InvalidValue { .. }
+                | ConfigError::NoWebhookSecret,
+            ) => {
                 format!("{}: {error}", path.display())
             }
-            _ => error.to_string(),
+            (None, _) => error.to_string(),
         }
     }
 }
@@ -274,19 +290,48 @@ pub enum ConfigError {
     File(#[from] SourceError),
     #[error("{path}: cannot read {what}: {source}")]
     SecretFile {
+        /// The config key that names the file; empty when no key does.
+        key: &'static str,
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("{path}: {what} file is empty")]
-    EmptySecret { what: &'static str, path: PathBuf },
+    EmptySecret {
+        key: &'static str,
+        what: &'static str,
+        path: PathBuf,
+    },
     #[error("{0}")]
     Invalid(String),
+    /// A value the file's shape allows but hookci does not; `key` is its place, dotted
+    /// below the top level (`retention.runs`).
+    #[error("{message}")]
+    InvalidValue { key: &'static str, message: String },
     #[error(
         "no webhook secret: set webhook_secret_file in the config or HOOKCI_WEBHOOK_SECRET \
          (or pass --allow-unsigned for a local trial)"
     )]
     NoWebhookSecret,
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::InvalidValue {
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// The config key the problem is about, where it has one.
+    fn key(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::SecretFile { key, .. }
+            | ConfigError::EmptySecret { key, .. }
+            | ConfigError::InvalidValue { key, .. } => Some(*key).filter(|k| !k.is_empty()),
+            ConfigError::File(_) | ConfigError::Invalid(_) | ConfigError::NoWebhookSecret => None,
+        }
+    }
 }
 
 /// The config file's shape. Unknown keys are typos, hence errors.
@@ -476,8 +521,23 @@ impl FileConfig {
     }
 }
 
-fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+/// The `state_dir` a config file sets, resolved as [`FileConfig::load`] does, and
+/// nothing else of it read or checked: `hookci reload --local` must find the daemon of
+/// a config that may be broken, which the reload it asks for is there to report.
+pub fn state_dir_in(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let dir = PathBuf::from(value.get("state_dir")?.as_str()?);
+    Some(match path.parent() {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir,
+    })
+}
+
+/// `key`: the config key that names the file (empty when none does).
+fn read_secret(key: &'static str, what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        key,
         what,
         path: path.to_path_buf(),
         source,
@@ -486,6 +546,7 @@ fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     let value = text.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         return Err(ConfigError::EmptySecret {
+            key,
             what,
             path: path.to_path_buf(),
         });
@@ -494,13 +555,14 @@ fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConfigError> {
 }
 
 fn secret(
+    key: &'static str,
     what: &'static str,
     file: Option<&Path>,
     var: &str,
     env: &dyn EnvSource,
 ) -> Result<Option<Secret>, ConfigError> {
     match file {
-        Some(path) => read_secret(what, path).map(Some),
+        Some(path) => read_secret(key, what, path).map(Some),
         None => Ok(env.var(var).map(Secret::new)),
     }
 }
@@ -520,17 +582,22 @@ fn database(
         return Ok(None);
     };
     let password = match password_file {
-        Some(path) => Some(read_secret("database password", path)?),
+        Some(path) => Some(read_secret(
+            "database_password_file",
+            "database password",
+            path,
+        )?),
         None => env
             .var("CREDENTIALS_DIRECTORY")
             .map(|dir| Path::new(&dir).join("database-password"))
             .filter(|path| path.exists())
-            .map(|path| read_secret("database password", &path))
+            // Not from the file: no key to place it at.
+            .map(|path| read_secret("", "database password", &path))
             .transpose()?,
     };
     PgTarget::parse(&url, password.as_ref().map(Secret::expose))
         .map(Some)
-        .map_err(ConfigError::Invalid)
+        .map_err(|message| ConfigError::invalid("database", message))
 }
 
 impl Config {
@@ -583,18 +650,21 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("./pipelines")),
             state_dir,
             webhook_secret: secret(
+                "webhook_secret_file",
                 "webhook secret",
                 file.webhook_secret_file.as_deref(),
                 "HOOKCI_WEBHOOK_SECRET",
                 env,
             )?,
             api_token: secret(
+                "api_token_file",
                 "API token",
                 file.api_token_file.as_deref(),
                 "HOOKCI_API_TOKEN",
                 env,
             )?,
             read_token: secret(
+                "read_token_file",
                 "read token",
                 file.read_token_file.as_deref(),
                 "HOOKCI_READ_TOKEN",
@@ -614,7 +684,7 @@ impl Config {
             },
             github: GithubConfig {
                 token: match github.token_file {
-                    Some(path) => Some(read_secret("GitHub token", &path)?),
+                    Some(path) => Some(read_secret("github.token_file", "GitHub token", &path)?),
                     None => env.var("HOOKCI_GITHUB_TOKEN").map(Secret::new),
                 },
                 api_url: github
@@ -623,7 +693,10 @@ impl Config {
                 statuses: github.statuses.unwrap_or(true),
             },
             run_as: match file.run_as {
-                Some(user) => Some(RunAs::resolve(&user).map_err(ConfigError::Invalid)?),
+                Some(user) => Some(
+                    RunAs::resolve(&user)
+                        .map_err(|message| ConfigError::invalid("run_as", message))?,
+                ),
                 None => None,
             },
             max_log_bytes: file.max_log_bytes.unwrap_or(100 * 1024 * 1024),
@@ -641,36 +714,45 @@ impl Config {
             )?,
         };
         if config.max_connections == 0 {
-            return Err(ConfigError::Invalid(
-                "max_connections must be at least 1".into(),
+            return Err(ConfigError::invalid(
+                "max_connections",
+                "max_connections must be at least 1",
             ));
         }
         if config.keep_alive_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "keep_alive_timeout must be more than 0s".into(),
+            return Err(ConfigError::invalid(
+                "keep_alive_timeout",
+                "keep_alive_timeout must be more than 0s",
             ));
         }
         if config.max_unverified_bytes < config.max_body_bytes {
             // A body the budget can never hold would get 503 for ever, and GitHub does
             // not retry.
-            return Err(ConfigError::Invalid(format!(
-                "max_unverified_bytes ({}) must be at least max_body_bytes ({}), so that \
+            return Err(ConfigError::invalid(
+                "max_unverified_bytes",
+                format!(
+                    "max_unverified_bytes ({}) must be at least max_body_bytes ({}), so that \
                  the largest webhook fits",
-                config.max_unverified_bytes, config.max_body_bytes
-            )));
+                    config.max_unverified_bytes, config.max_body_bytes
+                ),
+            ));
         }
         if config.max_parallel_runs == 0 {
-            return Err(ConfigError::Invalid(
-                "max_parallel_runs must be at least 1".into(),
+            return Err(ConfigError::invalid(
+                "max_parallel_runs",
+                "max_parallel_runs must be at least 1",
             ));
         }
         if config.retention.runs == 0 {
-            return Err(ConfigError::Invalid(
-                "retention.runs must be at least 1 (the newest finished runs to keep)".into(),
+            return Err(ConfigError::invalid(
+                "retention.runs",
+                "retention.runs must be at least 1 (the newest finished runs to keep)",
             ));
         }
         if !api_url_ok(&config.github.api_url) {
-            return Err(ConfigError::Invalid(format!(
+            return Err(ConfigError::invalid(
+                "github.api_url",
+                format!(
                 "github.api_url {:?} is not an https:// URL (for example https://api.github.com, \
                  or https://HOST/api/v3 for GitHub Enterprise; plain http only on 127.0.0.1 or localhost)",
                 config.github.api_url
@@ -678,14 +760,16 @@ impl Config {
         }
         if let Some(url) = &config.public_url {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "public_url {url:?} is not an http:// or https:// URL"
-                )));
+                return Err(ConfigError::invalid(
+                    "public_url",
+                    format!("public_url {url:?} is not an http:// or https:// URL"),
+                ));
             }
         }
         if config.max_body_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "max_body_bytes must be at least 1".into(),
+            return Err(ConfigError::invalid(
+                "max_body_bytes",
+                "max_body_bytes must be at least 1",
             ));
         }
         Ok(config)
@@ -742,6 +826,25 @@ pub fn resolve_secret(
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_state_dir_of_a_config_is_found_whatever_else_is_wrong_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hookci.yml");
+        for (text, wanted) in [
+            (
+                "state_dir: /srv/ci\nno_such_key: 1\n",
+                Some(PathBuf::from("/srv/ci")),
+            ),
+            ("state_dir: state\n", Some(dir.path().join("state"))),
+            ("listen: 127.0.0.1:8080\n", None),
+            ("state_dir: [\n", None),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            assert_eq!(state_dir_in(&file), wanted, "{text}");
+        }
+        assert_eq!(state_dir_in(&dir.path().join("missing.yml")), None);
+    }
 
     struct FakeEnv(HashMap<&'static str, &'static str>);
 
@@ -1114,6 +1217,45 @@ mod tests {
         let place = format!("{}:2:1: unknown field `listen_addr`", path.display());
         assert!(told.starts_with(&place), "{told}");
         assert!(!told.contains('\n'), "one line: {told}");
+    }
+
+    #[test]
+    fn a_value_checked_after_parsing_is_told_at_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hookci.yml");
+        let env = FakeEnv(HashMap::new());
+        let source = ConfigSource {
+            path: Some(path.clone()),
+            allow_unsigned: true,
+            ..ConfigSource::default()
+        };
+        let missing = dir.path().join("no-such-secret");
+        for (text, place, message) in [
+            (
+                "listen: 127.0.0.1:1\nmax_parallel_runs: 0\n".to_owned(),
+                "2:1",
+                "max_parallel_runs must be at least 1",
+            ),
+            (
+                "retention:\n  days: 1\n  runs: 0\n".to_owned(),
+                "3:3",
+                "retention.runs must be at least 1",
+            ),
+            ("run_as: 0:0\n".to_owned(), "1:1", "must not run as root"),
+            (
+                format!("\nwebhook_secret_file: {}\n", missing.display()),
+                "2:1",
+                "cannot read webhook secret",
+            ),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let told = source.describe(&source.load(&env).unwrap_err());
+            let at = format!("{}:{place}: ", path.display());
+            assert!(
+                told.starts_with(&at) && told.contains(message),
+                "{at} {message}: {told}"
+            );
+        }
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     // Before recovery: the cgroups of crashed daemons' runs are ended on the way.
     let cgroups = Cgroups::setup();
     if let Some(who) = &config.run_as {
-        let checked = can_switch(who, &cgroups)
+        let checked = can_switch(who)
             .and_then(|()| secure_state_dir(&state_dir, who))
             .and_then(|()| check_protected(&config.protected, who));
         if let Err(e) = checked {
@@ -186,11 +186,11 @@ struct Recovered {
 
 /// Whether the daemon may switch users (root, or the capabilities), said with what
 /// is missing.
-fn can_switch(who: &RunAs, cgroups: &Cgroups) -> Result<(), DaemonError> {
+fn can_switch(who: &RunAs) -> Result<(), DaemonError> {
     if user::is_root() {
         return Ok(());
     }
-    let missing = user::missing_capabilities(cgroups.available());
+    let missing = user::missing_capabilities();
     if missing.is_empty() {
         return Ok(());
     }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hookci::config::{Config, ConfigSource, Overrides, ProcessEnv};
+use hookci::config::{Config, ConfigError, ConfigSource, Overrides, ProcessEnv};
 use hookci::pipeline::PipelineSet;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -125,8 +125,8 @@ enum Command {
         /// HTTP API: no API token, as the daemon's user or root (the unit's ExecReload=)
         #[arg(long, conflicts_with = "url")]
         local: bool,
-        /// With --local: the daemon's state directory (default: $STATE_DIRECTORY,
-        /// else ./.hookci)
+        /// With --local: the daemon's state directory (default: the config's
+        /// state_dir, else $STATE_DIRECTORY, else ./.hookci)
         #[arg(long, value_name = "DIR", requires = "local")]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -185,8 +185,19 @@ fn config_source(args: &ConfigArgs, flags: Overrides) -> ConfigSource {
     }
 }
 
+/// A config problem at its place; one from the parser also shows its line and a caret.
+fn config_error(source: &ConfigSource, error: ConfigError) -> anyhow::Error {
+    match error {
+        ConfigError::File(_) => error.into(),
+        _ => anyhow::anyhow!(source.describe(&error)),
+    }
+}
+
 fn load_config(args: &ConfigArgs, flags: Overrides) -> anyhow::Result<Config> {
-    let config = config_source(args, flags).load(&ProcessEnv)?;
+    let source = config_source(args, flags);
+    let config = source
+        .load(&ProcessEnv)
+        .map_err(|e| config_error(&source, e))?;
     // The config holds them now; nothing started from here on inherits one.
     hookci::config::scrub_environment();
     Ok(config)
@@ -251,7 +262,9 @@ impl Signals {
 fn serve(source: ConfigSource) -> anyhow::Result<ExitCode> {
     hookci::process::not_dumpable();
     hookci::process::raise_fd_limit();
-    let config = source.load(&ProcessEnv)?;
+    let config = source
+        .load(&ProcessEnv)
+        .map_err(|e| config_error(&source, e))?;
     // The config holds them now; nothing started from here on inherits one.
     hookci::config::scrub_environment();
     let pipelines = match load_pipelines(&config.pipelines) {
@@ -442,11 +455,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload {
             local: true,
             state_dir,
-            ..
+            remote,
         } => {
-            // Not from the config file: the reload is what reads that, and a broken one
-            // is the daemon's to report.
+            // Only `state_dir` from the config file: the reload is what reads the rest,
+            // and a broken one is the daemon's to report.
+            let configured = || {
+                config_source(&remote.config, Overrides::default())
+                    .path
+                    .and_then(|path| hookci::config::state_dir_in(&path))
+            };
             let dir = state_dir
+                .or_else(configured)
                 .or_else(|| {
                     std::env::var_os("STATE_DIRECTORY").map(|s| {
                         let s = s.to_string_lossy().into_owned();

@@ -133,9 +133,62 @@ pub fn find_value(text: &str, from_line: usize, value: &str) -> Option<(usize, u
         })
 }
 
+/// The 1-based line and column of a mapping key: `key` at the top level, or
+/// `parent.key` one level down (in the block below `parent:`, or in a flow mapping on
+/// its line). A plain scan, for values checked once the file is parsed; `None` when
+/// the file does not set it.
+pub fn find_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    let (parent, key) = match key.split_once('.') {
+        Some((parent, key)) => (Some(parent), key),
+        None => (None, key),
+    };
+    let at_top = |l: &str, k: &str| {
+        l.strip_prefix(k)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+    };
+    let mut lines = text.lines().enumerate();
+    let Some(parent) = parent else {
+        return lines.find_map(|(i, l)| at_top(l, key).then_some((i + 1, 1)));
+    };
+    let (i, line) = lines.by_ref().find(|(_, l)| at_top(l, parent))?;
+    if let Some(flow) = line.find('{') {
+        let byte = flow + line[flow..].find(&format!("{key}:"))?;
+        return Some((i + 1, line[..byte].chars().count() + 1));
+    }
+    for (i, l) in lines {
+        let body = l.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        if body.len() == l.len() {
+            // The parent's block ended without it.
+            return None;
+        }
+        if at_top(body, key) {
+            return Some((i + 1, l.len() - body.len() + 1));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_found_at_the_top_and_one_level_down() {
+        let text = "listen: x\n# retention: a comment\nretention:\n  days: 3\n\n  runs: 0\ngithub: { api_url: http://x }\nruns: 1\n";
+        for (key, wanted) in [
+            ("listen", Some((1, 1))),
+            ("runs", Some((8, 1))),
+            ("retention.runs", Some((6, 3))),
+            ("retention.interval", None),
+            ("github.api_url", Some((7, 11))),
+            ("state_dir", None),
+        ] {
+            assert_eq!(find_key(text, key), wanted, "{key}");
+        }
+    }
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]

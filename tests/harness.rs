@@ -41,8 +41,9 @@ pub struct Builder {
     env: Vec<(String, String)>,
     args: Vec<String>,
     user: Option<(u32, u32)>,
-    /// Ambient capabilities the daemon is started with (as `user`, through `setpriv`).
-    caps: Option<&'static str>,
+    /// Ambient capabilities the daemon is started with (as `user`, through `setpriv`):
+    /// names as setpriv takes them, comma-separated.
+    caps: Option<String>,
 }
 
 impl Builder {
@@ -70,10 +71,11 @@ impl Builder {
     }
 
     /// Runs the daemon as `user` holding the ambient capabilities `caps` (such as
-    /// `dac_override`), as a service unit's `AmbientCapabilities=` makes it.
-    pub fn daemon_with_caps(mut self, user: (u32, u32), caps: &'static str) -> Builder {
+    /// `dac_override`, or `setuid,kill`), as a service unit's `AmbientCapabilities=`
+    /// makes it.
+    pub fn daemon_with_caps(mut self, user: (u32, u32), caps: &str) -> Builder {
         self.user = Some(user);
-        self.caps = Some(caps);
+        self.caps = Some(caps.to_owned());
         self
     }
 
@@ -205,8 +207,9 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     args: Vec<String>,
     user: Option<(u32, u32)>,
-    /// Ambient capabilities the daemon is started with (as `user`, through `setpriv`).
-    caps: Option<&'static str>,
+    /// Ambient capabilities the daemon is started with (as `user`, through `setpriv`):
+    /// names as setpriv takes them, comma-separated.
+    caps: Option<String>,
     child: Option<Child>,
     pub addr: String,
     log: Arc<Mutex<String>>,
@@ -223,14 +226,16 @@ impl Daemon {
 
     /// Starts (or restarts) the process and waits for its `listening` line.
     pub fn spawn(&mut self) {
-        let mut cmd = match (self.user, self.caps) {
+        let mut cmd = match (self.user, &self.caps) {
             (Some((uid, gid)), Some(caps)) => {
+                let caps: Vec<String> = caps.split(',').map(|c| format!("+{c}")).collect();
+                let caps = caps.join(",");
                 let mut c = Command::new("setpriv");
                 c.arg(format!("--reuid={uid}"))
                     .arg(format!("--regid={gid}"))
                     .arg("--clear-groups")
-                    .arg(format!("--inh-caps=+{caps}"))
-                    .arg(format!("--ambient-caps=+{caps}"))
+                    .arg(format!("--inh-caps={caps}"))
+                    .arg(format!("--ambient-caps={caps}"))
                     .arg("--")
                     .arg(bin());
                 c

@@ -402,6 +402,19 @@ fn top_level_key(text: &str, key: &str) -> Option<(usize, usize)> {
         .map(|i| (i + 1, 1))
 }
 
+/// Whether a pipelines directory entry is a pipeline file by its name: `*.yml` or
+/// `*.yaml`, not hidden (editors' lock and swap files, such as `.#ci.yml`, are).
+pub fn is_pipeline_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+    !hidden
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yml" | "yaml")
+        )
+}
+
 fn is_pipeline_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('.')
@@ -435,7 +448,17 @@ impl PipelineSet {
         let mut paths: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yml" | "yaml")))
+            .filter(|p| is_pipeline_file(p))
+            .filter(|p| match std::fs::metadata(p) {
+                // Reading a FIFO (or a device) would wait for a writer for ever, and a
+                // reload with it.
+                Ok(meta) if !meta.is_file() => {
+                    tracing::warn!(path = %p.display(), "skipping a pipelines directory entry that is not a regular file");
+                    false
+                }
+                // Unreadable or a dangling link: reading it says why, as an error.
+                _ => true,
+            })
             .collect();
         paths.sort();
         let mut pipelines = Vec::new();

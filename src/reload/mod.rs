@@ -159,3 +159,65 @@ pub async fn on_hangup(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigSource, Overrides};
+    use crate::store::{Sqlite, Store};
+    use std::time::Duration;
+
+    /// A daemon's state whose config file names `dir/pipelines`, which holds `ci.yml`.
+    fn state_in(dir: &std::path::Path) -> Arc<AppState> {
+        let pipelines = dir.join("pipelines");
+        std::fs::create_dir_all(&pipelines).unwrap();
+        std::fs::write(
+            pipelines.join("ci.yml"),
+            "repo: octo-org/octo-repo\nsteps:\n  - name: test\n    run: \"true\"\n",
+        )
+        .unwrap();
+        let config = dir.join("hookci.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "pipelines: {}\nstate_dir: {}\n",
+                pipelines.display(),
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let source = ConfigSource {
+            path: Some(config),
+            flags: Overrides::default(),
+            allow_unsigned: true,
+        };
+        let loaded = source.load(&ProcessEnv).unwrap();
+        let store: Arc<dyn Store> = Arc::new(Sqlite::open(&loaded.state_dir).unwrap());
+        Arc::new(AppState::new(loaded, store, PipelineSet::new(Vec::new())).with_source(source))
+    }
+
+    #[tokio::test]
+    async fn a_reload_whose_caller_is_dropped_half_way_goes_on_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_in(dir.path());
+        let mut changes = state.model_changes();
+        // The test holds the reload at its start, as another reload in progress would.
+        let held = state.reloading.lock().await;
+        let mut caller = Box::pin(reload_to_end(Arc::clone(&state), "test"));
+        tokio::select! {
+            biased;
+            _ = &mut caller => panic!("the reload ended while it was held"),
+            () = std::future::ready(()) => {}
+        }
+        // As an HTTP handler is dropped when its client hangs up.
+        drop(caller);
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(30), changes.changed())
+            .await
+            .expect("the reload ended with its caller")
+            .unwrap();
+        let names: Vec<String> = state.pipelines().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["ci"]);
+    }
+}

@@ -96,21 +96,43 @@ async fn run(
                 _ = stop.changed() => return,
             }
         }
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    None => return,
-                    Some(event) => rearm |= action(&watch.dir, &event) == Action::Rearm,
-                },
-                () = tokio::time::sleep(QUIET) => break,
-                _ = stop.changed() => return,
-            }
+        match settle(&watch.dir, &mut events, &mut stop, QUIET).await {
+            None => return,
+            Some(more) => rearm |= more,
         }
         if rearm {
             watch.rearm();
         }
         tracing::info!("a pipeline file changed: reloading config and pipelines");
         let _ = super::reload(&state, "pipelines directory changed").await;
+    }
+}
+
+/// Waits until no relevant event has come for `quiet`; whether one asked for a rearm,
+/// or `None` when the watch or the daemon ends. Only relevant events restart the wait:
+/// the parent directory is watched too, and a busy file beside the pipelines directory
+/// (a log written there) must not hold a reload back for as long as it is written.
+async fn settle(
+    dir: &Path,
+    events: &mut mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    stop: &mut watch::Receiver<bool>,
+    quiet: Duration,
+) -> Option<bool> {
+    let mut rearm = false;
+    let timer = tokio::time::sleep(quiet);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            event = events.recv() => match action(dir, &event?) {
+                Action::Ignore => {}
+                relevant => {
+                    rearm |= relevant == Action::Rearm;
+                    timer.as_mut().reset(tokio::time::Instant::now() + quiet);
+                }
+            },
+            () = &mut timer => return Some(rearm),
+            _ = stop.changed() => return None,
+        }
     }
 }
 
@@ -142,7 +164,7 @@ fn action(dir: &Path, event: &notify::Result<notify::Event>) -> Action {
             } else if event
                 .paths
                 .iter()
-                .any(|p| p.parent() == Some(dir) && is_pipeline_file(p))
+                .any(|p| p.parent() == Some(dir) && crate::pipeline::is_pipeline_file(p))
             {
                 Action::Reload
             } else {
@@ -150,13 +172,6 @@ fn action(dir: &Path, event: &notify::Result<notify::Event>) -> Action {
             }
         }
     }
-}
-
-fn is_pipeline_file(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yml" | "yaml")
-    )
 }
 
 #[cfg(test)]
@@ -204,6 +219,17 @@ mod tests {
                 "/p/4913",
                 Action::Ignore,
             ),
+            // An editor's lock file (a dangling symlink) while ci.yml is edited.
+            (
+                EventKind::Create(CreateKind::Other),
+                "/p/.#ci.yml",
+                Action::Ignore,
+            ),
+            (
+                EventKind::Create(CreateKind::File),
+                "/p/.hidden.yaml",
+                Action::Ignore,
+            ),
             // The parent's other entries.
             (
                 EventKind::Create(CreateKind::File),
@@ -226,5 +252,59 @@ mod tests {
         assert_eq!(action(dir, &rescan), Action::Reload);
         let failed = Err(notify::Error::generic("inotify queue overflow"));
         assert_eq!(action(dir, &failed), Action::Rearm);
+    }
+
+    fn modified(path: &str) -> notify::Result<notify::Event> {
+        Ok(notify::Event::new(EventKind::Modify(ModifyKind::Any)).add_path(path.into()))
+    }
+
+    #[tokio::test]
+    async fn a_busy_file_beside_the_directory_does_not_hold_the_reload_back() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let noise = tx.clone();
+        // A log next to the pipelines directory, written without pause until the end.
+        let writer = tokio::spawn(async move {
+            while noise.send(modified("/build.log")).is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        tx.send(modified("/p/ci.yml")).unwrap();
+        let settled = tokio::time::timeout(
+            Duration::from_secs(10),
+            settle(
+                Path::new("/p"),
+                &mut rx,
+                &mut stop,
+                Duration::from_millis(200),
+            ),
+        )
+        .await;
+        writer.abort();
+        assert_eq!(settled, Ok(Some(false)), "the reload waits on the busy log");
+    }
+
+    #[tokio::test]
+    async fn each_pipeline_event_restarts_the_wait_and_a_rearm_is_kept() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_stop_tx, mut stop) = watch::channel(false);
+        tx.send(Ok(notify::Event::new(EventKind::Create(
+            CreateKind::Folder,
+        ))
+        .add_path("/p".into())))
+            .unwrap();
+        let quiet = Duration::from_millis(200);
+        // Closer together than the quiet time: the wait outlasts the whole burst.
+        let burst = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(modified("/p/ci.yml")).unwrap();
+            }
+            tx
+        });
+        let settled = settle(Path::new("/p"), &mut rx, &mut stop, quiet).await;
+        assert_eq!(settled, Some(true));
+        assert!(burst.is_finished(), "settled in the middle of the burst");
+        assert!(rx.try_recv().is_err(), "an event of the burst was left");
     }
 }

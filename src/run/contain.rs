@@ -136,6 +136,21 @@ impl Containment {
         self.0.cgroup.as_ref().map(|c| c.procs.as_raw_fd())
     }
 
+    /// Ends every process in the run's cgroup now, whoever's they are; false when the
+    /// run has no cgroup or the kill failed.
+    pub async fn kill_cgroup(&self) -> bool {
+        let Some(cgroup) = &self.0.cgroup else {
+            return false;
+        };
+        match tokio::fs::write(cgroup.dir.join("cgroup.kill"), "1").await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(cgroup = %cgroup.dir.display(), error = %e, "cgroup.kill failed");
+                false
+            }
+        }
+    }
+
     /// Kills every process of the run that is still there and reaps what was
     /// re-parented to the daemon; returns once they are gone (or after a limit). Called
     /// once the step's shell has been waited for: whatever the step left is the

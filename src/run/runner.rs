@@ -272,12 +272,12 @@ pub async fn run_step(
             }
             () = expired(deadline) => {
                 warn!(pgid, timeout = ?cmd.timeout, "step timed out, stopping process group");
-                let stopped = stop_child(&mut child, pgid, cmd.grace).await;
+                let stopped = stop_child(&mut child, pgid, cmd.grace, cmd.contain).await;
                 break stopped.map(|()| StepEnd::TimedOut);
             }
             () = canceled(&mut cancel) => {
                 info!(pgid, "step canceled, stopping process group");
-                let stopped = stop_child(&mut child, pgid, cmd.grace).await;
+                let stopped = stop_child(&mut child, pgid, cmd.grace, cmd.contain).await;
                 break stopped.map(|()| StepEnd::Canceled);
             }
             joined = &mut writer, if early.is_none() => {
@@ -287,7 +287,7 @@ pub async fn run_step(
                 if let Err(source) = done {
                     let source = io::Error::new(source.kind(), source.to_string());
                     warn!(pgid, error = %source, "step log write failed, stopping process group");
-                    let _ = stop_child(&mut child, pgid, cmd.grace).await;
+                    let _ = stop_child(&mut child, pgid, cmd.grace, cmd.contain).await;
                     let path = cmd.log_path.to_path_buf();
                     break Err(RunnerError::WriteLog { path, source });
                 }
@@ -295,7 +295,7 @@ pub async fn run_step(
         }
     };
     // The shell is gone, but anything it left in the background is not.
-    signal_group(pgid, libc::SIGKILL);
+    let _ = signal_group(pgid, libc::SIGKILL);
     guard.armed = false;
     // Nor what left the group: with it gone, pipes it held close too.
     if let Some(contain) = cmd.contain {
@@ -345,14 +345,14 @@ pub async fn run_step(
 /// daemon): group membership is polled, and an unreaped zombie counts as a
 /// member, so for our own children prefer waiting on the child as `run_step` does.
 pub async fn terminate_group(pgid: i32, grace: Duration) {
-    signal_group(pgid, libc::SIGTERM);
+    let _ = signal_group(pgid, libc::SIGTERM);
     let _ = tokio::time::timeout(grace, async {
         while group_exists(pgid) {
             tokio::time::sleep(GROUP_POLL).await;
         }
     })
     .await;
-    signal_group(pgid, libc::SIGKILL);
+    let _ = signal_group(pgid, libc::SIGKILL);
 }
 
 /// Kills every process a previous daemon's step left behind: those whose environment
@@ -389,7 +389,7 @@ pub fn kill_leftovers(marker: &str) -> Vec<i32> {
         found.push(pid);
         if let Some(pgid) = process_group_of(pid) {
             if pgid != process_group_of(me).unwrap_or(0) {
-                signal_group(pgid, libc::SIGKILL);
+                let _ = signal_group(pgid, libc::SIGKILL);
             }
         }
         // SAFETY: kill takes integers only; the pid was just seen carrying our marker.
@@ -419,12 +419,33 @@ fn process_group_of(pid: i32) -> Option<i32> {
 }
 
 /// SIGTERM the group, give the shell `grace` to exit, then SIGKILL and reap it.
-async fn stop_child(child: &mut Child, pgid: i32, grace: Duration) -> Result<(), RunnerError> {
-    signal_group(pgid, libc::SIGTERM);
+///
+/// A group the daemon may not signal (another user's, and the daemon lacks CAP_KILL)
+/// would keep the step going for ever: then the run's cgroup, if it has one, is ended
+/// instead, which needs no permission over its processes.
+async fn stop_child(
+    child: &mut Child,
+    pgid: i32,
+    grace: Duration,
+    contain: Option<&Containment>,
+) -> Result<(), RunnerError> {
+    let _ = signal_group(pgid, libc::SIGTERM);
     if let Ok(Ok(_)) = tokio::time::timeout(grace, child.wait()).await {
         return Ok(());
     }
-    signal_group(pgid, libc::SIGKILL);
+    let killed = signal_group(pgid, libc::SIGKILL);
+    if killed.is_err_and(|e| e.raw_os_error() == Some(libc::EPERM)) {
+        match contain {
+            Some(contain) if contain.kill_cgroup().await => {
+                info!(pgid, "step process group ended through the run's cgroup");
+            }
+            _ => warn!(
+                pgid,
+                "step process group cannot be signalled and the run has no cgroup: \
+                 waiting for it to end by itself"
+            ),
+        }
+    }
     child
         .wait()
         .await
@@ -606,11 +627,13 @@ fn flatten<T>(joined: Result<io::Result<T>, JoinError>) -> io::Result<T> {
     joined.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
-fn signal_group(pgid: i32, sig: libc::c_int) {
+/// Signals the group; the error (other than a group already gone) is logged and
+/// returned.
+fn signal_group(pgid: i32, sig: libc::c_int) -> io::Result<()> {
     // killpg(0) or (1) would hit the daemon's own group or init's.
     if pgid <= 1 {
         warn!(pgid, sig, "refusing to signal a reserved process group");
-        return;
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
     // SAFETY: killpg only takes integers and touches none of our memory; a
     // stale pgid at worst fails with ESRCH.
@@ -618,8 +641,10 @@ fn signal_group(pgid: i32, sig: libc::c_int) {
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ESRCH) {
             warn!(pgid, sig, %error, "signalling step process group failed");
+            return Err(error);
         }
     }
+    Ok(())
 }
 
 fn group_exists(pgid: i32) -> bool {
@@ -642,7 +667,7 @@ struct GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
-            signal_group(self.pgid, libc::SIGKILL);
+            let _ = signal_group(self.pgid, libc::SIGKILL);
         }
     }
 }
@@ -1004,5 +1029,101 @@ mod tests {
         let (out, bg) = tokio::join!(run, kill);
         assert_eq!(out.end, StepEnd::Signaled(libc::SIGKILL));
         assert_gone(bg).await;
+    }
+
+    /// This thread's effective capabilities without CAP_KILL (the others kept), as a
+    /// daemon that was not granted it; put back when dropped.
+    struct WithoutKill([[u32; 3]; 2]);
+
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+
+    const CAP_VERSION_3: u32 = 0x2008_0522;
+
+    fn capabilities() -> [[u32; 3]; 2] {
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [[0u32; 3]; 2];
+        // SAFETY: capget fills two (effective, permitted, inheritable) triples.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        data
+    }
+
+    fn set_capabilities(data: &[[u32; 3]; 2]) {
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        // SAFETY: capset reads two triples; pid 0 is this thread only.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    impl WithoutKill {
+        fn new() -> WithoutKill {
+            let before = capabilities();
+            let mut without = before;
+            without[0][0] &= !(1 << 5); // CAP_KILL
+            set_capabilities(&without);
+            WithoutKill(before)
+        }
+    }
+
+    impl Drop for WithoutKill {
+        fn drop(&mut self) {
+            set_capabilities(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_the_daemon_may_not_signal_is_ended_through_the_runs_cgroup() {
+        assert!(
+            user_is_root(),
+            "this test needs root (CI runs as root): it runs a step as another user"
+        );
+        let cgroups = crate::run::contain::Cgroups::setup();
+        assert!(cgroups.available(), "this test needs a writable cgroup v2");
+        let contain = cgroups.for_run(1);
+        let user = RunAs::resolve("54321:54321").unwrap();
+        let step = Step::new(&[]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(step.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let log_path = step.log_path();
+        let mask = Masker::new(std::iter::empty::<&str>());
+        let cmd = StepCommand {
+            script: "sleep 600",
+            cwd: step.dir.path(),
+            env: &step.env,
+            log_path: &log_path,
+            timeout: Some(Duration::from_millis(200)),
+            grace: Duration::from_millis(200),
+            mask: &mask,
+            output: None,
+            budget: &Arc::new(LogBudget::new(0)),
+            run_as: Some(&user),
+            contain: Some(&contain),
+        };
+        // The runtime of a #[tokio::test] runs on this thread, which signals the step.
+        let without = WithoutKill::new();
+        let out = tokio::time::timeout(LONG, run_step(cmd, never_cancel())).await;
+        drop(without);
+        // A failed stop leaves the sleep: ended here, so that nothing outlives the test.
+        contain.sweep().await;
+        contain.remove();
+        cgroups.remove();
+        let out = out
+            .expect("a step of another user was never stopped")
+            .unwrap();
+        assert_eq!(out.end, StepEnd::TimedOut);
+    }
+
+    fn user_is_root() -> bool {
+        crate::run::user::is_root()
     }
 }

@@ -148,19 +148,20 @@ fn group_list(name: &CStr, gid: libc::gid_t) -> Vec<libc::gid_t> {
 }
 
 /// A capability the daemon needs for `run_as`, and its bit in `/proc/self/status`.
-const NEEDED: [(&str, u32); 4] = [
+const NEEDED: [(&str, u32); 5] = [
     ("CAP_SETUID", 7),
     ("CAP_SETGID", 6),
     // Hands the checkout to the run's user.
     ("CAP_CHOWN", 0),
     // Removes what the run's user left in its workspace and home.
     ("CAP_DAC_OVERRIDE", 1),
+    // Stops a step that times out or is canceled: its process group is the run's
+    // user's, and a run's cgroup only ends what is left once the step's shell is gone.
+    ("CAP_KILL", 5),
 ];
-const CAP_KILL: (&str, u32) = ("CAP_KILL", 5);
 
-/// The capabilities the daemon lacks to run steps as another user; `cgroup`: a cgroup
-/// ends each run, so no signal to another user's process is needed.
-pub fn missing_capabilities(cgroup: bool) -> Vec<&'static str> {
+/// The capabilities the daemon lacks to run steps as another user.
+pub fn missing_capabilities() -> Vec<&'static str> {
     let effective = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -171,7 +172,6 @@ pub fn missing_capabilities(cgroup: bool) -> Vec<&'static str> {
         .unwrap_or(0);
     NEEDED
         .iter()
-        .chain((!cgroup).then_some(&CAP_KILL))
         .filter(|(_, bit)| effective & (1 << bit) == 0)
         .map(|(name, _)| *name)
         .collect()

@@ -13,6 +13,26 @@ fn count(d: &Daemon, what: &str) -> usize {
     d.log().matches(what).count()
 }
 
+/// How often `what` is in the log once it has stayed the same for a while: longer than
+/// the watcher's debounce and a reload take, so no reload it would make is still to come.
+fn settled(d: &Daemon, what: &str) -> usize {
+    let quiet = Duration::from_secs(2);
+    let mut last = count(d, what);
+    let mut since = Instant::now();
+    eventually_within(
+        Duration::from_secs(30),
+        &format!("{what:?} settles"),
+        || {
+            let now = count(d, what);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+            since.elapsed() >= quiet
+        },
+    );
+    last
+}
+
 /// The names of a run's steps.
 fn step_names(run: &Value) -> Vec<String> {
     run["steps"]
@@ -281,64 +301,6 @@ fn a_reload_that_raises_max_parallel_runs_starts_a_waiting_run_at_once() {
     }
 }
 
-/// A pipeline file that is a FIFO: a reload that reads it waits until the test writes
-/// it, so the test holds a reload half-way for as long as it likes.
-fn held_pipeline(dir: &Path) -> PathBuf {
-    let fifo = dir.join("held.yml");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo reads the NUL-terminated path it is given.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    fifo
-}
-
-/// Lets the reload held by [`held_pipeline`] read it, and go on.
-fn release(fifo: &Path, yaml: &str) {
-    // Opening blocks until the reload opens it to read.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(fifo)
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-}
-
-#[test]
-fn a_client_that_hangs_up_during_post_api_reload_leaves_the_reload_to_end_with_ready() {
-    let b = Builder::new();
-    let origin = Origin::new(b.path());
-    let notify = NotifySocket::bind(b.path());
-    let token = token_config(&b);
-    let d = b
-        .config("watch_pipelines: false")
-        .config(&token)
-        .env("NOTIFY_SOCKET", notify.env())
-        .start();
-    assert_eq!(notify.recv_state(), "READY=1");
-    let fifo = held_pipeline(&d.path().join("pipelines"));
-
-    let addr = d.url("").trim_start_matches("http://").to_owned();
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        conn,
-        "POST /api/reload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
-    )
-    .unwrap();
-    let reloading = notify.recv_state();
-    assert!(reloading.starts_with("RELOADING=1"), "{reloading}");
-    // The client gives up on the answer and hangs up while the reload is held.
-    conn.shutdown(std::net::Shutdown::Both).unwrap();
-    drop(conn);
-    // The server notices the hang-up (and, were the reload the request's, drops it)
-    // before the reload can go on; a moment is plenty.
-    std::thread::sleep(Duration::from_millis(500));
-
-    release(&fifo, &pipeline(&origin, "", &[step("held", "true")]));
-    assert_eq!(notify.recv_state(), "READY=1", "{}", d.log());
-    eventually("the reload applied", || count(&d, RELOADED) == 1);
-    let page = d.get("/pipelines").text();
-    assert!(page.contains("held"), "{page}");
-}
-
 #[test]
 fn hookci_reload_local_waits_for_the_outcome_and_fails_with_the_reason() {
     let b = Builder::new();
@@ -451,9 +413,12 @@ fn a_pipelines_directory_replaced_as_a_whole_is_watched_again() {
     eventually("its pipelines are in force", || {
         next_push(&d) == ["ci", "deploy"]
     });
-    // The old directory is not watched any more; the new one is.
+    // The old directory is not watched any more: a file written there reloads
+    // nothing (the rename's reloads are all done first)...
+    let reloads = settled(&d, RELOADED);
     std::fs::write(d.path().join("pipelines.old").join("stale.yml"), yaml("x")).unwrap();
-    let reloads = count(&d, RELOADED);
+    assert_eq!(settled(&d, RELOADED), reloads, "{}", d.log());
+    // ...and the new one is.
     std::fs::write(dir.join("lint.yml"), yaml("lint")).unwrap();
     eventually("a file added to the new directory reloads", || {
         count(&d, RELOADED) > reloads
@@ -517,4 +482,116 @@ fn a_run_keeps_the_config_it_was_claimed_with_when_a_reload_changes_it() {
         log.contains("got TERM") && log.contains("cleaned up"),
         "the step had the grace of the config it was claimed with:\n{log}"
     );
+}
+
+#[test]
+fn editor_lock_files_and_fifos_in_the_pipelines_directory_hold_no_reload_back() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let mut sha = origin.commit("main", &[("a", "0")], "x");
+    let d = b
+        .pipeline("ci", &pipeline(&origin, "", &[step("test", "true")]))
+        .start();
+    eventually("the watch is set up", || {
+        d.log().contains("watching the pipelines directory")
+    });
+    let dir = d.path().join("pipelines");
+    let yaml = |name: &str| pipeline(&origin, "", &[step(name, "true")]);
+    let mut pushes = 0;
+    let mut next_push = |d: &Daemon| {
+        pushes += 1;
+        let next = origin.commit("main", &[("a", &pushes.to_string())], "x");
+        let runs = push_runs(
+            d,
+            &format!("skipped-{pushes}"),
+            &push_body("refs/heads/main", &sha, &next, "x"),
+        );
+        sha = next;
+        pipelines_of(&runs)
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    // An editor's lock file while ci.yml is edited: a dangling symlink.
+    std::os::unix::fs::symlink("root@build-host.4242:1764590000", dir.join(".#ci.yml")).unwrap();
+    std::fs::write(dir.join("deploy.yml"), yaml("ship")).unwrap();
+    eventually("the watcher reloads", || count(&d, RELOADED) >= 1);
+    assert_eq!(count(&d, FAILED), 0, "{}", d.log());
+    assert_eq!(next_push(&d), ["ci", "deploy"]);
+
+    // A FIFO named like a pipeline file: reading it would wait for a writer for ever.
+    let fifo = dir.join("held.yml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path it is given.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reloads = settled(&d, RELOADED);
+    std::fs::write(dir.join("lint.yml"), yaml("lint")).unwrap();
+    eventually("the next reload ends", || count(&d, RELOADED) > reloads);
+    assert_eq!(count(&d, FAILED), 0, "{}", d.log());
+    assert_eq!(next_push(&d), ["ci", "deploy", "lint"]);
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not a regular file") && l.contains(&fifo.display().to_string())),
+        "{log}"
+    );
+}
+
+#[test]
+fn hookci_reload_local_finds_the_socket_in_the_configs_state_dir_even_when_it_is_broken() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let d = b
+        .config("watch_pipelines: false")
+        .pipeline("ci", &pipeline(&origin, "", &[step("old", "true")]))
+        .start();
+    eventually("the reload socket is open", || {
+        d.log().contains("hookci reload --local asks here")
+    });
+    let config = d.path().join("hookci.yml");
+    // Somewhere with no ./.hookci and no $STATE_DIRECTORY: only the config says where.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let reload = |how: &dyn Fn(&mut Command)| {
+        let mut cmd = cli(&["reload", "--local"], None);
+        cmd.current_dir(elsewhere.path())
+            .env_remove("STATE_DIRECTORY");
+        how(&mut cmd);
+        cmd.output().unwrap()
+    };
+    let out = reload(&|c| {
+        c.arg("-c").arg(&config);
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("reloaded: pipelines ci"));
+    let out = reload(&|c| {
+        c.env("HOOKCI_CONFIG", &config);
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(count(&d, RELOADED), 2);
+
+    // A broken config still names the state directory: the daemon says what is wrong.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}max_parallel_runz: 3\n")).unwrap();
+    let out = reload(&|c| {
+        c.arg("-c").arg(&config);
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("unknown field `max_parallel_runz`"), "{err}");
+    assert!(err.contains("reload failed: nothing changed"), "{err}");
+
+    // A value refused once the file is parsed is told at its key's place too.
+    std::fs::write(&config, format!("{good}max_parallel_runs: 0\n")).unwrap();
+    let out = reload(&|c| {
+        c.arg("-c").arg(&config);
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let place = format!(
+        "{}:{}:1: max_parallel_runs must be at least 1",
+        config.display(),
+        good.lines().count() + 1
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains(&place), "{place} in:\n{err}");
 }

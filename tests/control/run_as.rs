@@ -253,3 +253,90 @@ fn with_run_as_a_reused_workspace_keeps_its_git_out_of_the_steps_reach() {
     );
     assert!(d.log().contains("replacing it"), "{}", d.log());
 }
+
+/// The capabilities `systemd/hookci.service` grants the daemon (`AmbientCapabilities=`),
+/// as setpriv names them.
+fn unit_capabilities() -> String {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/hookci.service"
+    ))
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("the unit grants capabilities");
+    let caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect();
+    caps.join(",")
+}
+
+#[test]
+fn under_the_units_capabilities_run_as_steps_that_time_out_or_are_canceled_are_stopped() {
+    let user = test_user();
+    let sleeps = Sleeps::new();
+    chmod(&sleeps.dir(), 0o777);
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let sleeper = |branch: &str, timeout: &str| {
+        let script = format!(
+            "echo started\necho $$ > {}/$HOOKCI_RUN_ID.pid\nexec sleep 600",
+            sleeps.dir().display()
+        );
+        pipeline(
+            &origin,
+            &format!("on:\n  branches: [{branch}]\n"),
+            &[format!("{}{timeout}", step("sleep", &script))],
+        )
+    };
+    let config = token_config(&b);
+    let b = b
+        .pipeline("times-out", &sleeper("main", "    timeout: 1s\n"))
+        .pipeline("canceled", &sleeper("cancel", ""))
+        .config("run_as: 54321:54321")
+        .config(&config)
+        .daemon_with_caps(user, &unit_capabilities());
+    // The run's user must get through the test directory to its workspace, and
+    // reach none of the daemon's files.
+    b.write_config();
+    chmod(b.path(), 0o711);
+    for path in ["secret", "hookci.yml", "api-token"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    let d = b.start();
+    let ended = |id: i64| {
+        let mut run = Value::Null;
+        eventually(&format!("run {id} ends"), || {
+            run = run_of(&d, id);
+            run["status"] != "queued" && run["status"] != "running"
+        });
+        run
+    };
+
+    let id = push(&d, "caps-timeout", "refs/heads/main", ZERO, &sha);
+    let run = ended(id);
+    assert_eq!(run["status"], "timed_out", "{run:#}\n{}", d.log());
+    let pid = read_pid(&sleeps.dir().join(format!("{id}.pid")));
+    assert!(process_gone(pid), "the step's sleep is still there");
+
+    let id = push(&d, "caps-cancel", "refs/heads/cancel", ZERO, &sha);
+    let pid = read_pid(&sleeps.dir().join(format!("{id}.pid")));
+    let r = api_post(
+        &d,
+        &format!("/api/runs/{id}/cancel"),
+        Some(TOKEN),
+        &json!({}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let run = ended(id);
+    assert_eq!(run["status"], "canceled", "{run:#}\n{}", d.log());
+    assert!(process_gone(pid), "the step's sleep is still there");
+    assert!(
+        !d.log().contains("signalling step process group failed"),
+        "{}",
+        d.log()
+    );
+}
