@@ -177,6 +177,7 @@ async fn runs(state: Arc<AppState>, headers: HeaderMap, q: HashMap<String, Strin
 }
 
 /// What a run page shows of a step's log.
+#[derive(Default)]
 struct Shown {
     text: String,
     /// The start was cut: the page shows only the end.
@@ -252,6 +253,11 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
             let logs = steps
                 .iter()
                 .map(|st| {
+                    // A step read as pending shows nothing, even if it started since:
+                    // the stream, not given its place, sends its log from the start.
+                    if !reached(st) {
+                        return Shown::default();
+                    }
                     let writing = matches!(st.status, StepStatus::Running);
                     log_tail(s.log_path(id, st.number), writing)
                 })

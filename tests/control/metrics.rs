@@ -120,6 +120,11 @@ fn metrics_count_deliveries_pending_reports_and_requests_by_route_name() {
     assert_eq!(d.deliver("push", "metrics-push", &body).status, 200);
     assert_eq!(d.deliver("ping", "metrics-ping", b"{}").status, 200);
     assert_eq!(d.deliver("issues", "metrics-issue", b"{}").status, 202);
+    // Signed, but a name of the sender's making: it too names no series of its own.
+    assert_eq!(
+        d.deliver("made_up_event", "metrics-made-up", b"{}").status,
+        202
+    );
     let unsigned = d.post(
         "/webhook",
         &[
@@ -151,6 +156,10 @@ fn metrics_count_deliveries_pending_reports_and_requests_by_route_name() {
             r#"hookci_deliveries_total{event="issues",outcome="ignored"}"#,
             1.0,
         ),
+        (
+            r#"hookci_deliveries_total{event="other",outcome="ignored"}"#,
+            1.0,
+        ),
         // Nobody vouched for that event name: it names no series of its own.
         (
             r#"hookci_deliveries_total{event="unknown",outcome="unauthorized"}"#,
@@ -160,6 +169,7 @@ fn metrics_count_deliveries_pending_reports_and_requests_by_route_name() {
         assert_eq!(sample(&text, series), Some(n), "{series} in:\n{text}");
     }
     assert!(!text.contains("forged_event"), "{text}");
+    assert!(!text.contains("made_up_event"), "{text}");
 
     eventually("the report is sent and leaves the outbox", || {
         sample(&scrape(&d), "hookci_reports_pending") == Some(0.0)
