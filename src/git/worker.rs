@@ -302,6 +302,7 @@ impl GitWorker {
         // A daemon that died between fork and prctl would leave the job running: the
         // child checks that its parent is still the daemon once the signal is armed.
         let daemon = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+        let dac_override = ambient_dac_override();
         // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between
         // fork and exec.
         unsafe {
@@ -309,6 +310,7 @@ impl GitWorker {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                keep_only_dac_override(dac_override)?;
                 if libc::getppid() != daemon {
                     return Err(std::io::Error::other("the daemon is gone"));
                 }
@@ -485,6 +487,53 @@ fn work(request: Request) -> Result<Reply, String> {
                 .map_err(|e| format!("updating the workspace failed: {e}"))
         }
     }
+}
+
+/// `CAP_DAC_OVERRIDE` (linux/capability.h).
+const CAP_DAC_OVERRIDE: libc::c_ulong = 1;
+
+/// Whether the daemon holds `CAP_DAC_OVERRIDE` as an ambient capability (the unit
+/// grants it for `run_as`), which a job then keeps across its exec.
+fn ambient_dac_override() -> bool {
+    // SAFETY: prctl with plain integer arguments.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_IS_SET as libc::c_ulong,
+            CAP_DAC_OVERRIDE,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) == 1
+    }
+}
+
+/// In the job's child, before exec: of the daemon's ambient capabilities only
+/// `CAP_DAC_OVERRIDE` stays (`keep`), which an update of a reused workspace the steps'
+/// user owns needs. libgit2 reads what pushes bring, so the job must not hold what
+/// would let it become another user, give files away or signal other processes.
+fn keep_only_dac_override(keep: bool) -> std::io::Result<()> {
+    let ambient = |op: libc::c_int, cap: libc::c_ulong| {
+        // SAFETY: prctl with plain integer arguments; async-signal-safe.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                op as libc::c_ulong,
+                cap,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    ambient(libc::PR_CAP_AMBIENT_CLEAR_ALL, 0)?;
+    if keep {
+        ambient(libc::PR_CAP_AMBIENT_RAISE, CAP_DAC_OVERRIDE)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -181,3 +181,43 @@ fn a_run_waiting_for_its_mirror_behind_a_hung_fetch_can_be_canceled() {
     wait_status(&d, second, "canceled");
     assert_eq!(run_of(&d, first)["status"], "running");
 }
+
+#[test]
+fn a_git_job_keeps_of_the_daemons_capabilities_only_dac_override() {
+    let user = test_user();
+    let (url, _remote) = hung_remote();
+    let b = Builder::new();
+    let config = token_config(&b);
+    let d = b
+        .pipeline("ci", &pipeline_from(&url))
+        .config(&config)
+        .env("HOOKCI_SECRET_DEPLOY_KEY", DEPLOY_KEY)
+        .daemon_with_caps(user, "kill,setuid,setgid,chown,dac_override")
+        .start();
+    let id = push(&d, "caps-fetch", "refs/heads/main", ZERO, &"d".repeat(40));
+    let mut workers = Vec::new();
+    eventually("the run's git job is fetching", || {
+        workers = git_workers(d.pid());
+        !workers.is_empty()
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", workers[0])).unwrap();
+    // Bit 1 alone: CAP_DAC_OVERRIDE, which updating a reused workspace needs.
+    for set in ["CapEff", "CapPrm", "CapAmb"] {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(set))
+            .unwrap_or_else(|| panic!("no {set} in {status}"));
+        assert!(
+            line.ends_with("0000000000000002"),
+            "the git job holds more than CAP_DAC_OVERRIDE: {line}"
+        );
+    }
+    let r = api_post(
+        &d,
+        &format!("/api/runs/{id}/cancel"),
+        Some(TOKEN),
+        &json!({}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_status(&d, id, "canceled");
+}
