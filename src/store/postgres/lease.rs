@@ -25,7 +25,7 @@ impl Postgres {
             async move {
                 let rows = query(
                     &*c,
-                    "UPDATE runs SET lease_until = $2 + $3
+                    "UPDATE runs SET lease_until = $2::BIGINT + $3::BIGINT
                      WHERE status = 'running' AND owner = $1 RETURNING id",
                     &[&*owner, &now_ms(), &lease_ms],
                 )

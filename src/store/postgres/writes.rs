@@ -148,7 +148,7 @@ impl Postgres {
                             &*c,
                             &format!(
                                 "UPDATE runs SET status = 'running', started_at = $2, owner = $3,
-                                        lease_until = $2 + $4
+                                        lease_until = $2::BIGINT + $4::BIGINT
                                  WHERE id = $1 RETURNING {RUN_COLUMNS}"
                             ),
                             &[&id, &now_ms(), &owner, &lease_ms],
