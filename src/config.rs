@@ -138,6 +138,9 @@ pub struct Config {
     pub public_url: Option<String>,
     pub step_grace: Duration,
     pub shutdown_grace: Duration,
+    /// How long a running run stays this instance's without a renewal, on a shared
+    /// database; renewed every third of it.
+    pub lease: Duration,
     pub reconcile_interval: Duration,
     pub secrets_dir: Option<PathBuf>,
     pub retention: Retention,
@@ -351,6 +354,8 @@ pub struct FileConfig {
     pub step_grace: Option<Duration>,
     #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub shutdown_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub lease: Option<Duration>,
     #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub reconcile_interval: Option<Duration>,
     pub secrets_dir: Option<PathBuf>,
@@ -675,6 +680,7 @@ impl Config {
             public_url: file.public_url,
             step_grace: file.step_grace.unwrap_or(Duration::from_secs(5)),
             shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(60)),
+            lease: file.lease.unwrap_or(Duration::from_secs(15)),
             reconcile_interval: file.reconcile_interval.unwrap_or(Duration::from_secs(300)),
             secrets_dir: file.secrets_dir,
             retention: Retention {
@@ -718,6 +724,10 @@ impl Config {
                 "max_connections",
                 "max_connections must be at least 1",
             ));
+        }
+        if config.lease < Duration::from_secs(1) {
+            // Renewed every third of it: shorter would be a database write loop.
+            return Err(ConfigError::invalid("lease", "lease must be at least 1s"));
         }
         if config.keep_alive_timeout.is_zero() {
             return Err(ConfigError::invalid(

@@ -23,7 +23,7 @@ use crate::reload;
 use crate::report::{self, policy::Policy};
 use crate::run::contain::{self, Cgroups};
 use crate::run::user::{self, RunAs};
-use crate::run::{runner, scheduler, workspace};
+use crate::run::{lease, runner, scheduler, workspace};
 use crate::state::AppState;
 use crate::store::{RunStatus, Store, StoreError};
 use crate::web::{api, badge, control, forms, http, pages};
@@ -392,6 +392,7 @@ pub async fn run(
     tokio::spawn(report::sender::run(Arc::clone(&state), state.stopping()));
     let scheduler = tokio::spawn(scheduler::run(Arc::clone(&state), state.stopping()));
     tokio::spawn(scheduler::prune_every(Arc::clone(&state), state.stopping()));
+    let leases = tokio::spawn(lease::keep(Arc::clone(&state)));
     // Not awaited at stop: a listing in progress has nothing to finish or lose.
     tokio::spawn(reconcile::run(Arc::clone(&state), state.stopping()));
 
@@ -446,6 +447,8 @@ pub async fn run(
     .await;
     tracing::info!("stopped accepting; waiting for running runs");
     scheduler.await?;
+    // Every run has ended (or was left to the next start): nothing is held any more.
+    leases.abort();
     state.cgroups.remove();
     tracing::info!("stopped");
     Ok(())

@@ -1,7 +1,9 @@
 //! Several instances on one PostgreSQL database: two real daemons, each with its own
 //! state directory and port, sharing the store. Deliveries spread over both are each
-//! stored once, each commit builds once, both instances build, and a concurrency
-//! group never has two running runs across them.
+//! stored once, each commit builds once, both instances build, a concurrency group
+//! never has two running runs across them, the runs of an instance that dies are
+//! built again by the other once its leases lapse, and a cancel sent to either stops
+//! a run on the other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -14,9 +16,15 @@ const REPO: &str = "octo-org/octo-repo";
 
 /// A daemon on `db` with one pipeline `ci` building `origin`'s pushes.
 fn instance(db: &Scratch, origin: &Origin, extra: &str, steps: &str) -> Daemon {
+    instance_with(db, origin, "", extra, steps)
+}
+
+/// [`instance`], with more config lines.
+fn instance_with(db: &Scratch, origin: &Origin, config: &str, extra: &str, steps: &str) -> Daemon {
     Builder::new()
         .database(db)
         .config("max_parallel_runs: 3")
+        .config(config)
         .pipeline(
             "ci",
             &format!(
@@ -218,4 +226,125 @@ fn a_concurrency_group_never_runs_twice_at_once_across_instances() {
         "runs of one group ran at once: {}",
         std::fs::read_to_string(&overlaps).unwrap_or_default()
     );
+}
+
+const TOKEN: &str = "instances-api-token";
+
+/// Config for instances that take API calls and hold their runs for a short lease.
+fn short_leases(scratch: &Builder) -> String {
+    let token = scratch.path().join("api-token");
+    std::fs::write(&token, TOKEN).unwrap();
+    format!("lease: 2s\napi_token_file: {}", token.display())
+}
+
+fn read_pids(path: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Pushes one commit to `d` and waits until its run's long step runs (its pid in
+/// `pids`); the run's id and the instance running it.
+fn start_long_run(d: &Daemon, origin: &Origin, pids: &std::path::Path) -> (i64, String) {
+    let sha = origin.commit("main", &[("a", "1")], "long");
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let r = d.deliver("push", "long-1", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    eventually("the long step runs", || read_pids(pids).len() == 1);
+    let run = d.get_json(&format!("/api/runs/{id}"));
+    assert_eq!(run["status"], "running", "{run:#}");
+    (id, run["instance"].as_str().unwrap().to_owned())
+}
+
+/// Kills the processes a test's steps left behind (a SIGKILLed daemon cannot).
+fn kill_all(pids: &[i32]) {
+    for pid in pids {
+        // SAFETY: signalling a process by pid; at worst it is gone already.
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn the_runs_of_an_instance_killed_mid_step_are_built_again_by_the_other() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let config = short_leases(&scratch);
+    // The first attempt sleeps until killed; the next one, wherever it runs, ends.
+    let (pids, marker) = (scratch.path().join("pids"), scratch.path().join("tried"));
+    let steps = format!(
+        "  - name: long\n    run: |\n      if [ -e {marker} ]; then echo again; exit 0; fi\n      touch {marker}\n      sleep 600 & echo $! >> {pids}; wait\n",
+        marker = marker.display(),
+        pids = pids.display()
+    );
+    let a = instance_with(&db, &origin, &config, "", &steps);
+    let b = instance_with(&db, &origin, &config, "", &steps);
+    let (id, owner) = start_long_run(&a, &origin, &pids);
+    let (mut dead, survivor) = if owner == the_instance(&a) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+
+    dead.signal(libc::SIGKILL);
+    dead.wait();
+    let run = survivor.wait_run(id);
+    kill_all(&read_pids(&pids));
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", survivor.log());
+    assert_eq!(run["attempt"], 2, "{run:#}");
+    assert_eq!(run["instance"], the_instance(&survivor), "{run:#}");
+    assert_ne!(run["instance"], owner.as_str());
+    assert!(
+        survivor
+            .log()
+            .contains("recovered a run whose instance's lease lapsed"),
+        "{}",
+        survivor.log()
+    );
+    assert_eq!(read_pids(&pids).len(), 1, "attempt 2 did not sleep");
+}
+
+#[test]
+fn a_cancel_sent_to_one_instance_stops_a_run_running_on_the_other() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let config = short_leases(&scratch);
+    let pids = scratch.path().join("pids");
+    let steps = format!(
+        "  - name: long\n    run: sleep 600 & echo $! >> {}; wait\n",
+        pids.display()
+    );
+    let a = instance_with(&db, &origin, &config, "", &steps);
+    let b = instance_with(&db, &origin, &config, "", &steps);
+    let (id, owner) = start_long_run(&a, &origin, &pids);
+    let (running, other) = if owner == the_instance(&a) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let sleep = read_pids(&pids)[0];
+
+    let r = other.post(
+        &format!("/api/runs/{id}/cancel"),
+        &[
+            ("authorization", &format!("Bearer {TOKEN}")),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let run = other.wait_run(id);
+    let gone = process_gone(sleep);
+    kill_all(&[sleep]);
+    assert_eq!(run["status"], "canceled", "{run:#}\n{}", running.log());
+    assert_eq!(run["reason"], "canceled through the API", "{run:#}");
+    assert_eq!(run["instance"], owner.as_str(), "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
+    assert!(gone, "the step's process was stopped with its run");
 }

@@ -5,7 +5,9 @@
 //! starting on a full disk; the scheduler's `heartbeat` feeds the service manager's
 //! watchdog and status line; `workspace` says where a run's steps run (its own
 //! checkout, or its slot's reused one). Everything a run does to the machine happens
-//! here.
+//! here. On a store several instances share, `lease` keeps this instance's hold on
+//! its running runs, recovers those of an instance that lost its hold, and applies
+//! the cancels other instances pass on.
 //! `events` is the stream every run transition is published on, for whoever follows
 //! runs (live logs, metrics, reports) to subscribe to.
 
@@ -13,6 +15,7 @@ pub mod contain;
 pub mod disk;
 pub mod events;
 pub mod heartbeat;
+pub mod lease;
 pub mod mask;
 pub mod runner;
 pub mod scheduler;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub struct RunControl {
     /// Set and read at the end under the registry's lock, so a cancel is either applied
     /// or refused, never both.
     canceled: std::sync::Mutex<Option<String>>,
+    /// Set when another instance took the run over (this one's lease on it lapsed):
+    /// its steps are stopped and its end is not recorded here.
+    lost: AtomicBool,
 }
 
 /// Executing runs by id, so that cancel can reach their steps. A run's slot lives from
@@ -78,6 +82,7 @@ impl Running {
             stop,
             halt: watch::Sender::new(false),
             canceled: std::sync::Mutex::new(None),
+            lost: AtomicBool::new(false),
         });
         self.lock()
             .insert(id, Slot::Executing(Arc::clone(&control)));
@@ -126,6 +131,29 @@ impl Running {
             }
             Some(Slot::Ending(status, _)) => Cancel::Ended(*status),
             None => Cancel::NotHere,
+        }
+    }
+
+    /// The runs executing here whose end is not decided yet.
+    pub fn executing(&self) -> Vec<i64> {
+        self.lock()
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Executing(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Stops run `id`, cleanup steps included, for good: another instance took it over.
+    /// `false` when its end was already decided here (or it is not executing here).
+    pub fn lose(&self, id: i64) -> bool {
+        match self.lock().get(&id) {
+            Some(Slot::Executing(control)) => {
+                control.lost.store(true, Ordering::Relaxed);
+                control.halt.send_replace(true);
+                control.stop.send_replace(true);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -199,6 +227,15 @@ pub async fn cancel(state: &AppState, id: i64, reason: String) -> Result<Cancele
             }
             QueuedCancel::NotQueued(RunStatus::Running) => {}
             QueuedCancel::NotQueued(done) => return Ok(Canceled::TooLate(done)),
+        }
+        // Running on another instance sharing the store: its owner stops it, told
+        // through the store. Running here: claimed, about to register.
+        let r = reason.clone();
+        let elsewhere = blocking(&state.store, move |s| s.request_cancel(id, r))
+            .await
+            .map_err(|message| CancelError::Store { run: id, message })?;
+        if elsewhere {
+            return Ok(Canceled::Applied);
         }
         if tokio::time::timeout_at(deadline, registered).await.is_err() {
             return Err(CancelError::NotExecuting { run: id });
@@ -511,27 +548,14 @@ async fn execute(
     // Every step swept after itself; this catches a step cut short by an error.
     contain.sweep().await;
     contain.remove();
-    let ending = state.running.close(run.id, ending);
-    tracing::info!(
-        status = ending.status.as_str(),
-        reason = ending.reason.as_deref().unwrap_or(""),
-        "run finished"
-    );
-    let leftover = match ending.status {
-        RunStatus::Interrupted => StepStatus::Interrupted,
-        _ => StepStatus::Skipped,
-    };
-    let (id, status, reason) = (run.id, ending.status, ending.reason);
-    // Stored before the workspace goes: a crash while it is removed must not run this
-    // run again (the next start removes what is left of it).
-    let ended = until_stored(&state, &control, "the end of the run", move |s| {
-        s.finish_run(id, status, reason.clone(), leftover)
-    })
-    .await;
-    if let Ok(Some((run, steps))) = ended {
-        state.events.publish(RunEvent::Finished { run, steps });
+    if control.lost.load(Ordering::Relaxed) {
+        state.running.remove(run.id);
+        tracing::warn!(
+            "run stopped: another instance took it over when this one's lease on it lapsed; its end is theirs to record"
+        );
+    } else {
+        record_end(&state, &run, &control, ending).await;
     }
-    state.running.remove(run.id);
     // A reused workspace stays for the next run of its slot; the run's `HOME` goes.
     let ws = lease.is_fresh().then(|| workspace.clone());
     let home = state.home(run.id);
@@ -551,6 +575,31 @@ async fn execute(
     if !*state.stopping().borrow() {
         prune(&state).await;
     }
+}
+
+/// Decides the end of run `run` (a cancel that came late still applies) and stores it.
+async fn record_end(state: &Arc<AppState>, run: &Run, control: &RunControl, ending: Ending) {
+    let ending = state.running.close(run.id, ending);
+    tracing::info!(
+        status = ending.status.as_str(),
+        reason = ending.reason.as_deref().unwrap_or(""),
+        "run finished"
+    );
+    let leftover = match ending.status {
+        RunStatus::Interrupted => StepStatus::Interrupted,
+        _ => StepStatus::Skipped,
+    };
+    let (id, status, reason) = (run.id, ending.status, ending.reason);
+    // Stored before the workspace goes: a crash while it is removed must not run this
+    // run again (the next start removes what is left of it).
+    let ended = until_stored(state, control, "the end of the run", move |s| {
+        s.finish_run(id, status, reason.clone(), leftover)
+    })
+    .await;
+    if let Ok(Some((run, steps))) = ended {
+        state.events.publish(RunEvent::Finished { run, steps });
+    }
+    state.running.remove(run.id);
 }
 
 /// The first pause before a failed write of a run's progress is tried again; each

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -103,6 +104,41 @@ pub trait Store: Send + Sync {
     /// On start: this instance's runs left `running` are `interrupted`.
     fn interrupt_running(&self) -> Result<Vec<i64>, StoreError>;
     fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError>;
+
+    /// Whether other instances share the store: only then do running runs hold leases
+    /// and cancels travel between instances. The methods below do nothing otherwise.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// How long a claim, and each renewal, holds a running run for this instance.
+    fn set_lease(&self, _lease: Duration) {}
+    /// Renews the lease of every run this instance has running; returns their ids. A
+    /// run this instance executes that is not among them was taken from it.
+    fn renew_leases(&self) -> Result<Vec<i64>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Other instances' running runs whose lease expired: interrupted and queued again
+    /// (or failed) as `interrupt_running` and `requeue_interrupted` do, at most once
+    /// however many instances look at the same time.
+    fn recover_expired(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Asks the instance running run `run_id`, when it is another one, to cancel it;
+    /// `false` when the run is not running on another instance. The run then ends
+    /// `canceled` unless it had already failed or timed out.
+    fn request_cancel(&self, _run_id: i64, _reason: String) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// Notified when another instance asked this one to cancel a run.
+    fn cancel_wakeups(&self) -> Arc<Notify> {
+        Arc::new(Notify::new())
+    }
+    /// The cancels other instances asked for this instance's running runs, with their
+    /// reasons.
+    fn cancel_requests(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(Vec::new())
+    }
+
     fn record_reconcile(
         &self,
         repo: String,

@@ -836,6 +836,118 @@ mod shared_database {
     }
 
     #[test]
+    fn a_lapsed_lease_is_recovered_once_and_its_old_owner_writes_nothing_more() {
+        let backend = Backend::postgres();
+        let (a, b, c) = (
+            backend.open_as("a"),
+            backend.open_as("b"),
+            backend.open_as("c"),
+        );
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        a.set_lease(std::time::Duration::from_secs(3600));
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        a.step_started(id, 1).unwrap();
+        assert!(b.recover_expired().unwrap().is_empty(), "a holds it");
+        assert_eq!(a.renew_leases().unwrap(), vec![id]);
+
+        // a stops renewing: its lease lapses, and b and c look at once.
+        a.set_lease(std::time::Duration::from_millis(1));
+        assert_eq!(a.renew_leases().unwrap(), vec![id]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let recovered: Vec<_> = std::thread::scope(|s| {
+            let looks: Vec<_> = [&b, &c]
+                .into_iter()
+                .map(|store| s.spawn(move || store.recover_expired().unwrap()))
+                .collect();
+            looks.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(recovered, vec![(id, 1, RunStatus::Queued)], "once");
+        let steps = b.steps_of(id, Some(1)).unwrap();
+        assert_eq!(
+            steps.iter().map(|s| s.status).collect::<Vec<_>>(),
+            [StepStatus::Interrupted, StepStatus::Interrupted]
+        );
+        let queued = b.run(id).unwrap().unwrap();
+        assert_eq!((queued.status, queued.attempt), (RunStatus::Queued, 2));
+
+        // b runs attempt 2; a learns at its next renewal that the run is not its own,
+        // and what it still writes of attempt 1 changes nothing.
+        b.set_lease(std::time::Duration::from_secs(3600));
+        assert_eq!(b.claim_next().unwrap().unwrap().id, id);
+        b.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        assert!(a.renew_leases().unwrap().is_empty());
+        assert!(a
+            .step_finished(
+                id,
+                1,
+                StepEnd {
+                    status: StepStatus::Succeeded,
+                    exit_code: Some(0),
+                    signal: None,
+                    reason: None,
+                }
+            )
+            .unwrap()
+            .is_none());
+        assert!(a
+            .finish_run(id, RunStatus::Interrupted, None, StepStatus::Interrupted)
+            .unwrap()
+            .is_none());
+        let run = b.run(id).unwrap().unwrap();
+        assert_eq!((run.status, run.attempt), (RunStatus::Running, 2));
+        assert_eq!(run.instance.as_deref(), Some("b"));
+        assert!(b
+            .steps_of(id, Some(2))
+            .unwrap()
+            .iter()
+            .all(|s| s.status == StepStatus::Pending));
+        assert_eq!(b.renew_leases().unwrap(), vec![id]);
+    }
+
+    #[test]
+    fn a_cancel_of_a_run_running_on_another_instance_reaches_its_owner() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let queued = a.create_run(run("ci", "k0")).unwrap().id;
+        assert!(
+            !b.request_cancel(queued, "no".into()).unwrap(),
+            "a queued run is canceled where it is asked"
+        );
+        let id = queued;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        assert!(
+            !a.request_cancel(id, "no".into()).unwrap(),
+            "the owner cancels its own runs"
+        );
+        let heard = a.cancel_wakeups();
+        let notified = heard.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
+        runtime().block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), notified)
+                .await
+                .expect("instance a heard of the cancel sent to b");
+        });
+        assert_eq!(
+            a.cancel_requests().unwrap(),
+            vec![(id, "canceled through b".to_owned())]
+        );
+        assert!(b.cancel_requests().unwrap().is_empty(), "not b's run");
+        // The cancel was answered as applied: a run that then succeeds ends canceled.
+        let (ended, _) = a
+            .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.status, RunStatus::Canceled);
+        assert_eq!(ended.reason.as_deref(), Some("canceled through b"));
+        assert!(!b.request_cancel(id, "late".into()).unwrap(), "it ended");
+    }
+
+    #[test]
     fn one_instance_reconciles_at_a_time() {
         let backend = Backend::postgres();
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));

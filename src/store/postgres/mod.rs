@@ -2,13 +2,15 @@
 //! instances share. Every SQL statement of this backend lives in this folder. The
 //! backend owns a small runtime of its own, so that its calls (blocking, like
 //! SQLite's) can wait on it from any thread, and intake's async call runs on it too.
-//! One connection of its own LISTENs for the runs other instances queue.
+//! One connection of its own LISTENs for the runs other instances queue and the
+//! cancels they send to this one's runs.
 //!
 //! Locks between instances: migrations under a session advisory lock, a concurrency
 //! group's claim under a transaction advisory lock on the group, reconcile under a
 //! session advisory lock held for the pass (`LOCKS`).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{ReportPolicy, StoreError};
 
+mod lease;
 mod reads;
 mod schema;
 mod scratch;
@@ -38,6 +41,11 @@ const RECONCILING: i32 = 2;
 /// The channel on which a transaction that queues runs, or frees a concurrency
 /// group, tells every instance to claim.
 const CHANNEL: &str = "hookci_runs";
+/// The channel on which an instance asks the owner of a running run to cancel it.
+const CANCEL_CHANNEL: &str = "hookci_cancel";
+
+/// How long a claim holds a running run until the scheduler sets the configured lease.
+const DEFAULT_LEASE_MS: i64 = 15_000;
 
 /// Connections in the pool: intake's concurrent deliveries, the scheduler, the API.
 const POOL_SIZE: usize = 16;
@@ -91,6 +99,10 @@ pub struct Postgres {
     instance: String,
     policy: RwLock<Option<Arc<dyn ReportPolicy>>>,
     wakeups: Arc<Notify>,
+    /// Woken when another instance asks this one to cancel a run.
+    cancels: Arc<Notify>,
+    /// How long a claim or a renewal holds a running run, in milliseconds.
+    lease_ms: AtomicI64,
 }
 
 impl Drop for Postgres {
@@ -138,6 +150,8 @@ impl Postgres {
             instance: instance.to_owned(),
             policy: RwLock::new(None),
             wakeups: Arc::new(Notify::new()),
+            cancels: Arc::new(Notify::new()),
+            lease_ms: AtomicI64::new(DEFAULT_LEASE_MS),
         };
         let config = target.config.clone();
         if let Err(too_new) = store.block(async move { schema::migrate(&config).await })? {
@@ -154,6 +168,7 @@ impl Postgres {
             target.config.clone(),
             shown.clone(),
             Arc::clone(&store.wakeups),
+            Arc::clone(&store.cancels),
             listening_tx,
         ));
         listening_rx
@@ -166,6 +181,10 @@ impl Postgres {
 
     pub fn target(&self) -> &PgTarget {
         &self.target
+    }
+
+    fn lease_ms(&self) -> i64 {
+        self.lease_ms.load(Ordering::Relaxed)
     }
 
     fn err(&self, e: PgError) -> StoreError {
@@ -300,21 +319,22 @@ pub(super) async fn notify_runs<C: GenericClient>(c: &C) -> PgResult<()> {
 /// How long the listener waits before connecting again after losing its connection.
 const RELISTEN: Duration = Duration::from_secs(1);
 
-/// Keeps one connection LISTENing on [`CHANNEL`] and wakes the scheduler at each
-/// notification; reconnects when the connection is lost (and wakes it then, since a
-/// notification may have been missed meanwhile). `first` hears how the first LISTEN
+/// Keeps one connection LISTENing on [`CHANNEL`] and [`CANCEL_CHANNEL`] and wakes the
+/// scheduler, or the cancels' watcher, at each notification; reconnects when the connection is lost (and wakes it then, since a
+/// notification may have been missed meanwhile; both). `first` hears how the first LISTEN
 /// went.
 async fn listen(
     config: tokio_postgres::Config,
     shown: String,
     wakeups: Arc<Notify>,
+    cancels: Arc<Notify>,
     first: std::sync::mpsc::SyncSender<PgResult<()>>,
 ) {
     let mut first = Some(first);
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
-                let statement = format!("LISTEN {CHANNEL}");
+                let statement = format!("LISTEN {CHANNEL}; LISTEN {CANCEL_CHANNEL}");
                 // The connection must be polled for the LISTEN to complete.
                 let started = {
                     let listening = client.batch_execute(&statement);
@@ -335,12 +355,20 @@ async fn listen(
                     Some(tx) => {
                         let _ = tx.send(started);
                     }
-                    None if ok => wakeups.notify_one(),
+                    None if ok => {
+                        wakeups.notify_one();
+                        cancels.notify_one();
+                    }
                     None => {}
                 }
                 if ok {
                     loop {
                         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))
+                                if n.channel() == CANCEL_CHANNEL =>
+                            {
+                                cancels.notify_one()
+                            }
                             Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
                                 wakeups.notify_one()
                             }
@@ -522,6 +550,28 @@ impl super::Store for Postgres {
     }
     fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
         self.requeue_own()
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+    fn set_lease(&self, lease: Duration) {
+        let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.lease_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+    fn renew_leases(&self) -> Result<Vec<i64>, StoreError> {
+        self.renew()
+    }
+    fn recover_expired(&self) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
+        self.recover()
+    }
+    fn request_cancel(&self, run_id: i64, reason: String) -> Result<bool, StoreError> {
+        self.ask_cancel(run_id, reason)
+    }
+    fn cancel_wakeups(&self) -> Arc<Notify> {
+        Arc::clone(&self.cancels)
+    }
+    fn cancel_requests(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        self.asked_cancels()
     }
     fn record_reconcile(
         &self,

@@ -114,6 +114,14 @@ ALTER TABLE runs ADD COLUMN fetch_ms BIGINT;
 ALTER TABLE runs ADD COLUMN checkout_ms BIGINT;
 ALTER TABLE runs ADD COLUMN first_step_ms BIGINT;
 "#,
+    // Leases and cancels across instances: until when (ms) the owner of a running run
+    // holds it (renewed while it runs; once past, another instance recovers the run),
+    // and why a cancel sent to another instance asked the owner to stop it.
+    r#"
+ALTER TABLE runs ADD COLUMN lease_until BIGINT;
+ALTER TABLE runs ADD COLUMN cancel_requested TEXT;
+CREATE INDEX runs_running_lease ON runs (lease_until) WHERE status = 'running';
+"#,
 ];
 
 /// Why the schema cannot be used: a newer hookci wrote it.

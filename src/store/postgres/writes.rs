@@ -19,8 +19,17 @@ use crate::store::{
     StoreError, Supersede, Timings, MAX_ATTEMPTS, RUN_COLUMNS, STEP_COLUMNS,
 };
 
+/// What interrupted a run this instance recovers at its start, once and many times.
+const BY_STOP: (&str, &str) = ("a daemon stop or crash", "daemon stops or crashes");
+
 /// The current attempt of run $1, for statements on its steps.
 const CURRENT_ATTEMPT: &str = "(SELECT attempt FROM runs WHERE id = $1)";
+
+/// Run $1 is not another instance's (the writer, $4, owns it, or nobody claimed it):
+/// an instance whose lease was taken writes nothing into the attempt that replaced its
+/// own.
+const STILL_MINE: &str = "COALESCE((SELECT owner FROM runs WHERE id = $1), $4) = $4";
+const STILL_MINE_8: &str = "COALESCE((SELECT owner FROM runs WHERE id = $1), $8) = $8";
 
 /// The second key of a concurrency group's advisory lock is its name's hash: two groups
 /// that share a hash only wait for each other's claims, never run together wrongly.
@@ -32,7 +41,7 @@ const CLAIM_LOOKS: usize = 64;
 
 impl Postgres {
     /// Runs `work` in a transaction on the backend's runtime and waits for its commit.
-    fn write<T, W, Fut>(&self, reporting: bool, work: W) -> Result<T, StoreError>
+    pub(super) fn write<T, W, Fut>(&self, reporting: bool, work: W) -> Result<T, StoreError>
     where
         T: Send + 'static,
         W: Fn(Arc<Object>, Option<Arc<dyn ReportPolicy>>) -> Fut + Send + 'static,
@@ -94,6 +103,7 @@ impl Postgres {
     /// claims that held it have committed: two runs of one group never both start.
     pub(super) fn claim(&self) -> Result<Option<Run>, StoreError> {
         let owner = self.instance.clone();
+        let lease_ms = self.lease_ms();
         self.write(true, move |c, policy| {
             let owner = owner.clone();
             async move {
@@ -137,10 +147,11 @@ impl Postgres {
                         &query(
                             &*c,
                             &format!(
-                                "UPDATE runs SET status = 'running', started_at = $2, owner = $3
+                                "UPDATE runs SET status = 'running', started_at = $2, owner = $3,
+                                        lease_until = $2::BIGINT + $4::BIGINT
                                  WHERE id = $1 RETURNING {RUN_COLUMNS}"
                             ),
-                            &[&id, &now_ms(), &owner],
+                            &[&id, &now_ms(), &owner, &lease_ms],
                         )
                         .await?[0],
                     )?;
@@ -215,16 +226,19 @@ impl Postgres {
         number: i64,
         first: Option<Phases>,
     ) -> Result<(Option<Step>, Option<Timings>), StoreError> {
-        self.write(true, move |c, policy| async move {
+        let me = self.instance.clone();
+        self.write(true, move |c, policy| {
+            let me = me.clone();
+            async move {
             let now = now_ms();
             let step = query_opt(
                 &*c,
                 &format!(
                     "UPDATE steps SET status = 'running', started_at = $3
-                     WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT} AND number = $2
+                     WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT} AND number = $2 AND {STILL_MINE}
                      RETURNING {STEP_COLUMNS}"
                 ),
-                &[&run_id, &number, &now],
+                &[&run_id, &number, &now, &me],
             )
             .await?
             .as_ref()
@@ -284,7 +298,7 @@ impl Postgres {
                 report(&*c, policy, &t).await?;
             }
             Ok((step, timings))
-        })
+        }})
     }
 
     pub(super) fn end_step(
@@ -294,8 +308,10 @@ impl Postgres {
         end: StepEnd,
     ) -> Result<Option<Step>, StoreError> {
         let end = Arc::new(end);
+        let me = Arc::new(self.instance.clone());
         self.write(false, move |c, _| {
             let end = Arc::clone(&end);
+            let me = Arc::clone(&me);
             async move {
                 query_opt(
                     &*c,
@@ -303,6 +319,7 @@ impl Postgres {
                         "UPDATE steps SET status = $3, exit_code = $4, signal = $5, reason = $6,
                                 started_at = COALESCE(started_at, $7), finished_at = $7
                          WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT} AND number = $2
+                           AND {STILL_MINE_8}
                          RETURNING {STEP_COLUMNS}"
                     ),
                     &[
@@ -313,6 +330,7 @@ impl Postgres {
                         &end.signal.map(i64::from),
                         &end.reason,
                         &now_ms(),
+                        &*me,
                     ],
                 )
                 .await?
@@ -344,9 +362,34 @@ impl Postgres {
         leftover: StepStatus,
     ) -> Result<Option<(Run, Vec<Step>)>, StoreError> {
         let reason = Arc::new(reason);
+        let me = self.instance.clone();
         self.write(true, move |c, policy| {
             let reason = Arc::clone(&reason);
+            let me = me.clone();
             async move {
+                let Some(found) = query_opt(
+                    &*c,
+                    "SELECT owner, cancel_requested FROM runs WHERE id = $1 FOR UPDATE",
+                    &[&run_id],
+                )
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let owner: Option<String> = found.try_get(0)?;
+                if owner.is_some_and(|o| o != me) {
+                    // Its lease expired and another instance took the run over.
+                    return Ok(None);
+                }
+                // A cancel asked through another instance was answered as applied: it
+                // holds as a local one does.
+                let requested: Option<String> = found.try_get(1)?;
+                let (status, reason) = match requested {
+                    Some(why) if matches!(status, RunStatus::Succeeded | RunStatus::Skipped) => {
+                        (RunStatus::Canceled, Some(why))
+                    }
+                    _ => (status, (*reason).clone()),
+                };
                 let Some(run) = finish_in(&*c, run_id, status, reason.as_deref(), leftover).await?
                 else {
                     return Ok(None);
@@ -405,8 +448,8 @@ impl Postgres {
         })
     }
 
-    /// Only this instance's runs: the others' still run (see README, "Several
-    /// instances").
+    /// Only this instance's runs: the others' still run, or are recovered by another
+    /// instance once their lease expires (`recover_expired`).
     pub(super) fn interrupt_own(&self) -> Result<Vec<i64>, StoreError> {
         let owner = self.instance.clone();
         self.write(false, move |c, _| {
@@ -414,23 +457,15 @@ impl Postgres {
             async move {
                 let rows = query(
                     &*c,
-                    "SELECT id FROM runs WHERE status = 'running' AND owner = $1 ORDER BY id",
+                    "SELECT id FROM runs WHERE status = 'running' AND owner = $1 ORDER BY id FOR UPDATE",
                     &[&owner],
                 )
                 .await?;
-                let mut ids = Vec::new();
-                for row in rows {
-                    let id: i64 = row.try_get(0)?;
-                    finish_in(
-                        &*c,
-                        id,
-                        RunStatus::Interrupted,
-                        Some("the daemon stopped while this run was running"),
-                        StepStatus::Interrupted,
-                    )
-                    .await?;
-                    ids.push(id);
-                }
+                let ids = rows
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<Vec<i64>, _>>()?;
+                interrupt_in(&*c, &ids, "the daemon stopped while this run was running").await?;
                 Ok(ids)
             }
         })
@@ -443,60 +478,15 @@ impl Postgres {
             async move {
                 let rows = query(
                     &*c,
-                    "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
-                         WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL)
-                     FROM runs WHERE status = 'interrupted' AND owner = $1 ORDER BY id FOR UPDATE",
+                    "SELECT id FROM runs WHERE status = 'interrupted' AND owner = $1 ORDER BY id FOR UPDATE",
                     &[&owner],
                 )
                 .await?;
-                let mut out = Vec::new();
-                for row in rows {
-                    let (id, attempt): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-                    let on_interrupt: String = row.try_get(2)?;
-                    let stepped: bool = row.try_get(3)?;
-                    let status = if stepped && on_interrupt == OnInterrupt::Fail.as_str() {
-                        execute(
-                            &*c,
-                            "UPDATE runs SET status = 'failed', reason = $2 WHERE id = $1",
-                            &[&id, &NOT_RETRIED],
-                        )
-                        .await?;
-                        RunStatus::Failed
-                    } else if attempt < MAX_ATTEMPTS {
-                        execute(
-                            &*c,
-                            "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
-                                    finished_at = NULL, reason = $2, queue_ms = NULL, fetch_ms = NULL,
-                                    checkout_ms = NULL, first_step_ms = NULL
-                             WHERE id = $1",
-                            &[
-                                &id,
-                                &format!("attempt {attempt} was interrupted by a daemon stop or crash"),
-                            ],
-                        )
-                        .await?;
-                        RunStatus::Queued
-                    } else {
-                        execute(
-                            &*c,
-                            "UPDATE runs SET status = 'failed', reason = $2 WHERE id = $1",
-                            &[
-                                &id,
-                                &format!("interrupted on {attempt} attempts by daemon stops or crashes"),
-                            ],
-                        )
-                        .await?;
-                        RunStatus::Failed
-                    };
-                    if let Some(reporter) = reporter.as_deref() {
-                        report_run(&*c, reporter, id).await?;
-                    }
-                    out.push((id, attempt, status));
-                }
-                if out.iter().any(|(_, _, s)| *s == RunStatus::Queued) {
-                    notify_runs(&*c).await?;
-                }
-                Ok(out)
+                let ids = rows
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<Vec<i64>, _>>()?;
+                requeue_in(&*c, &ids, reporter.as_deref(), BY_STOP).await
             }
         })
     }
@@ -589,6 +579,88 @@ impl Postgres {
             }
         })
     }
+}
+
+/// Ends the runs `ids` (locked by the caller) `interrupted` with `reason`, the steps
+/// of their current attempts with them.
+pub(super) async fn interrupt_in<C: GenericClient>(
+    c: &C,
+    ids: &[i64],
+    reason: &str,
+) -> PgResult<()> {
+    for id in ids {
+        finish_in(
+            c,
+            *id,
+            RunStatus::Interrupted,
+            Some(reason),
+            StepStatus::Interrupted,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Today's attempt rules for the interrupted runs `ids` (locked by the caller): queued
+/// again for one more attempt, or failed (`interrupted: fail` once a step had started,
+/// or out of attempts); `by` says what interrupted them (once, and many times). Wakes every instance when one
+/// is queued.
+pub(super) async fn requeue_in<C: GenericClient>(
+    c: &C,
+    ids: &[i64],
+    reporter: Option<&dyn ReportPolicy>,
+    (once, many): (&str, &str),
+) -> PgResult<Vec<(i64, i64, RunStatus)>> {
+    let rows = query(
+        c,
+        "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
+             WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL)
+         FROM runs WHERE status = 'interrupted' AND id = ANY($1) ORDER BY id",
+        &[&ids],
+    )
+    .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, attempt): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let on_interrupt: String = row.try_get(2)?;
+        let stepped: bool = row.try_get(3)?;
+        let status = if stepped && on_interrupt == OnInterrupt::Fail.as_str() {
+            execute(
+                c,
+                "UPDATE runs SET status = 'failed', reason = $2 WHERE id = $1",
+                &[&id, &NOT_RETRIED],
+            )
+            .await?;
+            RunStatus::Failed
+        } else if attempt < MAX_ATTEMPTS {
+            execute(
+                c,
+                "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
+                        finished_at = NULL, reason = $2, queue_ms = NULL, fetch_ms = NULL,
+                        checkout_ms = NULL, first_step_ms = NULL, lease_until = NULL
+                 WHERE id = $1",
+                &[&id, &format!("attempt {attempt} was interrupted by {once}")],
+            )
+            .await?;
+            RunStatus::Queued
+        } else {
+            execute(
+                c,
+                "UPDATE runs SET status = 'failed', reason = $2 WHERE id = $1",
+                &[&id, &format!("interrupted on {attempt} attempts by {many}")],
+            )
+            .await?;
+            RunStatus::Failed
+        };
+        if let Some(reporter) = reporter {
+            report_run(c, reporter, id).await?;
+        }
+        out.push((id, attempt, status));
+    }
+    if out.iter().any(|(_, _, s)| *s == RunStatus::Queued) {
+        notify_runs(c).await?;
+    }
+    Ok(out)
 }
 
 /// Ends a run; returns it as committed (`None`: no such run).
