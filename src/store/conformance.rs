@@ -871,6 +871,14 @@ mod shared_database {
         );
         let queued = b.run(id).unwrap().unwrap();
         assert_eq!((queued.status, queued.attempt), (RunStatus::Queued, 2));
+        // a, cut off meanwhile, ends its attempt before anyone claims the next one:
+        // that end is not the run's, which stays queued for attempt 2.
+        assert!(a
+            .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+            .unwrap()
+            .is_none());
+        let still = b.run(id).unwrap().unwrap();
+        assert_eq!((still.status, still.attempt), (RunStatus::Queued, 2));
 
         // b runs attempt 2; a learns at its next renewal that the run is not its own,
         // and what it still writes of attempt 1 changes nothing.

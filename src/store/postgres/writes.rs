@@ -369,7 +369,7 @@ impl Postgres {
             async move {
                 let Some(found) = query_opt(
                     &*c,
-                    "SELECT owner, cancel_requested FROM runs WHERE id = $1 FOR UPDATE",
+                    "SELECT owner, cancel_requested, status FROM runs WHERE id = $1 FOR UPDATE",
                     &[&run_id],
                 )
                 .await?
@@ -377,8 +377,14 @@ impl Postgres {
                     return Ok(None);
                 };
                 let owner: Option<String> = found.try_get(0)?;
-                if owner.is_some_and(|o| o != me) {
-                    // Its lease expired and another instance took the run over.
+                let current: String = found.try_get(2)?;
+                let claimed = owner.is_some();
+                if owner.is_some_and(|o| o != me)
+                    || (claimed && current != RunStatus::Running.as_str())
+                {
+                    // Its lease expired and another instance took the run over, or
+                    // recovered it (queued again, or ended) before anyone claimed it:
+                    // the end of the lost attempt is not the run's.
                     return Ok(None);
                 }
                 // A cancel asked through another instance was answered as applied: it
