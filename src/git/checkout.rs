@@ -468,10 +468,18 @@ impl Mirrors {
             Updated::Fresh
         } else {
             match self.open_reused(req, dest) {
-                Ok(repo) => {
-                    update_in_place(&repo, oid, dest, keep).map_err(|e| ws_err(e.to_string()))?;
-                    Updated::InPlace
-                }
+                Ok(repo) => match update_in_place(&repo, oid, dest, keep) {
+                    Ok(()) => Updated::InPlace,
+                    // What the failed update left is never built from, and a fresh
+                    // checkout does not depend on what broke it (a step may have
+                    // damaged `.git` itself).
+                    Err(e) => {
+                        drop(repo);
+                        tracing::warn!(workspace = %dest.display(), error = %e, "updating the workspace in place failed: replacing it");
+                        self.checkout(req, dest)?;
+                        Updated::Replaced
+                    }
+                },
                 Err(why) => {
                     tracing::warn!(workspace = %dest.display(), reason = %why, "not a sound workspace of this mirror: replacing it");
                     self.checkout(req, dest)?;
