@@ -215,3 +215,44 @@ fn a_workspace_whose_update_failed_is_replaced_never_built_from() {
     assert_eq!(third["stamp"], format!("warm-{second_id}"), "{third:?}");
     assert_eq!(third["head"], c3);
 }
+
+/// Only what changed is written: a tracked file the new commit leaves as it was keeps
+/// its inode and its mtime across an update in place.
+#[test]
+fn a_reused_update_writes_only_the_changed_files() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a.txt", "1"), ("b.txt", "1")], "one");
+    let pipeline = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nsteps:\n  - name: look\n    run: cat b.txt\n",
+        origin.url()
+    );
+    let d = b.pipeline("ci", &pipeline).start();
+    let ok = |id: i64| {
+        let run = d.wait_run(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    };
+    ok(push_main(&d, 1, &"0".repeat(40), &c1));
+    let ws = d
+        .state_dir()
+        .join("workspaces/reuse/ci")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("0");
+    let stat = |p: &str| {
+        let m = std::fs::metadata(ws.join(p)).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let (a, b1) = (stat("a.txt"), stat("b.txt"));
+
+    let c2 = origin.commit("main", &[("b.txt", "2")], "two");
+    ok(push_main(&d, 2, &c1, &c2));
+    assert_eq!(stat("a.txt"), a, "the unchanged file was written again");
+    assert_ne!(stat("b.txt"), b1, "the changed file was written");
+    assert_eq!(std::fs::read_to_string(ws.join("b.txt")).unwrap(), "2");
+}
