@@ -123,23 +123,17 @@ fn a_reused_workspace_builds_the_new_commit_exactly_and_a_damaged_one_is_replace
     assert!(d.log().contains("replacing it"), "{}", d.log());
 }
 
-/// Prints what the step finds, leaves `target/stamp` (kept), and then damages the
-/// workspace as the commit's `mode` file says: `corrupt` breaks its index (the next
-/// update fails), `junk` leaves many untracked files (the next update takes long enough
-/// to be killed while it removes them).
+/// Prints what the step finds, leaves `target/stamp` (kept), and breaks the
+/// workspace's index when the commit's `mode` file says `corrupt` (the next update in
+/// place fails).
 const DAMAGE: &str = r#"  - name: inspect
     run: |
       echo "files=$(ls -A | grep -vx .git | sort | tr '\n' ' ')"
       echo "head=$(git rev-parse HEAD)"
       echo "stamp=$(cat target/stamp 2>/dev/null)"
       mkdir -p target && echo "warm-$HOOKCI_RUN_ID" > target/stamp
-      case "$(cat mode)" in
-        corrupt) echo "not an index" > .git/index ;;
-        junk) mkdir junk && cd junk && seq 1 40000 | xargs touch ;;
-      esac
+      if [ "$(cat mode)" = corrupt ]; then echo "not an index" > .git/index; fi
 "#;
-
-const TOKEN: &str = "workspaces-api-token";
 
 fn push_main(d: &Daemon, n: u32, before: &str, after: &str) -> i64 {
     let payload = PushPayload::new(
@@ -162,29 +156,27 @@ fn printed(d: &Daemon, id: i64) -> HashMap<String, String> {
         .collect()
 }
 
+// What a killed update leaves (its marker) is covered above, by leaving the marker
+// itself: killing an update while it runs cannot be timed from here without a race.
 #[test]
-fn a_workspace_whose_update_failed_or_was_killed_is_replaced_never_built_from() {
+fn a_workspace_whose_update_failed_is_replaced_never_built_from() {
     let b = Builder::new();
     let origin = Origin::new(b.path());
-    let token_file = b.path().join("api-token");
-    std::fs::write(&token_file, TOKEN).unwrap();
     let pipeline = format!(
         "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nkeep: [\"target/\"]\nsteps:\n{DAMAGE}",
         origin.url()
     );
-    let d = b
-        .pipeline("ci", &pipeline)
-        .config(&format!("api_token_file: {}", token_file.display()))
-        .start();
+    let d = b.pipeline("ci", &pipeline).start();
     let ok = |id: i64| {
         let run = d.wait_run(id);
         assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
         printed(&d, id)
     };
 
-    // A step breaks the workspace's index: the next update fails, and so does its run.
+    // A step breaks the workspace's index: the next update in place fails.
     let c1 = origin.commit("main", &[("a.txt", "1"), ("mode", "corrupt")], "one");
     let first = ok(push_main(&d, 1, &"0".repeat(40), &c1));
+    assert_eq!(first["head"], c1);
     let ws = d
         .state_dir()
         .join("workspaces/reuse/ci")
@@ -195,68 +187,72 @@ fn a_workspace_whose_update_failed_or_was_killed_is_replaced_never_built_from() 
         .unwrap()
         .path()
         .join("0");
-    assert_eq!(first["head"], c1);
     let marker = format!("{}.updating", ws.display());
-    let c2 = origin.commit("main", &[("mode", "junk")], "two");
-    let failed = d.wait_run(push_main(&d, 2, &c1, &c2));
-    assert_eq!(failed["status"], "failed", "{failed:#}");
-    assert!(
-        failed["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("updating the workspace failed")),
-        "{failed:#}"
-    );
-    assert!(
-        std::path::Path::new(&marker).exists(),
-        "the failed update left its marker"
-    );
 
-    // The next run gets a fresh checkout: nothing of the old workspace, `target/` cold.
-    let c3 = origin.commit("main", &[("b.txt", "3")], "three");
-    let third = ok(push_main(&d, 3, &c2, &c3));
-    assert_eq!(third["files"], "a.txt b.txt mode", "{third:?}");
+    // Its run still builds, from a fresh checkout: nothing of the old workspace,
+    // `target/` cold.
+    let c2 = origin.commit("main", &[("b.txt", "2"), ("mode", "plain")], "two");
+    let second_id = push_main(&d, 2, &c1, &c2);
+    let second = ok(second_id);
+    assert_eq!(second["files"], "a.txt b.txt mode", "{second:?}");
     assert_eq!(
-        third["stamp"], "",
-        "a replaced workspace starts cold: {third:?}"
+        second["stamp"], "",
+        "a replaced workspace starts cold: {second:?}"
     );
-    assert_eq!(third["head"], c3);
+    assert_eq!(second["head"], c2);
     assert!(!std::path::Path::new(&marker).exists());
-
-    // That run left 40,000 untracked files: the next update is killed (its run canceled)
-    // while it removes them.
-    let c4 = origin.commit("main", &[("mode", "plain")], "four");
-    let killed = push_main(&d, 4, &c3, &c4);
-    eventually("the update of the reused workspace begins", || {
-        std::path::Path::new(&marker).exists()
-    });
-    let r = d.post(
-        &format!("/api/runs/{killed}/cancel"),
-        &[
-            ("authorization", &format!("Bearer {TOKEN}")),
-            ("content-type", "application/json"),
-        ],
-        b"{}",
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let run = d.wait_run(killed);
-    assert_eq!(run["status"], "canceled", "{run:#}");
     assert!(
-        run["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["started_at"].is_null()),
-        "canceled during the update, before any step: {run:#}"
-    );
-    assert!(
-        std::path::Path::new(&marker).exists(),
-        "the killed update left its marker"
+        d.log()
+            .contains("updating the workspace in place failed: replacing it"),
+        "{}",
+        d.log()
     );
 
-    let c5 = origin.commit("main", &[("c.txt", "5")], "five");
-    let fifth = ok(push_main(&d, 5, &c4, &c5));
-    assert_eq!(fifth["files"], "a.txt b.txt c.txt mode", "{fifth:?}");
-    assert_eq!(fifth["stamp"], "", "{fifth:?}");
-    assert_eq!(fifth["head"], c5);
-    assert!(d.log().contains("replacing it"), "{}", d.log());
+    // The replacement is a sound workspace again: the next update is in place.
+    let c3 = origin.commit("main", &[("c.txt", "3")], "three");
+    let third = ok(push_main(&d, 3, &c2, &c3));
+    assert_eq!(third["files"], "a.txt b.txt c.txt mode target", "{third:?}");
+    assert_eq!(third["stamp"], format!("warm-{second_id}"), "{third:?}");
+    assert_eq!(third["head"], c3);
+}
+
+/// Only what changed is written: a tracked file the new commit leaves as it was keeps
+/// its inode and its mtime across an update in place.
+#[test]
+fn a_reused_update_writes_only_the_changed_files() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a.txt", "1"), ("b.txt", "1")], "one");
+    let pipeline = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nsteps:\n  - name: look\n    run: cat b.txt\n",
+        origin.url()
+    );
+    let d = b.pipeline("ci", &pipeline).start();
+    let ok = |id: i64| {
+        let run = d.wait_run(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    };
+    ok(push_main(&d, 1, &"0".repeat(40), &c1));
+    let ws = d
+        .state_dir()
+        .join("workspaces/reuse/ci")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("0");
+    let stat = |p: &str| {
+        let m = std::fs::metadata(ws.join(p)).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let (a, b1) = (stat("a.txt"), stat("b.txt"));
+
+    let c2 = origin.commit("main", &[("b.txt", "2")], "two");
+    ok(push_main(&d, 2, &c1, &c2));
+    assert_eq!(stat("a.txt"), a, "the unchanged file was written again");
+    assert_ne!(stat("b.txt"), b1, "the changed file was written");
+    assert_eq!(std::fs::read_to_string(ws.join("b.txt")).unwrap(), "2");
 }

@@ -468,10 +468,18 @@ impl Mirrors {
             Updated::Fresh
         } else {
             match self.open_reused(req, dest) {
-                Ok(repo) => {
-                    update_in_place(&repo, oid, dest, keep).map_err(|e| ws_err(e.to_string()))?;
-                    Updated::InPlace
-                }
+                Ok(repo) => match update_in_place(&repo, oid, dest, keep) {
+                    Ok(()) => Updated::InPlace,
+                    // What the failed update left is never built from, and a fresh
+                    // checkout does not depend on what broke it (a step may have
+                    // damaged `.git` itself).
+                    Err(e) => {
+                        drop(repo);
+                        tracing::warn!(workspace = %dest.display(), error = %e, "updating the workspace in place failed: replacing it");
+                        self.checkout(req, dest)?;
+                        Updated::Replaced
+                    }
+                },
                 Err(why) => {
                     tracing::warn!(workspace = %dest.display(), reason = %why, "not a sound workspace of this mirror: replacing it");
                     self.checkout(req, dest)?;
@@ -479,6 +487,7 @@ impl Mirrors {
                 }
             }
         };
+        distrust_ctime(dest).map_err(|e| ws_err(format!("setting core.trustctime: {e}")))?;
         std::fs::write(&stamp, format!("{boot}\n"))
             .map_err(|e| ws_err(format!("writing {}: {e}", stamp.display())))?;
         std::fs::remove_file(&marker)
@@ -523,6 +532,18 @@ impl Mirrors {
         }
         Ok(repo)
     }
+}
+
+/// With `run_as` the work tree is given to the steps' user after each update, and a
+/// chown changes a file's ctime: with ctime trusted, the next update would hash every
+/// file it gave to see whether it changed. Set once per workspace.
+fn distrust_ctime(dest: &Path) -> Result<(), git2::Error> {
+    let repo = Repository::open(dest)?;
+    let mut config = repo.config()?.open_level(git2::ConfigLevel::Local)?;
+    if config.get_bool("core.trustctime").ok() != Some(false) {
+        config.set_bool("core.trustctime", false)?;
+    }
+    Ok(())
 }
 
 fn update_in_place(

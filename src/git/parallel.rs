@@ -42,11 +42,19 @@ pub fn checkout(repo: &Repository, commit: Oid) -> Result<bool, git2::Error> {
     }
     let mut dirs = Vec::new();
     let mut files = Vec::new();
-    // Attributes may ask for filters; a name that is not UTF-8 is left to libgit2 too.
+    // Attributes may ask for filters; a name that is not UTF-8 is left to libgit2 too,
+    // and so is one libgit2 refuses to write (see `unsafe_name`): what it does with
+    // those is what the workspace gets. A submodule (a gitlink) goes to it as well.
     let mut unsuitable = false;
     tree.walk(TreeWalkMode::PreOrder, |root, entry| {
         let name = match entry.name() {
-            Ok(name) if name != ".gitattributes" => name,
+            Ok(name)
+                if name != ".gitattributes"
+                    && !unsafe_name(name)
+                    && entry.kind() != Some(ObjectType::Commit) =>
+            {
+                name
+            }
             _ => {
                 unsuitable = true;
                 return TreeWalkResult::Abort;
@@ -55,8 +63,6 @@ pub fn checkout(repo: &Repository, commit: Oid) -> Result<bool, git2::Error> {
         let path = format!("{root}{name}");
         match entry.kind() {
             Some(ObjectType::Tree) => dirs.push(path),
-            // A submodule: an empty directory, as libgit2 leaves it.
-            Some(ObjectType::Commit) => dirs.push(path),
             _ => files.push(File {
                 path,
                 id: entry.id(),
@@ -101,6 +107,17 @@ pub fn checkout(repo: &Repository, commit: Oid) -> Result<bool, git2::Error> {
     index.write()?;
     repo.set_head_detached(commit)?;
     Ok(true)
+}
+
+/// Whether a tree entry's name could write outside its directory or into a `.git`:
+/// no tree git makes has one, but a pushed tree may, and this writer joins names to
+/// the work tree as they are.
+fn unsafe_name(name: &str) -> bool {
+    name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.eq_ignore_ascii_case(".git")
+        || name.contains(['/', '\\', '\0'])
 }
 
 /// Whether the repository's configuration asks for content filters on checkout.
@@ -272,5 +289,68 @@ mod tests {
         let repo = Repository::open(&ws).unwrap();
         assert!(!checkout(&repo, id).unwrap());
         assert!(!ws.join("f0").exists(), "nothing written");
+    }
+
+    /// A workspace whose objects are those of `origin`, the bare repository in `dir`.
+    fn workspace(dir: &Path) -> Repository {
+        let ws = dir.join("ws");
+        let repo = Repository::init(&ws).unwrap();
+        std::fs::write(
+            repo.path().join("objects/info/alternates"),
+            format!("{}\n", dir.join("o.git/objects").display()),
+        )
+        .unwrap();
+        Repository::open(&ws).unwrap()
+    }
+
+    /// A commit of 300 files and one more entry, written as a raw tree object: libgit2
+    /// would refuse to build a tree with some of these names itself.
+    fn commit_with(repo: &Repository, name: &str, mode: &str, id: Oid) -> Oid {
+        let blob = repo.blob(b"x\n").unwrap();
+        let mut entries: Vec<(String, &str, Oid)> = (0..300)
+            .map(|i| (format!("f{i}"), "100644", blob))
+            .collect();
+        entries.push((name.to_owned(), mode, id));
+        entries.sort();
+        let mut raw = Vec::new();
+        for (name, mode, id) in &entries {
+            raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+            raw.extend_from_slice(id.as_bytes());
+        }
+        let tree = repo.odb().unwrap().write(ObjectType::Tree, &raw).unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        let sig = git2::Signature::now("t", "t@hookci.invalid").unwrap();
+        repo.commit(None, &sig, &sig, "odd", &tree, &[]).unwrap()
+    }
+
+    #[test]
+    fn trees_with_submodules_or_unsafe_names_are_left_to_libgit2() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
+        let blob = origin.blob(b"planted\n").unwrap();
+        let inner = {
+            let mut b = origin.treebuilder(None).unwrap();
+            b.insert("config", blob, 0o100644).unwrap();
+            b.write().unwrap()
+        };
+        let gitlink = Oid::from_str("0123456789abcdef0123456789abcdef01234567").unwrap();
+        let cases = [
+            ("sub", "160000", gitlink),
+            (".git", "40000", inner),
+            (".GiT", "40000", inner),
+            ("..", "40000", inner),
+            (".", "40000", inner),
+            (".git", "100644", blob),
+        ];
+        for (n, (name, mode, id)) in cases.into_iter().enumerate() {
+            let case = dir.path().join(n.to_string());
+            std::fs::create_dir(&case).unwrap();
+            std::os::unix::fs::symlink(dir.path().join("o.git"), case.join("o.git")).unwrap();
+            let commit = commit_with(&origin, name, mode, id);
+            let repo = workspace(&case);
+            assert!(!checkout(&repo, commit).unwrap(), "{name} ({mode})");
+            assert!(!case.join("ws/f0").exists(), "nothing written for {name}");
+        }
+        assert!(unsafe_name("a/b") && unsafe_name("") && !unsafe_name(".github"));
     }
 }

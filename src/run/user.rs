@@ -185,9 +185,12 @@ pub fn is_root() -> bool {
 
 /// Gives `path` and everything under it to the user (the checkout the git worker made
 /// as the daemon). Symbolic links are changed themselves, never what they point to.
+/// What the user owns already is left as it is: a chown changes a file's ctime even
+/// when it gives nothing, and a reused workspace's `keep:` paths would be touched on
+/// every run.
 pub fn chown_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
     let meta = std::fs::symlink_metadata(path)?;
+    give(path, &meta, user)?;
     if meta.is_dir() {
         for entry in std::fs::read_dir(path)? {
             chown_tree(&entry?.path(), user)?;
@@ -199,7 +202,7 @@ pub fn chown_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
 /// [`chown_tree`] for a reused workspace: everything but its `.git`, which stays the
 /// daemon's (the update checks that it is; see `git::checkout`).
 pub fn chown_work_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
+    give(path, &std::fs::symlink_metadata(path)?, user)?;
     for entry in std::fs::read_dir(path)? {
         let entry = entry?;
         if entry.file_name() != ".git" {
@@ -207,6 +210,14 @@ pub fn chown_work_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn give(path: &Path, meta: &std::fs::Metadata, user: &RunAs) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() == user.uid && meta.gid() == user.gid {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
 }
 
 #[cfg(test)]

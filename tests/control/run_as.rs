@@ -340,3 +340,71 @@ fn under_the_units_capabilities_run_as_steps_that_time_out_or_are_canceled_are_s
         d.log()
     );
 }
+
+/// With `run_as`, what the steps' user already owns in a reused workspace is not given
+/// to it again: a `keep:` path and an unchanged tracked file keep their ctime across
+/// runs, and the workspace does not trust ctime, so the chown of a changed file never
+/// makes the next update hash it.
+#[test]
+fn with_run_as_a_reused_workspace_is_not_chowned_again() {
+    use std::os::unix::fs::MetadataExt;
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a", "1"), ("b", "1")], "one");
+    let script = "mkdir -p target && { [ -e target/kept ] || echo once > target/kept; }";
+    let b = b
+        .pipeline(
+            "ci",
+            &pipeline(
+                &origin,
+                "workspace: reuse\nkeep: [\"target/\"]\n",
+                &[step("build", script)],
+            ),
+        )
+        .config(&format!("run_as: {TEST_USER}"));
+    chmod(b.path(), 0o711);
+    b.write_config();
+    for path in ["secret", "hookci.yml"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    let d = b.start();
+    let run = |n: u32, before: &str, after: &str| {
+        let id = push(
+            &d,
+            &format!("rechown-{n}"),
+            "refs/heads/main",
+            before,
+            after,
+        );
+        let run = d.wait_run(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    };
+    run(1, ZERO, &c1);
+    let ws = d
+        .state_dir()
+        .join("workspaces/reuse/ci")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("0");
+    let ctime = |p: &str| {
+        let m = std::fs::symlink_metadata(ws.join(p)).unwrap();
+        (m.ctime(), m.ctime_nsec())
+    };
+    let before = (ctime("target/kept"), ctime("target"), ctime("a"));
+
+    let c2 = origin.commit("main", &[("b", "2")], "two");
+    run(2, &c1, &c2);
+    assert_eq!(
+        (ctime("target/kept"), ctime("target"), ctime("a")),
+        before,
+        "what the user owned was chowned again"
+    );
+    assert_eq!(std::fs::read_to_string(ws.join("b")).unwrap(), "2");
+    let config = std::fs::read_to_string(ws.join(".git/config")).unwrap();
+    assert!(config.contains("trustctime = false"), "{config}");
+}
