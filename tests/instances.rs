@@ -348,3 +348,101 @@ fn a_cancel_sent_to_one_instance_stops_a_run_running_on_the_other() {
     assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
     assert!(gone, "the step's process was stopped with its run");
 }
+
+#[test]
+fn a_log_is_served_live_and_whole_by_the_instance_not_running_the_step() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let go = scratch.path().join("go");
+    // The first step prints, pauses until the test has seen its first lines elsewhere,
+    // then prints more; a second step follows.
+    let steps = format!(
+        "  - name: talk\n    run: echo first line; sleep 0.3; echo more of it; while [ ! -f {} ]; do sleep 0.05; done; echo second line\n  - name: after\n    run: echo after step\n",
+        go.display()
+    );
+    let a = instance(&db, &origin, "", &steps);
+    let b = instance(&db, &origin, "", &steps);
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let r = a.deliver(
+        "push",
+        "live-log",
+        &PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    let mut owner = String::new();
+    eventually("the run starts on one instance", || {
+        let run = a.get_json(&format!("/api/runs/{id}"));
+        owner = run["instance"].as_str().unwrap_or_default().to_owned();
+        run["status"] == "running" && !owner.is_empty()
+    });
+    let (runner, reader) = if owner == the_instance(&a) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(owner, the_instance(runner));
+    let reader_logs = reader.state_dir().join("logs").join(id.to_string());
+
+    // Followed on the instance that is not running it, while the step still runs.
+    let mut stream = std::net::TcpStream::connect(&reader.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        format!(
+            "GET /api/runs/{id}/log?follow=1 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            reader.addr
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains("more of it") {
+        let n = std::io::Read::read(&mut stream, &mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the follow stream ended before the first lines: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+    }
+    let live = String::from_utf8_lossy(&received).into_owned();
+    assert!(live.contains("first line"), "{live}");
+    assert!(!live.contains("second line"), "{live}");
+    assert_eq!(
+        reader.get_json(&format!("/api/runs/{id}"))["status"],
+        "running"
+    );
+    // The dashboard's run page there shows the log so far too.
+    let page = reader.get(&format!("/runs/{id}"));
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("more of it"), "{}", page.text());
+
+    std::fs::write(&go, "").unwrap();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut received);
+    let followed = String::from_utf8_lossy(&received).into_owned();
+    assert!(followed.starts_with("HTTP/1.1 200"), "{followed}");
+    for line in ["first line", "more of it", "second line", "after step"] {
+        assert_eq!(followed.matches(line).count(), 1, "{line}: {followed}");
+    }
+    assert_eq!(runner.wait_run(id)["status"], "succeeded");
+
+    // Finished: the whole log, as the instance that ran it serves it, also from the
+    // other, which has no file of it, and on its event stream.
+    let whole = runner.run_log(id);
+    assert!(
+        whole.contains("second line") && whole.contains("after step"),
+        "{whole}"
+    );
+    assert_eq!(reader.run_log(id), whole);
+    assert!(!reader_logs.exists(), "{}", reader_logs.display());
+    let events = reader.get(&format!("/api/runs/{id}/events")).text();
+    for line in ["first line", "more of it", "second line", "after step"] {
+        assert!(events.contains(line), "{line}: {events}");
+    }
+    assert!(events.contains("run_finished"), "{events}");
+}

@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 
 pub use tokio::sync::broadcast::error::RecvError;
 
-use crate::store::{Run, RunStatus, Step, Timings};
+use crate::store::{LogPiece, Run, RunStatus, Step, Store, StoreError, Timings};
 
 /// How many events a subscriber may fall behind before it lags. Output dominates: a
 /// chunk an event, so this is a few hundred KiB of a noisy step's log per subscriber
@@ -134,19 +134,60 @@ impl Events {
             events: self.clone(),
             run,
             step,
+            kept: None,
         }
     }
 }
 
-/// Publishes one step's output as its log is written.
-#[derive(Debug, Clone)]
+/// Publishes one step's output as its log is written, and with a store that shares
+/// logs between instances (`Store::shares_logs`), has the runner keep it there too.
+#[derive(Clone)]
 pub struct OutputTap {
     events: Events,
     run: i64,
     step: i64,
+    kept: Option<(Arc<dyn Store>, i64)>,
+}
+
+impl std::fmt::Debug for OutputTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputTap")
+            .field("run", &self.run)
+            .field("step", &self.step)
+            .field("kept", &self.kept.as_ref().map(|(_, attempt)| attempt))
+            .finish()
+    }
 }
 
 impl OutputTap {
+    /// The output of attempt `attempt` is also kept in `store`, if it shares logs.
+    pub fn kept_in(mut self, store: &Arc<dyn Store>, attempt: i64) -> OutputTap {
+        if store.shares_logs() {
+            self.kept = Some((Arc::clone(store), attempt));
+        }
+        self
+    }
+
+    /// Whether the runner must [`keep`](OutputTap::keep) what it writes.
+    pub fn keeps(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    /// Keeps `bytes`, written to the log at `at`, in the store (blocking: call it off
+    /// the runtime). Does nothing unless [`keeps`](OutputTap::keeps).
+    pub fn keep(&self, at: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
+        match &self.kept {
+            Some((store, attempt)) => store.append_log(LogPiece {
+                run: self.run,
+                attempt: *attempt,
+                step: self.step,
+                at,
+                bytes,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// `bytes` were written to the log at `offset` and are readable there now.
     pub fn written(&self, offset: u64, bytes: Bytes) {
         if bytes.is_empty() {

@@ -542,10 +542,25 @@ async fn write_log(
     let mut log = TappedLog {
         file: log,
         offset: 0,
+        kept: Kept::default(),
         tap,
     };
     let mut dropped = 0u64;
-    while let Some(chunk) = rx.recv().await {
+    loop {
+        // What the store has not had yet goes within KEEP_AFTER, also while the step is quiet.
+        let chunk = match log.kept.due() {
+            Some(due) => tokio::select! {
+                chunk = rx.recv() => chunk,
+                () = tokio::time::sleep_until(due) => {
+                    log.keep().await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(chunk) = chunk else {
+            break;
+        };
         let piece = if mask.is_active() {
             mask.push(&chunk)
         } else {
@@ -565,6 +580,15 @@ async fn write_log(
     // tokio's File writes in the background; flush waits for the last write
     // and surfaces its error.
     log.file.flush().await?;
+    // Before the step's end is recorded: a reader elsewhere that sees the end has the
+    // whole log. A store that fails is given a few more tries.
+    for _ in 0..3 {
+        log.keep().await;
+        if log.kept.bytes.is_empty() {
+            break;
+        }
+        tokio::time::sleep(KEEP_AFTER).await;
+    }
     Ok(dropped)
 }
 
@@ -575,12 +599,35 @@ fn admitted(budget: &LogBudget, mut piece: Vec<u8>, dropped: &mut u64) -> Vec<u8
     piece
 }
 
+/// How long written output may wait before it is kept in a store that shares logs.
+const KEEP_AFTER: Duration = Duration::from_millis(150);
+/// How much written output is kept in the store at once at most, before KEEP_AFTER.
+const KEEP_BYTES: usize = 64 * 1024;
+
 /// A step's log file, and where what is written to it is published.
 struct TappedLog {
     file: File,
     /// How much has been written.
     offset: u64,
     tap: Option<OutputTap>,
+    kept: Kept,
+}
+
+/// Written output the store that shares logs has not had yet: one row a batch, never
+/// one a line.
+#[derive(Default)]
+struct Kept {
+    /// Where the batch begins in the log.
+    at: u64,
+    bytes: Vec<u8>,
+    /// When the batch's first byte was written.
+    since: Option<Instant>,
+}
+
+impl Kept {
+    fn due(&self) -> Option<Instant> {
+        self.since.map(|since| since + KEEP_AFTER)
+    }
 }
 
 impl TappedLog {
@@ -594,11 +641,50 @@ impl TappedLog {
         let at = self.offset;
         self.offset += piece.len() as u64;
         if let Some(tap) = &self.tap {
+            if tap.keeps() {
+                if self.kept.bytes.is_empty() {
+                    self.kept.at = at;
+                    self.kept.since = Some(Instant::now());
+                }
+                self.kept.bytes.extend_from_slice(&piece);
+            }
             // Only after the flush can a reader of the file see what the event announces.
             self.file.flush().await?;
             tap.written(at, piece.into());
         }
+        if self.kept.bytes.len() >= KEEP_BYTES {
+            self.keep().await;
+        }
         Ok(())
+    }
+
+    /// Keeps the batch in the store. A failure is logged and the batch kept for the next
+    /// try: the file has it, and the run's log budget bounds what can pile up.
+    async fn keep(&mut self) {
+        let Some(tap) = self.tap.clone() else {
+            return;
+        };
+        if self.kept.bytes.is_empty() {
+            self.kept.since = None;
+            return;
+        }
+        let (at, bytes) = (self.kept.at, self.kept.bytes.clone());
+        let len = bytes.len();
+        match tokio::task::spawn_blocking(move || tap.keep(at, bytes)).await {
+            Ok(Ok(())) => {
+                self.kept.bytes.drain(..len);
+                self.kept.at += len as u64;
+                self.kept.since = None;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, bytes = len, "cannot keep step output in the store, trying again");
+                self.kept.since = Some(Instant::now());
+            }
+            Err(e) => {
+                warn!(error = %e, "keeping step output in the store failed");
+                self.kept.since = Some(Instant::now());
+            }
+        }
     }
 }
 

@@ -1118,7 +1118,10 @@ async fn run_steps(
                 .map(|(k, v)| (k.clone(), v.expose().to_owned())),
         );
         let log = state.log_path(run.id, number);
-        let output = state.events.output_of(run.id, number);
+        let output = state
+            .events
+            .output_of(run.id, number)
+            .kept_in(&state.store, run.attempt);
         let cmd = StepCommand {
             script: &step.run,
             cwd: workspace,

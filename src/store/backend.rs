@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use super::postgres::{PgTarget, Postgres};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
+    Attempt, Delivery, DeliveryOutcome, LogPiece, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
     QueuedCancel, ReconcileView, Reconciled, RefChange, Report, ReportPolicy, ReportView, Run,
     RunFilter, RunRef, RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError, Timings,
 };
@@ -146,6 +146,32 @@ pub trait Store: Send + Sync {
     ) -> Result<Reconciled, StoreError>;
     fn prune(&self, keep: u64, cutoff_ms: i64) -> Result<Pruned, StoreError>;
     fn report_attempted(&self, id: i64, attempt: Attempt) -> Result<(), StoreError>;
+
+    /// Whether step output is kept here for every instance to serve (PostgreSQL).
+    /// `false`: this machine's log files are the only copy, and the calls below do
+    /// nothing (SQLite, one machine).
+    fn shares_logs(&self) -> bool {
+        false
+    }
+    /// Keeps a piece of a step's log; the instance running the step writes each piece
+    /// once its file holds it, and all of them before it records the step's end.
+    fn append_log(&self, piece: LogPiece) -> Result<(), StoreError> {
+        let _ = piece;
+        Ok(())
+    }
+    /// Up to `max` bytes of a step's log from `offset`, as far as the pieces kept so far
+    /// reach (nothing past their end).
+    fn read_log(
+        &self,
+        run: i64,
+        attempt: i64,
+        step: i64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let _ = (run, attempt, step, offset, max);
+        Ok(Vec::new())
+    }
 }
 
 /// Opens the store the config names: PostgreSQL when `database` is set, else SQLite

@@ -816,6 +816,61 @@ mod shared_database {
     }
 
     #[test]
+    fn step_output_kept_by_one_instance_is_read_by_the_other_and_pruned_with_its_run() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        assert!(a.shares_logs() && b.shares_logs());
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        let piece = |at: u64, text: &str| LogPiece {
+            run: id,
+            attempt: 1,
+            step: 1,
+            at,
+            bytes: text.as_bytes().to_vec(),
+        };
+        a.append_log(piece(0, "first\n")).unwrap();
+        a.append_log(piece(6, "second\n")).unwrap();
+        // Written again after a lost answer: the same piece, kept once.
+        a.append_log(piece(6, "second\n")).unwrap();
+        assert_eq!(
+            b.read_log(id, 1, 1, 0, 1 << 20).unwrap(),
+            b"first\nsecond\n"
+        );
+        assert_eq!(b.read_log(id, 1, 1, 3, 1 << 20).unwrap(), b"st\nsecond\n");
+        assert_eq!(b.read_log(id, 1, 1, 0, 8).unwrap(), b"first\nse");
+        assert!(b.read_log(id, 1, 1, 13, 1 << 20).unwrap().is_empty());
+        // Past a piece not committed yet, nothing: a reader never skips text.
+        a.append_log(piece(20, "later\n")).unwrap();
+        assert_eq!(
+            b.read_log(id, 1, 1, 0, 1 << 20).unwrap(),
+            b"first\nsecond\n"
+        );
+        assert!(b.read_log(id, 1, 2, 0, 1 << 20).unwrap().is_empty());
+        assert!(b.read_log(id, 2, 1, 0, 1 << 20).unwrap().is_empty());
+        b.finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+            .unwrap();
+        b.prune(0, crate::clock::now_ms() + 1).unwrap();
+        assert_eq!(backend.count_rows("log_chunks"), 0);
+    }
+
+    #[test]
+    fn sqlite_keeps_logs_in_files_only() {
+        let backend = Backend::sqlite();
+        let store = backend.open();
+        assert!(!store.shares_logs());
+        store
+            .append_log(LogPiece {
+                run: 1,
+                attempt: 1,
+                step: 1,
+                at: 0,
+                bytes: b"x".to_vec(),
+            })
+            .unwrap();
+        assert!(store.read_log(1, 1, 1, 0, 100).unwrap().is_empty());
+    }
+
+    #[test]
     fn an_instance_recovers_only_its_own_runs() {
         let backend = Backend::postgres();
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));

@@ -254,6 +254,17 @@ pub struct Timings {
     pub to_first_step_ms: i64,
 }
 
+/// A piece of step `step`'s log in attempt `attempt` of run `run`, as written to the
+/// log file (secrets masked), beginning `at` bytes into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPiece {
+    pub run: i64,
+    pub attempt: i64,
+    pub step: i64,
+    pub at: u64,
+    pub bytes: Vec<u8>,
+}
+
 /// The phases the scheduler measured itself (see [`Timings`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Phases {

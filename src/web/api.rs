@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use serde_json::{json, Value};
@@ -21,6 +20,7 @@ use crate::intake::error_reply;
 use crate::state::AppState;
 use crate::store::{Delivery, ReportView, Run, RunFilter, RunStatus, Step, Store, StoreError};
 use crate::web::follow::{self, Cursor, RunsUpdate, Update};
+use crate::web::logs::StepLog;
 use crate::web::metrics;
 use futures_util::StreamExt;
 use warp::sse::Event;
@@ -230,7 +230,13 @@ async fn get_log(
         _ => state.log_dir(id),
     };
     let (tx, mut rx) = mpsc::channel(4);
-    tokio::spawn(send_logs(dir, steps, tx));
+    let from = LogsOf {
+        store: Arc::clone(&state.store),
+        dir,
+        run: id,
+        attempt: attempt.unwrap_or(current),
+    };
+    tokio::spawn(send_logs(from, steps, tx));
     let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     Ok(warp::reply::with_header(
         warp::reply::stream(body),
@@ -243,13 +249,53 @@ async fn get_log(
 /// How much of a log file is read at a time.
 const LOG_CHUNK: usize = 64 * 1024;
 
+/// Where one attempt's step logs are: files in `dir`, or pieces in the store.
+struct LogsOf {
+    store: Arc<dyn Store>,
+    dir: PathBuf,
+    run: i64,
+    attempt: i64,
+}
+
+impl LogsOf {
+    /// Up to `LOG_CHUNK` bytes of step `step`'s log from `offset` (see `StepLog::read_at`).
+    async fn read(&self, step: i64, offset: u64) -> std::io::Result<Option<Vec<u8>>> {
+        let (store, path) = (
+            Arc::clone(&self.store),
+            self.dir.join(format!("{step}.log")),
+        );
+        let (run, attempt) = (self.run, self.attempt);
+        tokio::task::spawn_blocking(move || {
+            StepLog {
+                store: &*store,
+                path: &path,
+                run,
+                attempt,
+                step,
+            }
+            .read_at(offset, LOG_CHUNK)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
 /// Each step's header and log text, a piece at a time, so that a large log never sits
 /// in memory whole. Stops when the client has gone away.
-async fn send_logs(dir: PathBuf, steps: Vec<Step>, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+async fn send_logs(from: LogsOf, steps: Vec<Step>, tx: mpsc::Sender<std::io::Result<Bytes>>) {
     for step in steps {
-        let Ok(mut file) = tokio::fs::File::open(dir.join(format!("{}.log", step.number))).await
-        else {
-            continue;
+        // A step that never started has no log; one that ran elsewhere has no file here.
+        let first = match from.read(step.number, 0).await {
+            Ok(Some(first))
+                if !from.store.shares_logs() || step.started_at.is_some() || !first.is_empty() =>
+            {
+                first
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
         };
         let header = format!(
             "==> step {}: {} ({})\n",
@@ -261,20 +307,26 @@ async fn send_logs(dir: PathBuf, steps: Vec<Step>, tx: mpsc::Sender<std::io::Res
             return;
         }
         let mut text = LossyUtf8::default();
-        let mut buf = vec![0; LOG_CHUNK];
         let mut at_line_start = true;
+        let mut offset = 0u64;
+        let mut next = Some(first);
         loop {
-            let n = match file.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
+            let buf = match next.take() {
+                Some(buf) => buf,
+                None => match from.read(step.number, offset).await {
+                    Ok(buf) => buf.unwrap_or_default(),
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                },
             };
+            let n = buf.len();
+            offset += n as u64;
             let piece = if n == 0 {
                 text.finish()
             } else {
-                text.push(&buf[..n])
+                text.push(&buf)
             };
             if let Some(last) = piece.as_bytes().last() {
                 at_line_start = *last == b'\n';

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -27,9 +26,12 @@ use tokio::time::Instant;
 use crate::run::events::{self, Events, RecvError, RunEvent};
 use crate::state::AppState;
 use crate::store::{Run, Step, StepStatus};
+use crate::web::logs::StepLog;
 
 /// The most output sent in one update.
 const CHUNK: usize = 16 * 1024;
+/// How often a follower looks at a store that shares logs (see `Follower::follow`).
+const SHARED_LOOK: Duration = Duration::from_millis(200);
 /// The longest a reader goes without an update: well under the idle limits of common
 /// proxies and load balancers (often 30 or 60 s), and under the 15 s README promises.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -389,6 +391,13 @@ impl Follower<'_> {
         if self.sync().await? {
             return Ok(());
         }
+        // With logs shared between instances, the run may be another instance's, whose
+        // events never come here: the store is looked at again this often.
+        let mut look = self
+            .state
+            .store
+            .shares_logs()
+            .then(|| tokio::time::interval(SHARED_LOOK));
         loop {
             let tx = self.tx.tx;
             let quiet_until = self.tx.last + KEEP_ALIVE;
@@ -408,6 +417,11 @@ impl Follower<'_> {
                     }
                 }
                 () = tokio::time::sleep_until(quiet_until) => self.tx.send(Update::KeepAlive).await?,
+                _ = tick(&mut look) => {
+                    if self.sync().await? {
+                        return Ok(());
+                    }
+                }
                 // A reader that went away while nothing was new is noticed here, not only
                 // at the next send: a quiet step could otherwise keep this follower for hours.
                 () = tx.closed() => return Err("reader went away".to_owned()),
@@ -435,6 +449,8 @@ impl Follower<'_> {
         let Some(run) = run else {
             return Ok(true);
         };
+        // The attempt whose logs the steps have.
+        self.run = Some(run.clone());
         for step in &steps {
             self.advance(step).await?;
         }
@@ -516,11 +532,33 @@ impl Follower<'_> {
             .await
     }
 
-    /// Sends step `number`'s log from where the reader is to the end of the file.
+    /// Sends step `number`'s log from where the reader is to its end so far: of the file,
+    /// or of what the store has when another instance runs the step.
     async fn catch_up(&mut self, number: i64, i: usize) -> Result<(), String> {
         let path = self.state.log_path(self.id, number);
+        let (store, id, attempt) = (
+            Arc::clone(&self.state.store),
+            self.id,
+            self.run.as_ref().map_or(1, |r| r.attempt),
+        );
         loop {
-            let bytes = read_from(&path, self.steps[i].offset).await;
+            let offset = self.steps[i].offset;
+            let (path, store) = (path.clone(), Arc::clone(&store));
+            let bytes = tokio::task::spawn_blocking(move || {
+                let log = StepLog {
+                    store: &*store,
+                    path: &path,
+                    run: id,
+                    attempt,
+                    step: number,
+                };
+                log.read_at(offset, CHUNK)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            // As before the store kept logs: what cannot be read now is read at the next look.
+            .unwrap_or_default()
+            .unwrap_or_default();
             if bytes.is_empty() {
                 return Ok(());
             }
@@ -551,6 +589,16 @@ fn index(number: i64) -> Option<usize> {
     usize::try_from(number.checked_sub(1)?).ok()
 }
 
+/// The next tick of `look`; never, without one.
+async fn tick(look: &mut Option<tokio::time::Interval>) {
+    match look {
+        Some(look) => {
+            look.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
     // The sender lives in the state this follower holds: it cannot go away first.
     let _ = stopping.wait_for(|stop| *stop).await;
@@ -570,24 +618,6 @@ impl ToReader<'_> {
             .map_err(|_| "reader went away".to_owned())?;
         self.last = Instant::now();
         Ok(())
-    }
-}
-
-/// Up to `CHUNK` bytes of `path` from `offset` (nothing when it does not exist yet).
-async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
-    let Ok(mut file) = tokio::fs::File::open(path).await else {
-        return Vec::new();
-    };
-    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-        return Vec::new();
-    }
-    let mut buf = vec![0; CHUNK];
-    match file.read(&mut buf).await {
-        Ok(n) => {
-            buf.truncate(n);
-            buf
-        }
-        Err(_) => Vec::new(),
     }
 }
 

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use maud::{html, Markup};
@@ -22,6 +21,7 @@ use crate::store::{Delivery, Run, RunFilter, RunStatus, Step, StepStatus, StoreE
 use crate::web::ansi;
 use crate::web::auth::{self, Access};
 use crate::web::follow::{self, Cursor};
+use crate::web::logs::StepLog;
 use crate::web::render::{
     self, commit, csrf_field, page, problem, runs_table, short_ref, status, took, when, Viewer,
 };
@@ -189,25 +189,32 @@ struct Shown {
 /// The end of a step's log, up to [`LOG_TAIL`]. For a step that is still writing
 /// (`whole_lines`), only up to its last complete line: the rest, which may end inside
 /// a character or a colour code, comes over the event stream from `end`.
-fn log_tail(path: PathBuf, whole_lines: bool) -> Shown {
+fn log_tail(log: StepLog<'_>, whole_lines: bool) -> Shown {
     let nothing = Shown {
         text: String::new(),
         cut: false,
         end: 0,
     };
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return nothing;
+    let (start, mut bytes) = match std::fs::File::open(log.path) {
+        Ok(mut file) => {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let start = len.saturating_sub(LOG_TAIL);
+            if start > 0 && file.seek(SeekFrom::Start(start)).is_err() {
+                return nothing;
+            }
+            let mut bytes = Vec::new();
+            if file.take(LOG_TAIL).read_to_end(&mut bytes).is_err() {
+                return nothing;
+            }
+            (start, bytes)
+        }
+        // Another instance ran the step: the store has its log.
+        Err(_) => match log.stored_tail(LOG_TAIL) {
+            Ok(Some(tail)) => tail,
+            _ => return nothing,
+        },
     };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let cut = len > LOG_TAIL;
-    let start = if cut { len - LOG_TAIL } else { 0 };
-    if cut && file.seek(SeekFrom::Start(start)).is_err() {
-        return nothing;
-    }
-    let mut bytes = Vec::new();
-    if file.take(LOG_TAIL).read_to_end(&mut bytes).is_err() {
-        return nothing;
-    }
+    let cut = start > 0;
     if whole_lines {
         let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         bytes.truncate(keep);
@@ -259,7 +266,15 @@ async fn run_page(state: Arc<AppState>, headers: HeaderMap, id: i64) -> Response
                         return Shown::default();
                     }
                     let writing = matches!(st.status, StepStatus::Running);
-                    log_tail(s.log_path(id, st.number), writing)
+                    let path = s.log_path(id, st.number);
+                    let log = StepLog {
+                        store: &*s.store,
+                        path: &path,
+                        run: id,
+                        attempt: run.attempt,
+                        step: st.number,
+                    };
+                    log_tail(log, writing)
                 })
                 .collect();
             let delivery = match &run.delivery {

@@ -529,6 +529,22 @@ impl super::Store for Postgres {
     fn log_dropped(&self, run_id: i64, bytes: u64) -> Result<(), StoreError> {
         self.add_dropped(run_id, bytes)
     }
+    fn shares_logs(&self) -> bool {
+        true
+    }
+    fn append_log(&self, piece: super::LogPiece) -> Result<(), StoreError> {
+        self.add_log(piece)
+    }
+    fn read_log(
+        &self,
+        run: i64,
+        attempt: i64,
+        step: i64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.log_from(run, attempt, step, offset, max)
+    }
     fn finish_run(
         &self,
         run_id: i64,

@@ -171,6 +171,42 @@ impl Postgres {
         self.read(move |c| async move { steps_in(&c, run_id, attempt).await })
     }
 
+    pub(super) fn log_from(
+        &self,
+        run: i64,
+        attempt: i64,
+        step: i64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let from = i64::try_from(offset).unwrap_or(i64::MAX);
+        self.read(move |c| async move {
+            let rows = query(
+                &c,
+                "SELECT at, bytes FROM log_chunks
+                 WHERE run_id = $1 AND attempt = $2 AND step = $3 AND at + length(bytes) > $4
+                 ORDER BY at LIMIT 64",
+                &[&run, &attempt, &step, &from],
+            )
+            .await?;
+            let mut out = Vec::new();
+            let mut next = offset;
+            for row in &rows {
+                let at = row.try_get::<_, i64>(0)? as u64;
+                let bytes: Vec<u8> = row.try_get(1)?;
+                // Pieces are written in order, so a gap is one not committed yet.
+                if at > next || out.len() >= max {
+                    break;
+                }
+                let skip = (next - at) as usize;
+                let take = (bytes.len() - skip).min(max - out.len());
+                out.extend_from_slice(&bytes[skip..skip + take]);
+                next += take as u64;
+            }
+            Ok(out)
+        })
+    }
+
     pub(super) fn runs_matching(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
         let mut conditions = Vec::new();
         let mut values: Values = Vec::new();

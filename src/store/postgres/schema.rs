@@ -122,6 +122,19 @@ ALTER TABLE runs ADD COLUMN lease_until BIGINT;
 ALTER TABLE runs ADD COLUMN cancel_requested TEXT;
 CREATE INDEX runs_running_lease ON runs (lease_until) WHERE status = 'running';
 "#,
+    // Step output, so that every instance serves every run's log: pieces of each step's
+    // log (secrets already masked) keyed by where they begin in it, written in batches
+    // by the instance running the step; pruned with their run.
+    r#"
+CREATE TABLE log_chunks (
+    run_id      BIGINT NOT NULL,
+    attempt     BIGINT NOT NULL,
+    step        BIGINT NOT NULL,
+    at          BIGINT NOT NULL,
+    bytes       BYTEA NOT NULL,
+    PRIMARY KEY (run_id, attempt, step, at)
+);
+"#,
 ];
 
 /// Why the schema cannot be used: a newer hookci wrote it.

@@ -14,7 +14,7 @@ use crate::clock::now_ms;
 use crate::store::outbox::{NewReport, ReportPolicy, Transition};
 use crate::store::writes::{FINISHED, NOT_RETRIED, PRUNE_DELIVERIES, PRUNE_RUNS};
 use crate::store::{
-    repo_key, Attempt, DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
+    repo_key, Attempt, DeliveryOutcome, LogPiece, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
     QueuedCancel, Reconciled, RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus,
     StoreError, Supersede, Timings, MAX_ATTEMPTS, RUN_COLUMNS, STEP_COLUMNS,
 };
@@ -202,6 +202,14 @@ impl Postgres {
                     &[&run_id],
                 )
                 .await?;
+                execute(
+                    &*c,
+                    &format!(
+                        "DELETE FROM log_chunks WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT}"
+                    ),
+                    &[&run_id],
+                )
+                .await?;
                 for (i, name) in names.iter().enumerate() {
                     execute(
                         &*c,
@@ -351,6 +359,25 @@ impl Postgres {
             )
             .await
             .map(drop)
+        })
+    }
+
+    pub(super) fn add_log(&self, piece: LogPiece) -> Result<(), StoreError> {
+        let piece = Arc::new(piece);
+        self.write(false, move |c, _| {
+            let piece = Arc::clone(&piece);
+            async move {
+                let at = i64::try_from(piece.at).unwrap_or(i64::MAX);
+                // A piece written again after a failed answer is the same bytes.
+                execute(
+                    &*c,
+                    "INSERT INTO log_chunks (run_id, attempt, step, at, bytes)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[&piece.run, &piece.attempt, &piece.step, &at, &piece.bytes],
+                )
+                .await
+                .map(drop)
+            }
         })
     }
 
@@ -1117,6 +1144,7 @@ async fn prune_runs<C: GenericClient>(c: &C, keep: i64, cutoff_ms: i64) -> PgRes
     .map(|r| r.try_get(0))
     .collect::<Result<_, _>>()?;
     execute(c, "DELETE FROM steps WHERE run_id = ANY($1)", &[&ids]).await?;
+    execute(c, "DELETE FROM log_chunks WHERE run_id = ANY($1)", &[&ids]).await?;
     execute(c, "DELETE FROM reports WHERE run_id = ANY($1)", &[&ids]).await?;
     execute(c, "DELETE FROM runs WHERE id = ANY($1)", &[&ids]).await?;
     Ok(ids)
