@@ -202,16 +202,11 @@ fn a_git_job_keeps_of_the_daemons_capabilities_only_dac_override() {
     });
     let status = std::fs::read_to_string(format!("/proc/{}/status", workers[0])).unwrap();
     // Bit 1 alone: CAP_DAC_OVERRIDE, which updating a reused workspace needs.
-    for set in ["CapEff", "CapPrm", "CapAmb"] {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(set))
-            .unwrap_or_else(|| panic!("no {set} in {status}"));
-        assert!(
-            line.ends_with("0000000000000002"),
-            "the git job holds more than CAP_DAC_OVERRIDE: {line}"
-        );
-    }
+    assert_capabilities(
+        &status,
+        "0000000000000002",
+        "the git job holds more than CAP_DAC_OVERRIDE",
+    );
     let r = api_post(
         &d,
         &format!("/api/runs/{id}/cancel"),

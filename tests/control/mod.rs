@@ -476,3 +476,15 @@ mod secrets;
 mod signals;
 mod triggers;
 mod write_api;
+
+/// Asserts that the permitted, effective and ambient capability sets in `status` (a
+/// `/proc/PID/status` text or a step's log of those lines) are each `expected` (hex).
+fn assert_capabilities(status: &str, expected: &str, what: &str) {
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(set))
+            .unwrap_or_else(|| panic!("no {set} in {status}"));
+        assert!(line.ends_with(expected), "{what}: {line}\n{status}");
+    }
+}
