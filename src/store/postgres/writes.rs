@@ -488,16 +488,7 @@ impl Postgres {
         self.write(false, move |c, _| {
             let owner = owner.clone();
             async move {
-                let rows = query(
-                    &*c,
-                    "SELECT id FROM runs WHERE status = 'running' AND owner = $1 ORDER BY id FOR UPDATE",
-                    &[&owner],
-                )
-                .await?;
-                let ids = rows
-                    .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<Vec<i64>, _>>()?;
+                let ids = owned_ids(&*c, RunStatus::Running, &owner).await?;
                 interrupt_in(&*c, &ids, "the daemon stopped while this run was running").await?;
                 Ok(ids)
             }
@@ -509,16 +500,7 @@ impl Postgres {
         self.write(true, move |c, reporter| {
             let owner = owner.clone();
             async move {
-                let rows = query(
-                    &*c,
-                    "SELECT id FROM runs WHERE status = 'interrupted' AND owner = $1 ORDER BY id FOR UPDATE",
-                    &[&owner],
-                )
-                .await?;
-                let ids = rows
-                    .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<Vec<i64>, _>>()?;
+                let ids = owned_ids(&*c, RunStatus::Interrupted, &owner).await?;
                 requeue_in(&*c, &ids, reporter.as_deref(), BY_STOP).await
             }
         })
@@ -1184,4 +1166,18 @@ async fn prune_deliveries<C: GenericClient>(c: &C, keep: i64, cutoff_ms: i64) ->
     .await?;
     execute(c, "DELETE FROM deliveries WHERE seq = ANY($1)", &[&seqs]).await?;
     Ok(seqs.len())
+}
+
+/// The runs of `owner` in `status`, locked for the transaction, oldest first.
+async fn owned_ids<C: GenericClient>(c: &C, status: RunStatus, owner: &str) -> PgResult<Vec<i64>> {
+    let rows = query(
+        c,
+        "SELECT id FROM runs WHERE status = $1 AND owner = $2 ORDER BY id FOR UPDATE",
+        &[&status.as_str(), &owner],
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<Vec<i64>, _>>()?)
 }
