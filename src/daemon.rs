@@ -124,7 +124,14 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
         }
     }
     let instance = crate::store::instance_id(&state_dir).map_err(dir_err)?;
-    let store = crate::store::open(config.database.as_ref(), &state_dir, &instance)?;
+    // The configured lease from the first claim on: the scheduler may claim before the
+    // lease task first looks at the config.
+    let store = crate::store::open(
+        config.database.as_ref(),
+        &state_dir,
+        &instance,
+        config.lease,
+    )?;
     // Before recovery: a run it queues again, or fails, reports that.
     store.set_report_policy(policy);
     for id in store.interrupt_running()? {

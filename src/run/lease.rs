@@ -1,61 +1,147 @@
 //! Leases on a store several instances share: every third of `lease`, one write
-//! renews this instance's hold on all its running runs (a run it executes but no
+//! renews this instance's hold on the runs it executes (a run it executes but no
 //! longer holds was taken over by another instance: it is stopped, and its end left to
-//! that one), the runs of instances whose hold lapsed are recovered, and the cancels
-//! other instances passed on for this one's runs are applied as local ones. A store
-//! only this daemon writes has no leases: nothing runs then.
+//! that one); the runs of instances whose hold lapsed are recovered, and the cancels
+//! other instances passed on for this one's runs are applied as local ones. An
+//! instance that cannot renew fences itself: before its leases can lapse anywhere, it
+//! stops the runs it executes, since another instance may soon run them again. A
+//! store only this daemon writes has no leases: nothing runs then.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::run::scheduler::{blocking, Cancel};
 use crate::state::AppState;
 use crate::store::RunStatus;
 
 /// Runs for the life of the daemon: a stop that waits `shutdown_grace` for its
-/// running runs keeps holding them meanwhile.
+/// running runs keeps holding them meanwhile. Renewals, the fence that watches them,
+/// and recovery with cancels go on side by side: a database that hangs the pool's
+/// statements delays neither the renewals, which have their own connection, nor the
+/// fence.
 pub async fn keep(state: Arc<AppState>) {
     if !state.store.shared() {
         return;
     }
-    let cancels = state.store.cancel_wakeups();
+    let (renewed, last_ok) = watch::channel(Instant::now());
+    tokio::join!(
+        renew_every(&state, renewed),
+        fence(&state, last_ok),
+        recover_every(&state)
+    );
+}
+
+/// Whether an instance whose last successful renewal began at `last_ok` must stop its
+/// runs at `now`: from two thirds of the lease on, the third left is for their steps to
+/// stop before the lease lapses and another instance may run them again. The times are
+/// a monotonic clock's, which no change of the wall clock moves.
+pub fn must_fence(last_ok: Instant, now: Instant, lease: Duration) -> bool {
+    now.saturating_duration_since(last_ok) >= fence_after(lease)
+}
+
+fn fence_after(lease: Duration) -> Duration {
+    lease - lease / 3
+}
+
+/// Renews every third of `lease`, and tells `renewed` when each successful renewal
+/// began: the leases it set run from no earlier than that.
+async fn renew_every(state: &Arc<AppState>, renewed: watch::Sender<Instant>) {
     loop {
         let lease = state.config().lease;
         state.store.set_lease(lease);
-        renew(&state).await;
-        recover(&state).await;
-        apply_cancels(&state).await;
-        let next = tokio::time::sleep(lease / 3);
-        let mut next = std::pin::pin!(next);
-        loop {
-            tokio::select! {
-                () = &mut next => break,
-                () = cancels.notified() => apply_cancels(&state).await,
-            }
+        let began = Instant::now();
+        if renew(state).await {
+            renewed.send_replace(began);
         }
+        tokio::time::sleep_until(began + lease / 3).await;
     }
 }
 
-async fn renew(state: &Arc<AppState>) {
+/// Whether the renewal went through.
+async fn renew(state: &Arc<AppState>) -> bool {
     // Taken before the renewal: a run that ends meanwhile has its end decided, and
-    // `lose` leaves it alone.
+    // `lose` leaves it alone; one claimed meanwhile holds the lease of its claim.
     let executing = state.running.executing();
-    match blocking(&state.store, |s| s.renew_leases()).await {
-        Ok(held) => {
+    let held = state.running.held();
+    match blocking(&state.store, move |s| s.renew_leases(&held)).await {
+        Ok(renewed) => {
             for id in executing {
-                if held.binary_search(&id).is_err() && state.running.lose(id) {
+                if renewed.binary_search(&id).is_err() && state.running.lose(id) {
                     tracing::warn!(
                         run = id,
                         "this instance's lease on the run lapsed and another instance took it over: stopping its steps"
                     );
                 }
             }
+            true
         }
-        Err(e) => tracing::error!(error = %e, "cannot renew the leases of the running runs"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot renew the leases of the running runs");
+            false
+        }
+    }
+}
+
+/// Stops the runs this instance executes whenever [`must_fence`] says so, until a
+/// renewal goes through again; a run claimed meanwhile is stopped too, at most a third
+/// of the lease after its claim.
+async fn fence(state: &Arc<AppState>, mut last_ok: watch::Receiver<Instant>) {
+    loop {
+        let last = *last_ok.borrow_and_update();
+        let lease = state.config().lease;
+        let now = Instant::now();
+        let wake = if must_fence(last, now, lease) {
+            let since = now.saturating_duration_since(last);
+            for id in state.running.executing() {
+                if state.running.lose(id) {
+                    tracing::error!(
+                        run = id,
+                        since_last_renewal = ?since,
+                        ?lease,
+                        "cannot renew this instance's leases (the database is unreachable or does not answer): stopping the run's steps before its lease lapses, since another instance may then run it again; its end is left to whoever recovers it"
+                    );
+                }
+            }
+            now + lease / 3
+        } else {
+            last + fence_after(lease)
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            changed = last_ok.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Recovery every third of the lease; the cancels passed on at once, and with it.
+async fn recover_every(state: &Arc<AppState>) {
+    let cancels = state.store.cancel_wakeups();
+    loop {
+        let lease = state.config().lease;
+        recover(state).await;
+        apply_cancels(state).await;
+        let next = tokio::time::sleep(lease / 3);
+        let mut next = std::pin::pin!(next);
+        loop {
+            tokio::select! {
+                () = &mut next => break,
+                () = cancels.notified() => apply_cancels(state).await,
+            }
+        }
     }
 }
 
 async fn recover(state: &Arc<AppState>) {
-    match blocking(&state.store, |s| s.recover_expired()).await {
+    // Taken before the look: a run claimed after it holds the lease of its claim.
+    let held = state.running.held();
+    match blocking(&state.store, move |s| s.recover_expired(&held)).await {
         Ok(recovered) => {
             for (id, attempt, status) in &recovered {
                 tracing::warn!(
@@ -86,5 +172,44 @@ async fn apply_cancels(state: &Arc<AppState>) {
         if state.running.cancel(id, &reason) == Cancel::Stopping {
             tracing::debug!(run = id, reason = %reason, "cancel passed on by another instance");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_fences_itself_from_two_thirds_of_the_lease_since_its_last_renewal() {
+        let lease = Duration::from_secs(15);
+        let last_ok = Instant::now();
+        for (after, fenced) in [
+            (Duration::ZERO, false),
+            (Duration::from_secs(5), false),
+            (Duration::from_millis(9_999), false),
+            (Duration::from_secs(10), true),
+            (Duration::from_secs(15), true),
+            (Duration::from_secs(3600), true),
+        ] {
+            assert_eq!(
+                must_fence(last_ok, last_ok + after, lease),
+                fenced,
+                "{after:?} after the last renewal"
+            );
+        }
+        // A renewal that began after `now` was read (a race of two readers) fences
+        // nothing.
+        assert!(!must_fence(last_ok + lease, last_ok, lease));
+        let short = Duration::from_secs(2);
+        assert!(!must_fence(
+            last_ok,
+            last_ok + Duration::from_millis(1_333),
+            short
+        ));
+        assert!(must_fence(
+            last_ok,
+            last_ok + Duration::from_millis(1_334),
+            short
+        ));
     }
 }

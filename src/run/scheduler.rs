@@ -42,8 +42,9 @@ pub struct RunControl {
     /// Set and read at the end under the registry's lock, so a cancel is either applied
     /// or refused, never both.
     canceled: std::sync::Mutex<Option<String>>,
-    /// Set when another instance took the run over (this one's lease on it lapsed):
-    /// its steps are stopped and its end is not recorded here.
+    /// Set when another instance took the run over (this one's lease on it lapsed), or
+    /// may soon (this one cannot renew it): its steps are stopped and its end is not
+    /// recorded here.
     lost: AtomicBool,
 }
 
@@ -143,7 +144,24 @@ impl Running {
             .collect()
     }
 
-    /// Stops run `id`, cleanup steps included, for good: another instance took it over.
+    /// The runs whose leases this instance holds: every one registered here, its end
+    /// decided or not, but those it lost (see [`Running::lose`]).
+    pub fn held(&self) -> Vec<i64> {
+        let mut held: Vec<i64> = self
+            .lock()
+            .iter()
+            .filter(|(_, slot)| {
+                let (Slot::Executing(control) | Slot::Ending(_, control)) = slot;
+                !control.lost.load(Ordering::Relaxed)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        held.sort_unstable();
+        held
+    }
+
+    /// Stops run `id`, cleanup steps included, for good: another instance took it over,
+    /// or may soon (this one cannot renew its lease).
     /// `false` when its end was already decided here (or it is not executing here).
     pub fn lose(&self, id: i64) -> bool {
         match self.lock().get(&id) {
@@ -551,7 +569,7 @@ async fn execute(
     if control.lost.load(Ordering::Relaxed) {
         state.running.remove(run.id);
         tracing::warn!(
-            "run stopped: another instance took it over when this one's lease on it lapsed; its end is theirs to record"
+            "run stopped: this instance lost its lease on it (another instance took it over, or this one could not renew it); its end is left to whoever recovers it"
         );
     } else {
         record_end(&state, &run, &control, ending).await;

@@ -112,15 +112,21 @@ pub trait Store: Send + Sync {
     }
     /// How long a claim, and each renewal, holds a running run for this instance.
     fn set_lease(&self, _lease: Duration) {}
-    /// Renews the lease of every run this instance has running; returns their ids. A
-    /// run this instance executes that is not among them was taken from it.
-    fn renew_leases(&self) -> Result<Vec<i64>, StoreError> {
+    /// Renews the lease of those of `runs` this instance has running, and of no other
+    /// run; returns their ids. A run of `runs` that is not among them was taken from it.
+    /// Fails fast (well within a third of the lease) when the database does not answer.
+    fn renew_leases(&self, runs: &[i64]) -> Result<Vec<i64>, StoreError> {
+        let _ = runs;
         Ok(Vec::new())
     }
-    /// Other instances' running runs whose lease expired: interrupted and queued again
-    /// (or failed) as `interrupt_running` and `requeue_interrupted` do, at most once
-    /// however many instances look at the same time.
-    fn recover_expired(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    /// Running runs whose lease expired, by the database's clock: other instances'
+    /// (a run without a lease counts as expired), and this instance's own that it does
+    /// not hold (`held`: the runs it executes) any more. Those ask for a cancel end
+    /// `canceled`; the others are interrupted and queued again (or failed) as
+    /// `interrupt_running` and `requeue_interrupted` do. At most once however many
+    /// instances look at the same time.
+    fn recover_expired(&self, held: &[i64]) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+        let _ = held;
         Ok(Vec::new())
     }
     /// Asks the instance running run `run_id`, when it is another one, to cancel it;
@@ -175,14 +181,16 @@ pub trait Store: Send + Sync {
 }
 
 /// Opens the store the config names: PostgreSQL when `database` is set, else SQLite
-/// in `state_dir`. `instance` is recorded as the owner of the runs it claims.
+/// in `state_dir`. `instance` is recorded as the owner of the runs it claims, each
+/// held for `lease` where other instances share the store.
 pub fn open(
     database: Option<&PgTarget>,
     state_dir: &Path,
     instance: &str,
+    lease: Duration,
 ) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match database {
-        Some(target) => Arc::new(Postgres::open(target, instance)?),
+        Some(target) => Arc::new(Postgres::open(target, instance, lease)?),
         None => Arc::new(Sqlite::open_as(state_dir, Some(instance.to_owned()))?),
     })
 }

@@ -37,12 +37,23 @@ impl Backend {
 
     /// The store as the instance `instance` sees it.
     fn open_as(&self, instance: &str) -> Arc<dyn Store> {
+        self.open_with_lease(instance, std::time::Duration::from_secs(15))
+    }
+
+    /// [`Backend::open_as`], its claims held for `lease`.
+    fn open_with_lease(&self, instance: &str, lease: std::time::Duration) -> Arc<dyn Store> {
         open(
             self.scratch.as_ref().map(Scratch::target),
             self.dir.path(),
             instance,
+            lease,
         )
         .unwrap()
+    }
+
+    /// The PostgreSQL database of a shared-database test.
+    fn scratch(&self) -> &Scratch {
+        self.scratch.as_ref().expect("a PostgreSQL backend")
     }
 
     /// How many rows `table` holds, where no read shows it.
@@ -904,17 +915,17 @@ mod shared_database {
         a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
             .unwrap();
         a.step_started(id, 1).unwrap();
-        assert!(b.recover_expired().unwrap().is_empty(), "a holds it");
-        assert_eq!(a.renew_leases().unwrap(), vec![id]);
+        assert!(b.recover_expired(&[]).unwrap().is_empty(), "a holds it");
+        assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id]);
 
         // a stops renewing: its lease lapses, and b and c look at once.
         a.set_lease(std::time::Duration::from_millis(1));
-        assert_eq!(a.renew_leases().unwrap(), vec![id]);
+        assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id]);
         std::thread::sleep(std::time::Duration::from_millis(20));
         let recovered: Vec<_> = std::thread::scope(|s| {
             let looks: Vec<_> = [&b, &c]
                 .into_iter()
-                .map(|store| s.spawn(move || store.recover_expired().unwrap()))
+                .map(|store| s.spawn(move || store.recover_expired(&[]).unwrap()))
                 .collect();
             looks.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
@@ -941,7 +952,7 @@ mod shared_database {
         assert_eq!(b.claim_next().unwrap().unwrap().id, id);
         b.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
             .unwrap();
-        assert!(a.renew_leases().unwrap().is_empty());
+        assert!(a.renew_leases(&[id]).unwrap().is_empty());
         assert!(a
             .step_finished(
                 id,
@@ -967,7 +978,197 @@ mod shared_database {
             .unwrap()
             .iter()
             .all(|s| s.status == StepStatus::Pending));
-        assert_eq!(b.renew_leases().unwrap(), vec![id]);
+        assert_eq!(b.renew_leases(&[id]).unwrap(), vec![id]);
+    }
+
+    /// The database's clock, and the lease of run `id`, by it.
+    fn db_clock(backend: &Backend) -> i64 {
+        backend
+            .scratch()
+            .number("SELECT hookci_clock_ms()")
+            .unwrap()
+            .unwrap()
+    }
+
+    fn lease_until(backend: &Backend, id: i64) -> Option<i64> {
+        backend
+            .scratch()
+            .number(&format!("SELECT lease_until FROM runs WHERE id = {id}"))
+            .unwrap()
+    }
+
+    /// Sets the database's clock `ahead_ms` ahead of the machine's, as a database
+    /// server whose clock differs from the instances' would have it.
+    fn shift_db_clock(backend: &Backend, ahead_ms: i64) {
+        backend
+            .scratch()
+            .execute(&format!(
+                "CREATE OR REPLACE FUNCTION hookci_clock_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
+                 AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + {ahead_ms} $$"
+            ))
+            .unwrap();
+    }
+
+    const DAY_MS: i64 = 86_400_000;
+
+    #[test]
+    fn leases_are_set_and_compared_by_the_database_clock() {
+        let backend = Backend::postgres();
+        let lease = std::time::Duration::from_secs(600);
+        let (a, b) = (
+            backend.open_with_lease("a", lease),
+            backend.open_with_lease("b", lease),
+        );
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        shift_db_clock(&backend, DAY_MS);
+        let before = db_clock(&backend);
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        let after = db_clock(&backend);
+        let claimed = lease_until(&backend, id).unwrap();
+        assert!(
+            (before + 600_000..=after + 600_000).contains(&claimed),
+            "claimed until {claimed}, the database's clock read {before} and {after}"
+        );
+        let before = db_clock(&backend);
+        assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id]);
+        let after = db_clock(&backend);
+        let renewed = lease_until(&backend, id).unwrap();
+        assert!(
+            (before + 600_000..=after + 600_000).contains(&renewed),
+            "renewed until {renewed}, the database's clock read {before} and {after}"
+        );
+        assert!(b.recover_expired(&[]).unwrap().is_empty(), "a holds it");
+        // A day later by the database's clock, whatever the machines' say: lapsed.
+        shift_db_clock(&backend, 2 * DAY_MS);
+        assert_eq!(
+            b.recover_expired(&[]).unwrap(),
+            vec![(id, 1, RunStatus::Queued)]
+        );
+    }
+
+    #[test]
+    fn a_claim_right_after_open_holds_the_lease_the_store_was_opened_with() {
+        let backend = Backend::postgres();
+        let a = backend.open_with_lease("a", std::time::Duration::from_secs(2));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        let before = db_clock(&backend);
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        let after = db_clock(&backend);
+        let until = lease_until(&backend, id).unwrap();
+        assert!(
+            (before + 2_000..=after + 2_000).contains(&until),
+            "claimed until {until}, the database's clock read {before} and {after}"
+        );
+    }
+
+    #[test]
+    fn a_run_without_a_lease_is_recovered_by_another_instance_only() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        // As a claim of a hookci from before leases leaves it.
+        backend
+            .scratch()
+            .execute(&format!(
+                "UPDATE runs SET lease_until = NULL WHERE id = {id}"
+            ))
+            .unwrap();
+        assert!(a.recover_expired(&[]).unwrap().is_empty(), "its own claim");
+        assert_eq!(
+            b.recover_expired(&[]).unwrap(),
+            vec![(id, 1, RunStatus::Queued)]
+        );
+        assert_eq!(a.run(id).unwrap().unwrap().status, RunStatus::Queued);
+    }
+
+    #[test]
+    fn renewals_hold_only_the_runs_named_and_an_instance_recovers_its_own_it_let_go() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let kept = a.create_run(run("ci", "k1")).unwrap().id;
+        let dropped = a.create_run(run("ci", "k2")).unwrap().id;
+        a.set_lease(std::time::Duration::from_millis(1));
+        assert_eq!(a.claim_next().unwrap().unwrap().id, kept);
+        assert_eq!(a.claim_next().unwrap().unwrap().id, dropped);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // a stopped `dropped` (it could not renew in time) and holds `kept` only.
+        a.set_lease(std::time::Duration::from_secs(3600));
+        assert_eq!(a.renew_leases(&[kept]).unwrap(), vec![kept]);
+        // a itself recovers the run it let go (no other instance may be there to).
+        assert_eq!(
+            a.recover_expired(&[kept]).unwrap(),
+            vec![(dropped, 1, RunStatus::Queued)]
+        );
+        assert!(b.recover_expired(&[]).unwrap().is_empty(), "once");
+        assert_eq!(a.run(kept).unwrap().unwrap().status, RunStatus::Running);
+        assert!(
+            a.recover_expired(&[]).unwrap().is_empty(),
+            "kept holds its renewed lease"
+        );
+    }
+
+    #[test]
+    fn a_renewal_the_database_does_not_answer_fails_within_the_lease() {
+        let backend = Backend::postgres();
+        let a = backend.open_with_lease("a", std::time::Duration::from_secs(2));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id]);
+        // The run's row locked elsewhere: the renewal waits on it, until it gives up.
+        let held = backend
+            .scratch()
+            .hold(&format!("SELECT 1 FROM runs WHERE id = {id} FOR UPDATE"))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let renewing = Arc::clone(&a);
+        std::thread::spawn(move || {
+            let _ = tx.send(renewing.renew_leases(&[id]));
+        });
+        // A deadline far above any answer: only a renewal that hangs misses it.
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(30));
+        drop(held);
+        let err = answer
+            .expect("the renewal hung behind the lock")
+            .unwrap_err();
+        assert!(err.to_string().contains("no answer within"), "{err}");
+        assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id], "connects again");
+    }
+
+    #[test]
+    fn a_cancel_asked_before_the_owners_lease_lapsed_ends_the_run_canceled() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        a.step_started(id, 1).unwrap();
+        assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
+        // a dies before it applies the cancel; its lease lapses.
+        drop(a);
+        backend
+            .scratch()
+            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
+            .unwrap();
+        assert_eq!(
+            b.recover_expired(&[]).unwrap(),
+            vec![(id, 1, RunStatus::Canceled)]
+        );
+        let run = b.run(id).unwrap().unwrap();
+        assert_eq!(
+            (run.status, run.attempt, run.reason.as_deref()),
+            (RunStatus::Canceled, 1, Some("canceled through b"))
+        );
+        assert_eq!(
+            b.steps(id)
+                .unwrap()
+                .iter()
+                .map(|s| s.status)
+                .collect::<Vec<_>>(),
+            [StepStatus::Canceled, StepStatus::Skipped]
+        );
+        assert!(b.claim_next().unwrap().is_none(), "not queued again");
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! Leases between instances: the owner of a running run renews its hold on it, an
 //! instance recovers the runs of one whose hold lapsed (it died, or lost the
-//! database), and a cancel sent to one instance reaches the owner of the run.
+//! database), and a cancel sent to one instance reaches the owner of the run. Lease
+//! times are the database's clock (`hookci_clock_ms()`), never an instance's own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::writes::{interrupt_in, requeue_in};
-use super::{execute, query, PgResult, Postgres, CANCEL_CHANNEL};
+use tokio_postgres::{NoTls, Statement};
+
+use super::writes::{interrupt_in, report_run, requeue_in, CURRENT_ATTEMPT};
+use super::{execute, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
 use crate::clock::now_ms;
 use crate::store::{RunStatus, StoreError};
 
@@ -15,61 +19,121 @@ const BY_LOST_LEASE: (&str, &str) = (
     "losses of their instances (leases expired)",
 );
 
+const RENEW: &str = "UPDATE runs SET lease_until = hookci_clock_ms() + $3::BIGINT
+     WHERE status = 'running' AND owner = $1 AND id = ANY($2) RETURNING id";
+
+/// The renewals' connection, apart from the pool: a renewal never waits behind intake
+/// for a connection. One that the database does not answer in time is dropped, and the
+/// next renewal connects again.
+#[derive(Default)]
+pub(super) struct Renewer {
+    open: tokio::sync::Mutex<Option<Renewing>>,
+}
+
+struct Renewing {
+    client: tokio_postgres::Client,
+    renew: Statement,
+    /// The session's `statement_timeout`, in milliseconds.
+    timeout_ms: i64,
+}
+
+/// How long a renewal may take, connecting included: well within the third of the
+/// lease between two renewals, so that a database that hangs makes it fail in time for
+/// the lease task to stop this instance's runs before their leases lapse. Never below
+/// its value for the shortest lease the config allows (1s), which tests go under.
+fn renewal_limit(lease_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(lease_ms / 4).unwrap_or(0).max(250))
+}
+
 impl Postgres {
-    /// One statement for all of this instance's running runs.
-    pub(super) fn renew(&self) -> Result<Vec<i64>, StoreError> {
-        let owner = Arc::new(self.instance.clone());
+    /// One statement for those of `runs` this instance has running, on the renewals'
+    /// own connection, given [`renewal_limit`] to answer.
+    pub(super) fn renew(&self, runs: &[i64]) -> Result<Vec<i64>, StoreError> {
+        let owner = self.instance.clone();
+        let runs = runs.to_vec();
         let lease_ms = self.lease_ms();
-        self.write(false, move |c, _| {
-            let owner = Arc::clone(&owner);
-            async move {
-                let rows = query(
-                    &*c,
-                    "UPDATE runs SET lease_until = $2::BIGINT + $3::BIGINT
-                     WHERE status = 'running' AND owner = $1 RETURNING id",
-                    &[&*owner, &now_ms(), &lease_ms],
-                )
-                .await?;
+        let limit = renewal_limit(lease_ms);
+        let timeout_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+        let config = self.target.config.clone();
+        let renewer = Arc::clone(&self.renewer);
+        self.block(async move {
+            let mut open = renewer.open.lock().await;
+            let attempt = async {
+                let renewing = match open.take() {
+                    Some(r) if r.timeout_ms == timeout_ms && !r.client.is_closed() => r,
+                    _ => connect_renewer(&config, limit, timeout_ms).await?,
+                };
+                let rows = renewing
+                    .client
+                    .query(&renewing.renew, &[&owner, &runs, &lease_ms])
+                    .await?;
                 let mut ids = rows
                     .iter()
                     .map(|r| r.try_get(0))
                     .collect::<Result<Vec<i64>, _>>()?;
                 ids.sort_unstable();
-                Ok(ids)
+                Ok::<_, PgError>((renewing, ids))
+            };
+            let answered = tokio::time::timeout(limit, attempt).await;
+            match answered {
+                Ok(Ok((renewing, ids))) => {
+                    *open = Some(renewing);
+                    Ok(ids)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(PgError::Unanswered(limit)),
             }
         })
     }
-
     /// The rows another instance is recovering are skipped (`SKIP LOCKED`), as are
     /// those their owner is renewing or ending this moment: each lapsed run is
-    /// recovered once, by whichever instance locks it first.
-    pub(super) fn recover(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    /// recovered once, by whichever instance locks it first. A run without a lease was
+    /// claimed by a hookci that set none: it is another instance's (this one's own
+    /// claims always set one), and taken as lapsed.
+    pub(super) fn recover(&self, held: &[i64]) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
         let me = Arc::new(self.instance.clone());
+        let held = Arc::new(held.to_vec());
         self.write(true, move |c, reporter| {
-            let me = Arc::clone(&me);
+            let (me, held) = (Arc::clone(&me), Arc::clone(&held));
             async move {
                 let rows = query(
                     &*c,
-                    "SELECT id FROM runs WHERE status = 'running' AND lease_until < $2
-                       AND owner IS DISTINCT FROM $1
+                    "SELECT id, cancel_requested IS NOT NULL FROM runs
+                     WHERE status = 'running'
+                       AND ((owner IS DISTINCT FROM $1 AND COALESCE(lease_until, 0) < hookci_clock_ms())
+                         OR (owner = $1 AND lease_until < hookci_clock_ms() AND NOT id = ANY($2)))
                      ORDER BY id FOR UPDATE SKIP LOCKED",
-                    &[&*me, &now_ms()],
+                    &[&*me, &*held],
                 )
                 .await?;
-                let ids = rows
-                    .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<Vec<i64>, _>>()?;
-                if ids.is_empty() {
-                    return Ok(Vec::new());
+                let (mut canceled, mut lapsed) = (Vec::new(), Vec::new());
+                for row in &rows {
+                    let id: i64 = row.try_get(0)?;
+                    if row.try_get(1)? {
+                        canceled.push(id);
+                    } else {
+                        lapsed.push(id);
+                    }
                 }
-                interrupt_in(
-                    &*c,
-                    &ids,
-                    "its instance stopped renewing its lease (it died or lost the database)",
-                )
-                .await?;
-                requeue_in(&*c, &ids, reporter.as_deref(), BY_LOST_LEASE).await
+                let mut out = Vec::new();
+                for id in canceled {
+                    out.push(cancel_lapsed(&*c, id, reporter.as_deref()).await?);
+                }
+                if !out.is_empty() {
+                    // Their groups are free now, on every instance.
+                    notify_runs(&*c).await?;
+                }
+                if !lapsed.is_empty() {
+                    interrupt_in(
+                        &*c,
+                        &lapsed,
+                        "its instance stopped renewing its lease (it died or lost the database)",
+                    )
+                    .await?;
+                    out.extend(requeue_in(&*c, &lapsed, reporter.as_deref(), BY_LOST_LEASE).await?);
+                }
+                out.sort_unstable_by_key(|(id, _, _)| *id);
+                Ok(out)
             }
         })
     }
@@ -116,6 +180,63 @@ impl Postgres {
             }
         })
     }
+}
+
+/// Ends the lapsed run `id` (locked by the caller) `canceled` with the reason of the
+/// cancel asked for it: that cancel was answered as applied while its owner still held
+/// it, so the run is not built again. Its running step was stopped with its instance,
+/// the steps after it never ran.
+async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    id: i64,
+    reporter: Option<&dyn crate::store::outbox::ReportPolicy>,
+) -> PgResult<(i64, i64, RunStatus)> {
+    let now = now_ms();
+    let attempt: i64 = query(
+        c,
+        "UPDATE runs SET status = 'canceled', reason = cancel_requested, finished_at = $2
+         WHERE id = $1 RETURNING attempt",
+        &[&id, &now],
+    )
+    .await?[0]
+        .try_get(0)?;
+    execute(
+        c,
+        &format!(
+            "UPDATE steps SET status = CASE status WHEN 'running' THEN 'canceled' ELSE 'skipped' END,
+                    finished_at = CASE WHEN started_at IS NULL THEN NULL ELSE $2::BIGINT END
+             WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT} AND status IN ('pending', 'running')"
+        ),
+        &[&id, &now],
+    )
+    .await?;
+    if let Some(reporter) = reporter {
+        report_run(c, reporter, id).await?;
+    }
+    Ok((id, attempt, RunStatus::Canceled))
+}
+
+/// Connects the renewals' connection, within `limit`, its statements cut off by the
+/// server after `timeout_ms` as well.
+async fn connect_renewer(
+    config: &tokio_postgres::Config,
+    limit: Duration,
+    timeout_ms: i64,
+) -> PgResult<Renewing> {
+    let mut config = config.clone();
+    config.connect_timeout(limit);
+    let (client, connection) = config.connect(NoTls).await?;
+    // Ends when the client is dropped.
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
+        .await?;
+    let renew = client.prepare(RENEW).await?;
+    Ok(Renewing {
+        client,
+        renew,
+        timeout_ms,
+    })
 }
 
 /// Tells the owner of run `run_id` (every instance hears it) to look for its cancel.

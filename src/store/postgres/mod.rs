@@ -28,7 +28,7 @@ mod schema;
 mod scratch;
 mod target;
 mod writes;
-pub use scratch::{Scratch, TEST_DATABASE_VAR};
+pub use scratch::{Held, Scratch, ScratchRole, TEST_DATABASE_VAR};
 pub use target::PgTarget;
 
 /// The first key of every advisory lock hookci takes ("hkci"), so that they never
@@ -44,9 +44,6 @@ const CHANNEL: &str = "hookci_runs";
 /// The channel on which an instance asks the owner of a running run to cancel it.
 const CANCEL_CHANNEL: &str = "hookci_cancel";
 
-/// How long a claim holds a running run until the scheduler sets the configured lease.
-const DEFAULT_LEASE_MS: i64 = 15_000;
-
 /// Connections in the pool: intake's concurrent deliveries, the scheduler, the API.
 const POOL_SIZE: usize = 16;
 
@@ -58,6 +55,8 @@ const TRIES: u32 = 5;
 pub(super) enum PgError {
     Db(tokio_postgres::Error),
     Pool(String),
+    /// The database did not answer within this limit.
+    Unanswered(Duration),
 }
 
 impl From<tokio_postgres::Error> for PgError {
@@ -103,6 +102,8 @@ pub struct Postgres {
     cancels: Arc<Notify>,
     /// How long a claim or a renewal holds a running run, in milliseconds.
     lease_ms: AtomicI64,
+    /// The renewals' own connection (see `lease::Renewer`).
+    renewer: Arc<lease::Renewer>,
 }
 
 impl Drop for Postgres {
@@ -115,8 +116,13 @@ impl Drop for Postgres {
 
 impl Postgres {
     /// Connects, brings the schema up to date (one instance at a time), and starts
-    /// listening for runs other instances queue.
-    pub fn open(target: &PgTarget, instance: &str) -> Result<Postgres, StoreError> {
+    /// listening for runs other instances queue. Its claims hold a run for `lease`
+    /// from the first one on.
+    pub fn open(
+        target: &PgTarget,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<Postgres, StoreError> {
         let shown = target.shown().to_owned();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -151,7 +157,8 @@ impl Postgres {
             policy: RwLock::new(None),
             wakeups: Arc::new(Notify::new()),
             cancels: Arc::new(Notify::new()),
-            lease_ms: AtomicI64::new(DEFAULT_LEASE_MS),
+            lease_ms: AtomicI64::new(lease_ms(lease)),
+            renewer: Arc::new(lease::Renewer::default()),
         };
         let config = target.config.clone();
         if let Err(too_new) = store.block(async move { schema::migrate(&config).await })? {
@@ -197,6 +204,10 @@ impl Postgres {
                 url: self.target.shown().to_owned(),
                 message,
             },
+            PgError::Unanswered(limit) => StoreError::Database {
+                url: self.target.shown().to_owned(),
+                message: format!("no answer within {limit:?}"),
+            },
         }
     }
 
@@ -229,6 +240,10 @@ impl Postgres {
             .clone()
             .filter(|p| !p.idle())
     }
+}
+
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
 /// Runs `work` in a transaction, again if it lost a race with another instance
@@ -571,14 +586,16 @@ impl super::Store for Postgres {
         true
     }
     fn set_lease(&self, lease: Duration) {
-        let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        self.lease_ms.store(ms.max(1), Ordering::Relaxed);
+        self.lease_ms.store(lease_ms(lease), Ordering::Relaxed);
     }
-    fn renew_leases(&self) -> Result<Vec<i64>, StoreError> {
-        self.renew()
+    fn renew_leases(&self, runs: &[i64]) -> Result<Vec<i64>, StoreError> {
+        self.renew(runs)
     }
-    fn recover_expired(&self) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
-        self.recover()
+    fn recover_expired(
+        &self,
+        held: &[i64],
+    ) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
+        self.recover(held)
     }
     fn request_cancel(&self, run_id: i64, reason: String) -> Result<bool, StoreError> {
         self.ask_cancel(run_id, reason)

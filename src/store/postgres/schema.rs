@@ -135,6 +135,13 @@ CREATE TABLE log_chunks (
     PRIMARY KEY (run_id, attempt, step, at)
 );
 "#,
+    // The database's clock in milliseconds since the epoch: leases are set and compared
+    // by this one clock, so that no instance's own clock, ahead or behind, decides
+    // when another instance's lease lapsed.
+    r#"
+CREATE FUNCTION hookci_clock_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
+    AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
+"#,
 ];
 
 /// Why the schema cannot be used: a newer hookci wrote it.

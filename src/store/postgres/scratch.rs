@@ -17,6 +17,26 @@ pub struct Scratch {
     admin: PgTarget,
     target: PgTarget,
     name: String,
+    /// The roles made for this database's tests, dropped after it.
+    roles: std::sync::Mutex<Vec<String>>,
+}
+
+/// A login role of a test's own on the test server (see [`Scratch::role`]).
+pub struct ScratchRole {
+    name: String,
+    target: PgTarget,
+    password: String,
+}
+
+impl ScratchRole {
+    /// The URL a daemon connecting as this role names: its password apart.
+    pub fn url(&self) -> String {
+        self.target.shown().to_owned()
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
 }
 
 impl Scratch {
@@ -51,6 +71,7 @@ impl Scratch {
             target: admin.with_dbname(&name),
             admin,
             name,
+            roles: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -73,10 +94,137 @@ impl Scratch {
 
     /// How many rows `table` holds: for tests that check what no read shows.
     pub fn count_rows(&self, table: &str) -> Result<i64, String> {
-        let sql = format!("SELECT COUNT(*) FROM {table}");
+        self.number(&format!("SELECT COUNT(*) FROM {table}"))?
+            .ok_or_else(|| format!("no count of {table}"))
+    }
+
+    /// The first column of the first row `sql` answers in this database (`None`: no
+    /// row, or NULL): for tests that read what no API shows.
+    pub fn number(&self, sql: &str) -> Result<Option<i64>, String> {
+        let sql = sql.to_owned();
         on_own_runtime(&self.target, move |client| async move {
-            client.query_one(&sql, &[]).await?.try_get(0)
+            match client.query_opt(&sql, &[]).await? {
+                Some(row) => row.try_get(0),
+                None => Ok(None),
+            }
         })
+    }
+
+    /// Runs `sql` in this database as the server's user: for tests that put it in a
+    /// state no hookci of today leaves it in.
+    pub fn execute(&self, sql: &str) -> Result<(), String> {
+        let sql = sql.to_owned();
+        on_own_runtime(&self.target, move |client| async move {
+            client.batch_execute(&sql).await
+        })
+    }
+
+    /// Runs `sql` in this database in a transaction that stays open, its locks held,
+    /// until the value returned is dropped.
+    pub fn hold(&self, sql: &str) -> Result<Held, String> {
+        let (config, shown, sql) = (
+            self.target.config.clone(),
+            self.target.shown().to_owned(),
+            sql.to_owned(),
+        );
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let client = runtime.block_on(async move {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(connection);
+                client.batch_execute(&format!("BEGIN; {sql}")).await?;
+                Ok::<_, tokio_postgres::Error>(client)
+            });
+            match client {
+                Ok(client) => {
+                    let _ = started_tx.send(Ok(()));
+                    // The server holds the locks while the session lasts; closing it
+                    // (the client dropped) rolls the transaction back.
+                    let _ = released.recv();
+                    drop(client);
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(format!("database {shown}: {e}")));
+                }
+            }
+        });
+        started_rx
+            .recv()
+            .map_err(|_| "the holding thread ended".to_owned())??;
+        Ok(Held {
+            release: Some(release),
+            thread: Some(thread),
+        })
+    }
+
+    /// A new login role that owns this database, for a daemon of its own to connect
+    /// as (and migrate the database); dropped with the database.
+    pub fn role(&self) -> Result<ScratchRole, String> {
+        let mut random = [0u8; 8];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?,
+            &mut random,
+        )
+        .map_err(|e| e.to_string())?;
+        let password = hex::encode(random);
+        let name = {
+            let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+            let name = format!("{}_role{}", self.name, roles.len());
+            roles.push(name.clone());
+            name
+        };
+        admin_sql(
+            &self.admin,
+            &format!(
+                "CREATE ROLE {name} LOGIN PASSWORD '{password}'; ALTER DATABASE {} OWNER TO {name}",
+                self.name
+            ),
+        )?;
+        let target = self.target.with_user(&name, &password);
+        Ok(ScratchRole {
+            name,
+            target,
+            password,
+        })
+    }
+
+    /// Cuts `role` off the server, as a lost network would: it may not log in any
+    /// more, and its sessions are ended.
+    pub fn lock_out(&self, role: &ScratchRole) -> Result<(), String> {
+        admin_sql(
+            &self.admin,
+            &format!(
+                "ALTER ROLE {name} NOLOGIN;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'",
+                name = role.name
+            ),
+        )
+    }
+}
+
+/// An open transaction of [`Scratch::hold`]; dropping it ends the transaction.
+pub struct Held {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -85,6 +233,11 @@ impl Drop for Scratch {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         if let Err(e) = admin_sql(&self.admin, &sql) {
             tracing::warn!(database = %self.name, error = %e, "cannot drop a test database");
+        }
+        for role in self.roles.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Err(e) = admin_sql(&self.admin, &format!("DROP ROLE IF EXISTS {role}")) {
+                tracing::warn!(role, error = %e, "cannot drop a test role");
+            }
         }
     }
 }

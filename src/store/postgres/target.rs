@@ -63,6 +63,17 @@ impl PgTarget {
             config,
         }
     }
+
+    /// The same server and database, as another user.
+    pub fn with_user(&self, user: &str, password: &str) -> PgTarget {
+        let mut config = self.config.clone();
+        config.user(user);
+        config.password(password);
+        PgTarget {
+            shown: show(&config),
+            config,
+        }
+    }
 }
 
 fn show(config: &tokio_postgres::Config) -> String {

@@ -23,7 +23,7 @@ use crate::store::{
 const BY_STOP: (&str, &str) = ("a daemon stop or crash", "daemon stops or crashes");
 
 /// The current attempt of run $1, for statements on its steps.
-const CURRENT_ATTEMPT: &str = "(SELECT attempt FROM runs WHERE id = $1)";
+pub(super) const CURRENT_ATTEMPT: &str = "(SELECT attempt FROM runs WHERE id = $1)";
 
 /// Run $1 is not another instance's (the writer, $4, owns it, or nobody claimed it):
 /// an instance whose lease was taken writes nothing into the attempt that replaced its
@@ -148,7 +148,7 @@ impl Postgres {
                             &*c,
                             &format!(
                                 "UPDATE runs SET status = 'running', started_at = $2, owner = $3,
-                                        lease_until = $2::BIGINT + $4::BIGINT
+                                        lease_until = hookci_clock_ms() + $4::BIGINT
                                  WHERE id = $1 RETURNING {RUN_COLUMNS}"
                             ),
                             &[&id, &now_ms(), &owner, &lease_ms],
@@ -1054,7 +1054,11 @@ async fn report<C: GenericClient>(
 }
 
 /// Writes the reports of run `id` as it now stands.
-async fn report_run<C: GenericClient>(c: &C, policy: &dyn ReportPolicy, id: i64) -> PgResult<()> {
+pub(super) async fn report_run<C: GenericClient>(
+    c: &C,
+    policy: &dyn ReportPolicy,
+    id: i64,
+) -> PgResult<()> {
     let run = query_opt(
         c,
         &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"),
