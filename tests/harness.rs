@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookci::cli::client::{self, Response};
-pub use hookci::store::postgres::Scratch;
+pub use hookci::store::postgres::{Scratch, ScratchRole};
 use serde_json::{json, Value};
 
 /// A fresh PostgreSQL database on the test server (`scripts/test` starts one), dropped
@@ -115,8 +115,18 @@ impl Builder {
     /// Keeps the store in the PostgreSQL database `db` instead of SQLite (its password,
     /// if the test server's URL has one, through `database_password_file`).
     pub fn database(self, db: &Scratch) -> Builder {
-        let mut b = self.config(&format!("database: {}", db.url()));
-        if let Some(password) = db.password() {
+        self.database_at(&db.url(), db.password().as_deref())
+    }
+
+    /// [`Builder::database`], connecting as `role` (made on the test server by
+    /// [`Scratch::role`]).
+    pub fn database_as(self, role: &ScratchRole) -> Builder {
+        self.database_at(&role.url(), Some(role.password()))
+    }
+
+    fn database_at(self, url: &str, password: Option<&str>) -> Builder {
+        let mut b = self.config(&format!("database: {url}"));
+        if let Some(password) = password {
             let file = b.dir.path().join("database-password");
             std::fs::write(&file, password).unwrap();
             b = b.config(&format!("database_password_file: {}", file.display()));

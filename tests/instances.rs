@@ -21,8 +21,18 @@ fn instance(db: &Scratch, origin: &Origin, extra: &str, steps: &str) -> Daemon {
 
 /// [`instance`], with more config lines.
 fn instance_with(db: &Scratch, origin: &Origin, config: &str, extra: &str, steps: &str) -> Daemon {
-    Builder::new()
-        .database(db)
+    instance_on(Builder::new().database(db), origin, config, extra, steps)
+}
+
+/// [`instance_with`], its store named by `builder`.
+fn instance_on(
+    builder: Builder,
+    origin: &Origin,
+    config: &str,
+    extra: &str,
+    steps: &str,
+) -> Daemon {
+    builder
         .config("max_parallel_runs: 3")
         .config(config)
         .pipeline(
@@ -232,9 +242,24 @@ const TOKEN: &str = "instances-api-token";
 
 /// Config for instances that take API calls and hold their runs for a short lease.
 fn short_leases(scratch: &Builder) -> String {
+    leases_of(scratch, "2s")
+}
+
+/// Config for instances that take API calls and hold their runs for `lease`.
+fn leases_of(scratch: &Builder, lease: &str) -> String {
     let token = scratch.path().join("api-token");
     std::fs::write(&token, TOKEN).unwrap();
-    format!("lease: 2s\napi_token_file: {}", token.display())
+    format!("lease: {lease}\napi_token_file: {}", token.display())
+}
+
+/// Run `id`'s column `column`, as the database holds it.
+fn run_column(db: &Scratch, id: i64, column: &str) -> Option<i64> {
+    db.number(&format!("SELECT {column} FROM runs WHERE id = {id}"))
+        .unwrap()
+}
+
+fn db_clock(db: &Scratch) -> i64 {
+    db.number("SELECT hookci_clock_ms()").unwrap().unwrap()
 }
 
 fn read_pids(path: &std::path::Path) -> Vec<i32> {
@@ -291,12 +316,19 @@ fn the_runs_of_an_instance_killed_mid_step_are_built_again_by_the_other() {
         (b, a)
     };
 
+    // Read before the kill: a renewal after the read holds the run even longer.
+    let held_until = run_column(&db, id, "lease_until").unwrap();
     dead.signal(libc::SIGKILL);
     dead.wait();
     let run = survivor.wait_run(id);
     kill_all(&read_pids(&pids));
     assert_eq!(run["status"], "succeeded", "{run:#}\n{}", survivor.log());
     assert_eq!(run["attempt"], 2, "{run:#}");
+    let restarted = run_column(&db, id, "started_at").unwrap();
+    assert!(
+        restarted >= held_until,
+        "attempt 2 started at {restarted}, before attempt 1's lease ran out at {held_until}"
+    );
     assert_eq!(run["instance"], the_instance(&survivor), "{run:#}");
     assert_ne!(run["instance"], owner.as_str());
     assert!(
@@ -307,6 +339,114 @@ fn the_runs_of_an_instance_killed_mid_step_are_built_again_by_the_other() {
         survivor.log()
     );
     assert_eq!(read_pids(&pids).len(), 1, "attempt 2 did not sleep");
+}
+
+#[test]
+fn an_instance_cut_off_from_the_database_stops_its_steps_before_another_runs_them_again() {
+    let db = test_database();
+    // The instance that runs the step connects as a role of its own, which the test
+    // then locks out: for that instance the database is gone, for the other not.
+    let role = db.role().unwrap();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let config = short_leases(&scratch);
+    let (pids, marker, overlap) = (
+        scratch.path().join("pids"),
+        scratch.path().join("tried"),
+        scratch.path().join("overlap"),
+    );
+    // Attempt 2 notes whether attempt 1's sleep still runs (a zombie does not count).
+    let steps = format!(
+        "  - name: long\n    run: |\n      if [ -e {marker} ]; then\n        for p in $(cat {pids}); do\n          s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)\n          case \"$s\" in ''|Z|X) ;; *) echo $p >> {overlap} ;; esac\n        done\n        echo again; exit 0\n      fi\n      touch {marker}\n      sleep 600 & echo $! >> {pids}; wait\n",
+        marker = marker.display(),
+        pids = pids.display(),
+        overlap = overlap.display(),
+    );
+    let cut = instance_on(
+        Builder::new().database_as(&role),
+        &origin,
+        &config,
+        "",
+        &steps,
+    );
+    let (id, owner) = start_long_run(&cut, &origin, &pids);
+    assert_eq!(owner, the_instance(&cut));
+    let other = instance_with(&db, &origin, &config, "", &steps);
+    let sleep = read_pids(&pids)[0];
+
+    db.lock_out(&role).unwrap();
+    let run = other.wait_run(id);
+    let gone = process_gone(sleep);
+    kill_all(&read_pids(&pids));
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", other.log());
+    assert_eq!(run["attempt"], 2, "{run:#}");
+    assert_eq!(run["instance"], the_instance(&other), "{run:#}");
+    assert!(
+        !overlap.exists(),
+        "attempt 1's step still ran when attempt 2 started:\n{}",
+        cut.log()
+    );
+    assert!(gone, "attempt 1's step was stopped");
+    assert!(
+        cut.log().contains("cannot renew this instance's leases"),
+        "{}",
+        cut.log()
+    );
+}
+
+#[test]
+fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    // Long enough that the cancel is surely sent before the dead instance's lease lapses.
+    let config = leases_of(&scratch, "10s");
+    let (pids, again) = (scratch.path().join("pids"), scratch.path().join("again"));
+    let steps = format!(
+        "  - name: long\n    run: |\n      if [ -s {pids} ]; then echo $HOOKCI_RUN_ID >> {again}; exit 0; fi\n      sleep 600 & echo $! >> {pids}; wait\n",
+        pids = pids.display(),
+        again = again.display(),
+    );
+    let a = instance_with(&db, &origin, &config, "", &steps);
+    let b = instance_with(&db, &origin, &config, "", &steps);
+    let (id, owner) = start_long_run(&a, &origin, &pids);
+    let (mut dead, survivor) = if owner == the_instance(&a) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let held_until = run_column(&db, id, "lease_until").unwrap();
+
+    dead.signal(libc::SIGKILL);
+    dead.wait();
+    let r = survivor.post(
+        &format!("/api/runs/{id}/cancel"),
+        &[
+            ("authorization", &format!("Bearer {TOKEN}")),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let asked_at = db_clock(&db);
+    assert!(
+        asked_at < held_until,
+        "the cancel came after the lease lapsed: this test needs a longer lease here"
+    );
+    let run = survivor.wait_run(id);
+    kill_all(&read_pids(&pids));
+    assert_eq!(run["status"], "canceled", "{run:#}\n{}", survivor.log());
+    assert_eq!(run["reason"], "canceled through the API", "{run:#}");
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
+    assert!(!again.exists(), "the run was built again");
+    assert!(
+        survivor
+            .log()
+            .contains("recovered a run whose instance's lease lapsed"),
+        "{}",
+        survivor.log()
+    );
 }
 
 #[test]
