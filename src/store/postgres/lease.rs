@@ -85,6 +85,7 @@ impl Postgres {
             }
         })
     }
+
     /// The rows another instance is recovering are skipped (`SKIP LOCKED`), as are
     /// those their owner is renewing or ending this moment: each lapsed run is
     /// recovered once, by whichever instance locks it first. A run without a lease was

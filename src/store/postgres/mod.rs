@@ -3,7 +3,8 @@
 //! backend owns a small runtime of its own, so that its calls (blocking, like
 //! SQLite's) can wait on it from any thread, and intake's async call runs on it too.
 //! One connection of its own LISTENs for the runs other instances queue and the
-//! cancels they send to this one's runs.
+//! cancels they send to this one's runs; another renews this instance's leases, so
+//! that renewals never wait for the pool.
 //!
 //! Locks between instances: migrations under a session advisory lock, a concurrency
 //! group's claim under a transaction advisory lock on the group, reconcile under a
