@@ -42,6 +42,9 @@ pub struct AppState {
     pub reports: Notify,
     /// The runs executing now, with their stop switches.
     pub running: scheduler::Running,
+    /// Set while this instance cannot renew its leases on a shared store (see
+    /// `run::lease`): it claims no run then, since it would have to stop it again.
+    pub fenced: std::sync::atomic::AtomicBool,
     /// Runs git jobs (fetch, checkout, ref listings) in child processes.
     pub git: GitWorker,
     /// Every run transition, once stored: subscribe with `events.subscribe()`.
@@ -81,6 +84,7 @@ impl AppState {
             wake: Notify::new(),
             reports: Notify::new(),
             running: scheduler::Running::default(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             events: Events::new(),
             followers: Followers::default(),
             metrics: Metrics::new(),

@@ -395,6 +395,56 @@ fn an_instance_cut_off_from_the_database_stops_its_steps_before_another_runs_the
 }
 
 #[test]
+fn an_instance_that_cannot_renew_claims_no_run_until_it_can() {
+    let db = test_database();
+    let role = db.role().unwrap();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let config = short_leases(&scratch);
+    let (pids, marker) = (scratch.path().join("pids"), scratch.path().join("tried"));
+    // The first run's step sleeps until killed; every later one ends at once.
+    let steps = format!(
+        "  - name: long\n    run: |\n      if [ -e {marker} ]; then echo again; exit 0; fi\n      touch {marker}\n      sleep 600 & echo $! >> {pids}; wait\n",
+        marker = marker.display(),
+        pids = pids.display()
+    );
+    let cut = instance_on(
+        Builder::new().database_as(&role),
+        &origin,
+        &config,
+        "",
+        &steps,
+    );
+    let (first, _) = start_long_run(&cut, &origin, &pids);
+
+    // Its pool still works (it takes the push below), its renewals do not.
+    db.cut_renewals(&role).unwrap();
+    eventually("the instance stops claiming", || {
+        cut.log()
+            .contains("it claims no run until a renewal goes through")
+    });
+    let sha = origin.commit("main", &[("b", "2")], "second");
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let r = cut.deliver("push", "second-1", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let second = r.json()["runs"][0]["id"].as_i64().unwrap();
+
+    let other = instance_with(&db, &origin, &config, "", &steps);
+    let run = other.wait_run(second);
+    let again = other.wait_run(first);
+    kill_all(&read_pids(&pids));
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", cut.log());
+    assert_eq!(
+        (&run["attempt"], &run["instance"]),
+        (&Value::from(1), &Value::from(the_instance(&other))),
+        "claimed once, by the instance that can hold it: {run:#}\n{}",
+        cut.log()
+    );
+    assert_eq!(again["status"], "succeeded", "{again:#}");
+    assert_eq!(again["attempt"], 2, "{again:#}");
+}
+
+#[test]
 fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
     let db = test_database();
     let scratch = Builder::new();

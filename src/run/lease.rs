@@ -7,6 +7,7 @@
 //! stops the runs it executes, since another instance may soon run them again. A
 //! store only this daemon writes has no leases: nothing runs then.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,15 +86,27 @@ async fn renew(state: &Arc<AppState>) -> bool {
     }
 }
 
-/// Stops the runs this instance executes whenever [`must_fence`] says so, until a
-/// renewal goes through again; a run claimed meanwhile is stopped too, at most a third
-/// of the lease after its claim.
+/// Stops the runs this instance executes whenever [`must_fence`] says so, and keeps
+/// the scheduler from claiming more (`fenced`), until a renewal goes through again; a
+/// run claimed just before is stopped too, at most a third of the lease after its
+/// claim.
 async fn fence(state: &Arc<AppState>, mut last_ok: watch::Receiver<Instant>) {
     loop {
         let last = *last_ok.borrow_and_update();
         let lease = state.config().lease;
         let now = Instant::now();
-        let wake = if must_fence(last, now, lease) {
+        let fenced = must_fence(last, now, lease);
+        if state.fenced.swap(fenced, Ordering::Relaxed) != fenced {
+            if fenced {
+                tracing::error!(
+                    ?lease,
+                    "cannot renew this instance's leases: it claims no run until a renewal goes through"
+                );
+            } else {
+                tracing::info!("this instance's leases are renewed again: it claims runs again");
+            }
+        }
+        let wake = if fenced {
             let since = now.saturating_duration_since(last);
             for id in state.running.executing() {
                 if state.running.lose(id) {

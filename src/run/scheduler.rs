@@ -371,6 +371,17 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
+        if state.fenced.load(Ordering::Relaxed) {
+            // Its lease could not be kept: the run would be stopped again at once, and
+            // lose an attempt.
+            drop(permit);
+            tokio::select! {
+                () = tokio::time::sleep(STORE_RETRY) => {}
+                _ = stop.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+            continue;
+        }
         if !room_to_run(&state).await {
             drop(permit);
             tokio::select! {

@@ -19,6 +19,9 @@ const BY_LOST_LEASE: (&str, &str) = (
     "losses of their instances (leases expired)",
 );
 
+/// The `application_name` of the renewals' connection.
+pub const RENEWER_NAME: &str = "hookci lease renewal";
+
 const RENEW: &str = "UPDATE runs SET lease_until = hookci_clock_ms() + $3::BIGINT
      WHERE status = 'running' AND owner = $1 AND id = ANY($2) RETURNING id";
 
@@ -226,6 +229,8 @@ async fn connect_renewer(
 ) -> PgResult<Renewing> {
     let mut config = config.clone();
     config.connect_timeout(limit);
+    // Told apart from the pool's sessions in `pg_stat_activity`.
+    config.application_name(RENEWER_NAME);
     let (client, connection) = config.connect(NoTls).await?;
     // Ends when the client is dropped.
     tokio::spawn(connection);

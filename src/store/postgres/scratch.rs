@@ -213,6 +213,27 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Ends the connection on which `role`'s instance renews its leases, and lets the
+    /// role open no session more than it has left: that instance still claims and
+    /// writes through its pool, but renews nothing.
+    pub fn cut_renewals(&self, role: &ScratchRole) -> Result<(), String> {
+        let name = &role.name;
+        let renewer = super::lease::RENEWER_NAME;
+        admin_sql(
+            &self.admin,
+            &format!(
+                "DO $$ BEGIN
+                   EXECUTE format('ALTER ROLE %I CONNECTION LIMIT %s', '{name}',
+                     (SELECT GREATEST(count(*) - 1, 0) FROM pg_stat_activity WHERE usename = '{name}'));
+                 END $$;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE usename = '{name}' AND application_name = '{renewer}'"
+            ),
+        )
+    }
+}
+
 /// An open transaction of [`Scratch::hold`]; dropping it ends the transaction.
 pub struct Held {
     release: Option<std::sync::mpsc::Sender<()>>,
