@@ -796,14 +796,19 @@ mod tests {
         state.followers.fallback = Duration::from_secs(24 * 3600);
         let state = Arc::new(state);
         let (mut rx, _task) = spawn(Arc::clone(&state), id, &[]).unwrap();
-        let next = async |rx: &mut mpsc::Receiver<Update>| loop {
-            match tokio::time::timeout(Duration::from_secs(30), rx.recv())
-                .await
-                .expect("the follower heard nothing of the other instance's step")
-                .expect("the follower ended")
-            {
-                Update::KeepAlive => continue,
-                update => return update,
+        // A deadline for each update only, far above any delivery of one; keep-alives
+        // do not count.
+        let next = async |rx: &mut mpsc::Receiver<Update>| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .expect("the follower heard nothing of the other instance's step")
+                    .expect("the follower ended")
+                {
+                    Update::KeepAlive => continue,
+                    update => return update,
+                }
             }
         };
 
