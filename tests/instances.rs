@@ -200,42 +200,223 @@ fn two_instances_store_each_delivery_once_and_build_each_commit_once() {
     );
 }
 
+/// A daemon on `db` that runs one run at a time, with two pipelines: `ci` builds
+/// `main` in one concurrency group, running `steps`, and `side` builds the `side`
+/// branch in none.
+fn one_at_a_time(db: &Scratch, origin: &Origin, steps: &str) -> Daemon {
+    let pipeline = |branch: &str, group: &str, steps: &str| {
+        format!(
+            "repo: {REPO}\nclone_url: {}\non:\n  branches: [{branch}]\nconcurrency: {group}\nsteps:\n{steps}",
+            origin.url()
+        )
+    };
+    Builder::new()
+        .database(db)
+        .config("max_parallel_runs: 1\nshutdown_grace: 60s")
+        .pipeline(
+            "ci",
+            &pipeline("main", "{ group: pipeline, cancel: none }", steps),
+        )
+        .pipeline(
+            "side",
+            &pipeline(
+                "side",
+                "{ group: none }",
+                "  - name: quick\n    run: echo quick\n",
+            ),
+        )
+        .start()
+}
+
+/// Pushes a new commit of `branch` to `d`; the run it queued.
+fn push_one(d: &Daemon, origin: &Origin, branch: &str, n: usize) -> i64 {
+    let sha = origin.commit(branch, &[("n", &n.to_string())], &format!("commit {n}"));
+    let body = PushPayload::new(REPO, &format!("refs/heads/{branch}"), ZERO, &sha, "x").bytes();
+    let r = d.deliver("push", &format!("push-{n}"), &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["runs"][0]["id"].as_i64().unwrap()
+}
+
 #[test]
 fn a_concurrency_group_never_runs_twice_at_once_across_instances() {
     let db = test_database();
     let scratch = Builder::new();
     let origin = Origin::new(scratch.path());
-    // Each run's step holds a lock directory for a moment: a second run of the group
-    // in its step at the same time, on either instance, finds it taken.
-    let lock = scratch.path().join("held");
-    let overlaps = scratch.path().join("overlaps");
+    // Each run of the group notes when its step starts and ends (one file per run), and
+    // waits in between until the test opens the gate.
+    let (times, gate) = (scratch.path().join("times"), scratch.path().join("gate"));
+    std::fs::create_dir(&times).unwrap();
     let steps = format!(
-        "  - name: build\n    run: |\n      if mkdir {lock}; then sleep 0.3; rmdir {lock}; else echo $HOOKCI_RUN_ID >> {overlaps}; fi\n",
-        lock = lock.display(),
-        overlaps = overlaps.display()
+        "  - name: build\n    run: |\n      date +%s%N >> {times}/$HOOKCI_RUN_ID\n      while [ ! -f {gate} ]; do sleep 0.05; done\n      date +%s%N >> {times}/$HOOKCI_RUN_ID\n",
+        times = times.display(),
+        gate = gate.display()
     );
-    let group = "concurrency: { group: pipeline, cancel: none }\n";
-    let a = instance(&db, &origin, group, &steps);
-    let b = instance(&db, &origin, group, &steps);
-    let daemons = [&a, &b];
-    let mut before = ZERO.to_owned();
-    for i in 0..12 {
-        let sha = origin.commit("main", &[("n", &i.to_string())], &format!("commit {i}"));
-        let body = PushPayload::new(REPO, "refs/heads/main", &before, &sha, "x").bytes();
-        let r = daemons[i % 2].deliver("push", &format!("group-{i}"), &body);
-        assert_eq!(r.status, 202, "{}", r.text());
-        before = sha;
+    let started = |id: i64| times.join(id.to_string()).exists();
+
+    // The first run of the group holds it on instance a, alone so far: its only slot.
+    let mut a = one_at_a_time(&db, &origin, &steps);
+    let first = push_one(&a, &origin, "main", 0);
+    eventually("the group's first run is in its step", || started(first));
+
+    // Instance b, idle, is given more of the group, and then a run of no group. It
+    // takes the latter, pushed last, past the group's queued runs: they stay queued
+    // while a holds the group.
+    let b = one_at_a_time(&db, &origin, &steps);
+    let queued: Vec<i64> = (1..5)
+        .map(|n| push_one([&b, &a][n % 2], &origin, "main", n))
+        .collect();
+    let side = push_one(&b, &origin, "side", 5);
+    let run = b.wait_run(side);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["instance"], the_instance(&b), "{run:#}");
+    for id in &queued {
+        let run = b.get_json(&format!("/api/runs/{id}"));
+        assert_eq!(run["status"], "queued", "{run:#}");
+        assert!(!started(*id), "{id} started while the group was held");
     }
-    let runs = wait_all_ended(&b, 12);
-    assert_eq!(runs.len(), 12);
-    for run in &runs {
-        assert_eq!(run["status"], "succeeded", "{run:#}");
+    let run = b.get_json(&format!("/api/runs/{first}"));
+    assert_eq!(run["status"], "running", "{run:#}");
+    assert_eq!(run["instance"], the_instance(&a), "{run:#}");
+
+    // Instance a stops: it starts nothing more, and lets its run finish. Only then does
+    // the group pass to b, which builds the rest.
+    a.signal(libc::SIGTERM);
+    eventually("instance a is stopping", || {
+        a.log().contains("stopping: no new run starts")
+    });
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(a.wait(), Some(0), "{}", a.log());
+    let runs = wait_all_ended(&b, 6);
+    assert_eq!(runs.len(), 6);
+    let instance_of: BTreeMap<i64, String> = runs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "succeeded", "{r:#}");
+            let id = r["id"].as_i64().unwrap();
+            (id, r["instance"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(instance_of[&first], the_instance(&a));
+    for id in &queued {
+        assert_eq!(instance_of[id], the_instance(&b), "{id}");
     }
-    assert!(
-        !overlaps.exists(),
-        "runs of one group ran at once: {}",
-        std::fs::read_to_string(&overlaps).unwrap_or_default()
-    );
+
+    // No two of the group's steps overlapped in time, whichever instance ran them.
+    let mut spans: Vec<(u128, u128, i64)> = std::iter::once(first)
+        .chain(queued.iter().copied())
+        .map(|id| {
+            let noted = std::fs::read_to_string(times.join(id.to_string())).unwrap();
+            let t: Vec<u128> = noted.lines().map(|l| l.trim().parse().unwrap()).collect();
+            assert_eq!(t.len(), 2, "run {id}: {noted}");
+            (t[0], t[1], id)
+        })
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 < pair[1].0,
+            "runs {} and {} of one group ran at once: {spans:?}",
+            pair[0].2,
+            pair[1].2
+        );
+    }
+}
+
+#[test]
+fn each_change_to_a_runs_log_is_announced_to_every_instance_once_readable() {
+    use hookci::store::{LogNotice, LogPiece, NewRun, RunStatus, StepEnd, StepStatus, Supersede};
+
+    let db = test_database();
+    let scratch = Builder::new();
+    let open =
+        |instance: &str| hookci::store::open(Some(db.target()), scratch.path(), instance).unwrap();
+    let (runner, other) = (open("runner"), open("other"));
+    let mut notices = other.log_notices().expect("a shared store has log notices");
+    let queue = |commit: char| {
+        runner
+            .create_run(NewRun {
+                key: None,
+                group: None,
+                supersede: Supersede::Nothing,
+                supersede_own_ref: false,
+                generation: 1,
+                pipeline: "ci".into(),
+                repo: REPO.into(),
+                git_ref: "refs/heads/main".into(),
+                commit: commit.to_string().repeat(40),
+                before: ZERO.into(),
+                clone_url: "/nowhere".into(),
+                trigger: "manual",
+                skipped: None,
+            })
+            .unwrap()
+            .id
+    };
+    let (id, later) = (queue('a'), queue('b'));
+    assert_ne!(id, later);
+    assert_eq!(runner.claim_next().unwrap().map(|r| r.id), Some(id));
+    runner
+        .plan_steps(id, vec!["talk".into()], hookci::store::OnInterrupt::Retry)
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A deadline for the notice only, far above any delivery of it.
+    let mut heard = || {
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), notices.recv())
+                .await
+                .expect("the other instance heard nothing")
+                .unwrap()
+        })
+    };
+
+    // Each is heard by the other instance, naming the run, after it is committed.
+    runner.step_started(id, 1).unwrap().unwrap();
+    assert_eq!(heard(), LogNotice::Run(id));
+    assert_eq!(other.steps(id).unwrap()[0].status, StepStatus::Running);
+    let mut at = 0;
+    for line in ["first line\n", "second line\n"] {
+        let piece = LogPiece {
+            run: id,
+            attempt: 1,
+            step: 1,
+            at,
+            bytes: line.as_bytes().to_vec(),
+        };
+        runner.append_log(piece).unwrap();
+        assert_eq!(heard(), LogNotice::Run(id));
+        assert_eq!(
+            other.read_log(id, 1, 1, at, 1 << 20).unwrap(),
+            line.as_bytes()
+        );
+        at += line.len() as u64;
+    }
+    let end = StepEnd {
+        status: StepStatus::Succeeded,
+        exit_code: Some(0),
+        signal: None,
+        reason: None,
+    };
+    runner.step_finished(id, 1, end).unwrap().unwrap();
+    assert_eq!(heard(), LogNotice::Run(id));
+    assert_eq!(other.steps(id).unwrap()[0].status, StepStatus::Succeeded);
+    runner
+        .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard(), LogNotice::Run(id));
+    assert_eq!(other.run(id).unwrap().unwrap().status, RunStatus::Succeeded);
+
+    // The next run's news names that run.
+    assert_eq!(runner.claim_next().unwrap().map(|r| r.id), Some(later));
+    runner
+        .plan_steps(
+            later,
+            vec!["talk".into()],
+            hookci::store::OnInterrupt::Retry,
+        )
+        .unwrap();
+    runner.step_started(later, 1).unwrap().unwrap();
+    assert_eq!(heard(), LogNotice::Run(later));
 }
 
 const TOKEN: &str = "instances-api-token";

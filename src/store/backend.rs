@@ -10,13 +10,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
 use super::postgres::{PgTarget, Postgres};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, LogPiece, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
-    QueuedCancel, ReconcileView, Reconciled, RefChange, Report, ReportPolicy, ReportView, Run,
-    RunFilter, RunRef, RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError, Timings,
+    Attempt, Delivery, DeliveryOutcome, LogNotice, LogPiece, NewDelivery, NewRun, OnInterrupt,
+    Phases, Pruned, QueuedCancel, ReconcileView, Reconciled, RefChange, Report, ReportPolicy,
+    ReportView, Run, RunFilter, RunRef, RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError,
+    Timings,
 };
 
 /// The future of [`Store::record_delivery_async`]: boxed, so the trait stays usable as
@@ -177,6 +178,12 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<u8>, StoreError> {
         let _ = (run, attempt, step, offset, max);
         Ok(Vec::new())
+    }
+    /// With logs shared, the news of every run's log, from whichever instance runs it
+    /// (this one's too): live followers read the store again when theirs changed,
+    /// rather than looking at it over and over.
+    fn log_notices(&self) -> Option<broadcast::Receiver<LogNotice>> {
+        None
     }
 }
 

@@ -265,6 +265,15 @@ pub struct LogPiece {
     pub bytes: Vec<u8>,
 }
 
+/// What a store that shares logs heard from the instance running a step: that run's
+/// log or steps changed (a piece kept, a step started or ended, the run ended), or that
+/// such news may have been missed (the listening connection was lost meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogNotice {
+    Run(i64),
+    Missed,
+}
+
 /// The phases the scheduler measured itself (see [`Timings`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Phases {

@@ -7,7 +7,12 @@
 //! slow reader never slows a step: the step writes its log whatever the reader does.
 //!
 //! All followers of a run share one feed: a single router subscribes to the stream and
-//! hands each run's events to that run's followers only. The runs tables' feed
+//! hands each run's events to that run's followers only. With logs shared between
+//! instances, the run may be another instance's, whose events never come here: the
+//! router also hears the store's news of each run's log ([`Store::log_notices`],
+//! PostgreSQL's NOTIFY) and has that run's followers read the store again, at once,
+//! several pieces of news at a time when they come faster than it reads; a slow look
+//! at the store stands in for news that was lost. The runs tables' feed
 //! ([`watch_runs`]) takes every run's queueing, start and end from the stream itself. At most [`MAX_FOLLOWERS`]
 //! follow at once. A quiet stretch (a silent step, a run still queued) gets
 //! keep-alives, so that proxies and clients that drop idle connections keep the reader
@@ -25,13 +30,14 @@ use tokio::time::Instant;
 
 use crate::run::events::{self, Events, RecvError, RunEvent};
 use crate::state::AppState;
-use crate::store::{Run, Step, StepStatus};
+use crate::store::{LogNotice, Run, Step, StepStatus, Store};
 use crate::web::logs::StepLog;
 
 /// The most output sent in one update.
 const CHUNK: usize = 16 * 1024;
-/// How often a follower looks at a store that shares logs (see `Follower::follow`).
-const SHARED_LOOK: Duration = Duration::from_millis(200);
+/// How often a follower looks at a store that shares logs without news of its run:
+/// only in case news was lost (the store's notices carry it; see [`Followers`]).
+const FALLBACK_LOOK: Duration = Duration::from_secs(2);
 /// The longest a reader goes without an update: well under the idle limits of common
 /// proxies and load balancers (often 30 or 60 s), and under the 15 s README promises.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -159,7 +165,7 @@ fn spawn(
     }
     // Joined here, before the follower's first look at the store and the files: what
     // that look misses arrives on the feed.
-    let feed = state.followers.join(&state.events, id)?;
+    let feed = state.followers.join(&state.events, &*state.store, id)?;
     let (tx, rx) = mpsc::channel(16);
     let task = tokio::spawn(async move {
         let mut follower = Follower {
@@ -188,16 +194,42 @@ enum Feed {
 }
 
 /// The runs being followed, each with its feed; and how many follow.
-#[derive(Default)]
 pub struct Followers {
     feeds: Arc<Mutex<Feeds>>,
+    /// [`FALLBACK_LOOK`], but in tests that show what the store's news does alone.
+    fallback: Duration,
+}
+
+impl Default for Followers {
+    fn default() -> Followers {
+        Followers {
+            feeds: Arc::default(),
+            fallback: FALLBACK_LOOK,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Feeds {
-    runs: HashMap<i64, broadcast::Sender<Feed>>,
+    runs: HashMap<i64, RunFeed>,
     followers: usize,
     routing: bool,
+}
+
+/// One run's feed: its events, and a mark set at each piece of the store's news of it
+/// (a mark set again before a follower looked is one look).
+struct RunFeed {
+    events: broadcast::Sender<Feed>,
+    stored: watch::Sender<()>,
+}
+
+impl RunFeed {
+    fn new() -> RunFeed {
+        RunFeed {
+            events: broadcast::Sender::new(FEED_CAPACITY),
+            stored: watch::Sender::new(()),
+        }
+    }
 }
 
 fn lock(feeds: &Mutex<Feeds>) -> std::sync::MutexGuard<'_, Feeds> {
@@ -213,23 +245,30 @@ impl Followers {
 
     /// A place among the followers of run `id`, with the run's feed. The router
     /// starts with the first follower (it needs the async runtime).
-    fn join(&self, events: &Events, id: i64) -> Result<Subscription, TooManyFollowers> {
+    fn join(
+        &self,
+        events: &Events,
+        store: &dyn Store,
+        id: i64,
+    ) -> Result<Subscription, TooManyFollowers> {
         let mut feeds = lock(&self.feeds);
         if feeds.followers >= MAX_FOLLOWERS {
             return Err(TooManyFollowers);
         }
         if !feeds.routing {
             feeds.routing = true;
-            tokio::spawn(route(events.subscribe(), Arc::clone(&self.feeds)));
+            tokio::spawn(route(
+                events.subscribe(),
+                store.log_notices(),
+                Arc::clone(&self.feeds),
+            ));
         }
-        let rx = feeds
-            .runs
-            .entry(id)
-            .or_insert_with(|| broadcast::Sender::new(FEED_CAPACITY))
-            .subscribe();
+        let feed = feeds.runs.entry(id).or_insert_with(RunFeed::new);
+        let (rx, stored) = (feed.events.subscribe(), feed.stored.subscribe());
         feeds.followers += 1;
         Ok(Subscription {
             rx,
+            stored,
             _place: Place {
                 id,
                 feeds: Arc::clone(&self.feeds),
@@ -309,35 +348,71 @@ pub fn watch_runs(state: Arc<AppState>) -> Result<mpsc::Receiver<RunsUpdate>, To
     Ok(rx)
 }
 
-/// Hands each event to the followers of its run.
-async fn route(mut events: events::Receiver, feeds: Arc<Mutex<Feeds>>) {
+/// Hands each event to the followers of its run, and marks the runs the store has
+/// news of.
+async fn route(
+    mut events: events::Receiver,
+    mut notices: Option<broadcast::Receiver<LogNotice>>,
+    feeds: Arc<Mutex<Feeds>>,
+) {
     loop {
-        match events.recv().await {
-            Ok(event) => {
-                if let Some(feed) = lock(&feeds).runs.get(&event.run_id()) {
-                    let _ = feed.send(Feed::Event(event));
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => {
+                    if let Some(feed) = lock(&feeds).runs.get(&event.run_id()) {
+                        let _ = feed.events.send(Feed::Event(event));
+                    }
                 }
-            }
-            Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(
-                    missed,
-                    "live-log followers fell behind the run events; they read the store and the logs again"
-                );
-                for feed in lock(&feeds).runs.values() {
-                    let _ = feed.send(Feed::Lagged);
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "live-log followers fell behind the run events; they read the store and the logs again"
+                    );
+                    for feed in lock(&feeds).runs.values() {
+                        let _ = feed.events.send(Feed::Lagged);
+                    }
                 }
-            }
-            Err(RecvError::Closed) => {
-                lock(&feeds).routing = false;
-                return;
-            }
+                Err(RecvError::Closed) => {
+                    lock(&feeds).routing = false;
+                    return;
+                }
+            },
+            notice = next_notice(&mut notices) => match notice {
+                Some(LogNotice::Run(id)) => {
+                    if let Some(feed) = lock(&feeds).runs.get(&id) {
+                        feed.stored.send_replace(());
+                    }
+                }
+                Some(LogNotice::Missed) => {
+                    for feed in lock(&feeds).runs.values() {
+                        feed.stored.send_replace(());
+                    }
+                }
+                // The store's news ended with its listener: the slow look goes on.
+                None => notices = None,
+            },
         }
+    }
+}
+
+/// The store's next news; `Missed` after falling behind it; `None` when it has ended;
+/// never, without any.
+async fn next_notice(notices: &mut Option<broadcast::Receiver<LogNotice>>) -> Option<LogNotice> {
+    let Some(rx) = notices else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Ok(notice) => Some(notice),
+        Err(broadcast::error::RecvError::Lagged(_)) => Some(LogNotice::Missed),
+        Err(broadcast::error::RecvError::Closed) => None,
     }
 }
 
 /// One follower's feed and place.
 struct Subscription {
     rx: broadcast::Receiver<Feed>,
+    /// Changed when the store has news of the run.
+    stored: watch::Receiver<()>,
     // Dropped after `rx` (fields drop in order), so it finds the feed's receivers
     // without this one.
     _place: Place,
@@ -356,7 +431,7 @@ impl Drop for Place {
         if feeds
             .runs
             .get(&self.id)
-            .is_some_and(|feed| feed.receiver_count() == 0)
+            .is_some_and(|feed| feed.events.receiver_count() == 0)
         {
             feeds.runs.remove(&self.id);
         }
@@ -392,12 +467,12 @@ impl Follower<'_> {
             return Ok(());
         }
         // With logs shared between instances, the run may be another instance's, whose
-        // events never come here: the store is looked at again this often.
-        let mut look = self
-            .state
-            .store
-            .shares_logs()
-            .then(|| tokio::time::interval(SHARED_LOOK));
+        // events never come here: its news comes from the store, and in case some was
+        // lost, the store is looked at again this often anyway.
+        let mut look = self.state.store.shares_logs().then(|| {
+            let period = self.state.followers.fallback;
+            tokio::time::interval_at(Instant::now() + period, period)
+        });
         loop {
             let tx = self.tx.tx;
             let quiet_until = self.tx.last + KEEP_ALIVE;
@@ -417,6 +492,13 @@ impl Follower<'_> {
                     }
                 }
                 () = tokio::time::sleep_until(quiet_until) => self.tx.send(Update::KeepAlive).await?,
+                // The router, which holds the sender, lives as long as the feed does.
+                Ok(()) = feed.stored.changed() => {
+                    // This instance's own runs are followed through their events.
+                    if !self.state.running.executing().contains(&self.id) && self.sync().await? {
+                        return Ok(());
+                    }
+                }
                 _ = tick(&mut look) => {
                     if self.sync().await? {
                         return Ok(());
@@ -673,6 +755,112 @@ mod tests {
         store.step_started(run.id, 1).unwrap();
         let state = Arc::new(AppState::new(config, store, PipelineSet::new(Vec::new())));
         (state, run.id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_reads_another_instances_step_at_the_stores_news_of_it() {
+        let db = crate::store::postgres::Scratch::from_env().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let open =
+            |instance: &str| crate::store::open(Some(db.target()), dir.path(), instance).unwrap();
+        let (runner, here) = (open("runner"), open("here"));
+        let run = runner
+            .create_run(NewRun {
+                key: None,
+                group: None,
+                supersede: Supersede::Nothing,
+                supersede_own_ref: false,
+                generation: 1,
+                pipeline: "ci".into(),
+                repo: "o/r".into(),
+                git_ref: "refs/heads/main".into(),
+                commit: "c".repeat(40),
+                before: "b".repeat(40),
+                clone_url: "/nowhere".into(),
+                trigger: "manual",
+                skipped: None,
+            })
+            .unwrap();
+        let id = run.id;
+        assert_eq!(runner.claim_next().unwrap().map(|r| r.id), Some(id));
+        runner
+            .plan_steps(id, vec!["talk".into()], OnInterrupt::Retry)
+            .unwrap();
+        let flags = Overrides {
+            state_dir: Some(dir.path().join("here")),
+            ..Overrides::default()
+        };
+        let config = Config::build(FileConfig::default(), flags, &NoEnv).unwrap();
+        let mut state = AppState::new(config, here, PipelineSet::new(Vec::new()));
+        // Nothing but the store's news can tell this follower of the step in time.
+        state.followers.fallback = Duration::from_secs(24 * 3600);
+        let state = Arc::new(state);
+        let (mut rx, _task) = spawn(Arc::clone(&state), id, &[]).unwrap();
+        // A deadline for each update only, far above any delivery of one; keep-alives
+        // do not count.
+        let next = async |rx: &mut mpsc::Receiver<Update>| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .expect("the follower heard nothing of the other instance's step")
+                    .expect("the follower ended")
+                {
+                    Update::KeepAlive => continue,
+                    update => return update,
+                }
+            }
+        };
+
+        // Each change the running instance stores reaches the follower here: the
+        // step's start, each piece of its output, its end and the run's.
+        let step = tokio::task::block_in_place(|| runner.step_started(id, 1).unwrap());
+        assert!(step.is_some());
+        assert!(matches!(next(&mut rx).await, Update::StepStarted(s) if s.number == 1));
+        let mut at = 0u64;
+        for line in ["first line\n", "second line\n"] {
+            tokio::task::block_in_place(|| {
+                runner
+                    .append_log(crate::store::LogPiece {
+                        run: id,
+                        attempt: 1,
+                        step: 1,
+                        at,
+                        bytes: line.as_bytes().to_vec(),
+                    })
+                    .unwrap()
+            });
+            at += line.len() as u64;
+            match next(&mut rx).await {
+                Update::Output {
+                    step: 1,
+                    bytes,
+                    end,
+                } => {
+                    assert_eq!((&bytes[..], end), (line.as_bytes(), at));
+                }
+                other => panic!("{other:?} instead of {line:?}"),
+            }
+        }
+        tokio::task::block_in_place(|| {
+            let end = StepEnd {
+                status: StepStatus::Succeeded,
+                exit_code: Some(0),
+                signal: None,
+                reason: None,
+            };
+            runner.step_finished(id, 1, end).unwrap();
+        });
+        assert!(matches!(next(&mut rx).await, Update::StepFinished(s) if s.number == 1));
+        tokio::task::block_in_place(|| {
+            runner
+                .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+                .unwrap()
+        });
+        assert!(
+            matches!(next(&mut rx).await, Update::RunFinished(r) if r.status == RunStatus::Succeeded)
+        );
+        assert!(rx.recv().await.is_none(), "the stream ends with the run");
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! instances share. Every SQL statement of this backend lives in this folder. The
 //! backend owns a small runtime of its own, so that its calls (blocking, like
 //! SQLite's) can wait on it from any thread, and intake's async call runs on it too.
-//! One connection of its own LISTENs for the runs other instances queue and the
-//! cancels they send to this one's runs; another renews this instance's leases, so
-//! that renewals never wait for the pool.
+//! One connection of its own LISTENs for the runs other instances queue, the
+//! cancels they send to this one's runs, and the news of every run's log (so that a
+//! live follower here reads what another instance's step wrote as soon as it is
+//! committed); another renews this instance's leases, so that renewals never wait
+//! for the pool.
 //!
 //! Locks between instances: migrations under a session advisory lock, a concurrency
 //! group's claim under a transaction advisory lock on the group, reconcile under a
@@ -16,12 +18,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{ReportPolicy, StoreError};
+use super::{LogNotice, ReportPolicy, StoreError};
 
 mod lease;
 mod reads;
@@ -44,6 +46,12 @@ const RECONCILING: i32 = 2;
 const CHANNEL: &str = "hookci_runs";
 /// The channel on which an instance asks the owner of a running run to cancel it.
 const CANCEL_CHANNEL: &str = "hookci_cancel";
+/// The channel on which the transaction that keeps a piece of a step's log, starts or
+/// ends a step, or ends a run, names the run (its id, in decimal) to every instance.
+const LOG_CHANNEL: &str = "hookci_log";
+/// How many log notices a slow follower router may fall behind before it is told some
+/// were missed (it then has every follower read the store again).
+const LOG_NOTICES: usize = 1024;
 
 /// Connections in the pool: intake's concurrent deliveries, the scheduler, the API.
 const POOL_SIZE: usize = 16;
@@ -101,6 +109,8 @@ pub struct Postgres {
     wakeups: Arc<Notify>,
     /// Woken when another instance asks this one to cancel a run.
     cancels: Arc<Notify>,
+    /// Every run whose log or steps changed, from any instance.
+    logs: broadcast::Sender<LogNotice>,
     /// How long a claim or a renewal holds a running run, in milliseconds.
     lease_ms: AtomicI64,
     /// The renewals' own connection (see `lease::Renewer`).
@@ -158,6 +168,7 @@ impl Postgres {
             policy: RwLock::new(None),
             wakeups: Arc::new(Notify::new()),
             cancels: Arc::new(Notify::new()),
+            logs: broadcast::Sender::new(LOG_NOTICES),
             lease_ms: AtomicI64::new(lease_ms(lease)),
             renewer: Arc::new(lease::Renewer::default()),
         };
@@ -177,6 +188,7 @@ impl Postgres {
             shown.clone(),
             Arc::clone(&store.wakeups),
             Arc::clone(&store.cancels),
+            store.logs.clone(),
             listening_tx,
         ));
         listening_rx
@@ -332,25 +344,40 @@ pub(super) async fn notify_runs<C: GenericClient>(c: &C) -> PgResult<()> {
     Ok(())
 }
 
+/// Tells every instance that run `run_id`'s log or steps changed, once the
+/// transaction commits: a listener never hears of a piece before it can read it.
+pub(super) async fn notify_log<C: GenericClient>(c: &C, run_id: i64) -> PgResult<()> {
+    execute(
+        c,
+        "SELECT pg_notify($1, $2)",
+        &[&LOG_CHANNEL, &run_id.to_string()],
+    )
+    .await?;
+    Ok(())
+}
+
 /// How long the listener waits before connecting again after losing its connection.
 const RELISTEN: Duration = Duration::from_secs(1);
 
-/// Keeps one connection LISTENing on [`CHANNEL`] and [`CANCEL_CHANNEL`] and wakes the
-/// scheduler, or the cancels' watcher, at each notification; reconnects when the connection is lost (and wakes it then, since a
-/// notification may have been missed meanwhile; both). `first` hears how the first LISTEN
-/// went.
+/// Keeps one connection LISTENing on [`CHANNEL`], [`CANCEL_CHANNEL`] and
+/// [`LOG_CHANNEL`], and at each notification wakes the scheduler or the cancels'
+/// watcher, or passes the run on to `logs`; reconnects when the connection is lost
+/// (and then wakes both and sends [`LogNotice::Missed`], since notifications may have
+/// been missed meanwhile). `first` hears how the first LISTEN went.
 async fn listen(
     config: tokio_postgres::Config,
     shown: String,
     wakeups: Arc<Notify>,
     cancels: Arc<Notify>,
+    logs: broadcast::Sender<LogNotice>,
     first: std::sync::mpsc::SyncSender<PgResult<()>>,
 ) {
     let mut first = Some(first);
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
-                let statement = format!("LISTEN {CHANNEL}; LISTEN {CANCEL_CHANNEL}");
+                let statement =
+                    format!("LISTEN {CHANNEL}; LISTEN {CANCEL_CHANNEL}; LISTEN {LOG_CHANNEL}");
                 // The connection must be polled for the LISTEN to complete.
                 let started = {
                     let listening = client.batch_execute(&statement);
@@ -374,19 +401,29 @@ async fn listen(
                     None if ok => {
                         wakeups.notify_one();
                         cancels.notify_one();
+                        // Nobody may be following: nothing to tell then.
+                        let _ = logs.send(LogNotice::Missed);
                     }
                     None => {}
                 }
                 if ok {
                     loop {
                         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))
-                                if n.channel() == CANCEL_CHANNEL =>
-                            {
-                                cancels.notify_one()
-                            }
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                wakeups.notify_one()
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                match n.channel() {
+                                    CANCEL_CHANNEL => cancels.notify_one(),
+                                    LOG_CHANNEL => match n.payload().parse() {
+                                        Ok(run) => {
+                                            let _ = logs.send(LogNotice::Run(run));
+                                        }
+                                        Err(_) => tracing::warn!(
+                                            database = %shown,
+                                            payload = n.payload(),
+                                            "a log notice that names no run; ignored"
+                                        ),
+                                    },
+                                    _ => wakeups.notify_one(),
+                                }
                             }
                             Some(Ok(_)) => {}
                             Some(Err(e)) => {
@@ -560,6 +597,9 @@ impl super::Store for Postgres {
         max: usize,
     ) -> Result<Vec<u8>, StoreError> {
         self.log_from(run, attempt, step, offset, max)
+    }
+    fn log_notices(&self) -> Option<broadcast::Receiver<LogNotice>> {
+        Some(self.logs.subscribe())
     }
     fn finish_run(
         &self,

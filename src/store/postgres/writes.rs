@@ -9,7 +9,9 @@ use std::sync::Arc;
 use deadpool_postgres::{GenericClient, Object};
 
 use super::reads::{run_from_row, runs_from, step_from_row, steps_in};
-use super::{execute, notify_runs, query, query_opt, transaction, PgResult, Postgres, LOCKS};
+use super::{
+    execute, notify_log, notify_runs, query, query_opt, transaction, PgResult, Postgres, LOCKS,
+};
 use crate::clock::now_ms;
 use crate::store::outbox::{NewReport, ReportPolicy, Transition};
 use crate::store::writes::{FINISHED, NOT_RETRIED, PRUNE_DELIVERIES, PRUNE_RUNS};
@@ -252,6 +254,10 @@ impl Postgres {
             .as_ref()
             .map(step_from_row)
             .transpose()?;
+            if step.is_some() {
+                // Followers on other instances show the step's start at once.
+                notify_log(&*c, run_id).await?;
+            }
             let timings = match first {
                 None => None,
                 Some(phases) => query_opt(
@@ -321,7 +327,7 @@ impl Postgres {
             let end = Arc::clone(&end);
             let me = Arc::clone(&me);
             async move {
-                query_opt(
+                let step = query_opt(
                     &*c,
                     &format!(
                         "UPDATE steps SET status = $3, exit_code = $4, signal = $5, reason = $6,
@@ -344,7 +350,11 @@ impl Postgres {
                 .await?
                 .as_ref()
                 .map(step_from_row)
-                .transpose()
+                .transpose()?;
+                if step.is_some() {
+                    notify_log(&*c, run_id).await?;
+                }
+                Ok(step)
             }
         })
     }
@@ -369,14 +379,17 @@ impl Postgres {
             async move {
                 let at = i64::try_from(piece.at).unwrap_or(i64::MAX);
                 // A piece written again after a failed answer is the same bytes.
-                execute(
+                let kept = execute(
                     &*c,
                     "INSERT INTO log_chunks (run_id, attempt, step, at, bytes)
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                     &[&piece.run, &piece.attempt, &piece.step, &at, &piece.bytes],
                 )
-                .await
-                .map(drop)
+                .await?;
+                if kept > 0 {
+                    notify_log(&*c, piece.run).await?;
+                }
+                Ok(())
             }
         })
     }
@@ -437,6 +450,7 @@ impl Postgres {
                 }
                 // Its group may be free now, on every instance.
                 notify_runs(&*c).await?;
+                notify_log(&*c, run_id).await?;
                 Ok(Some((run, steps_in(&*c, run_id, None).await?)))
             }
         })
