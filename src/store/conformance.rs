@@ -1128,10 +1128,11 @@ mod shared_database {
         // A deadline far above any answer: only a renewal that hangs misses it.
         let answer = rx.recv_timeout(std::time::Duration::from_secs(30));
         drop(held);
-        let err = answer
-            .expect("the renewal hung behind the lock")
-            .unwrap_err();
-        assert!(err.to_string().contains("no answer within"), "{err}");
+        // Given up by the server (`statement_timeout`) or by hookci, whichever is first.
+        assert!(
+            answer.expect("the renewal hung behind the lock").is_err(),
+            "renewed through the lock"
+        );
         assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id], "connects again");
     }
 
