@@ -729,6 +729,19 @@ impl Config {
             // Renewed every third of it: shorter would be a database write loop.
             return Err(ConfigError::invalid("lease", "lease must be at least 1s"));
         }
+        if config.database.is_some() && config.step_grace > config.lease / 3 {
+            // An instance that cannot renew stops its steps a third of the lease before it
+            // lapses; a longer grace would let them run on while another instance runs
+            // the run again.
+            return Err(ConfigError::invalid(
+                "step_grace",
+                format!(
+                    "step_grace ({:?}) must be at most a third of lease ({:?}) with a shared database",
+                    config.step_grace,
+                    config.lease
+                ),
+            ));
+        }
         if config.keep_alive_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "keep_alive_timeout",
@@ -1016,6 +1029,29 @@ mod tests {
             .to_string();
         assert!(
             err.contains("database:") && !err.contains("url-pw"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_shared_database_needs_a_step_grace_within_a_third_of_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = |yaml: &str| {
+            let path = dir.path().join("hookci.yml");
+            std::fs::write(&path, yaml).unwrap();
+            let env = FakeEnv(HashMap::new());
+            Config::build(FileConfig::load(&path).unwrap(), Overrides::default(), &env)
+        };
+        let shared = "database: postgres://ci@db/hookci\n";
+        // The defaults (5 s of 15 s) fit, and SQLite has no lease to keep.
+        assert!(build(shared).is_ok());
+        assert!(build("step_grace: 30s\nlease: 15s\n").is_ok());
+        assert!(build(&format!("{shared}step_grace: 2s\nlease: 6s\n")).is_ok());
+        let err = build(&format!("{shared}step_grace: 6s\nlease: 15s\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step_grace") && err.contains("a third of lease"),
             "{err}"
         );
     }

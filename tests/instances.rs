@@ -426,11 +426,15 @@ fn short_leases(scratch: &Builder) -> String {
     leases_of(scratch, "2s")
 }
 
-/// Config for instances that take API calls and hold their runs for `lease`.
+/// Config for instances that take API calls and hold their runs for `lease` (at
+/// least 2 s: a shared database wants `step_grace` within a third of it).
 fn leases_of(scratch: &Builder, lease: &str) -> String {
     let token = scratch.path().join("api-token");
     std::fs::write(&token, TOKEN).unwrap();
-    format!("lease: {lease}\napi_token_file: {}", token.display())
+    format!(
+        "lease: {lease}\nstep_grace: 500ms\napi_token_file: {}",
+        token.display()
+    )
 }
 
 /// Run `id`'s column `column`, as the database holds it.

@@ -1137,6 +1137,21 @@ mod shared_database {
     }
 
     #[test]
+    fn a_failure_the_server_reports_is_told_in_its_own_words() {
+        let backend = Backend::postgres();
+        let a = backend.open_as("a");
+        backend
+            .scratch()
+            .execute("ALTER TABLE runs RENAME TO runs_elsewhere")
+            .unwrap();
+        let err = a.run(1).unwrap_err().to_string();
+        assert!(
+            err.contains("relation \"runs\" does not exist") && err.contains("42P01"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_cancel_asked_before_the_owners_lease_lapsed_ends_the_run_canceled() {
         let backend = Backend::postgres();
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));

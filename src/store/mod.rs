@@ -234,7 +234,7 @@ pub enum StoreError {
         "store {path} is damaged ({detail}): restore it from a backup, or move it away to start with an empty store"
     )]
     Damaged { path: PathBuf, detail: String },
-    #[error("database {url}: {source}")]
+    #[error("database {url}: {}", pg_reason(source))]
     Postgres {
         url: String,
         source: tokio_postgres::Error,
@@ -253,6 +253,18 @@ pub enum StoreError {
         found: i64,
         known: usize,
     },
+}
+
+/// The server's own words for a failure (a timeout, a refused login, too many
+/// connections), which the client's error shows only as "db error".
+fn pg_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// The SQLite store. One connection behind a mutex: SQLite serialises writers anyway,
