@@ -328,8 +328,10 @@ fn each_change_to_a_runs_log_is_announced_to_every_instance_once_readable() {
 
     let db = test_database();
     let scratch = Builder::new();
-    let open =
-        |instance: &str| hookci::store::open(Some(db.target()), scratch.path(), instance).unwrap();
+    let open = |instance: &str| {
+        let lease = std::time::Duration::from_secs(15);
+        hookci::store::open(Some(db.target()), scratch.path(), instance, lease).unwrap()
+    };
     let (runner, other) = (open("runner"), open("other"));
     let mut notices = other.log_notices().expect("a shared store has log notices");
     let queue = |commit: char| {

@@ -761,8 +761,10 @@ mod tests {
     async fn a_follower_reads_another_instances_step_at_the_stores_news_of_it() {
         let db = crate::store::postgres::Scratch::from_env().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
-        let open =
-            |instance: &str| crate::store::open(Some(db.target()), dir.path(), instance).unwrap();
+        let open = |instance: &str| {
+            let lease = std::time::Duration::from_secs(15);
+            crate::store::open(Some(db.target()), dir.path(), instance, lease).unwrap()
+        };
         let (runner, here) = (open("runner"), open("here"));
         let run = runner
             .create_run(NewRun {
