@@ -14,6 +14,9 @@
 #   PIPELINES=1000                                         matching
 #   QUEUED=10000                                           RSS with QUEUED queued runs
 #   SKIP_BUILD=1 (use target/release as it is)  KEEP=1 (keep the temp dir)
+#   HOOKCI_BIN=PATH   another hookci binary (e.g. a copy of the one before a change, to
+#                     alternate the two in the same conditions); the intake rows keep
+#                     target/release's
 #   SECTIONS="intake first_step log match memory"          which parts run (all by default)
 set -euo pipefail
 
@@ -36,11 +39,12 @@ PIPELINES=${PIPELINES:-1000}
 QUEUED=${QUEUED:-10000}
 SECTIONS=${SECTIONS:-"intake first_step log match memory"}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }   # has SECTION: whether SECTIONS names it
-BIN="$ROOT/target/release/hookci"
+BIN=${HOOKCI_BIN:-"$ROOT/target/release/hookci"}
 MATCH="$ROOT/target/release/examples/match-bench"
 CLIENT="$BENCH/client.py"
 STARTED=$(date +%s)
 REV=$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?')
+[ -z "${HOOKCI_BIN:-}" ] || REV="$REV (but hookci itself: $HOOKCI_BIN)"
 
 say() { printf '\n== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }

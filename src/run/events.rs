@@ -28,9 +28,9 @@ pub use tokio::sync::broadcast::error::RecvError;
 
 use crate::store::{LogPiece, Run, RunStatus, Step, Store, StoreError, Timings};
 
-/// How many events a subscriber may fall behind before it lags. Output dominates: a
-/// chunk an event, so this is a few hundred KiB of a noisy step's log per subscriber
-/// at worst, and only while it is behind.
+/// How many events a subscriber may fall behind before it lags. Output dominates: an
+/// event carries at most 16 KiB of a step's log (`output::EVENT_BYTES`), so the stream
+/// holds at most 64 MiB of a noisy step's log, and only while a subscriber is behind.
 pub const CAPACITY: usize = 4096;
 
 /// One transition of a run, as committed.

@@ -4,6 +4,11 @@
 //! as API output or daemon log fields). Pure byte processing: no I/O, no UTF-8
 //! assumptions, no knowledge of where the values came from.
 
+use std::ops::Range;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use bytes::Bytes;
+
 /// Values shorter than this many bytes are never masked: they are too short to be secret,
 /// and masking e.g. `1` or `on` would make every log unreadable. For a multi-line value the
 /// same limit applies to each (whitespace-trimmed) line that is masked on its own.
@@ -15,10 +20,12 @@ const STARS: &[u8] = b"***";
 /// matching pattern wins, so the result never depends on how the input was chunked.
 #[derive(Debug, Clone)]
 pub struct Masker {
-    /// Distinct patterns, longest first (the order decides which one wins at a position).
+    /// Distinct patterns, longest first.
     patterns: Vec<Vec<u8>>,
-    /// `first[b]`: some pattern starts with byte `b`; lets most bytes skip the pattern loop.
-    first: [bool; 256],
+    /// Finds the patterns in a chunk at memchr speed (a vectorised prefilter over the
+    /// patterns' first bytes), leftmost-longest: the same matches as trying every
+    /// position with the longest pattern first. `None` when there is nothing to mask.
+    finder: Option<AhoCorasick>,
     /// Bytes that may still be the start of a secret, waiting for the next chunk.
     carry: Vec<u8>,
 }
@@ -37,80 +44,114 @@ impl Masker {
         // Longest first; ties by content only to make the order (and dedup) deterministic.
         patterns.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         patterns.dedup();
-        let mut first = [false; 256];
-        for p in &patterns {
-            first[usize::from(p[0])] = true;
-        }
+        let finder = (!patterns.is_empty()).then(|| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&patterns)
+                // Only an automaton of more than 2^31 states is refused: secrets of
+                // gigabytes, which no step environment could hold anyway.
+                .expect("secret patterns within the automaton's limits")
+        });
         Masker {
             patterns,
-            first,
+            finder,
             carry: Vec::new(),
         }
     }
 
     /// Whether there is anything to mask (when false, callers may bypass it).
     pub fn is_active(&self) -> bool {
-        !self.patterns.is_empty()
+        self.finder.is_some()
     }
 
     /// Feeds a chunk; returns the bytes that are now safe to write (masked). Bytes that
-    /// could still be the start of a secret are held back (at most longest_secret - 1 bytes).
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        if self.carry.is_empty() {
-            let (out, done) = self.scan(chunk, false);
-            self.carry.extend_from_slice(&chunk[done..]);
-            return out;
+    /// could still be the start of a secret are held back (at most longest_secret - 1
+    /// bytes). A chunk with nothing to mask comes back as the same buffer, not a copy.
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        if !self.is_active() {
+            return chunk;
         }
-        let mut buf = std::mem::take(&mut self.carry);
-        buf.extend_from_slice(chunk);
-        let (out, done) = self.scan(&buf, false);
-        buf.drain(..done);
-        self.carry = buf;
-        out
+        let mut buf = if self.carry.is_empty() {
+            chunk
+        } else {
+            // Only after a chunk that ended in what may begin a secret: rare, and the
+            // one case where the chunk is copied though nothing in it is masked.
+            let mut joined = std::mem::take(&mut self.carry);
+            joined.extend_from_slice(&chunk);
+            Bytes::from(joined)
+        };
+        let (spans, done) = self.find(&buf, false);
+        self.carry.extend_from_slice(&buf[done..]);
+        buf.truncate(done);
+        if spans.is_empty() {
+            buf
+        } else {
+            Bytes::from(masked(&buf, &spans))
+        }
     }
 
     /// End of stream: the held-back tail, masked.
-    pub fn finish(&mut self) -> Vec<u8> {
+    pub fn finish(&mut self) -> Bytes {
         let tail = std::mem::take(&mut self.carry);
-        self.scan(&tail, true).0
+        Bytes::from(self.mask_all(&tail))
     }
 
     /// Convenience for whole texts (API output, daemon log fields): masks `text` in one go.
     pub fn mask_all(&self, text: &[u8]) -> Vec<u8> {
-        self.scan(text, true).0
+        let (spans, _) = self.find(text, true);
+        masked(text, &spans)
     }
 
-    /// Masks `buf` from the start. Returns the output and how many input bytes it covers.
-    /// Unless `at_end`, scanning stops at the first position where a pattern could match
-    /// but runs past the end of `buf`: only more input can decide it (and whether a longer
-    /// pattern beats a shorter one that already matches there). The rest is the caller's
-    /// carry; it is shorter than that pattern, hence shorter than the longest one.
-    fn scan(&self, buf: &[u8], at_end: bool) -> (Vec<u8>, usize) {
-        let mut out = Vec::with_capacity(buf.len());
-        let mut i = 0;
-        'outer: while i < buf.len() {
-            if !self.first[usize::from(buf[i])] {
-                out.push(buf[i]);
-                i += 1;
-                continue;
+    /// The secrets in `buf` from its start, as the byte ranges to replace, and how many
+    /// bytes of `buf` they account for. Unless `at_end`, that stops at the first position
+    /// the scan reaches where a pattern could match but runs past the end of `buf`: only
+    /// more input can decide it (and whether a longer pattern beats a shorter one that
+    /// already matches there). The rest is the caller's carry; it is shorter than that
+    /// pattern, hence shorter than the longest one.
+    fn find(&self, buf: &[u8], at_end: bool) -> (Vec<Range<usize>>, usize) {
+        let Some(finder) = &self.finder else {
+            return (Vec::new(), buf.len());
+        };
+        // Only a position this close to the end can begin a pattern longer than what is left.
+        let near_end = if at_end {
+            buf.len()
+        } else {
+            buf.len().saturating_sub(self.patterns[0].len() - 1)
+        };
+        // The scan reaches every position outside a match, and each match's start.
+        let undecided = |from: usize, to: usize| {
+            (from.max(near_end)..to).find(|&at| {
+                let rest = &buf[at..];
+                self.patterns
+                    .iter()
+                    .any(|p| p.len() > rest.len() && p.starts_with(rest))
+            })
+        };
+        let mut spans = Vec::new();
+        let mut scanned = 0;
+        for found in finder.find_iter(buf) {
+            if let Some(at) = undecided(scanned, found.start() + 1) {
+                return (spans, at);
             }
-            let rest = &buf[i..];
-            for p in &self.patterns {
-                if rest.len() >= p.len() {
-                    if rest.starts_with(p) {
-                        out.extend_from_slice(STARS);
-                        i += p.len();
-                        continue 'outer;
-                    }
-                } else if !at_end && p.starts_with(rest) {
-                    return (out, i);
-                }
-            }
-            out.push(buf[i]);
-            i += 1;
+            spans.push(found.range());
+            scanned = found.end();
         }
-        (out, i)
+        let done = undecided(scanned, buf.len()).unwrap_or(buf.len());
+        (spans, done)
     }
+}
+
+/// `buf` with each of `spans` (in order, disjoint) replaced by `***`.
+fn masked(buf: &[u8], spans: &[Range<usize>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(buf.len());
+    let mut copied = 0;
+    for span in spans {
+        out.extend_from_slice(&buf[copied..span.start]);
+        out.extend_from_slice(STARS);
+        copied = span.end;
+    }
+    out.extend_from_slice(&buf[copied..]);
+    out
 }
 
 /// The patterns one secret value contributes: the value itself and, for a multi-line
@@ -166,13 +207,17 @@ mod tests {
         }
     }
 
+    fn feed(m: &mut Masker, chunk: &[u8]) -> Vec<u8> {
+        m.push(Bytes::copy_from_slice(chunk)).to_vec()
+    }
+
     /// Streams `chunks` through a fresh clone of `m`, checking the hold-back bound.
     fn stream(m: &Masker, chunks: &[&[u8]]) -> Vec<u8> {
         let mut m = m.clone();
         let longest = m.patterns.first().map_or(0, Vec::len);
         let mut out = Vec::new();
         for c in chunks {
-            out.extend(m.push(c));
+            out.extend(feed(&mut m, c));
             assert!(m.carry.len() <= longest.saturating_sub(1), "carry too long");
         }
         out.extend(m.finish());
@@ -215,7 +260,7 @@ mod tests {
     fn no_secrets_passes_through() {
         let mut m = Masker::new(Vec::<String>::new());
         assert!(!m.is_active());
-        assert_eq!(m.push(b"any\xffthing"), b"any\xffthing");
+        assert_eq!(feed(&mut m, b"any\xffthing"), b"any\xffthing");
         assert!(m.finish().is_empty());
         assert!(!Masker::new(["ab", "", "\n"]).is_active());
         assert!(Masker::new(["abcd"]).is_active());
@@ -245,8 +290,8 @@ mod tests {
     fn binary_output_and_secrets() {
         let m = Masker::new([&b"\xff\x00\xfe\x01"[..]]);
         let mut s = m.clone();
-        let mut out = s.push(b"\x80\xff\x00");
-        out.extend(s.push(b"\xfe\x01\xc3"));
+        let mut out = feed(&mut s, b"\x80\xff\x00");
+        out.extend(feed(&mut s, b"\xfe\x01\xc3"));
         out.extend(s.finish());
         assert_eq!(out, b"\x80***\xc3");
     }
@@ -254,14 +299,14 @@ mod tests {
     #[test]
     fn holds_back_only_possible_prefixes() {
         let mut m = Masker::new(["secret"]);
-        assert_eq!(m.push(b"hello world"), b"hello world");
-        assert_eq!(m.push(b"xxse"), b"xx");
-        assert_eq!(m.push(b""), b"");
-        assert_eq!(m.push(b"cr"), b"");
-        assert_eq!(m.push(b"et!se"), b"***!");
-        assert_eq!(m.push(b"x"), b"sex");
-        assert_eq!(m.push(b"secre"), b"");
-        assert_eq!(m.finish(), b"secre");
+        assert_eq!(feed(&mut m, b"hello world"), b"hello world");
+        assert_eq!(feed(&mut m, b"xxse"), b"xx");
+        assert_eq!(feed(&mut m, b""), b"");
+        assert_eq!(feed(&mut m, b"cr"), b"");
+        assert_eq!(feed(&mut m, b"et!se"), b"***!");
+        assert_eq!(feed(&mut m, b"x"), b"sex");
+        assert_eq!(feed(&mut m, b"secre"), b"");
+        assert_eq!(m.finish(), &b"secre"[..]);
     }
 
     #[test]
@@ -355,5 +400,90 @@ mod tests {
         assert_eq!(stream(&m, &chunks), want);
         assert!(!contains(&want, b"token-001-xyz"));
         assert!(contains(&want, b"token-045-xyz"));
+    }
+
+    /// The masker as it was before the automaton: every position tried with every pattern,
+    /// longest first. What the fast search must agree with.
+    fn reference(m: &Masker, buf: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        'outer: while i < buf.len() {
+            for p in &m.patterns {
+                if buf[i..].starts_with(p) {
+                    out.extend_from_slice(STARS);
+                    i += p.len();
+                    continue 'outer;
+                }
+            }
+            out.push(buf[i]);
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn fast_search_agrees_with_trying_every_position() {
+        let alphabet = b"abc\n";
+        let mut rng = Rng(0x0123_4567_89AB_CDEF);
+        for case in 0..3000 {
+            let mut word = |max: usize| -> Vec<u8> {
+                let len = rng.below(max + 1);
+                (0..len)
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect()
+            };
+            let secrets: Vec<Vec<u8>> = (0..1 + case % 5).map(|_| word(9)).collect();
+            let input = word(200);
+            let m = Masker::new(&secrets);
+            assert_eq!(
+                m.mask_all(&input),
+                reference(&m, &input),
+                "case {case}: {secrets:?} {input:?}"
+            );
+        }
+    }
+
+    /// Chunks as a step's pipe gives them now (up to hundreds of KiB), with secrets across
+    /// every border: at each offset around it, and longer than some chunks.
+    #[test]
+    fn secrets_across_the_borders_of_big_reads() {
+        let secrets = ["tok-3f9a1c77", "tok-3f9a1c77-and-more", "x\ny\nzzzz"];
+        let m = Masker::new(secrets);
+        let mut input = Vec::new();
+        let mut rng = Rng(0xDEAD_BEEF_F00D_CAFE);
+        while input.len() < 3 << 20 {
+            let filler = rng.below(300);
+            input.extend(std::iter::repeat_n(b't', filler));
+            input.extend_from_slice(secrets[rng.below(secrets.len())].as_bytes());
+        }
+        let want = reference(&m, &input);
+        for size in [64 << 10, 128 << 10, 256 << 10, (256 << 10) + 7] {
+            let chunks: Vec<&[u8]> = input.chunks(size).collect();
+            assert_eq!(stream(&m, &chunks), want, "chunks of {size}");
+        }
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < input.len() {
+            let end = (start + 1 + rng.below(300 << 10)).min(input.len());
+            chunks.push(&input[start..end]);
+            start = end;
+        }
+        assert_eq!(stream(&m, &chunks), want, "chunks of random sizes");
+        assert!(!contains(&want, b"tok-3f9a1c77"));
+    }
+
+    #[test]
+    fn a_chunk_without_secrets_is_passed_on_not_copied() {
+        let mut m = Masker::new(["tok-3f9a1c77"]);
+        let chunk = Bytes::from(b"line one\nline two\n".repeat(1000));
+        let at = chunk.as_ptr();
+        let out = m.push(chunk);
+        assert_eq!(out.as_ptr(), at);
+        assert_eq!(out.len(), 18_000);
+        // Held back: a possible start of the secret, passed on once it is known not to be.
+        let out = m.push(Bytes::from_static(b"last line tok-3f"));
+        assert_eq!(out, &b"last line "[..]);
+        let out = m.push(Bytes::from_static(b"ine\n"));
+        assert_eq!(out, &b"tok-3fine\n"[..]);
     }
 }

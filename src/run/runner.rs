@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::fs::File;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
@@ -22,18 +20,19 @@ use tokio::task::{JoinError, JoinSet};
 use crate::run::contain::{self, Containment};
 use crate::run::events::OutputTap;
 use crate::run::mask::Masker;
+use crate::run::output;
 use crate::run::user::RunAs;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// Output is forwarded at most this many bytes at a time, so a line without a
-/// newline cannot grow memory without bound.
-const CHUNK: usize = 8 * 1024;
-/// Chunks in flight between the pipe readers and the log writer; bounded so a
-/// slow disk applies back-pressure to the step instead of buffering in memory.
-const CHANNEL_DEPTH: usize = 64;
+/// Pieces of output in flight between the pipe readers and the log writer (each at
+/// most a read, see `output`); bounded so a slow disk applies back-pressure to the step
+/// instead of buffering in memory.
+const CHANNEL_DEPTH: usize = 16;
+/// Batches on their way to a store that shares logs.
+const KEEP_DEPTH: usize = 16;
 /// How long the pipe readers may keep going once the process group is dead. A
 /// process that escaped the group (e.g. via `setsid`) can hold a pipe open
 /// forever, so after this we abandon its output.
@@ -90,13 +89,18 @@ impl LogBudget {
         }
     }
 
+    /// The limit, in bytes; zero: none.
+    pub(super) fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// True the first time it is asked, for the step whose log says the limit was hit.
-    fn tell(&self) -> bool {
+    pub(super) fn tell(&self) -> bool {
         !self.told.swap(true, Ordering::Relaxed)
     }
 
     /// The part of `bytes` that may still be written; the rest is counted in `dropped`.
-    fn admit<'b>(&self, bytes: &'b [u8], dropped: &mut u64) -> &'b [u8] {
+    pub(super) fn admit<'b>(&self, bytes: &'b [u8], dropped: &mut u64) -> &'b [u8] {
         let granted = self.take(bytes.len());
         *dropped += (bytes.len() - granted) as u64;
         &bytes[..granted]
@@ -194,14 +198,20 @@ pub async fn run_step(
         });
     }
 
+    let spawn_error = |source| RunnerError::Spawn {
+        cwd: cmd.cwd.to_path_buf(),
+        source,
+    };
+    let (out_ours, out_theirs) = output::pipe().map_err(spawn_error)?;
+    let (err_ours, err_theirs) = output::pipe().map_err(spawn_error)?;
     let mut shell = Command::new("sh");
     shell
         .arg("-c")
         .arg(cmd.script)
         .process_group(0)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(out_theirs))
+        .stderr(Stdio::from(err_theirs))
         .kill_on_drop(true)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
@@ -226,11 +236,11 @@ pub async fn run_step(
             drop_capabilities()
         });
     }
-    let (mut child, _tracked) =
-        crate::process::spawn_tracked(&mut shell).map_err(|source| RunnerError::Spawn {
-            cwd: cmd.cwd.to_path_buf(),
-            source,
-        })?;
+    let spawned = crate::process::spawn_tracked(&mut shell);
+    // The command holds the step's ends of the pipes; with them open here too, the
+    // pipes would never report the end of the step's output.
+    drop(shell);
+    let (mut child, _tracked) = spawned.map_err(spawn_error)?;
     // `process_group(0)` makes the shell the leader of a new group whose id is its pid.
     let pgid = child
         .id()
@@ -245,21 +255,25 @@ pub async fn run_step(
     debug!(pgid, cwd = %cmd.cwd.display(), log = %cmd.log_path.display(), "step spawned");
 
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let budget = Arc::clone(cmd.budget);
-    let mut writer = tokio::spawn(write_log(
-        log,
-        rx,
-        cmd.mask.clone(),
-        cmd.output.cloned(),
-        budget,
-    ));
+    let tap = cmd.output.cloned();
+    let keeper = tap.clone().filter(OutputTap::keeps).map(|tap| {
+        let (keep, kept) = mpsc::channel(KEEP_DEPTH);
+        (keep, tokio::spawn(output::keep_batches(tap, kept)))
+    });
+    let (keep, keeper) = keeper.unzip();
+    let (mask, budget) = (cmd.mask.clone(), Arc::clone(cmd.budget));
+    let writing =
+        tokio::task::spawn_blocking(move || output::write_log(log, rx, mask, tap, keep, budget));
+    let mut writer = tokio::spawn(async move {
+        let written = flatten(writing.await);
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
+        written
+    });
     let mut readers = JoinSet::new();
-    if let Some(out) = child.stdout.take() {
-        readers.spawn(pump(out, tx.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.spawn(pump(err, tx));
-    }
+    readers.spawn(output::pump(out_ours, tx.clone()));
+    readers.spawn(output::pump(err_ours, tx));
 
     let deadline = cmd.timeout.and_then(|t| started.checked_add(t));
     let mut early = None;
@@ -478,7 +492,7 @@ async fn canceled(cancel: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn create_log(path: &Path) -> Result<File, RunnerError> {
+async fn create_log(path: &Path) -> Result<std::fs::File, RunnerError> {
     let fail = |source| RunnerError::CreateLog {
         path: path.to_path_buf(),
         source,
@@ -486,206 +500,8 @@ async fn create_log(path: &Path) -> Result<File, RunnerError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(parent).await.map_err(fail)?;
     }
-    File::create(path).await.map_err(fail)
-}
-
-/// Forwards one pipe to the writer, cut at line ends where possible so the
-/// two streams interleave by line rather than mid-line.
-async fn pump(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
-    let mut buf = vec![0; CHUNK];
-    let mut pending = Vec::with_capacity(CHUNK);
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(error) => {
-                warn!(%error, "reading step output failed");
-                break;
-            }
-        };
-        pending.extend_from_slice(&buf[..n]);
-        let cut = if pending.len() >= CHUNK {
-            pending.len()
-        } else {
-            match pending.iter().rposition(|&b| b == b'\n') {
-                Some(i) => i + 1,
-                None => continue,
-            }
-        };
-        let rest = pending.split_off(cut);
-        if tx
-            .send(std::mem::replace(&mut pending, rest))
-            .await
-            .is_err()
-        {
-            // The writer failed; dropping the pipe lets the step see EPIPE.
-            return;
-        }
-    }
-    if !pending.is_empty() {
-        let _ = tx.send(pending).await;
-    }
-}
-
-/// Writes the step's interleaved output as it comes, secrets masked: a value split
-/// across chunks is held back until it is known whether it is a secret.
-/// Past the run's log budget, output is dropped (the step keeps running, its pipes
-/// drained); the log of the step that reached the limit ends with a line saying how
-/// much it dropped, and that everything after is dropped too. Returns that count.
-async fn write_log(
-    log: File,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    mut mask: Masker,
-    tap: Option<OutputTap>,
-    budget: Arc<LogBudget>,
-) -> io::Result<u64> {
-    let mut log = TappedLog {
-        file: log,
-        offset: 0,
-        kept: Kept::default(),
-        tap,
-    };
-    let mut dropped = 0u64;
-    loop {
-        // What the store has not had yet goes within KEEP_AFTER, also while the step is quiet.
-        let chunk = match log.kept.due() {
-            Some(due) => tokio::select! {
-                chunk = rx.recv() => chunk,
-                () = tokio::time::sleep_until(due) => {
-                    log.keep().await;
-                    continue;
-                }
-            },
-            None => rx.recv().await,
-        };
-        let Some(chunk) = chunk else {
-            break;
-        };
-        let piece = if mask.is_active() {
-            mask.push(&chunk)
-        } else {
-            chunk
-        };
-        log.write(admitted(&budget, piece, &mut dropped)).await?;
-    }
-    log.write(admitted(&budget, mask.finish(), &mut dropped))
-        .await?;
-    if dropped > 0 && budget.tell() {
-        let line = format!(
-            "\n[hookci] max_log_bytes ({} bytes per run) reached: {dropped} bytes of output dropped, and all output of later steps\n",
-            budget.limit
-        );
-        log.write(line.into_bytes()).await?;
-    }
-    // tokio's File writes in the background; flush waits for the last write
-    // and surfaces its error.
-    log.file.flush().await?;
-    // Before the step's end is recorded: a reader elsewhere that sees the end has the
-    // whole log. A store that fails is given a few more tries.
-    for _ in 0..3 {
-        log.keep().await;
-        if log.kept.bytes.is_empty() {
-            break;
-        }
-        tokio::time::sleep(KEEP_AFTER).await;
-    }
-    Ok(dropped)
-}
-
-/// What of `piece` the run's log budget still admits.
-fn admitted(budget: &LogBudget, mut piece: Vec<u8>, dropped: &mut u64) -> Vec<u8> {
-    let keep = budget.admit(&piece, dropped).len();
-    piece.truncate(keep);
-    piece
-}
-
-/// How long written output may wait before it is kept in a store that shares logs.
-const KEEP_AFTER: Duration = Duration::from_millis(150);
-/// How much written output is kept in the store at once at most, before KEEP_AFTER.
-const KEEP_BYTES: usize = 64 * 1024;
-
-/// A step's log file, and where what is written to it is published.
-struct TappedLog {
-    file: File,
-    /// How much has been written.
-    offset: u64,
-    tap: Option<OutputTap>,
-    kept: Kept,
-}
-
-/// Written output the store that shares logs has not had yet: one row a batch, never
-/// one a line.
-#[derive(Default)]
-struct Kept {
-    /// Where the batch begins in the log.
-    at: u64,
-    bytes: Vec<u8>,
-    /// When the batch's first byte was written.
-    since: Option<Instant>,
-}
-
-impl Kept {
-    fn due(&self) -> Option<Instant> {
-        self.since.map(|since| since + KEEP_AFTER)
-    }
-}
-
-impl TappedLog {
-    /// Writes `piece`, then publishes it: once it is in the file, so that a follower
-    /// who reads the file and then follows the events misses nothing in between.
-    async fn write(&mut self, piece: Vec<u8>) -> io::Result<()> {
-        if piece.is_empty() {
-            return Ok(());
-        }
-        self.file.write_all(&piece).await?;
-        let at = self.offset;
-        self.offset += piece.len() as u64;
-        if let Some(tap) = &self.tap {
-            if tap.keeps() {
-                if self.kept.bytes.is_empty() {
-                    self.kept.at = at;
-                    self.kept.since = Some(Instant::now());
-                }
-                self.kept.bytes.extend_from_slice(&piece);
-            }
-            // Only after the flush can a reader of the file see what the event announces.
-            self.file.flush().await?;
-            tap.written(at, piece.into());
-        }
-        if self.kept.bytes.len() >= KEEP_BYTES {
-            self.keep().await;
-        }
-        Ok(())
-    }
-
-    /// Keeps the batch in the store. A failure is logged and the batch kept for the next
-    /// try: the file has it, and the run's log budget bounds what can pile up.
-    async fn keep(&mut self) {
-        let Some(tap) = self.tap.clone() else {
-            return;
-        };
-        if self.kept.bytes.is_empty() {
-            self.kept.since = None;
-            return;
-        }
-        let (at, bytes) = (self.kept.at, self.kept.bytes.clone());
-        let len = bytes.len();
-        match tokio::task::spawn_blocking(move || tap.keep(at, bytes)).await {
-            Ok(Ok(())) => {
-                self.kept.bytes.drain(..len);
-                self.kept.at += len as u64;
-                self.kept.since = None;
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, bytes = len, "cannot keep step output in the store, trying again");
-                self.kept.since = Some(Instant::now());
-            }
-            Err(e) => {
-                warn!(error = %e, "keeping step output in the store failed");
-                self.kept.since = Some(Instant::now());
-            }
-        }
-    }
+    let file = tokio::fs::File::create(path).await.map_err(fail)?;
+    Ok(file.into_std().await)
 }
 
 /// Clears the ambient capabilities the daemon may hold (the systemd unit grants some

@@ -1,9 +1,9 @@
 //! Run control against the real daemon: concurrency groups and their cancel policies,
 //! the write API (cancel, rerun, trigger) and its token, secrets and their masking,
-//! path filters and skip tokens, live logs (SSE and `hookci logs -f`) and the metrics
-//! kept from the same run events, retention, the API client commands, what stops and
-//! signals do to runs and open streams, reloads, and what keeps a run in its bounds:
-//! its user, its processes, its log, the disk, the HTTP door.
+//! path filters and skip tokens, live logs (SSE and `hookci logs -f`), a step's output
+//! in bulk, the metrics kept from the same run events, retention, the API client
+//! commands, what stops and signals do to runs and open streams, reloads, and what
+//! keeps a run in its bounds: its user, its processes, its log, the disk, the HTTP door.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -474,6 +474,7 @@ mod run_as;
 mod run_end;
 mod secrets;
 mod signals;
+mod step_output;
 mod triggers;
 mod write_api;
 
