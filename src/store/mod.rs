@@ -294,8 +294,15 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The writer alone uses more distinct statements than rusqlite's default cache of
+    // 16 holds (a push's, a claim's, a step's, the outbox's): past it, each use of an
+    // evicted one would parse and plan it again.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
+
+/// Prepared statements a connection keeps (see `connect`).
+const STATEMENT_CACHE: usize = 128;
 
 const RUN_COLUMNS: &str =
     "id, pipeline, repo, ref, commit_sha, before_sha, clone_url, trigger, delivery_id, \

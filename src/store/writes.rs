@@ -657,6 +657,14 @@ fn note_head(
     Ok(())
 }
 
+/// The `before` of the oldest run a new run of group ?1 on ref ?2 supersedes: a queued
+/// one, or also a running one when ?3 is `running` (else `queued` again). As an `IN`
+/// list, both statuses are looked up in `runs_group`; an `OR` of them would make SQLite
+/// walk every run the group ever had, on each push.
+const SUPERSEDED_BASE: &str = "SELECT before_sha FROM runs
+     WHERE grp = ?1 AND ref = ?2 AND status IN ('queued', ?3)
+     ORDER BY id LIMIT 1";
+
 /// Inserts a run unless its key exists (then names the existing run), and applies its
 /// group's cancel policy to older runs.
 fn insert_run(
@@ -670,20 +678,42 @@ fn insert_run(
         Some(_) => (RunStatus::Skipped, Some(now)),
         None => (RunStatus::Queued, None),
     };
-    let id: Option<i64> = conn
-        .prepare_cached(
+    let supersedes_group = match (&run.group, &run.skipped) {
+        (Some(group), None) if run.supersede != Supersede::Nothing => Some(group),
+        _ => None,
+    };
+    // The runs superseded here never build their pushes, so this one stands for them
+    // too: its changes (what `on.paths` sees, and `HOOKCI_BEFORE`) count from where the
+    // oldest of them on its ref started. Runs of other refs (a group of the whole
+    // pipeline) are no part of this ref's history. Looked up before the insert, so the
+    // run is inserted as it stands and comes back from the INSERT itself: no second
+    // write and no read of it afterwards (a statement less for each push).
+    let base: Option<String> = match supersedes_group {
+        Some(group) => {
+            let superseded = match run.supersede {
+                Supersede::Running => "running",
+                _ => "queued",
+            };
+            conn.prepare_cached(SUPERSEDED_BASE)?
+                .query_row(params![group, run.git_ref, superseded], |r| r.get(0))
+                .optional()?
+        }
+        None => None,
+    };
+    let created: Option<Run> = conn
+        .prepare_cached(&format!(
             "INSERT INTO runs (pipeline, repo, ref, commit_sha, before_sha, clone_url, run_key, grp, trigger,
                                delivery_id, status, reason, generation, created_at, finished_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-             ON CONFLICT(run_key) DO NOTHING RETURNING id",
-        )?
+             ON CONFLICT(run_key) DO NOTHING RETURNING {RUN_COLUMNS}"
+        ))?
         .query_row(
             params![
                 run.pipeline,
                 run.repo,
                 run.git_ref,
                 run.commit,
-                run.before,
+                base.as_deref().unwrap_or(&run.before),
                 run.clone_url,
                 run.key,
                 run.group,
@@ -695,10 +725,10 @@ fn insert_run(
                 now,
                 finished_at
             ],
-            |r| r.get(0),
+            run_from_row,
         )
         .optional()?;
-    let Some(id) = id else {
+    let Some(created) = created else {
         let existing = conn
             .prepare_cached("SELECT id FROM runs WHERE run_key = ?1")?
             .query_row([&run.key], |r| r.get(0))?;
@@ -710,6 +740,7 @@ fn insert_run(
             changed: Vec::new(),
         });
     };
+    let id = created.id;
     if let Some(policy) = policy {
         let t = Transition {
             run: id,
@@ -724,31 +755,8 @@ fn insert_run(
         outbox::record(conn, policy, &t)?;
     }
     let mut supersedes = Vec::new();
-    let mut changed = Vec::new();
-    if let (Some(group), None, true) = (
-        &run.group,
-        &run.skipped,
-        run.supersede != Supersede::Nothing,
-    ) {
-        // The runs superseded here never build their pushes, so this one stands for
-        // them too: its changes (what `on.paths` sees, and `HOOKCI_BEFORE`) count from
-        // where the oldest of them on its ref started. Runs of other refs (a group of
-        // the whole pipeline) are no part of this ref's history.
-        let base: Option<String> = conn
-            .prepare_cached(
-                "SELECT before_sha FROM runs
-                 WHERE grp = ?1 AND ref = ?3 AND id < ?2 AND (status = 'queued' OR (?4 AND status = 'running'))
-                 ORDER BY id LIMIT 1",
-            )?
-            .query_row(
-                params![group, id, run.git_ref, run.supersede == Supersede::Running],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(base) = base {
-            conn.prepare_cached("UPDATE runs SET before_sha = ?2 WHERE id = ?1")?
-                .execute(params![id, base])?;
-        }
+    let mut changed = vec![created];
+    if let Some(group) = supersedes_group {
         let reason = format!("superseded by run {id}");
         let canceled = conn
             .prepare_cached(&format!(
@@ -781,11 +789,6 @@ fn insert_run(
                 .collect::<Result<_, _>>()?;
         }
     }
-    // Read back after the base change above, so it is the run as committed.
-    let created = conn
-        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?
-        .query_row([id], run_from_row)?;
-    changed.insert(0, created);
     Ok(RunRef {
         id,
         pipeline: run.pipeline.clone(),
@@ -836,4 +839,40 @@ fn report_run(c: &Connection, policy: &dyn ReportPolicy, id: i64) -> rusqlite::R
         outbox::record(c, policy, &t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How SQLite plans `sql` on a store made by the current schema.
+    fn plan(sql: &str, params: impl rusqlite::Params) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Sqlite::open(dir.path()).unwrap();
+        let conn = store.conn();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows
+    }
+
+    #[test]
+    fn a_push_finds_the_base_it_supersedes_through_the_group_and_status_index() {
+        // Every push of a group runs this: walking all of the group's runs instead
+        // would make intake slower with every run the group ever had.
+        let steps = plan(
+            SUPERSEDED_BASE,
+            params!["ci\nrefs/heads/main", "refs/heads/main", "running"],
+        );
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.contains("USING INDEX runs_group (grp=? AND status=?)")),
+            "{steps:?}"
+        );
+        assert!(!steps.iter().any(|s| s.starts_with("SCAN")), "{steps:?}");
+    }
 }
