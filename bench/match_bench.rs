@@ -65,7 +65,7 @@ fn decide_and_write_reasons(push: &Push, set: &PipelineSet) -> Vec<String> {
         .filter(|d| d.watches_the_repository())
         .filter_map(|d| match &d.verdict {
             Verdict::Build { .. } => None,
-            Verdict::Skip { reason, .. } | Verdict::Ignore { reason } => Some(reason.to_string()),
+            Verdict::Skip { reason, .. } | Verdict::Ignore { reason } => Some(reason.text()),
         })
         .collect()
 }
@@ -104,6 +104,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         counts
     };
     let push = Push::parse(PUSH.as_bytes())?;
+    // For instruction counts (valgrind --tool=callgrind): that many untimed calls of
+    // each measured function on the last count, with nothing else around them.
+    if let Some(calls) = std::env::var("MATCH_CALLS")
+        .ok()
+        .and_then(|c| c.parse::<u32>().ok())
+    {
+        let set = pipelines(counts.last().copied().unwrap_or(1000))?;
+        for _ in 0..calls {
+            black_box(matcher::decide(black_box(&push), black_box(&set)));
+        }
+        for _ in 0..calls {
+            black_box(decide_and_write_reasons(black_box(&push), black_box(&set)));
+        }
+        return Ok(());
+    }
     for n in counts {
         let set = pipelines(n)?;
         let decisions = matcher::decide(&push, &set);

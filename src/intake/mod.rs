@@ -515,12 +515,12 @@ pub fn decisions(
                     reason,
                 } => NewDecision {
                     pipeline: Some(p.name.clone()),
-                    reason: reason.to_string(),
-                    run: Some(run(key, commit, Some(reason.to_string()))),
+                    reason: reason.text(),
+                    run: Some(run(key, commit, Some(reason.text()))),
                 },
                 Verdict::Ignore { reason } => NewDecision {
                     pipeline: Some(p.name.clone()),
-                    reason: reason.to_string(),
+                    reason: reason.text(),
                     run: None,
                 },
             }

@@ -135,6 +135,16 @@ impl fmt::Display for Reason<'_> {
     }
 }
 
+impl Reason<'_> {
+    /// The sentence as text, in one allocation for the common lengths.
+    pub fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::with_capacity(128);
+        let _ = write!(text, "{self}");
+        text
+    }
+}
+
 impl Decision<'_> {
     /// Whether the pipeline watches the pushed repository at all.
     pub fn watches_the_repository(&self) -> bool {
@@ -147,12 +157,24 @@ impl Decision<'_> {
     }
 }
 
-/// The run key: the per-commit lock (README, "Why").
+/// The run key: the per-commit lock (README, "Why"). Joined by hand: it is made for
+/// every pipeline a push builds, and the formatting machinery costs more than the copy.
 pub fn run_key(pipeline: &Pipeline, git_ref: &str, commit: &str) -> String {
-    match pipeline.dedupe {
-        Dedupe::Ref => format!("{}\n{git_ref}\n{commit}", pipeline.name),
-        Dedupe::Commit => format!("{}\n*\n{commit}", pipeline.name),
+    let git_ref = match pipeline.dedupe {
+        Dedupe::Ref => git_ref,
+        Dedupe::Commit => "*",
+    };
+    let mut key = String::with_capacity(pipeline.name.len() + git_ref.len() + commit.len() + 2);
+    for (i, part) in [pipeline.name.as_str(), git_ref, commit]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            key.push('\n');
+        }
+        key.push_str(part);
     }
+    key
 }
 
 /// Decides every pipeline of `set` for `push`, in the set's order.
