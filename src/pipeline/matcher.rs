@@ -112,26 +112,57 @@ impl fmt::Display for Reason<'_> {
                 let (what, field) = filter.words();
                 write!(
                     f,
-                    "{what} {name:?} is excluded by {field} pattern {:?}",
-                    pattern.as_str()
+                    "{what} {} is excluded by {field} pattern {}",
+                    Quoted(name),
+                    Quoted(pattern.as_str())
                 )
             }
             Reason::NoneMatched { filter, name, list } => {
                 let (what, field) = filter.words();
-                write!(f, "{what} {name:?} matches none of {field} ")?;
-                f.debug_list()
-                    .entries(list.patterns().iter().map(Pattern::as_str))
-                    .finish()
+                write!(f, "{what} {} matches none of {field} [", Quoted(name))?;
+                for (i, pattern) in list.patterns().iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    Quoted(pattern.as_str()).fmt(f)?;
+                }
+                f.write_str("]")
             }
             Reason::TagsOnly { branch } => {
-                write!(f, "branch {branch:?}: this pipeline runs on tags only")
+                write!(
+                    f,
+                    "branch {}: this pipeline runs on tags only",
+                    Quoted(branch)
+                )
             }
-            Reason::NoTags { tag } => write!(f, "tag {tag:?}: this pipeline has no on.tags"),
+            Reason::NoTags { tag } => {
+                write!(f, "tag {}: this pipeline has no on.tags", Quoted(tag))
+            }
             Reason::NeitherBranchNorTag { git_ref } => {
                 write!(f, "{git_ref} is neither a branch nor a tag")
             }
             Reason::SkipToken { token } => write!(f, "head commit message contains {token}"),
         }
+    }
+}
+
+/// A string as `{:?}` writes it, in quotes with what needs it escaped; a plain one
+/// (printable ASCII without `"` or `\`, as refs and patterns almost always are) is
+/// copied as it is, which costs a fraction of escaping it character by character.
+struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plain = self
+            .0
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
+        if !plain {
+            return write!(f, "{:?}", self.0);
+        }
+        f.write_str("\"")?;
+        f.write_str(self.0)?;
+        f.write_str("\"")
     }
 }
 
@@ -536,6 +567,25 @@ mod tests {
             seen,
             [("a", true, false), ("b", false, false), ("c", true, true)]
         );
+    }
+
+    #[test]
+    fn quoted_is_what_debug_writes() {
+        for s in [
+            "main",
+            "release/**",
+            "a b",
+            "it's",
+            "q\"x",
+            "back\\slash",
+            "tab\t",
+            "café",
+            "🦀",
+            "\u{7f}",
+            "",
+        ] {
+            assert_eq!(Quoted(s).to_string(), format!("{s:?}"), "{s:?}");
+        }
     }
 
     #[test]
