@@ -42,9 +42,6 @@ pub fn update_in_place(
     let Some(plan) = Plan::of(&diff, &index, repo)? else {
         return update_with_libgit2(repo, oid, dest, keep);
     };
-    for path in &plan.removed {
-        remove_any(&dest.join(path)).map_err(|e| io_err("removing", path, &e))?;
-    }
     let entries: Vec<IndexEntry> = index.iter().collect();
     let staying: Vec<(&str, &IndexEntry)> = entries
         .iter()
@@ -58,6 +55,12 @@ pub fn update_in_place(
             .chain(plan.written.keys().map(String::as_str)),
     );
     clean(dest, "", &tracked, keep).map_err(|e| io_err("removing untracked files in", ".", &e))?;
+    // What the new commit no longer has goes even where `keep` matches it, as a
+    // checkout would remove it; after the walk, so that no link a step left stands
+    // between the workspace and what is removed.
+    for path in &plan.removed {
+        remove_inside(dest, path).map_err(|e| io_err("removing", path, &e))?;
+    }
     // The walk removed whatever stood in the place of a tracked directory (a link, a
     // file), so checking a tracked file's stat data never follows a link out.
     let index_time = std::fs::metadata(repo.path().join("index"))
@@ -265,6 +268,22 @@ fn write_file(
     }
     .map_err(|e| io_err("writing", path, &e))?;
     Ok(parallel::index_entry(path, id, mode, &meta))
+}
+
+/// Removes what is at `path` below `dest`, if every directory on the way there is a
+/// real one: behind a link or a file there is nothing of the workspace to remove.
+fn remove_inside(dest: &Path, path: &str) -> std::io::Result<()> {
+    let mut at = dest.to_path_buf();
+    if let Some((parent, _)) = path.rsplit_once('/') {
+        for part in parent.split('/') {
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(meta) if meta.is_dir() => {}
+                _ => return Ok(()),
+            }
+        }
+    }
+    remove_any(&dest.join(path))
 }
 
 /// Removes the file, link or directory tree at `path` (a link is removed, not
@@ -534,6 +553,7 @@ mod tests {
         let regular = 0o100644;
         let c1 = f.commit_exactly(&[
             ("src/lib.c", "lib", regular),
+            ("src/gone.c", "deleted upstream", regular),
             ("src/deep/x.c", "x", regular),
             ("b", "b", regular),
             ("c", "c", regular),
@@ -546,6 +566,7 @@ mod tests {
         let outside = f.dir.path().join("outside");
         std::fs::create_dir_all(outside.join("deep")).unwrap();
         std::fs::write(outside.join("lib.c"), "not hookci's").unwrap();
+        std::fs::write(outside.join("gone.c"), "not hookci's either").unwrap();
         // What steps did.
         std::fs::write(ws.join("staged.txt"), "staged").unwrap();
         let step_repo = f.ws_repo();
@@ -590,6 +611,7 @@ mod tests {
             "not hookci's"
         );
         assert!(!outside.join("deep/x.c").exists(), "written through a link");
+        assert!(outside.join("gone.c").exists(), "removed through a link");
         assert_eq!(
             std::fs::read_to_string(ws.join("target/debug/warm")).unwrap(),
             "kept"
