@@ -2,11 +2,15 @@
 //! `bench/run.sh`. The pipelines are compiled from YAML text by the library's own
 //! `Pipeline::parse`, exactly as pipeline files are, and the push is read by
 //! `Push::parse`; what is timed is `matcher::decide` alone, the pure function intake
-//! calls for every push. No files, no network, no store.
+//! calls for every push. No files, no network, no store. A decision's reason is written
+//! out only where it is shown or stored, so a second figure, `us_with_reasons`, times
+//! `decide` followed by what intake adds for the pipelines of the pushed repository:
+//! every reason written out as text.
 //!
 //!     cargo run --release --example match-bench -- 1 1000
 //!
-//! prints one line per count: `MATCH pipelines=N us_per_push=X build=B ignore=I`.
+//! prints one line per count:
+//! `MATCH pipelines=N us_per_push=X us_with_reasons=Y build=B ignore=I`.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -53,21 +57,34 @@ fn pipelines(n: usize) -> Result<PipelineSet, Box<dyn std::error::Error>> {
 
 const PUSH: &str = r#"{"ref":"refs/heads/release/2.5","before":"1111111111111111111111111111111111111111","after":"2222222222222222222222222222222222222222","created":false,"deleted":false,"forced":false,"head_commit":{"id":"2222222222222222222222222222222222222222","message":"release 2.5"},"repository":{"full_name":"bench/repo","clone_url":"file:///nonexistent/bench/repo.git"}}"#;
 
-/// Median time of one `decide` call, in microseconds.
-fn measure(push: &Push, set: &PipelineSet) -> f64 {
+/// `decide`, then every reason of a pipeline of the pushed repository as text, as intake
+/// stores them.
+fn decide_and_write_reasons(push: &Push, set: &PipelineSet) -> Vec<String> {
+    matcher::decide(push, set)
+        .iter()
+        .filter(|d| d.watches_the_repository())
+        .filter_map(|d| match &d.verdict {
+            Verdict::Build { .. } => None,
+            Verdict::Skip { reason, .. } | Verdict::Ignore { reason } => Some(reason.text()),
+        })
+        .collect()
+}
+
+/// Median time of one call of `work`, in microseconds.
+fn measure<T>(work: impl Fn() -> T) -> f64 {
     for _ in 0..50 {
-        black_box(matcher::decide(black_box(push), black_box(set)));
+        black_box(work());
     }
     // Calls per batch, from one timed call.
     let t = Instant::now();
-    black_box(matcher::decide(push, set));
+    black_box(work());
     let one = t.elapsed().max(Duration::from_nanos(100));
     let per_batch = (BATCH.as_nanos() / one.as_nanos()).clamp(1, 1_000_000) as u32;
     let mut samples: Vec<f64> = (0..BATCHES)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..per_batch {
-                black_box(matcher::decide(black_box(push), black_box(set)));
+                black_box(work());
             }
             t.elapsed().as_secs_f64() * 1e6 / f64::from(per_batch)
         })
@@ -87,6 +104,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         counts
     };
     let push = Push::parse(PUSH.as_bytes())?;
+    // For instruction counts (valgrind --tool=callgrind): that many untimed calls of
+    // each measured function on the last count, with nothing else around them.
+    if let Some(calls) = std::env::var("MATCH_CALLS")
+        .ok()
+        .and_then(|c| c.parse::<u32>().ok())
+    {
+        let set = pipelines(counts.last().copied().unwrap_or(1000))?;
+        for _ in 0..calls {
+            black_box(matcher::decide(black_box(&push), black_box(&set)));
+        }
+        for _ in 0..calls {
+            black_box(decide_and_write_reasons(black_box(&push), black_box(&set)));
+        }
+        return Ok(());
+    }
     for n in counts {
         let set = pipelines(n)?;
         let decisions = matcher::decide(&push, &set);
@@ -94,10 +126,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .iter()
             .filter(|d| matches!(d.verdict, Verdict::Build { .. }))
             .count();
-        let us = measure(&push, &set);
+        let ignore = decisions.len() - build;
+        drop(decisions);
+        let us = measure(|| matcher::decide(black_box(&push), black_box(&set)));
+        let with_reasons = measure(|| decide_and_write_reasons(black_box(&push), black_box(&set)));
         println!(
-            "MATCH pipelines={n} us_per_push={us:.2} build={build} ignore={}",
-            decisions.len() - build
+            "MATCH pipelines={n} us_per_push={us:.2} us_with_reasons={with_reasons:.2} build={build} ignore={ignore}"
         );
     }
     Ok(())

@@ -474,7 +474,8 @@ say "matching one push against 1 and $PIPELINES pipelines"
 "$MATCH" 1 "$PIPELINES" | tee "$WORK/match.out" >&2
 M1=$(kv us_per_push "$(grep ' pipelines=1 ' "$WORK/match.out")")
 MN=$(kv us_per_push "$(grep " pipelines=$PIPELINES " "$WORK/match.out")")
-row "matching one push against $PIPELINES pipelines (matcher::decide)" "$MN µs" \
+MR=$(kv us_with_reasons "$(grep " pipelines=$PIPELINES " "$WORK/match.out")")
+row "matching one push against $PIPELINES pipelines (matcher::decide)" "$MN µs (${MR:--} µs with every reason written out)" \
     "against 1 pipeline: $M1 µs" "$(ratio "$MN" "$M1")" \
     "≤ 1 ms: $(verdict "$MN" "<=" 1000)"
 

@@ -448,13 +448,21 @@ impl Origin {
                 .ok()
                 .and_then(|r| r.peel_to_commit().ok()),
         };
-        let base_tree = parent.as_ref().map(|p| p.tree().unwrap());
-        let mut tb = self.repo.treebuilder(base_tree.as_ref()).unwrap();
-        for (name, content) in files {
+        let base_tree = match &parent {
+            Some(p) => p.tree().unwrap(),
+            None => {
+                let empty = self.repo.treebuilder(None).unwrap().write().unwrap();
+                self.repo.find_tree(empty).unwrap()
+            }
+        };
+        // Paths may be nested (`src/lib.c`): the trees between are made as needed.
+        let mut update = git2::build::TreeUpdateBuilder::new();
+        for (path, content) in files {
             let blob = self.repo.blob(content.as_bytes()).unwrap();
-            tb.insert(name, blob, 0o100644).unwrap();
+            update.upsert(path, blob, git2::FileMode::Blob);
         }
-        let tree = self.repo.find_tree(tb.write().unwrap()).unwrap();
+        let tree = update.create_updated(&self.repo, &base_tree).unwrap();
+        let tree = self.repo.find_tree(tree).unwrap();
         let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
         let oid = self
             .repo

@@ -256,3 +256,82 @@ fn a_reused_update_writes_only_the_changed_files() {
     assert_ne!(stat("b.txt"), b1, "the changed file was written");
     assert_eq!(std::fs::read_to_string(ws.join("b.txt")).unwrap(), "2");
 }
+
+/// What steps do to a checkout beyond build output: commit, stage, put a link where a
+/// tracked directory was (pointing out of the workspace) and a directory where a
+/// tracked file was. The next update still gives exactly the new commit, with a clean
+/// status, and writes nothing through the link.
+const MESS: &str = r#"  - name: inspect
+    run: |
+      echo "files=$(find . -path ./.git -prune -o \( -type f -o -type l \) -print | sort | tr '\n' ' ')"
+      echo "head=$(git rev-parse HEAD)"
+      echo "status=$(git status --porcelain | tr '\n' ' ')"
+      echo "lib=$(cat src/lib.c)"
+      if [ "$(cat mode)" = mess ]; then
+        echo local > committed.txt && git add committed.txt
+        git -c user.name=step -c user.email=step@hookci.invalid commit -qm local
+        echo staged > staged.txt && git add staged.txt
+        rm -rf src && ln -s "$OUTSIDE" src
+        rm b && mkdir -p b/inner && echo x > b/inner/f
+        echo "edited" > a.txt
+        echo messed=yes
+      fi
+"#;
+
+#[test]
+fn an_update_undoes_commits_staging_links_and_directories_a_step_left() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let outside = b.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("lib.c"), "not the workspace's").unwrap();
+    let c1 = origin.commit(
+        "main",
+        &[
+            ("a.txt", "a"),
+            ("b", "b"),
+            ("src/lib.c", "lib 1"),
+            ("src/deep/x.c", "x"),
+            ("mode", "mess"),
+        ],
+        "one",
+    );
+    let pipeline = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nenv: {{ OUTSIDE: \"{}\" }}\nsteps:\n{MESS}",
+        origin.url(),
+        outside.display()
+    );
+    let d = b.pipeline("ci", &pipeline).start();
+    let ok = |id: i64| {
+        let run = d.wait_run(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+        printed(&d, id)
+    };
+    let first = ok(push_main(&d, 1, &"0".repeat(40), &c1));
+    assert_eq!(first["head"], c1);
+    assert_eq!(first["messed"], "yes", "{first:?}");
+
+    let c2 = origin.commit("main", &[("src/lib.c", "lib 2"), ("mode", "look")], "two");
+    let second = ok(push_main(&d, 2, &c1, &c2));
+    assert_eq!(
+        second["files"], "./a.txt ./b ./mode ./src/deep/x.c ./src/lib.c",
+        "{second:?}"
+    );
+    assert_eq!(second["head"], c2);
+    assert_eq!(second["status"], "", "{second:?}");
+    assert_eq!(second["lib"], "lib 2");
+    assert!(
+        !d.log().contains("replacing it"),
+        "updated in place: {}",
+        d.log()
+    );
+    let outside_files: Vec<String> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(outside_files, ["lib.c"]);
+    assert_eq!(
+        std::fs::read_to_string(outside.join("lib.c")).unwrap(),
+        "not the workspace's"
+    );
+}

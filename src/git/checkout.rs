@@ -16,6 +16,7 @@ use crate::config::{HostToken, Secret};
 use crate::git::changes::{self, Changes};
 use crate::git::parallel;
 use crate::git::repo::RepoName;
+use crate::git::update;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
@@ -421,11 +422,11 @@ fn this_boot() -> String {
 }
 
 impl Mirrors {
-    /// Brings the reused workspace `dest` to `commit`: a checkout of the new tree over
-    /// the old one (libgit2 writes only the files that differ and removes those the new
-    /// tree no longer has), then every untracked or ignored path goes except those
-    /// `keep` accepts (given a path relative to `dest`, with a trailing `/` for a
-    /// directory). A missing or damaged workspace is replaced by a fresh checkout.
+    /// Brings the reused workspace `dest` to `commit` in place (see `update`: only the
+    /// files that differ are written, those the new tree no longer has removed, and
+    /// every untracked or ignored path goes except those `keep` accepts, given a path
+    /// relative to `dest` with a trailing `/` for a directory). A missing or damaged
+    /// workspace is replaced by a fresh checkout.
     pub fn update(
         &self,
         req: &Request<'_>,
@@ -468,7 +469,7 @@ impl Mirrors {
             Updated::Fresh
         } else {
             match self.open_reused(req, dest) {
-                Ok(repo) => match update_in_place(&repo, oid, dest, keep) {
+                Ok(repo) => match update::update_in_place(&repo, oid, dest, keep) {
                     Ok(()) => Updated::InPlace,
                     // What the failed update left is never built from, and a fresh
                     // checkout does not depend on what broke it (a step may have
@@ -544,86 +545,6 @@ fn distrust_ctime(dest: &Path) -> Result<(), git2::Error> {
         config.set_bool("core.trustctime", false)?;
     }
     Ok(())
-}
-
-fn update_in_place(
-    repo: &Repository,
-    oid: Oid,
-    dest: &Path,
-    keep: &dyn Fn(&str) -> bool,
-) -> Result<(), git2::Error> {
-    let commit = repo.find_commit(oid)?;
-    // Forced: a step may have edited tracked files, and the commit's content wins.
-    repo.checkout_tree(commit.as_object(), Some(CheckoutBuilder::new().force()))?;
-    repo.set_head_detached(oid)?;
-    let index = repo.index()?;
-    let mut tracked = std::collections::HashSet::new();
-    let mut tracked_dirs = std::collections::HashSet::new();
-    for entry in index.iter() {
-        let path = String::from_utf8_lossy(&entry.path).into_owned();
-        let mut dir = path.as_str();
-        while let Some((parent, _)) = dir.rsplit_once('/') {
-            if !tracked_dirs.insert(parent.to_owned()) {
-                break;
-            }
-            dir = parent;
-        }
-        tracked.insert(path);
-    }
-    let tree = Tracked {
-        files: tracked,
-        dirs: tracked_dirs,
-    };
-    clean(dest, "", &tree, keep)
-        .map(drop)
-        .map_err(|e| git2::Error::from_str(&format!("removing untracked files: {e}")))
-}
-
-/// The paths of the new commit's index: files (and submodules), and every directory
-/// that holds one.
-struct Tracked {
-    files: std::collections::HashSet<String>,
-    dirs: std::collections::HashSet<String>,
-}
-
-/// Removes from `dir` (at `rel` below the workspace) every path neither tracked nor
-/// kept; returns whether `dir` is left empty.
-fn clean(
-    dir: &Path,
-    rel: &str,
-    tracked: &Tracked,
-    keep: &dyn Fn(&str) -> bool,
-) -> std::io::Result<bool> {
-    let mut empty = true;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if rel.is_empty() && name == ".git" {
-            empty = false;
-            continue;
-        }
-        let path = if rel.is_empty() {
-            name.into_owned()
-        } else {
-            format!("{rel}/{name}")
-        };
-        // Not followed: a symbolic link is removed or kept as the link itself.
-        let is_dir = entry.file_type()?.is_dir();
-        if tracked.files.contains(&path) || keep(&path) || (is_dir && keep(&format!("{path}/"))) {
-            empty = false;
-        } else if is_dir {
-            let left_empty = clean(&entry.path(), &path, tracked, keep)?;
-            if left_empty && !tracked.dirs.contains(&path) {
-                std::fs::remove_dir(entry.path())?;
-            } else {
-                empty = false;
-            }
-        } else {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(empty)
 }
 
 #[cfg(test)]

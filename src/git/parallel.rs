@@ -112,7 +112,7 @@ pub fn checkout(repo: &Repository, commit: Oid) -> Result<bool, git2::Error> {
 /// Whether a tree entry's name could write outside its directory or into a `.git`:
 /// no tree git makes has one, but a pushed tree may, and this writer joins names to
 /// the work tree as they are.
-fn unsafe_name(name: &str) -> bool {
+pub(crate) fn unsafe_name(name: &str) -> bool {
     name.is_empty()
         || name == "."
         || name == ".."
@@ -121,7 +121,7 @@ fn unsafe_name(name: &str) -> bool {
 }
 
 /// Whether the repository's configuration asks for content filters on checkout.
-fn needs_filters(repo: &Repository) -> Result<bool, git2::Error> {
+pub(crate) fn needs_filters(repo: &Repository) -> Result<bool, git2::Error> {
     let config = repo.config()?;
     let autocrlf = config.get_string("core.autocrlf").unwrap_or_default();
     let eol = config.get_string("core.eol").unwrap_or_default();
@@ -168,22 +168,28 @@ fn write_files(
             out.metadata()
         }
         .map_err(|e| io_err(&f.path, &e))?;
-        entries.push(IndexEntry {
-            ctime: IndexTime::new(meta.ctime() as i32, meta.ctime_nsec() as u32),
-            mtime: IndexTime::new(meta.mtime() as i32, meta.mtime_nsec() as u32),
-            dev: meta.dev() as u32,
-            ino: meta.ino() as u32,
-            mode: f.mode as u32,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            file_size: meta.size() as u32,
-            id: f.id,
-            flags: (f.path.len().min(0xfff)) as u16,
-            flags_extended: 0,
-            path: f.path.clone().into_bytes(),
-        });
+        entries.push(index_entry(&f.path, f.id, f.mode as u32, &meta));
     }
     Ok(entries)
+}
+
+/// The index entry of blob `id` just written at `path` with `mode`, with the stat data
+/// of what was written (`meta`), so the next update need not read the file again.
+pub(crate) fn index_entry(path: &str, id: Oid, mode: u32, meta: &std::fs::Metadata) -> IndexEntry {
+    IndexEntry {
+        ctime: IndexTime::new(meta.ctime() as i32, meta.ctime_nsec() as u32),
+        mtime: IndexTime::new(meta.mtime() as i32, meta.mtime_nsec() as u32),
+        dev: meta.dev() as u32,
+        ino: meta.ino() as u32,
+        mode,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        file_size: meta.size() as u32,
+        id,
+        flags: (path.len().min(0xfff)) as u16,
+        flags_extended: 0,
+        path: path.as_bytes().to_vec(),
+    }
 }
 
 #[cfg(test)]

@@ -477,9 +477,9 @@ pub fn decisions(
 ) -> Vec<NewDecision> {
     let decided: Vec<NewDecision> = matcher::decide(push, pipelines)
         .into_iter()
-        .filter(|d| d.pipeline.repo.same_as(&push.repo))
+        .filter(matcher::Decision::watches_the_repository)
         .map(|d| {
-            let p = &d.pipeline;
+            let p = d.pipeline;
             let run = |key: String, commit: String, skipped: Option<String>| NewRun {
                 key: Some(key),
                 group: concurrency_group(p, &push.git_ref),
@@ -515,12 +515,12 @@ pub fn decisions(
                     reason,
                 } => NewDecision {
                     pipeline: Some(p.name.clone()),
-                    reason: reason.clone(),
-                    run: Some(run(key, commit, Some(reason))),
+                    reason: reason.text(),
+                    run: Some(run(key, commit, Some(reason.text()))),
                 },
                 Verdict::Ignore { reason } => NewDecision {
                     pipeline: Some(p.name.clone()),
-                    reason,
+                    reason: reason.text(),
                     run: None,
                 },
             }

@@ -53,7 +53,27 @@ pub struct Pattern {
     src: String,
     negated: bool,
     tokens: Vec<Token>,
+    /// The characters every match starts with (the leading single literal characters),
+    /// compared as a string before any state is simulated: most branch and tag
+    /// patterns (`main`, `release/**`, `team/old-*`) are decided by it alone.
+    prefix: String,
+    /// What follows the prefix.
+    rest: Rest,
 }
+
+/// The part of a pattern after its literal prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    /// Nothing: the pattern is a literal.
+    Nothing,
+    /// `**` and nothing after it: any text that starts with the prefix.
+    Anything,
+    /// The tokens from this index on, simulated.
+    Tokens(usize),
+}
+
+/// Patterns of up to this many tokens are simulated with their states on the stack.
+const STACK_STATES: usize = 64;
 
 /// Why a pattern failed to compile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,10 +100,31 @@ impl Pattern {
             return Err(err("nothing after the negating `!`".into()));
         }
         let tokens = compile(src, usize::from(negated)).map_err(err)?;
+        let prefix: String = tokens
+            .iter()
+            .map_while(|t| match t {
+                Token::Atom {
+                    set: CharSet::Char(c),
+                    repeat: Repeat::One,
+                } => Some(*c),
+                _ => None,
+            })
+            .collect();
+        let literal = prefix.chars().count();
+        let rest = match &tokens[literal..] {
+            [] => Rest::Nothing,
+            [Token::Atom {
+                set: CharSet::Any,
+                repeat: Repeat::ZeroOrMore,
+            }] => Rest::Anything,
+            _ => Rest::Tokens(literal),
+        };
         Ok(Pattern {
             src: src.to_owned(),
             negated,
             tokens,
+            prefix,
+            rest,
         })
     }
 
@@ -99,14 +140,34 @@ impl Pattern {
 
     /// Whether the pattern body (ignoring negation) matches the whole `text`.
     pub fn matches(&self, text: &str) -> bool {
+        let Some(after) = text.strip_prefix(self.prefix.as_str()) else {
+            return false;
+        };
+        match self.rest {
+            Rest::Nothing => after.is_empty(),
+            Rest::Anything => true,
+            Rest::Tokens(from) => self.simulate(from, after),
+        }
+    }
+
+    /// Whether the tokens from index `from` on match the whole `text`.
+    fn simulate(&self, from: usize, text: &str) -> bool {
         let n = self.tokens.len();
-        let mut cur = vec![false; n + 1];
-        let mut next = vec![false; n + 1];
-        cur[0] = true;
-        self.close(&mut cur);
+        let mut stack = [false; 2 * STACK_STATES];
+        let mut heap = Vec::new();
+        let states = if n < STACK_STATES {
+            &mut stack[..]
+        } else {
+            heap.resize(2 * (n + 1), false);
+            &mut heap[..]
+        };
+        let (cur, next) = states.split_at_mut(states.len() / 2);
+        let (mut cur, mut next) = (&mut cur[..=n], &mut next[..=n]);
+        cur[from] = true;
+        self.close(cur);
         for c in text.chars() {
             next.fill(false);
-            for (i, token) in self.tokens.iter().enumerate() {
+            for (i, token) in self.tokens.iter().enumerate().skip(from) {
                 let Token::Atom { set, repeat } = token else {
                     continue;
                 };
@@ -123,7 +184,7 @@ impl Pattern {
                     Repeat::ZeroOrMore => next[i] = true,
                 }
             }
-            self.close(&mut next);
+            self.close(next);
             if !next.contains(&true) {
                 return false;
             }
@@ -406,6 +467,52 @@ mod tests {
             }
         }
         assert!(checked >= 45, "only {checked} cases");
+    }
+
+    /// The literal prefix and the shortcuts after it decide exactly as simulating every
+    /// token from the first would, on every text of the table and a few more.
+    #[test]
+    fn shortcuts_agree_with_the_full_simulation() {
+        let extra: &[&str] = &[
+            "release/2.5",
+            "release",
+            "release/",
+            "mai",
+            "main/x",
+            "v",
+            "",
+        ];
+        let mut shortcuts = 0;
+        for &(src, yes, no) in MATCH_CASES
+            .iter()
+            .chain(&[("release/**", &[][..], &[][..]), ("v*", &[], &[])])
+        {
+            let pattern = Pattern::parse(src).expect(src);
+            if pattern.rest != Rest::Tokens(0) {
+                shortcuts += 1;
+            }
+            for text in yes.iter().chain(no).chain(extra) {
+                assert_eq!(
+                    pattern.matches(text),
+                    pattern.simulate(0, text),
+                    "{src:?} vs {text:?}"
+                );
+            }
+        }
+        assert!(shortcuts >= 20, "only {shortcuts} patterns take a shortcut");
+        let literal = Pattern::parse("main").expect("valid");
+        assert_eq!(
+            (literal.prefix.as_str(), literal.rest),
+            ("main", Rest::Nothing)
+        );
+        let prefix = Pattern::parse("!release/**").expect("valid");
+        assert_eq!(
+            (prefix.prefix.as_str(), prefix.rest),
+            ("release/", Rest::Anything)
+        );
+        let long = Pattern::parse(&format!("{}*", "[ab]".repeat(STACK_STATES))).expect("valid");
+        assert!(long.matches(&"ab".repeat(STACK_STATES / 2)));
+        assert!(!long.matches(&"abc".repeat(STACK_STATES / 3)));
     }
 
     /// (patterns, text, included, index of the deciding pattern).

@@ -841,7 +841,9 @@ enum Prepared {
     Skip(String),
 }
 
-/// Records the planned steps and checks the commit out. A stop kills the git job.
+/// Records the planned steps and checks the commit out. A stop kills the git job. The
+/// planned steps are written while the mirror is fetched: the commit (a sync of the
+/// store) need not hold up the fetch, and both are done before the checkout.
 async fn prepare(
     state: &Arc<AppState>,
     run: &Run,
@@ -855,9 +857,7 @@ async fn prepare(
         Interrupted::Fail => OnInterrupt::Fail,
     };
     let id = run.id;
-    blocking(&state.store, move |s| s.plan_steps(id, names, on_interrupt))
-        .await
-        .map_err(GitError::Failed)?;
+    let planned = blocking(&state.store, move |s| s.plan_steps(id, names, on_interrupt));
     let repo = RepoName::parse(&run.repo).map_err(GitError::Failed)?;
     // Path filters never apply to tags (README, "Pipelines").
     let paths = pipeline
@@ -872,9 +872,14 @@ async fn prepare(
         commit: &run.commit,
         changes_since: paths.map(|_| run.before.as_str()),
     };
-    let fetching = Instant::now();
-    let changes = state.git.fetch(fetch, stop).await?;
-    let fetch_ms = millis(fetching.elapsed());
+    let fetching = async {
+        let started = Instant::now();
+        let changes = state.git.fetch(fetch, stop).await;
+        (changes, millis(started.elapsed()))
+    };
+    let (planned, (changes, fetch_ms)) = tokio::join!(planned, fetching);
+    planned.map_err(GitError::Failed)?;
+    let changes = changes?;
     if let Some(paths) = paths {
         let changes = changes.ok_or_else(|| GitError::Failed("git worker: no changes".into()))?;
         if !changes.paths.iter().any(|p| paths.is_match(p)) {

@@ -1,0 +1,706 @@
+//! A reused workspace brought from the commit it holds to another one in place, for
+//! `checkout`'s [`Mirrors::update`](crate::git::checkout::Mirrors::update): only what
+//! the two trees' diff names is written or removed, tracked files a step changed are
+//! found by their stat data against the index (never by reading them), and untracked
+//! paths go in one walk of the work tree that skips what `keep` accepts. Nothing is
+//! synced: a workspace cut short or from another boot is replaced by the caller.
+//! Trees that need what only libgit2's checkout does (content filters, submodules,
+//! names it would refuse) are left to it. Blocks; run in the git worker.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use git2::build::CheckoutBuilder;
+use git2::{Delta, FileMode, IndexEntry, Oid, Repository};
+
+use crate::git::parallel;
+
+/// A gitlink (a submodule's commit) in a tree or an index.
+const GITLINK: u32 = 0o160000;
+
+/// Brings the work tree of `repo` (at `dest`) to commit `oid` and removes every
+/// untracked or ignored path `keep` does not accept (given a path relative to `dest`,
+/// with a trailing `/` for a directory). An error leaves the workspace unfit to build
+/// from; the caller replaces it.
+pub fn update_in_place(
+    repo: &Repository,
+    oid: Oid,
+    dest: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(), git2::Error> {
+    let new = repo.find_commit(oid)?.tree()?;
+    let mut index = repo.index()?;
+    // What the work tree was last made of is the index, whatever a step did to HEAD
+    // (a commit, a reset) or the index (`git add`). Its tree comes from the index's own
+    // cache of tree ids, which each update leaves valid, so this hashes nothing unless
+    // a step staged something.
+    let old = repo.find_tree(index.write_tree()?)?;
+    let diff = repo.diff_tree_to_tree(Some(&old), Some(&new), None)?;
+    let Some(plan) = Plan::of(&diff, &index, repo)? else {
+        return update_with_libgit2(repo, oid, dest, keep);
+    };
+    let entries: Vec<IndexEntry> = index.iter().collect();
+    let staying: Vec<(&str, &IndexEntry)> = entries
+        .iter()
+        .filter_map(|e| Some((std::str::from_utf8(&e.path).ok()?, e)))
+        .filter(|(path, _)| !plan.removed.contains(*path) && !plan.written.contains_key(*path))
+        .collect();
+    let tracked = Tracked::new(
+        staying
+            .iter()
+            .map(|(path, _)| *path)
+            .chain(plan.written.keys().map(String::as_str)),
+    );
+    clean(dest, "", &tracked, keep).map_err(|e| io_err("removing untracked files in", ".", &e))?;
+    // What the new commit no longer has goes even where `keep` matches it, as a
+    // checkout would remove it; after the walk, so that no link a step left stands
+    // between the workspace and what is removed.
+    for path in &plan.removed {
+        remove_inside(dest, path).map_err(|e| io_err("removing", path, &e))?;
+    }
+    // The walk removed whatever stood in the place of a tracked directory (a link, a
+    // file), so checking a tracked file's stat data never follows a link out.
+    let index_time = std::fs::metadata(repo.path().join("index"))
+        .map(|m| (m.mtime(), m.mtime_nsec()))
+        .map_err(|e| io_err("reading", ".git/index", &e))?;
+    let mut writes: Vec<(&str, Oid, u32)> = plan
+        .written
+        .iter()
+        .map(|(path, &(id, mode))| (path.as_str(), id, mode))
+        .collect();
+    for (path, entry) in &staying {
+        match state_of(&dest.join(path), entry, index_time) {
+            State::Unchanged => {}
+            State::Changed => writes.push((path, entry.id, entry.mode)),
+            // Read only to be sure; once confirmed, its stat data is recorded anew (the
+            // index written below is younger), so the next update trusts it.
+            State::Racy(meta) => {
+                if content_id(&dest.join(path), entry.mode)? == entry.id {
+                    index.add(&parallel::index_entry(path, entry.id, entry.mode, &meta))?;
+                } else {
+                    writes.push((path, entry.id, entry.mode));
+                }
+            }
+        }
+    }
+    let odb = repo.odb()?;
+    for (path, id, mode) in writes {
+        index.add(&write_file(&odb, dest, path, id, mode)?)?;
+    }
+    for path in &plan.removed {
+        index.remove_path(Path::new(path))?;
+    }
+    // Leaves the cache of tree ids valid for the next update, and proves the work:
+    // the index now holds exactly the new commit's tree.
+    let made = index.write_tree()?;
+    if made != new.id() {
+        return Err(git2::Error::from_str(&format!(
+            "the updated index holds tree {made}, not the commit's {}",
+            new.id()
+        )));
+    }
+    index.write()?;
+    repo.set_head_detached(oid)
+}
+
+/// What the diff of the two commits asks of the work tree, when this module can do it.
+struct Plan {
+    /// Paths the new commit no longer has as a file.
+    removed: HashSet<String>,
+    /// Paths to write, with their blob and mode.
+    written: HashMap<String, (Oid, u32)>,
+}
+
+impl Plan {
+    /// `None` when libgit2's own checkout must do the update: the repository asks for
+    /// content filters, a `.gitattributes` or a submodule is involved, or a name is one
+    /// a checkout must not write as it is (see `parallel::unsafe_name`).
+    fn of(
+        diff: &git2::Diff<'_>,
+        index: &git2::Index,
+        repo: &Repository,
+    ) -> Result<Option<Plan>, git2::Error> {
+        if parallel::needs_filters(repo)? {
+            return Ok(None);
+        }
+        let special = |path: &[u8], mode: u32| {
+            mode == GITLINK || path == b".gitattributes" || path.ends_with(b"/.gitattributes")
+        };
+        if index.iter().any(|e| special(&e.path, e.mode)) {
+            return Ok(None);
+        }
+        let mut plan = Plan {
+            removed: HashSet::new(),
+            written: HashMap::new(),
+        };
+        for delta in diff.deltas() {
+            let (old, new) = (delta.old_file(), delta.new_file());
+            let path_of = |f: &git2::DiffFile<'_>| {
+                f.path_bytes()
+                    .and_then(|p| std::str::from_utf8(p).ok())
+                    .filter(|p| !p.split('/').any(parallel::unsafe_name))
+                    .map(str::to_owned)
+            };
+            let (old_mode, new_mode) = (u32::from(old.mode()), u32::from(new.mode()));
+            match delta.status() {
+                Delta::Deleted => match path_of(&old) {
+                    Some(path) if !special(path.as_bytes(), old_mode) => {
+                        plan.removed.insert(path);
+                    }
+                    _ => return Ok(None),
+                },
+                Delta::Added | Delta::Modified | Delta::Typechange => match path_of(&new) {
+                    Some(path) if !special(path.as_bytes(), new_mode) => {
+                        plan.written.insert(path, (new.id(), new_mode));
+                    }
+                    _ => return Ok(None),
+                },
+                // Tree-to-tree diffs without rename detection name nothing else.
+                _ => return Ok(None),
+            }
+        }
+        // A path removed as a file and added below as a directory (or back) is in both.
+        plan.removed.retain(|p| !plan.written.contains_key(p));
+        Ok(Some(plan))
+    }
+}
+
+/// What became of a tracked file since its index entry was recorded.
+enum State {
+    /// The same type, executable bit, size, modification time and inode.
+    Unchanged,
+    /// Gone, or different in one of those: written again, never read.
+    Changed,
+    /// The same, but recorded in the same clock tick as the index was written, so a
+    /// change in that tick would not show in its time (git's "racily clean" entry):
+    /// only its content can tell.
+    Racy(std::fs::Metadata),
+}
+
+/// Compares the file at `path` with its index entry. The change time and the owner are
+/// left out on purpose: with `run_as` each run's chown changes them, not the content.
+fn state_of(path: &Path, entry: &IndexEntry, index_time: (i64, i64)) -> State {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return State::Changed;
+    };
+    let kind_matches = if entry.mode == u32::from(FileMode::Link) {
+        meta.file_type().is_symlink()
+    } else {
+        meta.file_type().is_file()
+            && (meta.mode() & 0o100 != 0) == (entry.mode == u32::from(FileMode::BlobExecutable))
+    };
+    let same = kind_matches
+        && meta.size() as u32 == entry.file_size
+        && meta.mtime() as i32 == entry.mtime.seconds()
+        && meta.mtime_nsec() as u32 == entry.mtime.nanoseconds()
+        && meta.ino() as u32 == entry.ino;
+    let recorded = (
+        i64::from(entry.mtime.seconds()),
+        i64::from(entry.mtime.nanoseconds()),
+    );
+    if !same {
+        State::Changed
+    } else if recorded >= index_time {
+        State::Racy(meta)
+    } else {
+        State::Unchanged
+    }
+}
+
+/// The blob id of what is at `path`: the file's content, or a link's target.
+fn content_id(path: &Path, mode: u32) -> Result<Oid, git2::Error> {
+    if mode == u32::from(FileMode::Link) {
+        let target = std::fs::read_link(path)
+            .map_err(|e| git2::Error::from_str(&format!("reading {}: {e}", path.display())))?;
+        Oid::hash_object(git2::ObjectType::Blob, target.as_os_str().as_bytes())
+    } else {
+        Oid::hash_file(git2::ObjectType::Blob, path)
+    }
+}
+
+/// Writes blob `id` at `path` below `dest` with `mode`, replacing whatever is there, and
+/// returns its index entry. Missing parent directories are made; one in the way that is
+/// not a directory (a link, a file) is replaced, so the write never leaves `dest`.
+fn write_file(
+    odb: &git2::Odb<'_>,
+    dest: &Path,
+    path: &str,
+    id: Oid,
+    mode: u32,
+) -> Result<IndexEntry, git2::Error> {
+    let object = odb.read(id)?;
+    if let Some((parent, _)) = path.rsplit_once('/') {
+        let mut dir = dest.to_path_buf();
+        for part in parent.split('/') {
+            dir.push(part);
+            match std::fs::symlink_metadata(&dir) {
+                Ok(meta) if meta.is_dir() => continue,
+                Ok(_) => remove_any(&dir).map_err(|e| io_err("removing", path, &e))?,
+                Err(_) => {}
+            }
+            std::fs::create_dir(&dir).map_err(|e| io_err("creating the directory of", path, &e))?;
+        }
+    }
+    let file = dest.join(path);
+    remove_any(&file).map_err(|e| io_err("replacing", path, &e))?;
+    let meta = if mode == u32::from(FileMode::Link) {
+        let target = std::ffi::OsStr::from_bytes(object.data());
+        std::os::unix::fs::symlink(target, &file).map_err(|e| io_err("writing", path, &e))?;
+        std::fs::symlink_metadata(&file)
+    } else {
+        let perm = if mode == u32::from(FileMode::BlobExecutable) {
+            0o777
+        } else {
+            0o666
+        };
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(perm)
+            .open(&file)
+            .map_err(|e| io_err("writing", path, &e))?;
+        out.write_all(object.data())
+            .map_err(|e| io_err("writing", path, &e))?;
+        out.metadata()
+    }
+    .map_err(|e| io_err("writing", path, &e))?;
+    Ok(parallel::index_entry(path, id, mode, &meta))
+}
+
+/// Removes what is at `path` below `dest`, if every directory on the way there is a
+/// real one: behind a link or a file there is nothing of the workspace to remove.
+fn remove_inside(dest: &Path, path: &str) -> std::io::Result<()> {
+    let mut at = dest.to_path_buf();
+    if let Some((parent, _)) = path.rsplit_once('/') {
+        for part in parent.split('/') {
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(meta) if meta.is_dir() => {}
+                _ => return Ok(()),
+            }
+        }
+    }
+    remove_any(&dest.join(path))
+}
+
+/// Removes the file, link or directory tree at `path` (a link is removed, not
+/// followed); nothing there is fine.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn io_err(what: &str, path: &str, e: &std::io::Error) -> git2::Error {
+    git2::Error::from_str(&format!("{what} {path}: {e}"))
+}
+
+/// The update by libgit2's checkout, for trees this module leaves to it: a checkout of
+/// the new tree over the old one (it writes only the files that differ and removes
+/// those the new tree no longer has), then the same removal of untracked paths.
+fn update_with_libgit2(
+    repo: &Repository,
+    oid: Oid,
+    dest: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(), git2::Error> {
+    let commit = repo.find_commit(oid)?;
+    // Forced: a step may have edited tracked files, and the commit's content wins.
+    repo.checkout_tree(commit.as_object(), Some(CheckoutBuilder::new().force()))?;
+    repo.set_head_detached(oid)?;
+    let paths: Vec<String> = repo
+        .index()?
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+        .collect();
+    let tracked = Tracked::new(paths.iter().map(String::as_str));
+    clean(dest, "", &tracked, keep)
+        .map(drop)
+        .map_err(|e| git2::Error::from_str(&format!("removing untracked files: {e}")))
+}
+
+/// The paths of the new commit: files (and submodules), and every directory that holds
+/// one.
+struct Tracked<'a> {
+    files: HashSet<&'a str>,
+    dirs: HashSet<&'a str>,
+}
+
+impl<'a> Tracked<'a> {
+    fn new(files: impl Iterator<Item = &'a str>) -> Tracked<'a> {
+        let mut tracked = Tracked {
+            files: HashSet::new(),
+            dirs: HashSet::new(),
+        };
+        for path in files {
+            let mut dir = path;
+            while let Some((parent, _)) = dir.rsplit_once('/') {
+                if !tracked.dirs.insert(parent) {
+                    break;
+                }
+                dir = parent;
+            }
+            tracked.files.insert(path);
+        }
+        tracked
+    }
+}
+
+/// Removes from `dir` (at `rel` below the workspace) every path neither tracked nor
+/// kept; returns whether `dir` is left empty. A kept directory (`target/`) is not
+/// entered.
+fn clean(
+    dir: &Path,
+    rel: &str,
+    tracked: &Tracked,
+    keep: &dyn Fn(&str) -> bool,
+) -> std::io::Result<bool> {
+    let mut empty = true;
+    let mut path = String::with_capacity(rel.len() + 64);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if rel.is_empty() && name == ".git" {
+            empty = false;
+            continue;
+        }
+        path.clear();
+        if !rel.is_empty() {
+            path.push_str(rel);
+            path.push('/');
+        }
+        path.push_str(&name);
+        // Not followed: a symbolic link is removed or kept as the link itself.
+        let is_dir = entry.file_type()?.is_dir();
+        let kept = tracked.files.contains(path.as_str()) || keep(&path) || {
+            is_dir && {
+                path.push('/');
+                let kept = keep(&path);
+                path.pop();
+                kept
+            }
+        };
+        if kept {
+            empty = false;
+        } else if is_dir {
+            let left_empty = clean(&entry.path(), &path, tracked, keep)?;
+            if left_empty && !tracked.dirs.contains(path.as_str()) {
+                std::fs::remove_dir(entry.path())?;
+            } else {
+                empty = false;
+            }
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::git::checkout::tests::commit;
+    use crate::git::checkout::{Mirrors, Request, Updated};
+    use crate::git::repo::RepoName;
+
+    /// A mirror fed from a bare origin, and one reused workspace of it.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        origin: Repository,
+        url: String,
+        repo: RepoName,
+        mirrors: Mirrors,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let origin = Repository::init_bare(dir.path().join("o.git")).unwrap();
+            let url = dir.path().join("o.git").display().to_string();
+            let mirrors = Mirrors::new(&dir.path().join("state"), None);
+            Fixture {
+                origin,
+                url,
+                repo: RepoName::parse("o/r").unwrap(),
+                mirrors,
+                dir,
+            }
+        }
+
+        fn ws(&self) -> PathBuf {
+            self.dir.path().join("slot/0")
+        }
+
+        /// Fetches `commit` and updates the workspace to it, keeping `target/`.
+        fn update(&self, commit: Oid) -> Updated {
+            let commit = commit.to_string();
+            let req = Request {
+                repo: &self.repo,
+                clone_url: &self.url,
+                git_ref: "refs/heads/main",
+                commit: &commit,
+            };
+            self.mirrors.fetch(&req).unwrap();
+            self.mirrors
+                .update(&req, &self.ws(), &|p: &str| p == "target/")
+                .unwrap()
+        }
+
+        /// A commit of exactly `files` (path, content, mode), whatever `main` held.
+        fn commit_exactly(&self, files: &[(&str, &str, i32)]) -> Oid {
+            let mut index = git2::Index::new().unwrap();
+            for (path, content, mode) in files {
+                let id = self.origin.blob(content.as_bytes()).unwrap();
+                index
+                    .add(&IndexEntry {
+                        ctime: git2::IndexTime::new(0, 0),
+                        mtime: git2::IndexTime::new(0, 0),
+                        dev: 0,
+                        ino: 0,
+                        mode: *mode as u32,
+                        uid: 0,
+                        gid: 0,
+                        file_size: 0,
+                        id,
+                        flags: path.len() as u16,
+                        flags_extended: 0,
+                        path: path.as_bytes().to_vec(),
+                    })
+                    .unwrap();
+            }
+            let tree = self
+                .origin
+                .find_tree(index.write_tree_to(&self.origin).unwrap())
+                .unwrap();
+            let sig = git2::Signature::now("t", "t@hookci.invalid").unwrap();
+            let parent = self
+                .origin
+                .find_reference("refs/heads/main")
+                .ok()
+                .and_then(|r| r.peel_to_commit().ok());
+            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+            self.origin
+                .commit(Some("refs/heads/main"), &sig, &sig, "c", &tree, &parents)
+                .unwrap()
+        }
+
+        /// Every path of the work tree but `.git` and `target`, with what it holds: a
+        /// file's content and whether it is executable, or a link's target.
+        fn listing(&self) -> Vec<(String, String)> {
+            fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, String)>) {
+                for entry in std::fs::read_dir(dir).unwrap() {
+                    let entry = entry.unwrap();
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let path = if rel.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{rel}/{name}")
+                    };
+                    if path == ".git" || path == "target" {
+                        continue;
+                    }
+                    let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+                    if meta.file_type().is_symlink() {
+                        let to = std::fs::read_link(entry.path()).unwrap();
+                        out.push((path, format!("-> {}", to.display())));
+                    } else if meta.is_dir() {
+                        walk(&entry.path(), &path, out);
+                    } else {
+                        let exec = if meta.mode() & 0o100 != 0 { " (x)" } else { "" };
+                        let text = std::fs::read_to_string(entry.path()).unwrap();
+                        out.push((path, format!("{text}{exec}")));
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            walk(&self.ws(), "", &mut out);
+            out.sort();
+            out
+        }
+
+        /// The workspace's own repository, as a step's git would see it.
+        fn ws_repo(&self) -> Repository {
+            Repository::open(self.ws()).unwrap()
+        }
+    }
+
+    fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
+            .collect()
+    }
+
+    /// What steps do to a workspace (stage a file, put a link or a directory where a
+    /// tracked one was, edit or chmod a tracked file) is undone by the next update,
+    /// which writes through no link, and changes of type and mode between the commits
+    /// arrive: the work tree, the index and HEAD are exactly the new commit.
+    #[test]
+    fn an_update_undoes_what_steps_did_and_follows_every_kind_of_change() {
+        let f = Fixture::new();
+        let regular = 0o100644;
+        let c1 = f.commit_exactly(&[
+            ("src/lib.c", "lib", regular),
+            ("src/gone.c", "deleted upstream", regular),
+            ("src/deep/x.c", "x", regular),
+            ("b", "b", regular),
+            ("c", "c", regular),
+            ("d", "d was a file", regular),
+            ("e", "e", regular),
+            ("same-size", "aaaa", regular),
+        ]);
+        assert_eq!(f.update(c1), Updated::Fresh);
+        let ws = f.ws();
+        let outside = f.dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("deep")).unwrap();
+        std::fs::write(outside.join("lib.c"), "not hookci's").unwrap();
+        std::fs::write(outside.join("gone.c"), "not hookci's either").unwrap();
+        // What steps did.
+        std::fs::write(ws.join("staged.txt"), "staged").unwrap();
+        let step_repo = f.ws_repo();
+        let mut index = step_repo.index().unwrap();
+        index.add_path(Path::new("staged.txt")).unwrap();
+        index.write().unwrap();
+        std::fs::remove_dir_all(ws.join("src")).unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("src")).unwrap();
+        std::fs::remove_file(ws.join("b")).unwrap();
+        std::fs::create_dir_all(ws.join("b/inner")).unwrap();
+        std::fs::set_permissions(ws.join("c"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(ws.join("same-size"), "bbbb").unwrap();
+        std::fs::create_dir_all(ws.join("target/debug")).unwrap();
+        std::fs::write(ws.join("target/debug/warm"), "kept").unwrap();
+
+        let c2 = f.commit_exactly(&[
+            ("src/lib.c", "lib 2", regular),
+            ("src/deep/x.c", "x", regular),
+            ("b", "b", regular),
+            ("c", "c", regular),
+            ("d/now-a-dir", "d", regular),
+            ("e", "e", 0o100755),
+            ("link", "src/lib.c", 0o120000),
+            ("same-size", "aaaa", regular),
+        ]);
+        assert_eq!(f.update(c2), Updated::InPlace);
+        assert_eq!(
+            f.listing(),
+            owned(&[
+                ("b", "b"),
+                ("c", "c"),
+                ("d/now-a-dir", "d"),
+                ("e", "e (x)"),
+                ("link", "-> src/lib.c"),
+                ("same-size", "aaaa"),
+                ("src/deep/x.c", "x"),
+                ("src/lib.c", "lib 2"),
+            ])
+        );
+        assert_eq!(
+            std::fs::read_to_string(outside.join("lib.c")).unwrap(),
+            "not hookci's"
+        );
+        assert!(!outside.join("deep/x.c").exists(), "written through a link");
+        assert!(outside.join("gone.c").exists(), "removed through a link");
+        assert_eq!(
+            std::fs::read_to_string(ws.join("target/debug/warm")).unwrap(),
+            "kept"
+        );
+        let repo = f.ws_repo();
+        let tree = repo.find_commit(c2).unwrap().tree().unwrap().id();
+        assert_eq!(repo.index().unwrap().write_tree().unwrap(), tree);
+        assert_eq!(repo.head().unwrap().target(), Some(c2));
+        let status = repo
+            .statuses(Some(git2::StatusOptions::new().include_untracked(false)))
+            .unwrap();
+        assert!(status.is_empty(), "the index matches the work tree");
+
+        // Back: a directory becomes a file again, the link and the mode go.
+        let c3 = f.commit_exactly(&[("d", "d is a file", regular), ("e", "e", regular)]);
+        assert_eq!(f.update(c3), Updated::InPlace);
+        assert_eq!(f.listing(), owned(&[("d", "d is a file"), ("e", "e")]));
+    }
+
+    /// A file whose stat data matches its entry is trusted without being read, except
+    /// one recorded in the same clock tick as the index: its content decides, and an
+    /// unchanged one is left as it is (its inode and time too), so incremental builds
+    /// see nothing new.
+    #[test]
+    fn a_racily_clean_file_is_read_and_only_rewritten_when_it_changed() {
+        use std::os::unix::fs::MetadataExt;
+        let f = Fixture::new();
+        let c1 = commit(&f.origin, "main", &[("a", "1111"), ("b", "2222")], "one");
+        f.update(c1);
+        let c2 = commit(&f.origin, "main", &[("c", "new")], "two");
+        f.update(c2);
+        let ws = f.ws();
+        let index_file = ws.join(".git/index");
+        let stat = |p: &str| {
+            let m = std::fs::metadata(ws.join(p)).unwrap();
+            (m.ino(), m.mtime(), m.mtime_nsec())
+        };
+        // `a` is changed in a way its stat data cannot show (same size, inode and
+        // time), and the index claims the tick of both files' times: both are racy.
+        let (a, b) = (stat("a"), stat("b"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(ws.join("a"))
+            .and_then(|mut file| file.write_all(b"9999"))
+            .unwrap();
+        let at = |(_, s, ns): (u64, i64, i64)| libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        };
+        let set_times = |path: &Path, t: libc::timespec| {
+            let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid path and two valid timespecs.
+            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        };
+        set_times(&ws.join("a"), at(a));
+        assert_eq!(stat("a"), a);
+        let earliest = std::cmp::min((a.1, a.2), (b.1, b.2));
+        set_times(&index_file, at((0, earliest.0, earliest.1)));
+
+        let c3 = commit(&f.origin, "main", &[("d", "new")], "three");
+        assert_eq!(f.update(c3), Updated::InPlace);
+        assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "1111");
+        assert_ne!(stat("a"), a, "rewritten");
+        assert_eq!(stat("b"), b, "read, found unchanged, left alone");
+    }
+
+    /// Trees that ask for content filters are left to libgit2's checkout, which
+    /// applies them; the update is still exact.
+    #[test]
+    fn trees_with_attributes_are_updated_by_libgit2() {
+        let f = Fixture::new();
+        let c1 = commit(&f.origin, "main", &[("a", "1")], "one");
+        f.update(c1);
+        std::fs::write(f.ws().join("stray"), "s").unwrap();
+        let c2 = commit(
+            &f.origin,
+            "main",
+            &[(".gitattributes", "*.txt text\n"), ("b.txt", "2")],
+            "two",
+        );
+        assert_eq!(f.update(c2), Updated::InPlace);
+        assert_eq!(
+            f.listing(),
+            owned(&[
+                (".gitattributes", "*.txt text\n"),
+                ("a", "1"),
+                ("b.txt", "2")
+            ])
+        );
+    }
+}
