@@ -43,6 +43,14 @@ pub fn update_in_place(
         return update_with_libgit2(repo, oid, dest, keep);
     };
     let entries: Vec<IndexEntry> = index.iter().collect();
+    // The walk below knows names as UTF-8: a tracked file named otherwise would look
+    // untracked to it and be removed, so such trees are libgit2's.
+    if entries
+        .iter()
+        .any(|e| std::str::from_utf8(&e.path).is_err())
+    {
+        return update_with_libgit2(repo, oid, dest, keep);
+    }
     let staying: Vec<(&str, &IndexEntry)> = entries
         .iter()
         .filter_map(|e| Some((std::str::from_utf8(&e.path).ok()?, e)))
@@ -54,7 +62,8 @@ pub fn update_in_place(
             .map(|(path, _)| *path)
             .chain(plan.written.keys().map(String::as_str)),
     );
-    clean(dest, "", &tracked, keep).map_err(|e| io_err("removing untracked files in", ".", &e))?;
+    clean(dest, "", &tracked, keep, false)
+        .map_err(|e| io_err("removing untracked files in", ".", &e))?;
     // What the new commit no longer has goes even where `keep` matches it, as a
     // checkout would remove it; after the walk, so that no link a step left stands
     // between the workspace and what is removed.
@@ -323,7 +332,7 @@ fn update_with_libgit2(
         .map(|e| String::from_utf8_lossy(&e.path).into_owned())
         .collect();
     let tracked = Tracked::new(paths.iter().map(String::as_str));
-    clean(dest, "", &tracked, keep)
+    clean(dest, "", &tracked, keep, false)
         .map(drop)
         .map_err(|e| git2::Error::from_str(&format!("removing untracked files: {e}")))
 }
@@ -356,13 +365,15 @@ impl<'a> Tracked<'a> {
 }
 
 /// Removes from `dir` (at `rel` below the workspace) every path neither tracked nor
-/// kept; returns whether `dir` is left empty. A kept directory (`target/`) is not
-/// entered.
+/// kept; returns whether `dir` is left empty. A kept directory (`target/`) is entered
+/// only where it holds tracked directories, and only to remove what stands in their
+/// place (a link, a file): `kept_above` says `dir` is inside a kept one.
 fn clean(
     dir: &Path,
     rel: &str,
     tracked: &Tracked,
     keep: &dyn Fn(&str) -> bool,
+    kept_above: bool,
 ) -> std::io::Result<bool> {
     let mut empty = true;
     let mut path = String::with_capacity(rel.len() + 64);
@@ -382,7 +393,14 @@ fn clean(
         path.push_str(&name);
         // Not followed: a symbolic link is removed or kept as the link itself.
         let is_dir = entry.file_type()?.is_dir();
-        let kept = tracked.files.contains(path.as_str()) || keep(&path) || {
+        let tracked_dir = tracked.dirs.contains(path.as_str());
+        if tracked_dir && !is_dir {
+            // Whatever `keep` says: tracked files are checked through this path, which
+            // must not lead out of the workspace.
+            std::fs::remove_file(entry.path())?;
+            continue;
+        }
+        let kept = kept_above || tracked.files.contains(path.as_str()) || keep(&path) || {
             is_dir && {
                 path.push('/');
                 let kept = keep(&path);
@@ -392,8 +410,11 @@ fn clean(
         };
         if kept {
             empty = false;
+            if tracked_dir {
+                clean(&entry.path(), &path, tracked, keep, true)?;
+            }
         } else if is_dir {
-            let left_empty = clean(&entry.path(), &path, tracked, keep)?;
+            let left_empty = clean(&entry.path(), &path, tracked, keep, false)?;
             if left_empty && !tracked.dirs.contains(path.as_str()) {
                 std::fs::remove_dir(entry.path())?;
             } else {
@@ -446,6 +467,11 @@ mod tests {
 
         /// Fetches `commit` and updates the workspace to it, keeping `target/`.
         fn update(&self, commit: Oid) -> Updated {
+            self.update_keeping(commit, &|p: &str| p == "target/")
+        }
+
+        /// Fetches `commit` and updates the workspace to it, keeping what `keep` says.
+        fn update_keeping(&self, commit: Oid, keep: &dyn Fn(&str) -> bool) -> Updated {
             let commit = commit.to_string();
             let req = Request {
                 repo: &self.repo,
@@ -454,9 +480,7 @@ mod tests {
                 commit: &commit,
             };
             self.mirrors.fetch(&req).unwrap();
-            self.mirrors
-                .update(&req, &self.ws(), &|p: &str| p == "target/")
-                .unwrap()
+            self.mirrors.update(&req, &self.ws(), keep).unwrap()
         }
 
         /// A commit of exactly `files` (path, content, mode), whatever `main` held.
@@ -629,6 +653,91 @@ mod tests {
         let c3 = f.commit_exactly(&[("d", "d is a file", regular), ("e", "e", regular)]);
         assert_eq!(f.update(c3), Updated::InPlace);
         assert_eq!(f.listing(), owned(&[("d", "d is a file"), ("e", "e")]));
+    }
+
+    /// A link a step put where a tracked directory was goes also when `keep` names
+    /// that directory, so the next build reads the commit's files, not the link's.
+    #[test]
+    fn a_link_in_place_of_a_kept_tracked_directory_is_replaced() {
+        let f = Fixture::new();
+        let regular = 0o100644;
+        let keep = |p: &str| p == "vendor/" || p == "vendor";
+        let c1 = f.commit_exactly(&[
+            ("vendor/a", "a", regular),
+            ("vendor/deep/b", "b", regular),
+            ("top", "t", regular),
+        ]);
+        assert_eq!(f.update_keeping(c1, &keep), Updated::Fresh);
+        let ws = f.ws();
+        let outside = f.dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::rename(ws.join("vendor/deep"), outside.join("deep")).unwrap();
+        std::os::unix::fs::symlink(outside.join("deep"), ws.join("vendor/deep")).unwrap();
+        std::fs::write(ws.join("vendor/untracked"), "kept").unwrap();
+
+        let c2 = f.commit_exactly(&[
+            ("vendor/a", "a 2", regular),
+            ("vendor/deep/b", "b", regular),
+            ("top", "t", regular),
+        ]);
+        assert_eq!(f.update_keeping(c2, &keep), Updated::InPlace);
+        assert_eq!(
+            f.listing(),
+            owned(&[
+                ("top", "t"),
+                ("vendor/a", "a 2"),
+                ("vendor/deep/b", "b"),
+                ("vendor/untracked", "kept"),
+            ])
+        );
+        assert!(outside.join("deep/b").exists(), "removed through a link");
+    }
+
+    /// A tracked file whose name is not UTF-8 stays through an update that does not
+    /// change it.
+    #[test]
+    fn a_tracked_file_named_in_other_bytes_survives_an_update() {
+        use std::os::unix::ffi::OsStrExt;
+        let f = Fixture::new();
+        let latin1: &[u8] = b"caf\xe9.txt";
+        // Committed by bytes, as another git would.
+        let commit_bytes = |files: &[(&[u8], &[u8])]| {
+            let mut index = git2::Index::new().unwrap();
+            for (path, content) in files {
+                let id = f.origin.blob(content).unwrap();
+                let mut entry = parallel::index_entry(
+                    "x",
+                    id,
+                    0o100644,
+                    &std::fs::metadata(f.dir.path()).unwrap(),
+                );
+                entry.flags = path.len() as u16;
+                entry.path = path.to_vec();
+                index.add(&entry).unwrap();
+            }
+            let tree = f
+                .origin
+                .find_tree(index.write_tree_to(&f.origin).unwrap())
+                .unwrap();
+            let sig = git2::Signature::now("t", "t@hookci.invalid").unwrap();
+            let parent = f
+                .origin
+                .find_reference("refs/heads/main")
+                .ok()
+                .and_then(|r| r.peel_to_commit().ok());
+            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+            f.origin
+                .commit(Some("refs/heads/main"), &sig, &sig, "c", &tree, &parents)
+                .unwrap()
+        };
+        let c1 = commit_bytes(&[(b"a", b"1"), (latin1, b"bytes")]);
+        assert_eq!(f.update(c1), Updated::Fresh);
+        let c2 = commit_bytes(&[(b"a", b"2"), (latin1, b"bytes")]);
+        f.update(c2);
+        let ws = f.ws();
+        assert_eq!(std::fs::read(ws.join("a")).unwrap(), b"2");
+        let name = std::ffi::OsStr::from_bytes(latin1);
+        assert_eq!(std::fs::read(ws.join(name)).unwrap(), b"bytes");
     }
 
     /// A file whose stat data matches its entry is trusted without being read, except
