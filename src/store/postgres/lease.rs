@@ -186,11 +186,12 @@ impl Postgres {
     }
 }
 
-/// Ends the lapsed run `id` (locked by the caller) `canceled` with the reason of the
+/// Ends the lapsed run `id` (locked by the caller; or this instance's own, found
+/// running at its start) `canceled` with the reason of the
 /// cancel asked for it: that cancel was answered as applied while its owner still held
 /// it, so the run is not built again. Its running step was stopped with its instance,
 /// the steps after it never ran.
-async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
+pub(super) async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
     c: &C,
     id: i64,
     reporter: Option<&dyn crate::store::outbox::ReportPolicy>,
