@@ -632,6 +632,60 @@ fn an_instance_that_cannot_renew_claims_no_run_until_it_can() {
 }
 
 #[test]
+fn one_failed_renewal_stops_no_run() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    // Long enough that the test surely sees the renewal wait before it gives up.
+    let config = leases_of(&scratch, "6s");
+    let (pids, go) = (scratch.path().join("pids"), scratch.path().join("go"));
+    // Runs until the test lets it end.
+    let steps = format!(
+        "  - name: long\n    run: |\n      echo $$ >> {pids}\n      while [ ! -e {go} ]; do sleep 0.05; done\n",
+        pids = pids.display(),
+        go = go.display()
+    );
+    let d = instance_with(&db, &origin, &config, "", &steps);
+    let (id, _) = start_long_run(&d, &origin, &pids);
+
+    // One renewal fails: held up by a lock on the run, its connection is then ended.
+    let renewer = hookci::store::postgres::RENEWER_NAME;
+    let waiting = format!(
+        "SELECT pid::BIGINT AS pid FROM pg_stat_activity WHERE datname = current_database()
+          AND application_name = '{renewer}' AND wait_event_type = 'Lock'"
+    );
+    let held = db
+        .hold(&format!(
+            "SELECT 1 FROM runs WHERE id = {id} FOR NO KEY UPDATE"
+        ))
+        .unwrap();
+    eventually("a renewal waits for the run's lock", || {
+        db.number(&waiting).unwrap().is_some()
+    });
+    let before = run_column(&db, id, "lease_until").unwrap();
+    db.execute(&format!(
+        "SELECT pg_terminate_backend(pid::INT) FROM ({waiting}) w"
+    ))
+    .unwrap();
+    drop(held);
+    eventually("a renewal goes through again", || {
+        run_column(&db, id, "lease_until").unwrap() > before
+    });
+    std::fs::write(&go, "").unwrap();
+    let run = d.wait_run(id);
+    kill_all(&read_pids(&pids));
+    assert!(
+        d.log()
+            .contains("cannot renew the leases of the running runs"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    assert_eq!(run["attempt"], 1, "{run:#}\n{}", d.log());
+    assert!(!d.log().contains("stopping the run's steps"), "{}", d.log());
+}
+
+#[test]
 fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
     let db = test_database();
     let scratch = Builder::new();
