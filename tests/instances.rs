@@ -419,6 +419,34 @@ fn each_change_to_a_runs_log_is_announced_to_every_instance_once_readable() {
         .unwrap();
     runner.step_started(later, 1).unwrap().unwrap();
     assert_eq!(heard(), LogNotice::Run(later));
+
+    // Recovery of a lapsed lease is news too: the run queued again, then ended
+    // canceled by a cancel its lost owner never applied.
+    let lapse = || {
+        db.execute(&format!(
+            "UPDATE runs SET lease_until = 0 WHERE id = {later}"
+        ))
+        .unwrap();
+    };
+    lapse();
+    assert_eq!(
+        other.recover_expired(&[]).unwrap(),
+        vec![(later, 1, RunStatus::Queued)]
+    );
+    assert_eq!(heard(), LogNotice::Run(later));
+    assert_eq!(other.run(later).unwrap().unwrap().status, RunStatus::Queued);
+    assert_eq!(other.claim_next().unwrap().map(|r| r.id), Some(later));
+    assert!(runner.request_cancel(later, "canceled".into()).unwrap());
+    lapse();
+    assert_eq!(
+        runner.recover_expired(&[]).unwrap(),
+        vec![(later, 2, RunStatus::Canceled)]
+    );
+    assert_eq!(heard(), LogNotice::Run(later));
+    assert_eq!(
+        other.run(later).unwrap().unwrap().status,
+        RunStatus::Canceled
+    );
 }
 
 const TOKEN: &str = "instances-api-token";

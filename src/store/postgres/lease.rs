@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_postgres::{NoTls, Statement};
 
 use super::writes::{interrupt_in, report_run, requeue_in, CURRENT_ATTEMPT};
-use super::{execute, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
+use super::{execute, notify_log, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
 use crate::clock::now_ms;
 use crate::store::{RunStatus, StoreError};
 
@@ -218,6 +218,8 @@ pub(super) async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
     if let Some(reporter) = reporter {
         report_run(c, reporter, id).await?;
     }
+    // Followers on other instances see the run end at once.
+    notify_log(c, id).await?;
     Ok((id, attempt, RunStatus::Canceled))
 }
 

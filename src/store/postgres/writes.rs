@@ -652,6 +652,8 @@ pub(super) async fn interrupt_in<C: GenericClient>(
             StepStatus::Interrupted,
         )
         .await?;
+        // Followers on other instances see the steps end at once.
+        notify_log(c, *id).await?;
     }
     Ok(())
 }
@@ -713,6 +715,7 @@ pub(super) async fn requeue_in<C: GenericClient>(
         if let Some(reporter) = reporter {
             report_run(c, reporter, id).await?;
         }
+        notify_log(c, id).await?;
         out.push((id, attempt, status));
     }
     if out.iter().any(|(_, _, s)| *s == RunStatus::Queued) {
