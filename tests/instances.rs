@@ -419,6 +419,34 @@ fn each_change_to_a_runs_log_is_announced_to_every_instance_once_readable() {
         .unwrap();
     runner.step_started(later, 1).unwrap().unwrap();
     assert_eq!(heard(), LogNotice::Run(later));
+
+    // Recovery of a lapsed lease is news too: the run queued again, then ended
+    // canceled by a cancel its lost owner never applied.
+    let lapse = || {
+        db.execute(&format!(
+            "UPDATE runs SET lease_until = 0 WHERE id = {later}"
+        ))
+        .unwrap();
+    };
+    lapse();
+    assert_eq!(
+        other.recover_expired(&[]).unwrap(),
+        vec![(later, 1, RunStatus::Queued)]
+    );
+    assert_eq!(heard(), LogNotice::Run(later));
+    assert_eq!(other.run(later).unwrap().unwrap().status, RunStatus::Queued);
+    assert_eq!(other.claim_next().unwrap().map(|r| r.id), Some(later));
+    assert!(runner.request_cancel(later, "canceled".into()).unwrap());
+    lapse();
+    assert_eq!(
+        runner.recover_expired(&[]).unwrap(),
+        vec![(later, 2, RunStatus::Canceled)]
+    );
+    assert_eq!(heard(), LogNotice::Run(later));
+    assert_eq!(
+        other.run(later).unwrap().unwrap().status,
+        RunStatus::Canceled
+    );
 }
 
 const TOKEN: &str = "instances-api-token";
@@ -629,6 +657,60 @@ fn an_instance_that_cannot_renew_claims_no_run_until_it_can() {
     );
     assert_eq!(again["status"], "succeeded", "{again:#}");
     assert_eq!(again["attempt"], 2, "{again:#}");
+}
+
+#[test]
+fn one_failed_renewal_stops_no_run() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    // Long enough that the test surely sees the renewal wait before it gives up.
+    let config = leases_of(&scratch, "6s");
+    let (pids, go) = (scratch.path().join("pids"), scratch.path().join("go"));
+    // Runs until the test lets it end.
+    let steps = format!(
+        "  - name: long\n    run: |\n      echo $$ >> {pids}\n      while [ ! -e {go} ]; do sleep 0.05; done\n",
+        pids = pids.display(),
+        go = go.display()
+    );
+    let d = instance_with(&db, &origin, &config, "", &steps);
+    let (id, _) = start_long_run(&d, &origin, &pids);
+
+    // One renewal fails: held up by a lock on the run, its connection is then ended.
+    let renewer = hookci::store::postgres::RENEWER_NAME;
+    let waiting = format!(
+        "SELECT pid::BIGINT AS pid FROM pg_stat_activity WHERE datname = current_database()
+          AND application_name = '{renewer}' AND wait_event_type = 'Lock'"
+    );
+    let held = db
+        .hold(&format!(
+            "SELECT 1 FROM runs WHERE id = {id} FOR NO KEY UPDATE"
+        ))
+        .unwrap();
+    eventually("a renewal waits for the run's lock", || {
+        db.number(&waiting).unwrap().is_some()
+    });
+    let before = run_column(&db, id, "lease_until").unwrap();
+    db.execute(&format!(
+        "SELECT pg_terminate_backend(pid::INT) FROM ({waiting}) w"
+    ))
+    .unwrap();
+    drop(held);
+    eventually("a renewal goes through again", || {
+        run_column(&db, id, "lease_until").unwrap() > before
+    });
+    std::fs::write(&go, "").unwrap();
+    let run = d.wait_run(id);
+    kill_all(&read_pids(&pids));
+    assert!(
+        d.log()
+            .contains("cannot renew the leases of the running runs"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+    assert_eq!(run["attempt"], 1, "{run:#}\n{}", d.log());
+    assert!(!d.log().contains("stopping the run's steps"), "{}", d.log());
 }
 
 #[test]

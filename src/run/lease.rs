@@ -1,5 +1,5 @@
-//! Leases on a store several instances share: every third of `lease`, one write
-//! renews this instance's hold on the runs it executes (a run it executes but no
+//! Leases on a store several instances share: every third of `lease` (sooner after a
+//! failure), one write renews this instance's hold on the runs it executes (a run it executes but no
 //! longer holds was taken over by another instance: it is stopped, and its end left to
 //! that one); the runs of instances whose hold lapsed are recovered, and the cancels
 //! other instances passed on for this one's runs are applied as local ones. An
@@ -47,17 +47,40 @@ fn fence_after(lease: Duration) -> Duration {
     lease - lease / 3
 }
 
-/// Renews every third of `lease`, and tells `renewed` when each successful renewal
-/// began: the leases it set run from no earlier than that.
+/// When the renewal after one that began at `began` is due, the last successful one
+/// having begun at `last_ok` (`began` itself when that one went through): a third of
+/// the lease on after a success; soon after a failure, so that one transient error is
+/// retried well before [`must_fence`] would stop the runs. Once the fence stands, at
+/// the usual pace again: the runs are stopped already, and a struggling database is
+/// not pressed harder. A time already past means at once.
+pub fn next_renewal(last_ok: Instant, began: Instant, lease: Duration) -> Instant {
+    if began <= last_ok || must_fence(last_ok, began, lease) {
+        began + lease / 3
+    } else {
+        began + retry_after(lease)
+    }
+}
+
+/// The wait before a failed renewal is tried again: a few tries fit before the fence,
+/// and never more than ten a second.
+fn retry_after(lease: Duration) -> Duration {
+    (lease / 12).max(Duration::from_millis(100))
+}
+
+/// Renews every third of `lease`, sooner after a failure ([`next_renewal`]), and tells
+/// `renewed` when each successful renewal began: the leases it set run from no
+/// earlier than that.
 async fn renew_every(state: &Arc<AppState>, renewed: watch::Sender<Instant>) {
+    let mut last_ok = *renewed.borrow();
     loop {
         let lease = state.config().lease;
         state.store.set_lease(lease);
         let began = Instant::now();
         if renew(state).await {
+            last_ok = began;
             renewed.send_replace(began);
         }
-        tokio::time::sleep_until(began + lease / 3).await;
+        tokio::time::sleep_until(next_renewal(last_ok, began, lease)).await;
     }
 }
 
@@ -191,6 +214,64 @@ async fn apply_cancels(state: &Arc<AppState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The longest a renewal may take before it is given up, as the PostgreSQL store
+    /// allows it (a quarter of the lease, at least 250 ms).
+    fn longest_renewal(lease: Duration) -> Duration {
+        (lease / 4).max(Duration::from_millis(250))
+    }
+
+    #[test]
+    fn one_failed_renewal_followed_by_a_success_never_fences() {
+        for lease in [1, 2, 3, 15, 60, 3600].map(Duration::from_secs) {
+            let last_ok = Instant::now();
+            let failed = next_renewal(last_ok, last_ok, lease);
+            assert_eq!(failed, last_ok + lease / 3, "{lease:?}: the usual pace");
+            // However long the failure took, up to the renewal's own limit.
+            for took in [
+                Duration::ZERO,
+                Duration::from_millis(1),
+                longest_renewal(lease),
+            ] {
+                let retry = next_renewal(last_ok, failed, lease).max(failed + took);
+                assert!(retry > failed, "{lease:?}, failure took {took:?}");
+                // The retry goes through: its answer comes within the renewal's limit
+                // of a round trip, before the fence would act.
+                assert!(
+                    !must_fence(last_ok, retry, lease),
+                    "{lease:?}, failure took {took:?}: the retry at {:?} comes after the fence",
+                    retry - last_ok
+                );
+                assert_eq!(
+                    next_renewal(retry, retry, lease),
+                    retry + lease / 3,
+                    "{lease:?}: the usual pace again"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn failed_renewals_are_retried_soon_until_the_fence_stands() {
+        let lease = Duration::from_secs(12);
+        let last_ok = Instant::now();
+        let mut at = last_ok + lease / 3;
+        let mut tries = 0;
+        while !must_fence(last_ok, at, lease) {
+            let next = next_renewal(last_ok, at, lease);
+            assert_eq!(next - at, Duration::from_secs(1), "a twelfth of the lease");
+            at = next;
+            tries += 1;
+        }
+        assert_eq!(tries, 4, "tried again until two thirds of the lease");
+        assert_eq!(next_renewal(last_ok, at, lease), at + lease / 3, "fenced");
+        // Short leases retry no more than ten times a second.
+        let short = Duration::from_secs(1);
+        assert_eq!(
+            next_renewal(last_ok, last_ok + short / 3, short) - (last_ok + short / 3),
+            Duration::from_millis(100)
+        );
+    }
 
     #[test]
     fn an_instance_fences_itself_from_two_thirds_of_the_lease_since_its_last_renewal() {

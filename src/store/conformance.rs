@@ -1189,6 +1189,82 @@ mod shared_database {
     }
 
     #[test]
+    fn a_cancel_asked_while_the_owner_was_down_ends_the_run_canceled_at_its_restart() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        let other = a.create_run(run("ci", "k2")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        assert_eq!(a.claim_next().unwrap().unwrap().id, other);
+        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        a.step_started(id, 1).unwrap();
+        // a dies; the cancel comes through b before a restarts, within a's lease.
+        drop(a);
+        assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
+        let a = backend.open_as("a");
+        let mut stopped = a.interrupt_running().unwrap();
+        stopped.sort_unstable();
+        assert_eq!(stopped, vec![id, other], "both runs' workspaces go");
+        assert_eq!(
+            a.requeue_interrupted().unwrap(),
+            vec![(other, 1, RunStatus::Queued)],
+            "only the run nobody canceled is built again"
+        );
+        let run = b.run(id).unwrap().unwrap();
+        assert_eq!(
+            (run.status, run.attempt, run.reason.as_deref()),
+            (RunStatus::Canceled, 1, Some("canceled through b"))
+        );
+        assert_eq!(
+            b.steps(id)
+                .unwrap()
+                .iter()
+                .map(|s| s.status)
+                .collect::<Vec<_>>(),
+            [StepStatus::Canceled, StepStatus::Skipped]
+        );
+        assert_eq!(b.claim_next().unwrap().unwrap().id, other);
+        assert!(b.claim_next().unwrap().is_none(), "not queued again");
+    }
+
+    #[test]
+    fn a_run_queued_again_drops_the_cancel_asked_of_its_lost_attempt() {
+        let backend = Backend::postgres();
+        let a = backend.open_as("a");
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        // As an earlier hookci left it: interrupted at a restart with a cancel
+        // another instance had asked for it.
+        backend
+            .scratch()
+            .execute(&format!(
+                "UPDATE runs SET status = 'interrupted', cancel_requested = 'stale' WHERE id = {id}"
+            ))
+            .unwrap();
+        assert_eq!(
+            a.requeue_interrupted().unwrap(),
+            vec![(id, 1, RunStatus::Queued)]
+        );
+        assert_eq!(
+            backend.count_rows("runs WHERE cancel_requested IS NOT NULL"),
+            0
+        );
+        let b = backend.open_as("b");
+        assert_eq!(b.claim_next().unwrap().unwrap().id, id);
+        assert!(b.cancel_requests().unwrap().is_empty());
+        let (ended, _) = b
+            .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ended.status, ended.attempt, ended.reason),
+            (RunStatus::Succeeded, 2, None),
+            "attempt 2 is not canceled by attempt 1's cancel"
+        );
+    }
+
+    #[test]
     fn a_cancel_of_a_run_running_on_another_instance_reaches_its_owner() {
         let backend = Backend::postgres();
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_postgres::{NoTls, Statement};
 
 use super::writes::{interrupt_in, report_run, requeue_in, CURRENT_ATTEMPT};
-use super::{execute, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
+use super::{execute, notify_log, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
 use crate::clock::now_ms;
 use crate::store::{RunStatus, StoreError};
 
@@ -186,11 +186,12 @@ impl Postgres {
     }
 }
 
-/// Ends the lapsed run `id` (locked by the caller) `canceled` with the reason of the
+/// Ends the lapsed run `id` (locked by the caller; or this instance's own, found
+/// running at its start) `canceled` with the reason of the
 /// cancel asked for it: that cancel was answered as applied while its owner still held
 /// it, so the run is not built again. Its running step was stopped with its instance,
 /// the steps after it never ran.
-async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
+pub(super) async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
     c: &C,
     id: i64,
     reporter: Option<&dyn crate::store::outbox::ReportPolicy>,
@@ -217,6 +218,8 @@ async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
     if let Some(reporter) = reporter {
         report_run(c, reporter, id).await?;
     }
+    // Followers on other instances see the run end at once.
+    notify_log(c, id).await?;
     Ok((id, attempt, RunStatus::Canceled))
 }
 

@@ -31,6 +31,7 @@ mod schema;
 mod scratch;
 mod target;
 mod writes;
+pub use lease::RENEWER_NAME;
 pub use scratch::{Held, Scratch, ScratchRole, TEST_DATABASE_VAR};
 pub use target::PgTarget;
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Object};
 
+use super::lease::cancel_lapsed;
 use super::reads::{run_from_row, runs_from, step_from_row, steps_in};
 use super::{
     execute, notify_log, notify_runs, query, query_opt, transaction, PgResult, Postgres, LOCKS,
@@ -496,14 +497,39 @@ impl Postgres {
     }
 
     /// Only this instance's runs: the others' still run, or are recovered by another
-    /// instance once their lease expires (`recover_expired`).
+    /// instance once their lease expires (`recover_expired`). A run another instance
+    /// was asked to cancel while this one was down ends canceled, as recovery ends it:
+    /// that cancel was answered as applied, so the run is not built again.
     pub(super) fn interrupt_own(&self) -> Result<Vec<i64>, StoreError> {
         let owner = self.instance.clone();
-        self.write(false, move |c, _| {
+        self.write(true, move |c, reporter| {
             let owner = owner.clone();
             async move {
                 let ids = owned_ids(&*c, RunStatus::Running, &owner).await?;
-                interrupt_in(&*c, &ids, "the daemon stopped while this run was running").await?;
+                let asked = query(
+                    &*c,
+                    "SELECT id FROM runs WHERE id = ANY($1) AND cancel_requested IS NOT NULL",
+                    &[&ids],
+                )
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<Vec<i64>, _>>()?;
+                let (canceled, interrupted): (Vec<i64>, Vec<i64>) =
+                    ids.iter().partition(|id| asked.contains(id));
+                for id in &canceled {
+                    cancel_lapsed(&*c, *id, reporter.as_deref()).await?;
+                }
+                if !canceled.is_empty() {
+                    // Their groups are free now, on every instance.
+                    notify_runs(&*c).await?;
+                }
+                interrupt_in(
+                    &*c,
+                    &interrupted,
+                    "the daemon stopped while this run was running",
+                )
+                .await?;
                 Ok(ids)
             }
         })
@@ -626,6 +652,8 @@ pub(super) async fn interrupt_in<C: GenericClient>(
             StepStatus::Interrupted,
         )
         .await?;
+        // Followers on other instances see the steps end at once.
+        notify_log(c, *id).await?;
     }
     Ok(())
 }
@@ -633,7 +661,9 @@ pub(super) async fn interrupt_in<C: GenericClient>(
 /// Today's attempt rules for the interrupted runs `ids` (locked by the caller): queued
 /// again for one more attempt, or failed (`interrupted: fail` once a step had started,
 /// or out of attempts); `by` says what interrupted them (once, and many times). Wakes every instance when one
-/// is queued.
+/// is queued. A run queued again drops any cancel asked of its lost attempt, which
+/// would otherwise cancel the next one; it keeps its last owner, whose late writes of
+/// that attempt are refused for it until the next claim names a new one.
 pub(super) async fn requeue_in<C: GenericClient>(
     c: &C,
     ids: &[i64],
@@ -666,7 +696,8 @@ pub(super) async fn requeue_in<C: GenericClient>(
                 c,
                 "UPDATE runs SET status = 'queued', attempt = attempt + 1, started_at = NULL,
                         finished_at = NULL, reason = $2, queue_ms = NULL, fetch_ms = NULL,
-                        checkout_ms = NULL, first_step_ms = NULL, lease_until = NULL
+                        checkout_ms = NULL, first_step_ms = NULL, lease_until = NULL,
+                        cancel_requested = NULL
                  WHERE id = $1",
                 &[&id, &format!("attempt {attempt} was interrupted by {once}")],
             )
@@ -684,6 +715,7 @@ pub(super) async fn requeue_in<C: GenericClient>(
         if let Some(reporter) = reporter {
             report_run(c, reporter, id).await?;
         }
+        notify_log(c, id).await?;
         out.push((id, attempt, status));
     }
     if out.iter().any(|(_, _, s)| *s == RunStatus::Queued) {
