@@ -279,8 +279,11 @@ impl Daemon {
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::clone(&self.log);
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
+            // By bytes: a line that is not UTF-8 (a step's output quoted in a log line)
+            // must not end the reading, or later lines, `listening` among them, are lost.
+            for line in BufReader::new(stderr).split(b'\n') {
                 let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line);
                 if line.contains(" listening") {
                     if let Some(addr) = line
                         .split("addr=")
