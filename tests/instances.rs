@@ -665,7 +665,7 @@ fn one_failed_renewal_stops_no_run() {
     let scratch = Builder::new();
     let origin = Origin::new(scratch.path());
     // Long enough that the test surely sees the renewal wait before it gives up.
-    let config = leases_of(&scratch, "6s");
+    let config = leases_of(&scratch, "12s");
     let (pids, go) = (scratch.path().join("pids"), scratch.path().join("go"));
     // Runs until the test lets it end.
     let steps = format!(

@@ -147,27 +147,8 @@ fn write_files(
         let dest = workdir.join(&f.path);
         // The stat data of what was written, for the index: of the open file itself
         // where there is one (no second lookup of its path).
-        let meta = if f.mode == i32::from(FileMode::Link) {
-            let target = std::ffi::OsStr::from_bytes(object.data());
-            std::os::unix::fs::symlink(target, &dest).map_err(|e| io_err(&f.path, &e))?;
-            std::fs::symlink_metadata(&dest)
-        } else {
-            let perm = if f.mode == i32::from(FileMode::BlobExecutable) {
-                0o777
-            } else {
-                0o666
-            };
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(perm)
-                .open(&dest)
-                .map_err(|e| io_err(&f.path, &e))?;
-            out.write_all(object.data())
-                .map_err(|e| io_err(&f.path, &e))?;
-            out.metadata()
-        }
-        .map_err(|e| io_err(&f.path, &e))?;
+        let meta =
+            write_blob(object.data(), &dest, f.mode as u32).map_err(|e| io_err(&f.path, &e))?;
         entries.push(index_entry(&f.path, f.id, f.mode as u32, &meta));
     }
     Ok(entries)
@@ -175,6 +156,32 @@ fn write_files(
 
 /// The index entry of blob `id` just written at `path` with `mode`, with the stat data
 /// of what was written (`meta`), so the next update need not read the file again.
+/// Writes a blob's `data` as a new file at `dest` (never through what is there: it must
+/// be gone), or as a link when `mode` says so; the stat data of what was written, of the
+/// open file itself where there is one (no second lookup of its path).
+pub(crate) fn write_blob(
+    data: &[u8],
+    dest: &Path,
+    mode: u32,
+) -> std::io::Result<std::fs::Metadata> {
+    if mode == u32::from(FileMode::Link) {
+        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(data), dest)?;
+        return std::fs::symlink_metadata(dest);
+    }
+    let perm = if mode == u32::from(FileMode::BlobExecutable) {
+        0o777
+    } else {
+        0o666
+    };
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(perm)
+        .open(dest)?;
+    out.write_all(data)?;
+    out.metadata()
+}
+
 pub(crate) fn index_entry(path: &str, id: Oid, mode: u32, meta: &std::fs::Metadata) -> IndexEntry {
     IndexEntry {
         ctime: IndexTime::new(meta.ctime() as i32, meta.ctime_nsec() as u32),

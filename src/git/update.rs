@@ -8,9 +8,8 @@
 //! names it would refuse) are left to it. Blocks; run in the git worker.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use git2::build::CheckoutBuilder;
@@ -255,27 +254,8 @@ fn write_file(
     }
     let file = dest.join(path);
     remove_any(&file).map_err(|e| io_err("replacing", path, &e))?;
-    let meta = if mode == u32::from(FileMode::Link) {
-        let target = std::ffi::OsStr::from_bytes(object.data());
-        std::os::unix::fs::symlink(target, &file).map_err(|e| io_err("writing", path, &e))?;
-        std::fs::symlink_metadata(&file)
-    } else {
-        let perm = if mode == u32::from(FileMode::BlobExecutable) {
-            0o777
-        } else {
-            0o666
-        };
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(perm)
-            .open(&file)
-            .map_err(|e| io_err("writing", path, &e))?;
-        out.write_all(object.data())
-            .map_err(|e| io_err("writing", path, &e))?;
-        out.metadata()
-    }
-    .map_err(|e| io_err("writing", path, &e))?;
+    let meta = parallel::write_blob(object.data(), &file, mode)
+        .map_err(|e| io_err("writing", path, &e))?;
     Ok(parallel::index_entry(path, id, mode, &meta))
 }
 
@@ -429,6 +409,7 @@ fn clean(
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 

@@ -216,9 +216,9 @@ mod tests {
     use super::*;
 
     /// The longest a renewal may take before it is given up, as the PostgreSQL store
-    /// allows it (a quarter of the lease, at least 250 ms).
+    /// allows it (a sixth of the lease, at least 250 ms).
     fn longest_renewal(lease: Duration) -> Duration {
-        (lease / 4).max(Duration::from_millis(250))
+        (lease / 6).max(Duration::from_millis(250))
     }
 
     #[test]

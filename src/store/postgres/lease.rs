@@ -40,12 +40,13 @@ struct Renewing {
     timeout_ms: i64,
 }
 
-/// How long a renewal may take, connecting included: well within the third of the
-/// lease between two renewals, so that a database that hangs makes it fail in time for
-/// the lease task to stop this instance's runs before their leases lapse. Never below
-/// its value for the shortest lease the config allows (1s), which tests go under.
+/// How long a renewal may take, connecting included: a sixth of the lease, so that a
+/// database that hangs makes it fail in time for the lease task to try once more (a
+/// sixth of the lease left for it) and, failing that, to stop this instance's runs
+/// before their leases lapse. Never below 250 ms, which a connection needs on a busy
+/// machine (tests go under the config's shortest lease).
 fn renewal_limit(lease_ms: i64) -> Duration {
-    Duration::from_millis(u64::try_from(lease_ms / 4).unwrap_or(0).max(250))
+    Duration::from_millis(u64::try_from(lease_ms / 6).unwrap_or(0).max(250))
 }
 
 impl Postgres {
