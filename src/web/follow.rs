@@ -727,23 +727,7 @@ mod tests {
         };
         let config = Config::build(FileConfig::default(), flags, &NoEnv).unwrap();
         let store: Arc<dyn Store> = Arc::new(Sqlite::open(dir).unwrap());
-        let run = store
-            .create_run(NewRun {
-                key: None,
-                group: None,
-                supersede: Supersede::Nothing,
-                supersede_own_ref: false,
-                generation: 1,
-                pipeline: "ci".into(),
-                repo: "o/r".into(),
-                git_ref: "refs/heads/main".into(),
-                commit: "c".repeat(40),
-                before: "b".repeat(40),
-                clone_url: "/nowhere".into(),
-                trigger: "manual",
-                skipped: None,
-            })
-            .unwrap();
+        let run = store.create_run(manual_run()).unwrap();
         assert_eq!(store.claim_next().unwrap().map(|r| r.id), Some(run.id));
         store
             .plan_steps(
@@ -757,6 +741,25 @@ mod tests {
         (state, run.id)
     }
 
+    /// A run of pipeline `ci` started by hand, for a store to claim.
+    fn manual_run() -> NewRun {
+        NewRun {
+            key: None,
+            group: None,
+            supersede: Supersede::Nothing,
+            supersede_own_ref: false,
+            generation: 1,
+            pipeline: "ci".into(),
+            repo: "o/r".into(),
+            git_ref: "refs/heads/main".into(),
+            commit: "c".repeat(40),
+            before: "b".repeat(40),
+            clone_url: "/nowhere".into(),
+            trigger: "manual",
+            skipped: None,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_follower_reads_another_instances_step_at_the_stores_news_of_it() {
         let db = crate::store::postgres::Scratch::from_env().unwrap_or_else(|e| panic!("{e}"));
@@ -766,23 +769,7 @@ mod tests {
             crate::store::open(Some(db.target()), dir.path(), instance, lease).unwrap()
         };
         let (runner, here) = (open("runner"), open("here"));
-        let run = runner
-            .create_run(NewRun {
-                key: None,
-                group: None,
-                supersede: Supersede::Nothing,
-                supersede_own_ref: false,
-                generation: 1,
-                pipeline: "ci".into(),
-                repo: "o/r".into(),
-                git_ref: "refs/heads/main".into(),
-                commit: "c".repeat(40),
-                before: "b".repeat(40),
-                clone_url: "/nowhere".into(),
-                trigger: "manual",
-                skipped: None,
-            })
-            .unwrap();
+        let run = runner.create_run(manual_run()).unwrap();
         let id = run.id;
         assert_eq!(runner.claim_next().unwrap().map(|r| r.id), Some(id));
         runner
