@@ -844,6 +844,7 @@ fn report_run(c: &Connection, policy: &dyn ReportPolicy, id: i64) -> rusqlite::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NewDecision;
 
     /// How SQLite plans `sql` on a store made by the current schema.
     fn plan(sql: &str, params: impl rusqlite::Params) -> Vec<String> {
@@ -874,5 +875,66 @@ mod tests {
             "{steps:?}"
         );
         assert!(!steps.iter().any(|s| s.starts_with("SCAN")), "{steps:?}");
+    }
+
+    fn push(n: usize, supersede: Supersede) -> NewDelivery {
+        let commit = format!("{n:040x}");
+        NewDelivery {
+            id: format!("delivery-{n}"),
+            event: "push".into(),
+            repo: "acme/app".into(),
+            git_ref: "refs/heads/main".into(),
+            after: commit.clone(),
+            head: Some(commit.clone()),
+            clone_url: "file:///acme/app.git".into(),
+            decisions: vec![NewDecision {
+                pipeline: Some("ci".into()),
+                reason: "refs/heads/main matched".into(),
+                run: Some(NewRun {
+                    key: Some(format!("ci\n{commit}")),
+                    group: Some("ci\nrefs/heads/main".into()),
+                    supersede,
+                    supersede_own_ref: false,
+                    generation: 1,
+                    pipeline: "ci".into(),
+                    repo: "acme/app".into(),
+                    git_ref: "refs/heads/main".into(),
+                    commit,
+                    before: "0".repeat(40),
+                    clone_url: "file:///acme/app.git".into(),
+                    trigger: "push",
+                    skipped: None,
+                }),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_statements_of_a_push_are_planned_once_not_on_every_push() {
+        // A cached statement SQLite plans again on each use (one with a filter on a
+        // bound value, say, whose values the cache clears) costs a parse and a plan
+        // per push.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Sqlite::open(dir.path()).unwrap();
+        let conn = store.conn();
+        for (n, supersede) in [Supersede::Pending, Supersede::Running]
+            .into_iter()
+            .cycle()
+            .take(20)
+            .enumerate()
+        {
+            record_in(&conn, &push(n, supersede), None).unwrap();
+        }
+        let stmt = conn.prepare_cached(SUPERSEDED_BASE).unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+        drop(stmt);
+        let queued: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM runs WHERE status = 'queued'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(queued, 1, "every push superseded the one before it");
     }
 }
