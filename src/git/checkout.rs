@@ -407,6 +407,35 @@ fn boot_stamp(dest: &Path) -> PathBuf {
     beside(dest, ".boot")
 }
 
+/// The file beside a reused workspace that hookci rewrites once the workspace is handed
+/// to a run's steps (after it is given to `run_as`): its change time is the moment
+/// from which only steps changed the work tree. A tracked file whose change time is
+/// later was changed by a step, even where the step put its size and modification time
+/// back (which the owner of a file may do; its change time no process can set).
+pub fn handed_stamp(dest: &Path) -> PathBuf {
+    beside(dest, ".handed")
+}
+
+/// Marks the reused workspace `dest` as handed to a run's steps (see [`handed_stamp`]).
+pub fn mark_handed(dest: &Path) -> std::io::Result<()> {
+    // Made anew, so its change time is now even where writing the same bytes into the
+    // old one would change nothing.
+    let stamp = handed_stamp(dest);
+    match std::fs::remove_file(&stamp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::write(stamp, b"")
+}
+
+/// The change time of `dest`'s [`handed_stamp`]; `None` where it is missing (a
+/// workspace never handed over since this was introduced).
+fn handed_at(dest: &Path) -> Option<(i64, i64)> {
+    std::fs::metadata(handed_stamp(dest))
+        .ok()
+        .map(|m| (m.ctime(), m.ctime_nsec()))
+}
+
 fn beside(dest: &Path, suffix: &str) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
     name.push(suffix);
@@ -469,18 +498,20 @@ impl Mirrors {
             Updated::Fresh
         } else {
             match self.open_reused(req, dest) {
-                Ok(repo) => match update::update_in_place(&repo, oid, dest, keep) {
-                    Ok(()) => Updated::InPlace,
-                    // What the failed update left is never built from, and a fresh
-                    // checkout does not depend on what broke it (a step may have
-                    // damaged `.git` itself).
-                    Err(e) => {
-                        drop(repo);
-                        tracing::warn!(workspace = %dest.display(), error = %e, "updating the workspace in place failed: replacing it");
-                        self.checkout(req, dest)?;
-                        Updated::Replaced
+                Ok(repo) => {
+                    match update::update_in_place(&repo, oid, dest, keep, handed_at(dest)) {
+                        Ok(()) => Updated::InPlace,
+                        // What the failed update left is never built from, and a fresh
+                        // checkout does not depend on what broke it (a step may have
+                        // damaged `.git` itself).
+                        Err(e) => {
+                            drop(repo);
+                            tracing::warn!(workspace = %dest.display(), error = %e, "updating the workspace in place failed: replacing it");
+                            self.checkout(req, dest)?;
+                            Updated::Replaced
+                        }
                     }
-                },
+                }
                 Err(why) => {
                     tracing::warn!(workspace = %dest.display(), reason = %why, "not a sound workspace of this mirror: replacing it");
                     self.checkout(req, dest)?;

@@ -22,13 +22,17 @@ const GITLINK: u32 = 0o160000;
 
 /// Brings the work tree of `repo` (at `dest`) to commit `oid` and removes every
 /// untracked or ignored path `keep` does not accept (given a path relative to `dest`,
-/// with a trailing `/` for a directory). An error leaves the workspace unfit to build
+/// with a trailing `/` for a directory). `handed` is when the work tree was last handed
+/// to steps (a change time, see `checkout::handed_stamp`): a tracked file changed after
+/// it was changed by a step whatever its other stat data say, and without it every
+/// tracked file is checked by its content. An error leaves the workspace unfit to build
 /// from; the caller replaces it.
 pub fn update_in_place(
     repo: &Repository,
     oid: Oid,
     dest: &Path,
     keep: &dyn Fn(&str) -> bool,
+    handed: Option<(i64, i64)>,
 ) -> Result<(), git2::Error> {
     let new = repo.find_commit(oid)?.tree()?;
     let mut index = repo.index()?;
@@ -80,7 +84,7 @@ pub fn update_in_place(
         .map(|(path, &(id, mode))| (path.as_str(), id, mode))
         .collect();
     for (path, entry) in &staying {
-        match state_of(&dest.join(path), entry, index_time) {
+        match state_of(&dest.join(path), entry, index_time, handed) {
             State::Unchanged => {}
             State::Changed => writes.push((path, entry.id, entry.mode)),
             // Read only to be sure; once confirmed, its stat data is recorded anew (the
@@ -178,19 +182,28 @@ impl Plan {
 
 /// What became of a tracked file since its index entry was recorded.
 enum State {
-    /// The same type, executable bit, size, modification time and inode.
+    /// The same type, executable bit, size, modification time and inode, and not
+    /// changed since the work tree was handed to steps.
     Unchanged,
-    /// Gone, or different in one of those: written again, never read.
+    /// Gone, different in one of those, or changed after the hand-over: written again,
+    /// never read.
     Changed,
-    /// The same, but recorded in the same clock tick as the index was written, so a
-    /// change in that tick would not show in its time (git's "racily clean" entry):
-    /// only its content can tell.
+    /// The same, but recorded in the same clock tick as the index was written, or
+    /// changed in the tick of the hand-over (or with no hand-over known), so a change
+    /// then would not show in its times (git's "racily clean" entry): only its content
+    /// can tell.
     Racy(std::fs::Metadata),
 }
 
-/// Compares the file at `path` with its index entry. The change time and the owner are
-/// left out on purpose: with `run_as` each run's chown changes them, not the content.
-fn state_of(path: &Path, entry: &IndexEntry, index_time: (i64, i64)) -> State {
+/// Compares the file at `path` with its index entry. Its change time is compared with
+/// the hand-over, not with the entry: with `run_as` each run's chown changes it after
+/// the entry was recorded, and before the hand-over.
+fn state_of(
+    path: &Path,
+    entry: &IndexEntry,
+    index_time: (i64, i64),
+    handed: Option<(i64, i64)>,
+) -> State {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return State::Changed;
     };
@@ -209,9 +222,10 @@ fn state_of(path: &Path, entry: &IndexEntry, index_time: (i64, i64)) -> State {
         i64::from(entry.mtime.seconds()),
         i64::from(entry.mtime.nanoseconds()),
     );
-    if !same {
+    let changed_at = (meta.ctime(), meta.ctime_nsec());
+    if !same || handed.is_some_and(|handed| changed_at > handed) {
         State::Changed
-    } else if recorded >= index_time {
+    } else if recorded >= index_time || handed.is_none_or(|handed| changed_at == handed) {
         State::Racy(meta)
     } else {
         State::Unchanged
@@ -767,6 +781,60 @@ mod tests {
         assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "1111");
         assert_ne!(stat("a"), a, "rewritten");
         assert_eq!(stat("b"), b, "read, found unchanged, left alone");
+    }
+
+    #[test]
+    fn a_file_a_step_changed_and_put_its_times_back_on_is_found_by_its_change_time() {
+        use std::os::unix::fs::MetadataExt;
+        let f = Fixture::new();
+        let c1 = commit(&f.origin, "main", &[("a", "1111"), ("b", "2222")], "one");
+        f.update(c1);
+        let ws = f.ws();
+        let stat = |p: &str| {
+            let m = std::fs::metadata(ws.join(p)).unwrap();
+            (m.ino(), m.mtime(), m.mtime_nsec())
+        };
+        let set_times = |path: &Path, s: i64, ns: i64| {
+            let t = libc::timespec {
+                tv_sec: s,
+                tv_nsec: ns,
+            };
+            let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid path and two valid timespecs.
+            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        };
+        // No entry is racily clean: the index is younger than every file, so only
+        // stat data (and the change time) can tell what a step did.
+        let (a, b) = (stat("a"), stat("b"));
+        set_times(&ws.join(".git/index"), a.1.max(b.1) + 3600, 0);
+        crate::git::checkout::mark_handed(&ws).unwrap();
+        let handed = std::fs::metadata(crate::git::checkout::handed_stamp(&ws)).unwrap();
+        // A step, later than the hand-over (the clock's next tick), writes `a` anew
+        // with the same size and puts its modification time back.
+        let probe = ws.join("probe");
+        loop {
+            std::fs::write(&probe, "").unwrap();
+            let m = std::fs::metadata(&probe).unwrap();
+            if (m.ctime(), m.ctime_nsec()) > (handed.ctime(), handed.ctime_nsec()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(ws.join("a"))
+            .and_then(|mut file| file.write_all(b"9999"))
+            .unwrap();
+        set_times(&ws.join("a"), a.1, a.2);
+        assert_eq!(stat("a"), a, "its stat data look untouched");
+
+        let c2 = commit(&f.origin, "main", &[("c", "new")], "two");
+        assert_eq!(f.update(c2), Updated::InPlace);
+        assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "1111");
+        assert_ne!(stat("a"), a, "rewritten");
+        assert_eq!(stat("b"), b, "unchanged since the hand-over: left alone");
+        assert!(!probe.exists(), "untracked: removed");
     }
 
     /// Trees that ask for content filters are left to libgit2's checkout, which

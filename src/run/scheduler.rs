@@ -754,11 +754,37 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Readies the checkout for the run's steps: gives it to `run_as` (see [`give_away`]),
+/// then marks a reused workspace as handed over, so that its next update knows what
+/// changed after this moment was changed by a step (`git::checkout::handed_stamp`).
+async fn hand_over(
+    state: &Arc<AppState>,
+    config: &Config,
+    run: i64,
+    workspace: &Lease,
+) -> Result<(), String> {
+    give_away(state, config, run, workspace).await?;
+    if workspace.is_fresh() {
+        return Ok(());
+    }
+    let path = workspace.path.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::git::checkout::mark_handed(&path).map_err(|e| {
+            format!(
+                "cannot mark the workspace {} as handed to the steps: {e}",
+                path.display()
+            )
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 /// With `run_as`: gives the checkout to that user and makes the run's `HOME`, owned by
 /// it. The folders above them let it through but not look (see `daemon`). A reused
 /// workspace's `.git` stays the daemon's: the daemon updates that workspace again, and
 /// a step must not be able to point that update anywhere else.
-async fn hand_over(
+async fn give_away(
     state: &Arc<AppState>,
     config: &Config,
     run: i64,

@@ -249,6 +249,58 @@ fn with_run_as_a_reused_workspace_keeps_its_git_out_of_the_steps_reach() {
     assert!(d.log().contains("replacing it"), "{}", d.log());
 }
 
+/// With `run_as`, a step owns the reused workspace's files and may put back the size and
+/// modification time of one it changed: the next update finds it by its change time,
+/// later than the hand-over, and writes it again.
+#[test]
+fn with_run_as_a_file_a_step_changed_behind_its_times_is_rewritten() {
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a", "1"), ("mode", "look")], "one");
+    let script = "echo \"a=$(cat a)\"\n\
+        if [ \"$(cat mode)\" = tamper ]; then\n\
+          touch -r a \"$HOME/ref\" && printf 9 > a && touch -r \"$HOME/ref\" a && echo tampered\n\
+        fi";
+    let b = b
+        .pipeline(
+            "ci",
+            &pipeline(&origin, "workspace: reuse\n", &[step("look", script)]),
+        )
+        .config(&format!("run_as: {TEST_USER}"));
+    chmod(b.path(), 0o711);
+    b.write_config();
+    for path in ["secret", "hookci.yml"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    let d = b.start();
+    let run = |n: u32, before: &str, after: &str| {
+        let id = push(&d, &format!("behind-{n}"), "refs/heads/main", before, after);
+        let run = d.wait_run(id);
+        let log = d.run_log(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{log}\n{}", d.log());
+        log
+    };
+    run(1, ZERO, &c1);
+    let c2 = origin.commit("main", &[("mode", "tamper")], "two");
+    let second = run(2, &c1, &c2);
+    assert!(
+        second.contains("a=1") && second.contains("tampered"),
+        "{second}"
+    );
+    let c3 = origin.commit("main", &[("mode", "look")], "three");
+    let third = run(3, &c2, &c3);
+    assert!(
+        third.contains("a=1"),
+        "built from what the step left: {third}"
+    );
+    assert!(
+        !d.log().contains("replacing it"),
+        "updated in place: {}",
+        d.log()
+    );
+}
+
 /// The capabilities `systemd/hookci.service` grants the daemon (`AmbientCapabilities=`),
 /// as setpriv names them.
 fn unit_capabilities() -> String {
