@@ -262,10 +262,24 @@ pub async fn run_step(
     });
     let (keep, keeper) = keeper.unzip();
     let (mask, budget) = (cmd.mask.clone(), Arc::clone(cmd.budget));
-    let writing =
-        tokio::task::spawn_blocking(move || output::write_log(log, rx, mask, tap, keep, budget));
+    // A thread of its own for as long as the step prints, rather than one of the
+    // blocking pool's, which the store's and git's short jobs share.
+    let (wrote, writing) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("hookci-step-log".into())
+        .spawn(move || {
+            let _ = wrote.send(output::write_log(log, rx, mask, tap, keep, budget));
+        })
+        .map_err(|e| {
+            spawn_error(io::Error::new(
+                e.kind(),
+                format!("starting the step's log writer: {e}"),
+            ))
+        })?;
     let mut writer = tokio::spawn(async move {
-        let written = flatten(writing.await);
+        let written = writing
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the step's log writer stopped")));
         if let Some(keeper) = keeper {
             let _ = keeper.await;
         }
