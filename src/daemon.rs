@@ -151,17 +151,27 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     }
     remove_leftover_workspaces(&state_dir.join("workspaces"));
     remove_leftover_workspaces(&state_dir.join("homes"));
-    for (id, attempt, status) in store.requeue_interrupted()? {
+    for recovered in store.requeue_interrupted()? {
+        let (id, attempt, status) = (recovered.run, recovered.attempt, recovered.status);
         // A run that ends here keeps its logs where its last attempt's are read from.
         if status == RunStatus::Queued {
             archive_logs(&state_dir.join("logs").join(id.to_string()), attempt);
         }
-        tracing::warn!(
-            run = id,
-            attempt,
-            now = status.as_str(),
-            "interrupted run recovered"
-        );
+        if status == RunStatus::Canceled {
+            tracing::info!(
+                run = id,
+                pipeline = %recovered.pipeline,
+                attempt,
+                "interrupted run canceled: a cancel was asked of it"
+            );
+        } else {
+            tracing::warn!(
+                run = id,
+                attempt,
+                now = status.as_str(),
+                "interrupted run recovered"
+            );
+        }
     }
     Ok(Recovered {
         store,

@@ -430,7 +430,12 @@ fn each_change_to_a_runs_log_is_announced_to_every_instance_once_readable() {
     };
     lapse();
     assert_eq!(
-        other.recover_expired(&[]).unwrap(),
+        other
+            .recover_expired(&[])
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.run, r.attempt, r.status))
+            .collect::<Vec<_>>(),
         vec![(later, 1, RunStatus::Queued)]
     );
     assert_eq!(heard(), LogNotice::Run(later));
@@ -439,7 +444,12 @@ fn each_change_to_a_runs_log_is_announced_to_every_instance_once_readable() {
     assert!(runner.request_cancel(later, "canceled".into()).unwrap());
     lapse();
     assert_eq!(
-        runner.recover_expired(&[]).unwrap(),
+        runner
+            .recover_expired(&[])
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.run, r.attempt, r.status))
+            .collect::<Vec<_>>(),
         vec![(later, 2, RunStatus::Canceled)]
     );
     assert_eq!(heard(), LogNotice::Run(later));
@@ -759,12 +769,82 @@ fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
     assert_eq!(run["attempt"], 1, "{run:#}");
     assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
     assert!(!again.exists(), "the run was built again");
+    assert_eq!(
+        canceled_lines(&survivor, id, "run of a lapsed lease canceled"),
+        1,
+        "{}",
+        survivor.log()
+    );
+}
+
+/// How many `info` lines of `d`'s log say `what` of run `id` of pipeline `ci`.
+fn canceled_lines(d: &Daemon, id: i64, what: &str) -> usize {
+    d.log()
+        .lines()
+        .filter(|l| {
+            l.contains(" INFO ")
+                && l.contains(what)
+                && l.split_whitespace().any(|w| w == format!("run={id}"))
+                && l.split_whitespace().any(|w| w == "pipeline=ci")
+        })
+        .count()
+}
+
+#[test]
+fn a_cancel_sent_while_its_instance_was_down_ends_the_run_canceled_at_its_restart() {
+    let db = test_database();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    // Long enough that the dead instance is back before its lease lapses: the other
+    // one does not recover the run first.
+    let config = leases_of(&scratch, "60s");
+    let (pids, again) = (scratch.path().join("pids"), scratch.path().join("again"));
+    let steps = format!(
+        "  - name: long\n    run: |\n      if [ -s {pids} ]; then echo $HOOKCI_RUN_ID >> {again}; exit 0; fi\n      sleep 600 & echo $! >> {pids}; wait\n",
+        pids = pids.display(),
+        again = again.display(),
+    );
+    let a = instance_with(&db, &origin, &config, "", &steps);
+    let b = instance_with(&db, &origin, &config, "", &steps);
+    let (id, owner) = start_long_run(&a, &origin, &pids);
+    let (mut down, other) = if owner == the_instance(&a) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+
+    down.signal(libc::SIGKILL);
+    down.wait();
+    let r = other.post(
+        &format!("/api/runs/{id}/cancel"),
+        &[
+            ("authorization", &format!("Bearer {TOKEN}")),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    down.spawn();
+    let run = down.wait_run(id);
+    kill_all(&read_pids(&pids));
+    assert_eq!(run["status"], "canceled", "{run:#}\n{}", down.log());
+    assert_eq!(run["reason"], "canceled through the API", "{run:#}");
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    assert_eq!(run["instance"], owner.as_str(), "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
+    assert!(!again.exists(), "the run was built again");
+    assert_eq!(
+        canceled_lines(&down, id, "interrupted run canceled"),
+        1,
+        "{}",
+        down.log()
+    );
     assert!(
-        survivor
+        !other
             .log()
             .contains("recovered a run whose instance's lease lapsed"),
         "{}",
-        survivor.log()
+        other.log()
     );
 }
 

@@ -179,15 +179,24 @@ async fn recover(state: &Arc<AppState>) {
     let held = state.running.held();
     match blocking(&state.store, move |s| s.recover_expired(&held)).await {
         Ok(recovered) => {
-            for (id, attempt, status) in &recovered {
-                tracing::warn!(
-                    run = id,
-                    attempt,
-                    now = status.as_str(),
-                    "recovered a run whose instance's lease lapsed"
-                );
+            for r in &recovered {
+                if r.status == RunStatus::Canceled {
+                    tracing::info!(
+                        run = r.run,
+                        pipeline = %r.pipeline,
+                        attempt = r.attempt,
+                        "run of a lapsed lease canceled: a cancel was asked of it"
+                    );
+                } else {
+                    tracing::warn!(
+                        run = r.run,
+                        attempt = r.attempt,
+                        now = r.status.as_str(),
+                        "recovered a run whose instance's lease lapsed"
+                    );
+                }
             }
-            if recovered.iter().any(|(_, _, s)| *s == RunStatus::Queued) {
+            if recovered.iter().any(|r| r.status == RunStatus::Queued) {
                 state.wake.notify_one();
             }
         }

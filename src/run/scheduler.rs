@@ -243,6 +243,8 @@ pub async fn cancel(state: &AppState, id: i64, reason: String) -> Result<Cancele
                 state.events.runs_changed([*run]);
                 return Ok(Canceled::Applied);
             }
+            // Its owner is restarting: the requeue ends it canceled.
+            QueuedCancel::Asked => return Ok(Canceled::Applied),
             QueuedCancel::NotQueued(RunStatus::Running) => {}
             QueuedCancel::NotQueued(done) => return Ok(Canceled::TooLate(done)),
         }
@@ -463,10 +465,18 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
 /// Puts a run claimed just as the stop began back in the queue, unstarted: started now
 /// it would be killed at the end of the grace and lose an attempt. A cancel asked for
 /// it meanwhile still applies: finding it neither registered nor queued, [`cancel`]
-/// waits for a registration, and is woken here to find it queued again.
+/// waits for a registration, and is woken here to find it queued again; one passed on
+/// through another instance ends it canceled here.
 async fn give_back(state: &Arc<AppState>, id: i64) {
-    if let Err(e) = blocking(&state.store, move |s| s.unclaim(id)).await {
-        tracing::error!(run = id, error = %e, "cannot queue a run claimed as the stop began again; the next start will find it interrupted");
+    match blocking(&state.store, move |s| s.unclaim(id)).await {
+        Ok(Some(run)) => {
+            tracing::info!(run = id, pipeline = %run.pipeline, "run canceled as asked before it started");
+            state.events.runs_changed([run]);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(run = id, error = %e, "cannot queue a run claimed as the stop began again; the next start will find it interrupted");
+        }
     }
     state.running.registered.notify_waiters();
 }

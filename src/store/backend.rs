@@ -15,9 +15,9 @@ use tokio::sync::{broadcast, Notify};
 use super::postgres::{PgTarget, Postgres};
 use super::{
     Attempt, Delivery, DeliveryOutcome, LogNotice, LogPiece, NewDelivery, NewRun, OnInterrupt,
-    Phases, Pruned, QueuedCancel, ReconcileView, Reconciled, RefChange, Report, ReportPolicy,
-    ReportView, Run, RunFilter, RunRef, RunStatus, Sqlite, Step, StepEnd, StepStatus, StoreError,
-    Timings,
+    Phases, Pruned, QueuedCancel, ReconcileView, Reconciled, Recovered, RefChange, Report,
+    ReportPolicy, ReportView, Run, RunFilter, RunRef, RunStatus, Sqlite, Step, StepEnd, StepStatus,
+    StoreError, Timings,
 };
 
 /// The future of [`Store::record_delivery_async`]: boxed, so the trait stays usable as
@@ -71,7 +71,11 @@ pub trait Store: Send + Sync {
     ) -> BoxFuture<'_, Result<DeliveryOutcome, StoreError>>;
     fn create_run(&self, run: NewRun) -> Result<RunRef, StoreError>;
     fn claim_next(&self) -> Result<Option<Run>, StoreError>;
-    fn unclaim(&self, run_id: i64) -> Result<(), StoreError>;
+    /// Gives back a claimed run that never started: queued again as it was, the attempt
+    /// unspent; or, when another instance was asked to cancel it meanwhile (a cancel
+    /// answered as applied), ended `canceled` with that cancel's reason, returned as
+    /// committed.
+    fn unclaim(&self, run_id: i64) -> Result<Option<Run>, StoreError>;
     fn plan_steps(
         &self,
         run_id: i64,
@@ -101,10 +105,14 @@ pub trait Store: Send + Sync {
         reason: Option<String>,
         leftover: StepStatus,
     ) -> Result<Option<(Run, Vec<Step>)>, StoreError>;
+    /// Cancels a queued run; records the cancel of an `interrupted` one, which its
+    /// requeue then ends `canceled` (`QueuedCancel::Asked`).
     fn cancel_queued(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError>;
     /// On start: this instance's runs left `running` are `interrupted`.
     fn interrupt_running(&self) -> Result<Vec<i64>, StoreError>;
-    fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError>;
+    /// After `interrupt_running`: each interrupted run queued again, failed, or, when a
+    /// cancel was asked of it, `canceled`.
+    fn requeue_interrupted(&self) -> Result<Vec<Recovered>, StoreError>;
 
     /// Whether other instances share the store: only then do running runs hold leases
     /// and cancels travel between instances. The methods below do nothing otherwise.
@@ -126,7 +134,7 @@ pub trait Store: Send + Sync {
     /// `canceled`; the others are interrupted and queued again (or failed) as
     /// `interrupt_running` and `requeue_interrupted` do. At most once however many
     /// instances look at the same time.
-    fn recover_expired(&self, held: &[i64]) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    fn recover_expired(&self, held: &[i64]) -> Result<Vec<Recovered>, StoreError> {
         let _ = held;
         Ok(Vec::new())
     }
@@ -276,7 +284,7 @@ impl Store for Sqlite {
     fn claim_next(&self) -> Result<Option<Run>, StoreError> {
         Sqlite::claim_next(self)
     }
-    fn unclaim(&self, run_id: i64) -> Result<(), StoreError> {
+    fn unclaim(&self, run_id: i64) -> Result<Option<Run>, StoreError> {
         Sqlite::unclaim(self, run_id)
     }
     fn plan_steps(
@@ -324,7 +332,7 @@ impl Store for Sqlite {
     fn interrupt_running(&self) -> Result<Vec<i64>, StoreError> {
         Sqlite::interrupt_running(self)
     }
-    fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    fn requeue_interrupted(&self) -> Result<Vec<Recovered>, StoreError> {
         Sqlite::requeue_interrupted(self)
     }
     fn record_reconcile(

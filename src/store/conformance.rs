@@ -108,7 +108,16 @@ on_both_backends!(
     repository_keys_ignore_case,
     reconcile_applies_a_ref_only_where_its_head_is_still_the_one_it_read,
     the_outbox_keeps_the_newest_unsent_status_of_a_commit_and_goes_with_its_run,
+    a_cancel_of_an_interrupted_run_is_kept_and_its_requeue_ends_it_canceled,
 );
+
+/// What recovery made of each run, as (run, attempt, status).
+fn ends(recovered: Vec<Recovered>) -> Vec<(i64, i64, RunStatus)> {
+    recovered
+        .into_iter()
+        .map(|r| (r.run, r.attempt, r.status))
+        .collect()
+}
 
 fn new_run(pipeline: &str, key: &str, group: Option<&str>, supersede: Supersede) -> NewRun {
     NewRun {
@@ -307,7 +316,7 @@ pub(super) fn claims_in_arrival_order_and_records_steps(backend: &Backend) {
         RunStatus::Interrupted
     );
     assert_eq!(
-        store.requeue_interrupted().unwrap(),
+        ends(store.requeue_interrupted().unwrap()),
         vec![(second.id, 1, RunStatus::Queued)]
     );
     let again = store.run(second.id).unwrap().unwrap();
@@ -489,7 +498,7 @@ pub(super) fn interrupted_fail_ends_a_run_whose_steps_had_started_and_retries_on
         ids.push(id);
     }
     store.interrupt_running().unwrap();
-    let outcome = store.requeue_interrupted().unwrap();
+    let outcome = ends(store.requeue_interrupted().unwrap());
     assert_eq!(
         outcome,
         vec![
@@ -522,7 +531,7 @@ pub(super) fn reruns_count_generations_and_start_at_attempt_one(backend: &Backen
     store.claim_next().unwrap();
     store.interrupt_running().unwrap();
     assert_eq!(
-        store.requeue_interrupted().unwrap(),
+        ends(store.requeue_interrupted().unwrap()),
         vec![(id, 1, RunStatus::Queued)]
     );
 }
@@ -801,6 +810,64 @@ pub(super) fn the_outbox_keeps_the_newest_unsent_status_of_a_commit_and_goes_wit
     );
 }
 
+/// A cancel that comes while a restarting owner has interrupted its runs but not yet
+/// queued them again: through another instance where the database is shared.
+pub(super) fn a_cancel_of_an_interrupted_run_is_kept_and_its_requeue_ends_it_canceled(
+    backend: &Backend,
+) {
+    let store = backend.open();
+    let id = store.create_run(run("ci", "k1")).unwrap().id;
+    let other = store.create_run(run("ci", "k2")).unwrap().id;
+    assert_eq!(store.claim_next().unwrap().unwrap().id, id);
+    assert_eq!(store.claim_next().unwrap().unwrap().id, other);
+    store
+        .plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+        .unwrap();
+    store.step_started(id, 1).unwrap();
+    drop(store);
+    let store = backend.open();
+    assert_eq!(store.interrupt_running().unwrap(), vec![id, other]);
+    let asker = match backend.scratch {
+        Some(_) => backend.open_as("another-instance"),
+        None => Arc::clone(&store),
+    };
+    assert_eq!(
+        asker
+            .cancel_queued(id, "canceled through the API".into())
+            .unwrap(),
+        QueuedCancel::Asked
+    );
+    assert_eq!(
+        asker.run(id).unwrap().unwrap().status,
+        RunStatus::Interrupted,
+        "its owner ends it"
+    );
+    assert_eq!(
+        ends(store.requeue_interrupted().unwrap()),
+        vec![(id, 1, RunStatus::Canceled), (other, 1, RunStatus::Queued)]
+    );
+    let run = asker.run(id).unwrap().unwrap();
+    assert_eq!(
+        (run.status, run.attempt, run.reason.as_deref()),
+        (RunStatus::Canceled, 1, Some("canceled through the API"))
+    );
+    assert_eq!(
+        store
+            .steps(id)
+            .unwrap()
+            .iter()
+            .map(|s| s.status)
+            .collect::<Vec<_>>(),
+        [StepStatus::Canceled, StepStatus::Skipped]
+    );
+    assert!(matches!(
+        asker.cancel_queued(id, "again".into()).unwrap(),
+        QueuedCancel::NotQueued(RunStatus::Canceled)
+    ));
+    assert_eq!(asker.claim_next().unwrap().unwrap().id, other);
+    assert!(store.claim_next().unwrap().is_none(), "not queued again");
+}
+
 /// What only a database shared by several instances has: each test opens it as two.
 mod shared_database {
     use super::*;
@@ -894,7 +961,7 @@ mod shared_database {
         let a = backend.open_as("a");
         assert_eq!(a.interrupt_running().unwrap(), vec![mine]);
         assert_eq!(
-            a.requeue_interrupted().unwrap(),
+            ends(a.requeue_interrupted().unwrap()),
             vec![(mine, 1, RunStatus::Queued)]
         );
         assert_eq!(b.run(theirs).unwrap().unwrap().status, RunStatus::Running);
@@ -928,7 +995,7 @@ mod shared_database {
                 .into_iter()
                 .map(|store| s.spawn(move || store.recover_expired(&[]).unwrap()))
                 .collect();
-            looks.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            ends(looks.into_iter().flat_map(|h| h.join().unwrap()).collect())
         });
         assert_eq!(recovered, vec![(id, 1, RunStatus::Queued)], "once");
         let steps = b.steps_of(id, Some(1)).unwrap();
@@ -1042,7 +1109,7 @@ mod shared_database {
         // A day later by the database's clock, whatever the machines' say: lapsed.
         shift_db_clock(&backend, 2 * DAY_MS);
         assert_eq!(
-            b.recover_expired(&[]).unwrap(),
+            ends(b.recover_expired(&[]).unwrap()),
             vec![(id, 1, RunStatus::Queued)]
         );
     }
@@ -1077,7 +1144,7 @@ mod shared_database {
             .unwrap();
         assert!(a.recover_expired(&[]).unwrap().is_empty(), "its own claim");
         assert_eq!(
-            b.recover_expired(&[]).unwrap(),
+            ends(b.recover_expired(&[]).unwrap()),
             vec![(id, 1, RunStatus::Queued)]
         );
         assert_eq!(a.run(id).unwrap().unwrap().status, RunStatus::Queued);
@@ -1098,7 +1165,7 @@ mod shared_database {
         assert_eq!(a.renew_leases(&[kept]).unwrap(), vec![kept]);
         // a itself recovers the run it let go (no other instance may be there to).
         assert_eq!(
-            a.recover_expired(&[kept]).unwrap(),
+            ends(a.recover_expired(&[kept]).unwrap()),
             vec![(dropped, 1, RunStatus::Queued)]
         );
         assert!(b.recover_expired(&[]).unwrap().is_empty(), "once");
@@ -1169,7 +1236,7 @@ mod shared_database {
             .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
             .unwrap();
         assert_eq!(
-            b.recover_expired(&[]).unwrap(),
+            ends(b.recover_expired(&[]).unwrap()),
             vec![(id, 1, RunStatus::Canceled)]
         );
         let run = b.run(id).unwrap().unwrap();
@@ -1207,8 +1274,8 @@ mod shared_database {
         stopped.sort_unstable();
         assert_eq!(stopped, vec![id, other], "both runs' workspaces go");
         assert_eq!(
-            a.requeue_interrupted().unwrap(),
-            vec![(other, 1, RunStatus::Queued)],
+            ends(a.requeue_interrupted().unwrap()),
+            vec![(id, 1, RunStatus::Canceled), (other, 1, RunStatus::Queued)],
             "only the run nobody canceled is built again"
         );
         let run = b.run(id).unwrap().unwrap();
@@ -1229,39 +1296,62 @@ mod shared_database {
     }
 
     #[test]
-    fn a_run_queued_again_drops_the_cancel_asked_of_its_lost_attempt() {
+    fn a_cancel_passed_on_to_an_owner_that_stopped_before_applying_it_holds_at_its_restart() {
         let backend = Backend::postgres();
-        let a = backend.open_as("a");
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
         let id = a.create_run(run("ci", "k1")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
-        // As an earlier hookci left it: interrupted at a restart with a cancel
-        // another instance had asked for it.
-        backend
-            .scratch()
-            .execute(&format!(
-                "UPDATE runs SET status = 'interrupted', cancel_requested = 'stale' WHERE id = {id}"
-            ))
+        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
             .unwrap();
+        a.step_started(id, 1).unwrap();
+        assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
+        // a stops and its grace cuts the run before it heard of the cancel.
+        a.finish_run(
+            id,
+            RunStatus::Interrupted,
+            Some("stopped".into()),
+            StepStatus::Interrupted,
+        )
+        .unwrap()
+        .unwrap();
+        drop(a);
+        let a = backend.open_as("a");
+        assert!(a.interrupt_running().unwrap().is_empty());
         assert_eq!(
-            a.requeue_interrupted().unwrap(),
-            vec![(id, 1, RunStatus::Queued)]
+            ends(a.requeue_interrupted().unwrap()),
+            vec![(id, 1, RunStatus::Canceled)],
+            "a cancel answered as applied is not built again"
         );
+        let run = b.run(id).unwrap().unwrap();
         assert_eq!(
-            backend.count_rows("runs WHERE cancel_requested IS NOT NULL"),
-            0
+            (run.status, run.reason.as_deref()),
+            (RunStatus::Canceled, Some("canceled through b"))
         );
-        let b = backend.open_as("b");
-        assert_eq!(b.claim_next().unwrap().unwrap().id, id);
-        assert!(b.cancel_requests().unwrap().is_empty());
-        let (ended, _) = b
-            .finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
-            .unwrap()
-            .unwrap();
+        assert!(b.claim_next().unwrap().is_none(), "not queued again");
+    }
+
+    #[test]
+    fn a_run_given_back_after_a_cancel_was_asked_of_it_ends_canceled() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        let kept = a.create_run(run("ci", "k2")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        assert_eq!(a.claim_next().unwrap().unwrap().id, kept);
+        // a stops right after its claims; a cancel of one comes through b first.
+        assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
+        let canceled = a.unclaim(id).unwrap().expect("the run ended canceled");
         assert_eq!(
-            (ended.status, ended.attempt, ended.reason),
-            (RunStatus::Succeeded, 2, None),
-            "attempt 2 is not canceled by attempt 1's cancel"
+            (canceled.id, canceled.status, canceled.attempt),
+            (id, RunStatus::Canceled, 1)
         );
+        assert_eq!(canceled.reason.as_deref(), Some("canceled through b"));
+        assert_eq!(b.run(id).unwrap().unwrap(), canceled, "as committed");
+        assert_eq!(a.unclaim(kept).unwrap(), None, "nobody canceled it");
+        assert_eq!(b.run(kept).unwrap().unwrap().status, RunStatus::Queued);
+        assert_eq!(b.claim_next().unwrap().unwrap().id, kept);
+        assert!(a.claim_next().unwrap().is_none(), "never claimed again");
+        assert!(b.claim_next().unwrap().is_none(), "never claimed again");
     }
 
     #[test]

@@ -202,8 +202,8 @@ ALTER TABLE runs ADD COLUMN first_step_ms INTEGER;
 "#,
     // Leases and cancels across instances (PostgreSQL's migration of the same columns):
     // until when (ms) the owner of a running run holds it, and why a cancel sent to
-    // another instance asked its owner to stop it. One SQLite file has one instance,
-    // which keeps both NULL.
+    // another instance asked its owner to stop it. One SQLite file has one instance:
+    // no lease, and a cancel kept only for an interrupted run's requeue.
     r#"
 ALTER TABLE runs ADD COLUMN lease_until INTEGER;
 ALTER TABLE runs ADD COLUMN cancel_requested TEXT;

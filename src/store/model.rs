@@ -205,9 +205,25 @@ pub enum DeliveryOutcome {
 pub enum QueuedCancel {
     /// It was queued, and is `canceled` now (as committed).
     Canceled(Box<Run>),
+    /// It was `interrupted`, its owner's restart about to queue it again: the cancel is
+    /// recorded, and that requeue ends it `canceled` with its reason instead.
+    Asked,
     /// It had left the queue: unchanged, with this status.
     NotQueued(RunStatus),
     NoSuchRun,
+}
+
+/// What became of an interrupted run when it was recovered (at its owner's restart,
+/// or when another instance found its lease lapsed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub run: i64,
+    pub pipeline: String,
+    /// The attempt that was cut.
+    pub attempt: i64,
+    /// `queued` for one more attempt, `failed`, or `canceled`: a cancel was asked of it
+    /// while it ran or was interrupted, and answered as applied.
+    pub status: RunStatus,
 }
 
 /// A run as stored.

@@ -7,7 +7,7 @@ use super::outbox::{self, ReportPolicy, Transition};
 use super::{repo_key, run_from_row, step_from_row, steps_in, Sqlite, StoreError};
 use super::{
     DeliveryOutcome, NewDelivery, NewRun, OnInterrupt, Phases, Pruned, QueuedCancel, Reconciled,
-    RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede, Timings,
+    Recovered, RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus, Supersede, Timings,
 };
 use super::{RUN_COLUMNS, STEP_COLUMNS};
 use crate::clock::now_ms;
@@ -78,13 +78,16 @@ impl Sqlite {
 
     /// Gives back a run [`Store::claim_next`] took but that never started (the daemon
     /// began to stop meanwhile): it is queued again as it was, the attempt unspent.
-    pub fn unclaim(&self, run_id: i64) -> Result<(), StoreError> {
+    /// Never `canceled` here: no other instance shares this file to ask a cancel of
+    /// a running run, and this daemon's own cancel finds the run queued again (see
+    /// `scheduler::cancel`).
+    pub fn unclaim(&self, run_id: i64) -> Result<Option<Run>, StoreError> {
         self.writer.exec(move |c| {
             c.execute(
                 "UPDATE runs SET status = 'queued', started_at = NULL WHERE id = ?1 AND status = 'running'",
                 [run_id],
             )?;
-            Ok(())
+            Ok(None)
         })
     }
 
@@ -271,9 +274,19 @@ impl Sqlite {
         })
     }
 
-    /// Cancels a run that has not started, compare and set.
+    /// Cancels a run that has not started, compare and set; an interrupted one keeps
+    /// the cancel for its requeue.
     pub fn cancel_queued(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError> {
         self.exec_reporting(move |c, policy| {
+            let asked = c
+                .prepare_cached(
+                    "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?2)
+                     WHERE id = ?1 AND status = 'interrupted'",
+                )?
+                .execute(params![run_id, reason])?;
+            if asked > 0 {
+                return Ok(QueuedCancel::Asked);
+            }
             let canceled = c
                 .prepare_cached(&format!(
                     "UPDATE runs SET status = 'canceled', reason = ?2, finished_at = ?3
@@ -329,21 +342,29 @@ impl Sqlite {
     /// each interrupted run is queued again once (its attempt goes up by one), to run
     /// from its first step. A run interrupted on its last attempt ends `failed`, and so
     /// does one whose pipeline says `interrupted: fail` once a step of it has started
-    /// (a run cut before its first step runs nothing twice). Returns (run, attempt it
-    /// had, now).
-    pub fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    /// (a run cut before its first step runs nothing twice). One a cancel was asked of
+    /// while it was interrupted ends `canceled` with that cancel's reason: the cancel
+    /// was answered as applied, so it is not built again.
+    pub fn requeue_interrupted(&self) -> Result<Vec<Recovered>, StoreError> {
         self.exec_reporting(move |c, reporter| {
-            let found: Vec<(i64, i64, String, bool)> = c
+            type Found = (i64, i64, String, bool, bool, String);
+            let found: Vec<Found> = c
                 .prepare(
                     "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
-                         WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL)
+                         WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL),
+                            cancel_requested IS NOT NULL, pipeline
                      FROM runs WHERE status = 'interrupted' ORDER BY id",
                 )?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                })?
                 .collect::<Result<_, _>>()?;
             let mut out = Vec::new();
-            for (id, attempt, policy, stepped) in found {
-                let status = if stepped && policy == OnInterrupt::Fail.as_str() {
+            for (id, attempt, policy, stepped, asked, pipeline) in found {
+                let status = if asked {
+                    cancel_as_asked(c, id)?;
+                    RunStatus::Canceled
+                } else if stepped && policy == OnInterrupt::Fail.as_str() {
                     c.execute(
                         "UPDATE runs SET status = 'failed', reason = ?2 WHERE id = ?1",
                         params![id, NOT_RETRIED],
@@ -368,7 +389,12 @@ impl Sqlite {
                 if let Some(reporter) = reporter {
                     report_run(c, reporter, id)?;
                 }
-                out.push((id, attempt, status));
+                out.push(Recovered {
+                    run: id,
+                    pipeline,
+                    attempt,
+                    status,
+                });
             }
             Ok(out)
         })
@@ -570,6 +596,28 @@ fn finish_in(
     ))?
     .execute(params![run_id, leftover.as_str(), now])?;
     Ok(run)
+}
+
+/// Ends the interrupted run `id` `canceled` with the reason of the cancel asked for
+/// it, in its current attempt: the step it was cut in is `canceled`, those it never
+/// started `skipped`.
+fn cancel_as_asked(c: &Connection, id: i64) -> rusqlite::Result<()> {
+    let now = now_ms();
+    c.execute(
+        "UPDATE runs SET status = 'canceled', reason = cancel_requested, finished_at = ?2
+         WHERE id = ?1",
+        params![id, now],
+    )?;
+    c.execute(
+        &format!(
+            "UPDATE steps SET status = CASE WHEN started_at IS NULL THEN 'skipped' ELSE 'canceled' END,
+                    finished_at = CASE WHEN started_at IS NULL THEN NULL ELSE ?2 END
+             WHERE run_id = ?1 AND attempt = {CURRENT_ATTEMPT}
+               AND status IN ('pending', 'running', 'interrupted')"
+        ),
+        params![id, now],
+    )?;
+    Ok(())
 }
 
 /// Records one delivery inside the writer's savepoint.

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use tokio_postgres::{NoTls, Statement};
 
-use super::writes::{interrupt_in, report_run, requeue_in, CURRENT_ATTEMPT};
-use super::{execute, notify_log, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
-use crate::clock::now_ms;
-use crate::store::{RunStatus, StoreError};
+use super::writes::{interrupt_in, requeue_in};
+use super::{execute, notify_runs, query, PgError, PgResult, Postgres, CANCEL_CHANNEL};
+use crate::store::{Recovered, StoreError};
 
 /// What interrupted a run whose owner's lease lapsed, once and many times.
 const BY_LOST_LEASE: (&str, &str) = (
@@ -94,8 +93,9 @@ impl Postgres {
     /// those their owner is renewing or ending this moment: each lapsed run is
     /// recovered once, by whichever instance locks it first. A run without a lease was
     /// claimed by a hookci that set none: it is another instance's (this one's own
-    /// claims always set one), and taken as lapsed.
-    pub(super) fn recover(&self, held: &[i64]) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    /// claims always set one), and taken as lapsed. A lapsed run a cancel was asked of
+    /// ends canceled (see `requeue_in`).
+    pub(super) fn recover(&self, held: &[i64]) -> Result<Vec<Recovered>, StoreError> {
         let me = Arc::new(self.instance.clone());
         let held = Arc::new(held.to_vec());
         self.write(true, move |c, reporter| {
@@ -103,7 +103,7 @@ impl Postgres {
             async move {
                 let rows = query(
                     &*c,
-                    "SELECT id, cancel_requested IS NOT NULL FROM runs
+                    "SELECT id FROM runs
                      WHERE status = 'running'
                        AND ((owner IS DISTINCT FROM $1 AND COALESCE(lease_until, 0) < hookci_clock_ms())
                          OR (owner = $1 AND lease_until < hookci_clock_ms() AND NOT id = ANY($2)))
@@ -111,33 +111,22 @@ impl Postgres {
                     &[&*me, &*held],
                 )
                 .await?;
-                let (mut canceled, mut lapsed) = (Vec::new(), Vec::new());
-                for row in &rows {
-                    let id: i64 = row.try_get(0)?;
-                    if row.try_get(1)? {
-                        canceled.push(id);
-                    } else {
-                        lapsed.push(id);
-                    }
+                let lapsed = rows
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<Vec<i64>, _>>()?;
+                if lapsed.is_empty() {
+                    return Ok(Vec::new());
                 }
-                let mut out = Vec::new();
-                for id in canceled {
-                    out.push(cancel_lapsed(&*c, id, reporter.as_deref()).await?);
-                }
-                if !out.is_empty() {
-                    // Their groups are free now, on every instance.
-                    notify_runs(&*c).await?;
-                }
-                if !lapsed.is_empty() {
-                    interrupt_in(
-                        &*c,
-                        &lapsed,
-                        "its instance stopped renewing its lease (it died or lost the database)",
-                    )
-                    .await?;
-                    out.extend(requeue_in(&*c, &lapsed, reporter.as_deref(), BY_LOST_LEASE).await?);
-                }
-                out.sort_unstable_by_key(|(id, _, _)| *id);
+                interrupt_in(
+                    &*c,
+                    &lapsed,
+                    "its instance stopped renewing its lease (it died or lost the database)",
+                )
+                .await?;
+                let out = requeue_in(&*c, &lapsed, reporter.as_deref(), BY_LOST_LEASE).await?;
+                // Their groups are free now, on every instance.
+                notify_runs(&*c).await?;
                 Ok(out)
             }
         })
@@ -185,43 +174,6 @@ impl Postgres {
             }
         })
     }
-}
-
-/// Ends the lapsed run `id` (locked by the caller; or this instance's own, found
-/// running at its start) `canceled` with the reason of the
-/// cancel asked for it: that cancel was answered as applied while its owner still held
-/// it, so the run is not built again. Its running step was stopped with its instance,
-/// the steps after it never ran.
-pub(super) async fn cancel_lapsed<C: deadpool_postgres::GenericClient>(
-    c: &C,
-    id: i64,
-    reporter: Option<&dyn crate::store::outbox::ReportPolicy>,
-) -> PgResult<(i64, i64, RunStatus)> {
-    let now = now_ms();
-    let attempt: i64 = query(
-        c,
-        "UPDATE runs SET status = 'canceled', reason = cancel_requested, finished_at = $2
-         WHERE id = $1 RETURNING attempt",
-        &[&id, &now],
-    )
-    .await?[0]
-        .try_get(0)?;
-    execute(
-        c,
-        &format!(
-            "UPDATE steps SET status = CASE status WHEN 'running' THEN 'canceled' ELSE 'skipped' END,
-                    finished_at = CASE WHEN started_at IS NULL THEN NULL ELSE $2::BIGINT END
-             WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT} AND status IN ('pending', 'running')"
-        ),
-        &[&id, &now],
-    )
-    .await?;
-    if let Some(reporter) = reporter {
-        report_run(c, reporter, id).await?;
-    }
-    // Followers on other instances see the run end at once.
-    notify_log(c, id).await?;
-    Ok((id, attempt, RunStatus::Canceled))
 }
 
 /// Connects the renewals' connection, within `limit`, its statements cut off by the

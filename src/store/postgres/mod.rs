@@ -550,7 +550,7 @@ impl super::Store for Postgres {
     fn claim_next(&self) -> Result<Option<super::Run>, StoreError> {
         self.claim()
     }
-    fn unclaim(&self, run_id: i64) -> Result<(), StoreError> {
+    fn unclaim(&self, run_id: i64) -> Result<Option<super::Run>, StoreError> {
         self.give_back(run_id)
     }
     fn plan_steps(
@@ -621,7 +621,7 @@ impl super::Store for Postgres {
     fn interrupt_running(&self) -> Result<Vec<i64>, StoreError> {
         self.interrupt_own()
     }
-    fn requeue_interrupted(&self) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
+    fn requeue_interrupted(&self) -> Result<Vec<super::Recovered>, StoreError> {
         self.requeue_own()
     }
     fn shared(&self) -> bool {
@@ -633,10 +633,7 @@ impl super::Store for Postgres {
     fn renew_leases(&self, runs: &[i64]) -> Result<Vec<i64>, StoreError> {
         self.renew(runs)
     }
-    fn recover_expired(
-        &self,
-        held: &[i64],
-    ) -> Result<Vec<(i64, i64, super::RunStatus)>, StoreError> {
+    fn recover_expired(&self, held: &[i64]) -> Result<Vec<super::Recovered>, StoreError> {
         self.recover(held)
     }
     fn request_cancel(&self, run_id: i64, reason: String) -> Result<bool, StoreError> {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Object};
 
-use super::lease::cancel_lapsed;
 use super::reads::{run_from_row, runs_from, step_from_row, steps_in};
 use super::{
     execute, notify_log, notify_runs, query, query_opt, transaction, PgResult, Postgres, LOCKS,
@@ -18,8 +17,8 @@ use crate::store::outbox::{NewReport, ReportPolicy, Transition};
 use crate::store::writes::{FINISHED, NOT_RETRIED, PRUNE_DELIVERIES, PRUNE_RUNS};
 use crate::store::{
     repo_key, Attempt, DeliveryOutcome, LogPiece, NewDelivery, NewRun, OnInterrupt, Phases, Pruned,
-    QueuedCancel, Reconciled, RefChange, Run, RunRef, RunStatus, Step, StepEnd, StepStatus,
-    StoreError, Supersede, Timings, MAX_ATTEMPTS, RUN_COLUMNS, STEP_COLUMNS,
+    QueuedCancel, Reconciled, Recovered, RefChange, Run, RunRef, RunStatus, Step, StepEnd,
+    StepStatus, StoreError, Supersede, Timings, MAX_ATTEMPTS, RUN_COLUMNS, STEP_COLUMNS,
 };
 
 /// What interrupted a run this instance recovers at its start, once and many times.
@@ -168,18 +167,34 @@ impl Postgres {
         })
     }
 
-    pub(super) fn give_back(&self, run_id: i64) -> Result<(), StoreError> {
-        self.write(false, move |c, _| async move {
-            let n = execute(
+    /// A cancel another instance asked for the run while it was claimed here was
+    /// answered as applied: the run ends `canceled` rather than queued again.
+    pub(super) fn give_back(&self, run_id: i64) -> Result<Option<Run>, StoreError> {
+        self.write(true, move |c, reporter| async move {
+            let Some(found) = query_opt(
                 &*c,
-                "UPDATE runs SET status = 'queued', started_at = NULL WHERE id = $1 AND status = 'running'",
+                "SELECT cancel_requested IS NOT NULL FROM runs
+                 WHERE id = $1 AND status = 'running' FOR UPDATE",
                 &[&run_id],
             )
-            .await?;
-            if n > 0 {
-                notify_runs(&*c).await?;
-            }
-            Ok(())
+            .await?
+            else {
+                return Ok(None);
+            };
+            let canceled = if found.try_get(0)? {
+                Some(cancel_as_asked(&*c, run_id, reporter.as_deref()).await?)
+            } else {
+                execute(
+                    &*c,
+                    "UPDATE runs SET status = 'queued', started_at = NULL WHERE id = $1",
+                    &[&run_id],
+                )
+                .await?;
+                None
+            };
+            // Queued again, or its group is free: on every instance.
+            notify_runs(&*c).await?;
+            Ok(canceled)
         })
     }
 
@@ -457,11 +472,38 @@ impl Postgres {
         })
     }
 
+    /// The row is locked first: a restarting owner's requeue (which locks it too) either
+    /// sees the cancel recorded for an interrupted run, or has queued the run already,
+    /// which is then canceled here.
     pub(super) fn cancel(&self, run_id: i64, reason: String) -> Result<QueuedCancel, StoreError> {
         let reason = Arc::new(reason);
         self.write(true, move |c, policy| {
             let reason = Arc::clone(&reason);
             async move {
+                let Some(found) = query_opt(
+                    &*c,
+                    "SELECT status FROM runs WHERE id = $1 FOR UPDATE",
+                    &[&run_id],
+                )
+                .await?
+                else {
+                    return Ok(QueuedCancel::NoSuchRun);
+                };
+                let status =
+                    RunStatus::parse(&found.try_get::<_, String>(0)?).unwrap_or(RunStatus::Failed);
+                if status == RunStatus::Interrupted {
+                    execute(
+                        &*c,
+                        "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $2)
+                         WHERE id = $1",
+                        &[&run_id, &*reason],
+                    )
+                    .await?;
+                    return Ok(QueuedCancel::Asked);
+                }
+                if status != RunStatus::Queued {
+                    return Ok(QueuedCancel::NotQueued(status));
+                }
                 let canceled = query_opt(
                     &*c,
                     &format!(
@@ -483,59 +525,32 @@ impl Postgres {
                     }
                     return Ok(QueuedCancel::Canceled(Box::new(run)));
                 }
-                let status =
-                    query_opt(&*c, "SELECT status FROM runs WHERE id = $1", &[&run_id]).await?;
-                Ok(match status {
-                    Some(row) => QueuedCancel::NotQueued(
-                        RunStatus::parse(&row.try_get::<_, String>(0)?)
-                            .unwrap_or(RunStatus::Failed),
-                    ),
-                    None => QueuedCancel::NoSuchRun,
-                })
+                Ok(QueuedCancel::NotQueued(status))
             }
         })
     }
 
     /// Only this instance's runs: the others' still run, or are recovered by another
-    /// instance once their lease expires (`recover_expired`). A run another instance
-    /// was asked to cancel while this one was down ends canceled, as recovery ends it:
-    /// that cancel was answered as applied, so the run is not built again.
+    /// instance once their lease expires (`recover_expired`). A cancel another
+    /// instance was asked for one of them stays recorded: the requeue that follows
+    /// ends that run canceled, once its leftovers are gone.
     pub(super) fn interrupt_own(&self) -> Result<Vec<i64>, StoreError> {
         let owner = self.instance.clone();
-        self.write(true, move |c, reporter| {
+        self.write(false, move |c, _| {
             let owner = owner.clone();
             async move {
                 let ids = owned_ids(&*c, RunStatus::Running, &owner).await?;
-                let asked = query(
-                    &*c,
-                    "SELECT id FROM runs WHERE id = ANY($1) AND cancel_requested IS NOT NULL",
-                    &[&ids],
-                )
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<Vec<i64>, _>>()?;
-                let (canceled, interrupted): (Vec<i64>, Vec<i64>) =
-                    ids.iter().partition(|id| asked.contains(id));
-                for id in &canceled {
-                    cancel_lapsed(&*c, *id, reporter.as_deref()).await?;
-                }
-                if !canceled.is_empty() {
+                interrupt_in(&*c, &ids, "the daemon stopped while this run was running").await?;
+                if !ids.is_empty() {
                     // Their groups are free now, on every instance.
                     notify_runs(&*c).await?;
                 }
-                interrupt_in(
-                    &*c,
-                    &interrupted,
-                    "the daemon stopped while this run was running",
-                )
-                .await?;
                 Ok(ids)
             }
         })
     }
 
-    pub(super) fn requeue_own(&self) -> Result<Vec<(i64, i64, RunStatus)>, StoreError> {
+    pub(super) fn requeue_own(&self) -> Result<Vec<Recovered>, StoreError> {
         let owner = self.instance.clone();
         self.write(true, move |c, reporter| {
             let owner = owner.clone();
@@ -660,20 +675,22 @@ pub(super) async fn interrupt_in<C: GenericClient>(
 
 /// Today's attempt rules for the interrupted runs `ids` (locked by the caller): queued
 /// again for one more attempt, or failed (`interrupted: fail` once a step had started,
-/// or out of attempts); `by` says what interrupted them (once, and many times). Wakes every instance when one
-/// is queued. A run queued again drops any cancel asked of its lost attempt, which
-/// would otherwise cancel the next one; it keeps its last owner, whose late writes of
-/// that attempt are refused for it until the next claim names a new one.
+/// or out of attempts); `by` says what interrupted them (once, and many times). A run
+/// a cancel was asked of (while it ran, or while it was interrupted) ends `canceled`
+/// instead: that cancel was answered as applied, so it is not built again. Wakes every
+/// instance when one is queued. A run queued again keeps its last owner, whose late
+/// writes of that attempt are refused for it until the next claim names a new one.
 pub(super) async fn requeue_in<C: GenericClient>(
     c: &C,
     ids: &[i64],
     reporter: Option<&dyn ReportPolicy>,
     (once, many): (&str, &str),
-) -> PgResult<Vec<(i64, i64, RunStatus)>> {
+) -> PgResult<Vec<Recovered>> {
     let rows = query(
         c,
         "SELECT id, attempt, interrupted, EXISTS (SELECT 1 FROM steps s
-             WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL)
+             WHERE s.run_id = runs.id AND s.attempt = runs.attempt AND s.started_at IS NOT NULL),
+                cancel_requested IS NOT NULL, pipeline
          FROM runs WHERE status = 'interrupted' AND id = ANY($1) ORDER BY id",
         &[&ids],
     )
@@ -683,6 +700,18 @@ pub(super) async fn requeue_in<C: GenericClient>(
         let (id, attempt): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         let on_interrupt: String = row.try_get(2)?;
         let stepped: bool = row.try_get(3)?;
+        let asked: bool = row.try_get(4)?;
+        let pipeline: String = row.try_get(5)?;
+        if asked {
+            cancel_as_asked(c, id, reporter).await?;
+            out.push(Recovered {
+                run: id,
+                pipeline,
+                attempt,
+                status: RunStatus::Canceled,
+            });
+            continue;
+        }
         let status = if stepped && on_interrupt == OnInterrupt::Fail.as_str() {
             execute(
                 c,
@@ -716,12 +745,61 @@ pub(super) async fn requeue_in<C: GenericClient>(
             report_run(c, reporter, id).await?;
         }
         notify_log(c, id).await?;
-        out.push((id, attempt, status));
+        out.push(Recovered {
+            run: id,
+            pipeline,
+            attempt,
+            status,
+        });
     }
-    if out.iter().any(|(_, _, s)| *s == RunStatus::Queued) {
+    if out.iter().any(|r| r.status == RunStatus::Queued) {
         notify_runs(c).await?;
     }
     Ok(out)
+}
+
+/// Ends run `id` (locked by the caller: claimed, or interrupted) `canceled` with the
+/// reason of the cancel asked for it, in its current attempt: the step it was in is
+/// `canceled`, those it never started `skipped`. Reports the end, and tells followers
+/// on every instance at once.
+pub(super) async fn cancel_as_asked<C: GenericClient>(
+    c: &C,
+    id: i64,
+    reporter: Option<&dyn ReportPolicy>,
+) -> PgResult<Run> {
+    let now = now_ms();
+    let run = run_from_row(
+        &query(
+            c,
+            &format!(
+                "UPDATE runs SET status = 'canceled', reason = cancel_requested, finished_at = $2
+                 WHERE id = $1 RETURNING {RUN_COLUMNS}"
+            ),
+            &[&id, &now],
+        )
+        .await?[0],
+    )?;
+    execute(
+        c,
+        &format!(
+            "UPDATE steps SET status = CASE WHEN started_at IS NULL THEN 'skipped' ELSE 'canceled' END,
+                    finished_at = CASE WHEN started_at IS NULL THEN NULL ELSE $2::BIGINT END
+             WHERE run_id = $1 AND attempt = {CURRENT_ATTEMPT}
+               AND status IN ('pending', 'running', 'interrupted')"
+        ),
+        &[&id, &now],
+    )
+    .await?;
+    if let Some(reporter) = reporter {
+        report(
+            c,
+            reporter,
+            &transition_of(&run, run.status, run.reason.as_deref()),
+        )
+        .await?;
+    }
+    notify_log(c, id).await?;
+    Ok(run)
 }
 
 /// Ends a run; returns it as committed (`None`: no such run).
