@@ -418,22 +418,26 @@ pub fn handed_stamp(dest: &Path) -> PathBuf {
 
 /// Marks the reused workspace `dest` as handed to a run's steps (see [`handed_stamp`]).
 pub fn mark_handed(dest: &Path) -> std::io::Result<()> {
-    // Made anew, so its change time is now even where writing the same bytes into the
-    // old one would change nothing.
+    use std::io::Write;
+    // Made anew, and its change time at birth written into it: what a later link to
+    // it, or any other change of its inode, does to its change time does not move it.
     let stamp = handed_stamp(dest);
     match std::fs::remove_file(&stamp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::write(stamp, b"")
+    let mut file = std::fs::File::create(&stamp)?;
+    let born = file.metadata()?;
+    writeln!(file, "{} {}", born.ctime(), born.ctime_nsec())
 }
 
-/// The change time of `dest`'s [`handed_stamp`]; `None` where it is missing (a
-/// workspace never handed over since this was introduced).
+/// The moment `dest` was last handed to steps, from its [`handed_stamp`]; `None` where
+/// there is none (a workspace never handed over since stamps were made) or it does not
+/// read as one.
 fn handed_at(dest: &Path) -> Option<(i64, i64)> {
-    std::fs::metadata(handed_stamp(dest))
-        .ok()
-        .map(|m| (m.ctime(), m.ctime_nsec()))
+    let text = std::fs::read_to_string(handed_stamp(dest)).ok()?;
+    let (secs, nanos) = text.trim().split_once(' ')?;
+    Some((secs.parse().ok()?, nanos.parse().ok()?))
 }
 
 fn beside(dest: &Path, suffix: &str) -> PathBuf {

@@ -43,7 +43,7 @@ pub fn update_in_place(
     let old = repo.find_tree(index.write_tree()?)?;
     let diff = repo.diff_tree_to_tree(Some(&old), Some(&new), None)?;
     let Some(plan) = Plan::of(&diff, &index, repo)? else {
-        return update_with_libgit2(repo, oid, dest, keep);
+        return update_with_libgit2(repo, &index, oid, dest, keep, handed);
     };
     let entries: Vec<IndexEntry> = index.iter().collect();
     // The walk below knows names as UTF-8: a tracked file named otherwise would look
@@ -52,7 +52,7 @@ pub fn update_in_place(
         .iter()
         .any(|e| std::str::from_utf8(&e.path).is_err())
     {
-        return update_with_libgit2(repo, oid, dest, keep);
+        return update_with_libgit2(repo, &index, oid, dest, keep, handed);
     }
     let staying: Vec<(&str, &IndexEntry)> = entries
         .iter()
@@ -275,10 +275,11 @@ fn write_file(
 
 /// Removes what is at `path` below `dest`, if every directory on the way there is a
 /// real one: behind a link or a file there is nothing of the workspace to remove.
-fn remove_inside(dest: &Path, path: &str) -> std::io::Result<()> {
+fn remove_inside(dest: &Path, path: impl AsRef<Path>) -> std::io::Result<()> {
+    let path = path.as_ref();
     let mut at = dest.to_path_buf();
-    if let Some((parent, _)) = path.rsplit_once('/') {
-        for part in parent.split('/') {
+    if let Some(parent) = path.parent() {
+        for part in parent.components() {
             at.push(part);
             match std::fs::symlink_metadata(&at) {
                 Ok(meta) if meta.is_dir() => {}
@@ -312,10 +313,25 @@ fn io_err(what: &str, path: &str, e: &std::io::Error) -> git2::Error {
 /// those the new tree no longer has), then the same removal of untracked paths.
 fn update_with_libgit2(
     repo: &Repository,
+    index: &git2::Index,
     oid: Oid,
     dest: &Path,
     keep: &dyn Fn(&str) -> bool,
+    handed: Option<(i64, i64)>,
 ) -> Result<(), git2::Error> {
+    // libgit2 does not weigh the hand-over (the workspace distrusts change times, as
+    // each run's chown changes them): a tracked file changed since, or in its tick, is
+    // removed first, so the checkout below writes it again.
+    for entry in index.iter() {
+        let path = Path::new(std::ffi::OsStr::from_bytes(&entry.path));
+        let changed_at = std::fs::symlink_metadata(dest.join(path))
+            .map(|m| (m.ctime(), m.ctime_nsec()))
+            .ok();
+        if changed_at.is_some_and(|at| handed.is_none_or(|handed| at >= handed)) {
+            remove_inside(dest, path)
+                .map_err(|e| io_err("removing", &path.to_string_lossy(), &e))?;
+        }
+    }
     let commit = repo.find_commit(oid)?;
     // Forced: a step may have edited tracked files, and the commit's content wins.
     repo.checkout_tree(commit.as_object(), Some(CheckoutBuilder::new().force()))?;
@@ -783,11 +799,18 @@ mod tests {
         assert_eq!(stat("b"), b, "read, found unchanged, left alone");
     }
 
-    #[test]
-    fn a_file_a_step_changed_and_put_its_times_back_on_is_found_by_its_change_time() {
+    /// A step, after the hand-over, writes `a` anew with the same size and puts its
+    /// modification time back; the next update must write it again, and leave `b`,
+    /// which nothing changed, as it is (where hookci updates itself). With
+    /// `attributes`, the tree has a `.gitattributes`, so libgit2's checkout updates it.
+    fn a_change_behind_restored_times_is_undone(attributes: bool) {
         use std::os::unix::fs::MetadataExt;
         let f = Fixture::new();
-        let c1 = commit(&f.origin, "main", &[("a", "1111"), ("b", "2222")], "one");
+        let mut files = vec![("a", "1111"), ("b", "2222")];
+        if attributes {
+            files.push((".gitattributes", "*.txt text\n"));
+        }
+        let c1 = commit(&f.origin, "main", &files, "one");
         f.update(c1);
         let ws = f.ws();
         let stat = |p: &str| {
@@ -809,14 +832,15 @@ mod tests {
         let (a, b) = (stat("a"), stat("b"));
         set_times(&ws.join(".git/index"), a.1.max(b.1) + 3600, 0);
         crate::git::checkout::mark_handed(&ws).unwrap();
-        let handed = std::fs::metadata(crate::git::checkout::handed_stamp(&ws)).unwrap();
-        // A step, later than the hand-over (the clock's next tick), writes `a` anew
-        // with the same size and puts its modification time back.
+        let stamp = std::fs::read_to_string(crate::git::checkout::handed_stamp(&ws)).unwrap();
+        let (secs, nanos) = stamp.trim().split_once(' ').unwrap();
+        let handed: (i64, i64) = (secs.parse().unwrap(), nanos.parse().unwrap());
+        // The step comes later than the hand-over: the clock's next tick.
         let probe = ws.join("probe");
         loop {
             std::fs::write(&probe, "").unwrap();
             let m = std::fs::metadata(&probe).unwrap();
-            if (m.ctime(), m.ctime_nsec()) > (handed.ctime(), handed.ctime_nsec()) {
+            if (m.ctime(), m.ctime_nsec()) > handed {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -833,8 +857,21 @@ mod tests {
         assert_eq!(f.update(c2), Updated::InPlace);
         assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "1111");
         assert_ne!(stat("a"), a, "rewritten");
-        assert_eq!(stat("b"), b, "unchanged since the hand-over: left alone");
+        if !attributes {
+            assert_eq!(stat("b"), b, "unchanged since the hand-over: left alone");
+        }
+        assert_eq!(std::fs::read_to_string(ws.join("b")).unwrap(), "2222");
         assert!(!probe.exists(), "untracked: removed");
+    }
+
+    #[test]
+    fn a_file_a_step_changed_and_put_its_times_back_on_is_found_by_its_change_time() {
+        a_change_behind_restored_times_is_undone(false);
+    }
+
+    #[test]
+    fn where_libgit2_updates_a_file_changed_behind_its_times_is_written_again() {
+        a_change_behind_restored_times_is_undone(true);
     }
 
     /// Trees that ask for content filters are left to libgit2's checkout, which

@@ -169,6 +169,12 @@ pub enum RunnerError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start the log writer of step log {}", path.display())]
+    LogWriter {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot wait for step process group {pgid}")]
     Wait {
         pgid: i32,
@@ -270,11 +276,9 @@ pub async fn run_step(
         .spawn(move || {
             let _ = wrote.send(output::write_log(log, rx, mask, tap, keep, budget));
         })
-        .map_err(|e| {
-            spawn_error(io::Error::new(
-                e.kind(),
-                format!("starting the step's log writer: {e}"),
-            ))
+        .map_err(|source| RunnerError::LogWriter {
+            path: cmd.log_path.to_path_buf(),
+            source,
         })?;
     let mut writer = tokio::spawn(async move {
         let written = writing
