@@ -257,11 +257,20 @@ pub async fn cancel(state: &AppState, id: i64, reason: String) -> Result<Cancele
         if elsewhere {
             return Ok(Canceled::Applied);
         }
-        if tokio::time::timeout_at(deadline, registered).await.is_err() {
+        // Woken by a registration here, or after a while to look again: an owner on
+        // another instance may have handed the run back (queued again) meanwhile, which
+        // no registration here would tell.
+        let now = Instant::now();
+        if now >= deadline {
             return Err(CancelError::NotExecuting { run: id });
         }
+        let _ = tokio::time::timeout_at(deadline.min(now + LOOK_AGAIN), registered).await;
     }
 }
+
+/// How often a cancel of a run that is neither registered here nor held by another
+/// instance looks at the store again while it waits (see [`cancel`]).
+const LOOK_AGAIN: Duration = Duration::from_millis(250);
 
 /// Cancels the running run `old` that the new run `by` supersedes (`cancel: running`).
 pub async fn supersede(state: &AppState, old: i64, by: i64) {
