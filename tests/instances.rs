@@ -723,32 +723,45 @@ fn one_failed_renewal_stops_no_run() {
     assert!(!d.log().contains("stopping the run's steps"), "{}", d.log());
 }
 
-#[test]
-fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
-    let db = test_database();
+/// A run of two instances sharing `db`, its owner killed, and a cancel of it answered
+/// 202 by the other instance. The pipeline's one step records in `again` that it was
+/// built again (after its first attempt's processes went to `pids`).
+struct Orphaned {
+    dead: Daemon,
+    other: Daemon,
+    id: i64,
+    owner: String,
+    pids: std::path::PathBuf,
+    again: std::path::PathBuf,
+    /// The run's lease when its owner was killed, and the database's clock when the
+    /// cancel was answered.
+    held_until: i64,
+    asked_at: i64,
+    _scratch: Builder,
+}
+
+fn orphaned_then_canceled(db: &Scratch, lease: &str) -> Orphaned {
     let scratch = Builder::new();
     let origin = Origin::new(scratch.path());
-    // Long enough that the cancel is surely sent before the dead instance's lease lapses.
-    let config = leases_of(&scratch, "10s");
+    let config = leases_of(&scratch, lease);
     let (pids, again) = (scratch.path().join("pids"), scratch.path().join("again"));
     let steps = format!(
         "  - name: long\n    run: |\n      if [ -s {pids} ]; then echo $HOOKCI_RUN_ID >> {again}; exit 0; fi\n      sleep 600 & echo $! >> {pids}; wait\n",
         pids = pids.display(),
         again = again.display(),
     );
-    let a = instance_with(&db, &origin, &config, "", &steps);
-    let b = instance_with(&db, &origin, &config, "", &steps);
+    let a = instance_with(db, &origin, &config, "", &steps);
+    let b = instance_with(db, &origin, &config, "", &steps);
     let (id, owner) = start_long_run(&a, &origin, &pids);
-    let (mut dead, survivor) = if owner == the_instance(&a) {
+    let (mut dead, other) = if owner == the_instance(&a) {
         (a, b)
     } else {
         (b, a)
     };
-    let held_until = run_column(&db, id, "lease_until").unwrap();
-
+    let held_until = run_column(db, id, "lease_until").unwrap();
     dead.signal(libc::SIGKILL);
     dead.wait();
-    let r = survivor.post(
+    let r = other.post(
         &format!("/api/runs/{id}/cancel"),
         &[
             ("authorization", &format!("Bearer {TOKEN}")),
@@ -757,20 +770,39 @@ fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
         b"{}",
     );
     assert_eq!(r.status, 202, "{}", r.text());
-    let asked_at = db_clock(&db);
+    let asked_at = db_clock(db);
+    Orphaned {
+        dead,
+        other,
+        id,
+        owner,
+        pids,
+        again,
+        held_until,
+        asked_at,
+        _scratch: scratch,
+    }
+}
+
+#[test]
+fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
+    let db = test_database();
+    // Long enough that the cancel is surely sent before the dead instance's lease lapses.
+    let o = orphaned_then_canceled(&db, "10s");
+    let (survivor, id, pids, again) = (&o.other, o.id, &o.pids, &o.again);
     assert!(
-        asked_at < held_until,
+        o.asked_at < o.held_until,
         "the cancel came after the lease lapsed: this test needs a longer lease here"
     );
     let run = survivor.wait_run(id);
-    kill_all(&read_pids(&pids));
+    kill_all(&read_pids(pids));
     assert_eq!(run["status"], "canceled", "{run:#}\n{}", survivor.log());
     assert_eq!(run["reason"], "canceled through the API", "{run:#}");
     assert_eq!(run["attempt"], 1, "{run:#}");
     assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
     assert!(!again.exists(), "the run was built again");
     assert_eq!(
-        canceled_lines(&survivor, id, "run of a lapsed lease canceled"),
+        canceled_lines(survivor, id, "run of a lapsed lease canceled"),
         1,
         "{}",
         survivor.log()
@@ -793,40 +825,14 @@ fn canceled_lines(d: &Daemon, id: i64, what: &str) -> usize {
 #[test]
 fn a_cancel_sent_while_its_instance_was_down_ends_the_run_canceled_at_its_restart() {
     let db = test_database();
-    let scratch = Builder::new();
-    let origin = Origin::new(scratch.path());
     // Long enough that the dead instance is back before its lease lapses: the other
     // one does not recover the run first.
-    let config = leases_of(&scratch, "60s");
-    let (pids, again) = (scratch.path().join("pids"), scratch.path().join("again"));
-    let steps = format!(
-        "  - name: long\n    run: |\n      if [ -s {pids} ]; then echo $HOOKCI_RUN_ID >> {again}; exit 0; fi\n      sleep 600 & echo $! >> {pids}; wait\n",
-        pids = pids.display(),
-        again = again.display(),
-    );
-    let a = instance_with(&db, &origin, &config, "", &steps);
-    let b = instance_with(&db, &origin, &config, "", &steps);
-    let (id, owner) = start_long_run(&a, &origin, &pids);
-    let (mut down, other) = if owner == the_instance(&a) {
-        (a, b)
-    } else {
-        (b, a)
-    };
-
-    down.signal(libc::SIGKILL);
-    down.wait();
-    let r = other.post(
-        &format!("/api/runs/{id}/cancel"),
-        &[
-            ("authorization", &format!("Bearer {TOKEN}")),
-            ("content-type", "application/json"),
-        ],
-        b"{}",
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
+    let mut o = orphaned_then_canceled(&db, "60s");
+    let (down, other) = (&mut o.dead, &o.other);
+    let (id, owner, pids, again) = (o.id, &o.owner, &o.pids, &o.again);
     down.spawn();
     let run = down.wait_run(id);
-    kill_all(&read_pids(&pids));
+    kill_all(&read_pids(pids));
     assert_eq!(run["status"], "canceled", "{run:#}\n{}", down.log());
     assert_eq!(run["reason"], "canceled through the API", "{run:#}");
     assert_eq!(run["attempt"], 1, "{run:#}");
@@ -834,7 +840,7 @@ fn a_cancel_sent_while_its_instance_was_down_ends_the_run_canceled_at_its_restar
     assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
     assert!(!again.exists(), "the run was built again");
     assert_eq!(
-        canceled_lines(&down, id, "interrupted run canceled"),
+        canceled_lines(down, id, "interrupted run canceled"),
         1,
         "{}",
         down.log()

@@ -182,6 +182,21 @@ fn a_daemon_that_cannot_switch_users_says_what_it_lacks() {
     );
 }
 
+/// Starts a daemon with `run_as` the test user, its own files closed to that user, and
+/// one pipeline `ci` of `origin` with `extra` (YAML: `workspace: reuse` and the like)
+/// and `step`.
+fn reusing_as_test_user(b: Builder, origin: &Origin, extra: &str, step: String) -> Daemon {
+    let b = b
+        .pipeline("ci", &pipeline(origin, extra, &[step]))
+        .config(&format!("run_as: {TEST_USER}"));
+    chmod(b.path(), 0o711);
+    b.write_config();
+    for path in ["secret", "hookci.yml"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    b.start()
+}
+
 /// With `run_as`, a reused workspace is the steps' user's but its `.git` is hookci's:
 /// git in a step reads it, a step cannot write it, and a `.git` a step put in its place
 /// makes the next run replace the workspace rather than let hookci update through it.
@@ -196,22 +211,12 @@ fn with_run_as_a_reused_workspace_keeps_its_git_out_of_the_steps_reach() {
         if touch .git/planted 2>/dev/null; then echo GOT-git-writable; fi\n\
         mkdir -p target && echo \"warm-$HOOKCI_RUN_ID\" > target/stamp\n\
         if [ \"$(cat mode)\" = plant ]; then mv .git .git-away && git init -q . && echo planted; fi";
-    let b = b
-        .pipeline(
-            "ci",
-            &pipeline(
-                &origin,
-                "workspace: reuse\nkeep: [\"target/\"]\n",
-                &[step("look", script)],
-            ),
-        )
-        .config(&format!("run_as: {TEST_USER}"));
-    chmod(b.path(), 0o711);
-    b.write_config();
-    for path in ["secret", "hookci.yml"] {
-        chmod(&b.path().join(path), 0o600);
-    }
-    let d = b.start();
+    let d = reusing_as_test_user(
+        b,
+        &origin,
+        "workspace: reuse\nkeep: [\"target/\"]\n",
+        step("look", script),
+    );
     let run = |n: u32, before: &str, after: &str| {
         let id = push(
             &d,
@@ -262,18 +267,7 @@ fn with_run_as_a_file_a_step_changed_behind_its_times_is_rewritten() {
         if [ \"$(cat mode)\" = tamper ]; then\n\
           touch -r a \"$HOME/ref\" && printf 9 > a && touch -r \"$HOME/ref\" a && echo tampered\n\
         fi";
-    let b = b
-        .pipeline(
-            "ci",
-            &pipeline(&origin, "workspace: reuse\n", &[step("look", script)]),
-        )
-        .config(&format!("run_as: {TEST_USER}"));
-    chmod(b.path(), 0o711);
-    b.write_config();
-    for path in ["secret", "hookci.yml"] {
-        chmod(&b.path().join(path), 0o600);
-    }
-    let d = b.start();
+    let d = reusing_as_test_user(b, &origin, "workspace: reuse\n", step("look", script));
     let run = |n: u32, before: &str, after: &str| {
         let id = push(&d, &format!("behind-{n}"), "refs/heads/main", before, after);
         let run = d.wait_run(id);
@@ -400,22 +394,12 @@ fn with_run_as_a_reused_workspace_is_not_chowned_again() {
     let origin = Origin::new(b.path());
     let c1 = origin.commit("main", &[("a", "1"), ("b", "1")], "one");
     let script = "mkdir -p target && { [ -e target/kept ] || echo once > target/kept; }";
-    let b = b
-        .pipeline(
-            "ci",
-            &pipeline(
-                &origin,
-                "workspace: reuse\nkeep: [\"target/\"]\n",
-                &[step("build", script)],
-            ),
-        )
-        .config(&format!("run_as: {TEST_USER}"));
-    chmod(b.path(), 0o711);
-    b.write_config();
-    for path in ["secret", "hookci.yml"] {
-        chmod(&b.path().join(path), 0o600);
-    }
-    let d = b.start();
+    let d = reusing_as_test_user(
+        b,
+        &origin,
+        "workspace: reuse\nkeep: [\"target/\"]\n",
+        step("build", script),
+    );
     let run = |n: u32, before: &str, after: &str| {
         let id = push(
             &d,
