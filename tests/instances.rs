@@ -620,6 +620,56 @@ fn an_instance_cut_off_from_the_database_stops_its_steps_before_another_runs_the
 }
 
 #[test]
+fn the_end_of_a_steps_output_waits_out_a_database_that_is_gone_for_a_while() {
+    let db = test_database();
+    // The instance that runs the step connects as a role of its own, locked out as the
+    // step ends: its output's last batch can only reach the store once the role is let
+    // in again, more than a second later.
+    let role = db.role().unwrap();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    // Long: the outage stays well within a third of it, so the run stays this
+    // instance's (no fencing, no recovery elsewhere).
+    let config = leases_of(&scratch, "20s");
+    let (ready, go) = (scratch.path().join("ready"), scratch.path().join("go"));
+    let steps = format!(
+        "  - name: talk\n    run: |\n      echo first-line\n      touch {ready}\n      while [ ! -e {go} ]; do sleep 0.05; done\n      echo last-line\n",
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let cut = instance_on(
+        Builder::new().database_as(&role),
+        &origin,
+        &config,
+        "",
+        &steps,
+    );
+    let other = instance_with(&db, &origin, &config, "", &steps);
+    let id = push_one(&cut, &origin, "main", 1);
+    eventually("the step has printed its first line", || ready.exists());
+
+    db.lock_out(&role).unwrap();
+    std::fs::write(&go, "").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    db.let_in(&role).unwrap();
+
+    let run = other.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", cut.log());
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    let log = other.run_log(id);
+    assert!(
+        log.contains("first-line") && log.contains("last-line"),
+        "the other instance serves the whole log: {log}\n{}",
+        cut.log()
+    );
+    assert!(
+        !cut.log().contains("could not be kept in the store"),
+        "{}",
+        cut.log()
+    );
+}
+
+#[test]
 fn an_instance_that_cannot_renew_claims_no_run_until_it_can() {
     let db = test_database();
     let role = db.role().unwrap();

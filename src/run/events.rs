@@ -146,7 +146,9 @@ pub struct OutputTap {
     events: Events,
     run: i64,
     step: i64,
-    kept: Option<(Arc<dyn Store>, i64)>,
+    /// The store, the attempt, and how long the end of a step's output may wait for a
+    /// store that fails.
+    kept: Option<(Arc<dyn Store>, i64, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for OutputTap {
@@ -154,18 +156,32 @@ impl std::fmt::Debug for OutputTap {
         f.debug_struct("OutputTap")
             .field("run", &self.run)
             .field("step", &self.step)
-            .field("kept", &self.kept.as_ref().map(|(_, attempt)| attempt))
+            .field("kept", &self.kept.as_ref().map(|(_, attempt, _)| attempt))
             .finish()
     }
 }
 
 impl OutputTap {
-    /// The output of attempt `attempt` is also kept in `store`, if it shares logs.
-    pub fn kept_in(mut self, store: &Arc<dyn Store>, attempt: i64) -> OutputTap {
+    /// The output of attempt `attempt` is also kept in `store`, if it shares logs; when
+    /// the step has ended, what is left of it is tried for up to `patience` (the lease:
+    /// past it, the run is another instance's to build again).
+    pub fn kept_in(
+        mut self,
+        store: &Arc<dyn Store>,
+        attempt: i64,
+        patience: std::time::Duration,
+    ) -> OutputTap {
         if store.shares_logs() {
-            self.kept = Some((Arc::clone(store), attempt));
+            self.kept = Some((Arc::clone(store), attempt, patience));
         }
         self
+    }
+
+    /// How long the end of the output may wait for the store (see [`OutputTap::kept_in`]).
+    pub fn patience(&self) -> std::time::Duration {
+        self.kept
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |(_, _, patience)| *patience)
     }
 
     /// Whether the runner must [`keep`](OutputTap::keep) what it writes.
@@ -177,7 +193,7 @@ impl OutputTap {
     /// the runtime). Does nothing unless [`keeps`](OutputTap::keeps).
     pub fn keep(&self, at: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
         match &self.kept {
-            Some((store, attempt)) => store.append_log(LogPiece {
+            Some((store, attempt, _)) => store.append_log(LogPiece {
                 run: self.run,
                 attempt: *attempt,
                 step: self.step,

@@ -254,8 +254,8 @@ const KEEP_BYTES: usize = 64 * 1024;
 /// Keeps what the writer wrote in the store that shares logs, one row a batch, never one
 /// a line: a batch goes once it holds KEEP_BYTES or is KEEP_AFTER old, also while the
 /// step is quiet. Ends when the writer has, once all of it is kept (or the store failed
-/// a few more tries): before the step's end is recorded, so that a reader elsewhere who
-/// sees the end has the whole log.
+/// for longer than the tap's patience): before the step's end is recorded, so that a
+/// reader elsewhere who sees the end has the whole log.
 pub async fn keep_batches(tap: OutputTap, mut rx: mpsc::Receiver<Bytes>) {
     let mut kept = Kept::default();
     loop {
@@ -280,14 +280,30 @@ pub async fn keep_batches(tap: OutputTap, mut rx: mpsc::Receiver<Bytes>) {
             kept.keep(&tap).await;
         }
     }
-    for _ in 0..3 {
+    // The step has ended: what is left goes before its end is recorded, so it is tried
+    // again with growing pauses while the store fails, for as long as the tap's
+    // patience (the file on this instance has it all the while).
+    let give_up = Instant::now() + tap.patience();
+    let mut pause = KEEP_AFTER;
+    loop {
         kept.keep(&tap).await;
         if kept.bytes.is_empty() {
             break;
         }
-        tokio::time::sleep(KEEP_AFTER).await;
+        if Instant::now() + pause > give_up {
+            tracing::error!(
+                bytes = kept.bytes.len(),
+                "the end of the step's output could not be kept in the store: only this instance's log file has it"
+            );
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(KEEP_PAUSE_MAX);
     }
 }
+
+/// The longest pause between tries of the end of a step's output (see `keep_batches`).
+const KEEP_PAUSE_MAX: Duration = Duration::from_secs(2);
 
 /// Written output the store that shares logs has not had yet.
 #[derive(Default)]

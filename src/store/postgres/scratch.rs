@@ -214,6 +214,11 @@ impl Scratch {
 }
 
 impl Scratch {
+    /// Lets `role` log in again after [`Scratch::lock_out`], as a network come back.
+    pub fn let_in(&self, role: &ScratchRole) -> Result<(), String> {
+        admin_sql(&self.admin, &format!("ALTER ROLE {} LOGIN", role.name))
+    }
+
     /// Ends the connection on which `role`'s instance renews its leases, and lets the
     /// role open no session more than it has left: that instance still claims and
     /// writes through its pool, but renews nothing.
