@@ -851,6 +851,10 @@ fn a_cancel_sent_while_a_dead_instance_still_held_the_run_ends_it_canceled() {
     assert_eq!(run["attempt"], 1, "{run:#}");
     assert_eq!(run["steps"][0]["status"], "canceled", "{run:#}");
     assert!(!again.exists(), "the run was built again");
+    // Logged once the recovery's commit is in, which the API may show first.
+    eventually("the recovering instance logs the run it canceled", || {
+        canceled_lines(survivor, id, "run of a lapsed lease canceled") > 0
+    });
     assert_eq!(
         canceled_lines(survivor, id, "run of a lapsed lease canceled"),
         1,

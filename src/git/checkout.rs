@@ -435,9 +435,15 @@ pub fn mark_handed(dest: &Path) -> std::io::Result<()> {
 /// there is none (a workspace never handed over since stamps were made) or it does not
 /// read as one.
 fn handed_at(dest: &Path) -> Option<(i64, i64)> {
-    let text = std::fs::read_to_string(handed_stamp(dest)).ok()?;
+    let stamp = handed_stamp(dest);
+    let text = std::fs::read_to_string(&stamp).ok()?;
     let (secs, nanos) = text.trim().split_once(' ')?;
-    Some((secs.parse().ok()?, nanos.parse().ok()?))
+    let at: (i64, i64) = (secs.parse().ok()?, nanos.parse().ok()?);
+    // Written after its birth, never later than its own change time: a moment past it
+    // was not written by hookci (a step running as the daemon's user could), and is
+    // not trusted.
+    let meta = std::fs::metadata(&stamp).ok()?;
+    (at <= (meta.ctime(), meta.ctime_nsec())).then_some(at)
 }
 
 fn beside(dest: &Path, suffix: &str) -> PathBuf {

@@ -322,11 +322,13 @@ fn update_with_libgit2(
     // libgit2 does not weigh the hand-over (the workspace distrusts change times, as
     // each run's chown changes them): a tracked file changed since, or in its tick, is
     // removed first, so the checkout below writes it again.
-    for entry in index.iter() {
+    // A submodule's directory is its own checkout's, not a file of this tree.
+    for entry in index.iter().filter(|e| e.mode != GITLINK) {
         let path = Path::new(std::ffi::OsStr::from_bytes(&entry.path));
         let changed_at = std::fs::symlink_metadata(dest.join(path))
-            .map(|m| (m.ctime(), m.ctime_nsec()))
-            .ok();
+            .ok()
+            .filter(|m| !m.is_dir())
+            .map(|m| (m.ctime(), m.ctime_nsec()));
         if changed_at.is_some_and(|at| handed.is_none_or(|handed| at >= handed)) {
             remove_inside(dest, path)
                 .map_err(|e| io_err("removing", &path.to_string_lossy(), &e))?;

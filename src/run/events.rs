@@ -163,8 +163,9 @@ impl std::fmt::Debug for OutputTap {
 
 impl OutputTap {
     /// The output of attempt `attempt` is also kept in `store`, if it shares logs; when
-    /// the step has ended, what is left of it is tried for up to `patience` (the lease:
-    /// past it, the run is another instance's to build again).
+    /// the step has ended, what is left of it is tried for up to `patience` (a third of
+    /// the lease, as `step_grace` is bounded: the run's end must be recorded before its
+    /// lease can lapse).
     pub fn kept_in(
         mut self,
         store: &Arc<dyn Store>,

@@ -313,6 +313,8 @@ struct Kept {
     bytes: Vec<u8>,
     /// When the batch's first byte was written.
     since: Option<Instant>,
+    /// How many bytes the last try, which failed, sent: the next sends the same.
+    failed: Option<usize>,
 }
 
 impl Kept {
@@ -327,21 +329,27 @@ impl Kept {
             self.since = None;
             return;
         }
-        let (at, bytes) = (self.at, self.bytes.clone());
-        let len = bytes.len();
+        // A failed batch goes again as it was, never grown: it may have been stored with
+        // only the answer lost, and the store keeps the first piece at an offset (a
+        // longer one there would be dropped, bytes and all).
+        let len = self.failed.unwrap_or(self.bytes.len());
+        let (at, bytes) = (self.at, self.bytes[..len].to_vec());
         let tap = tap.clone();
         match tokio::task::spawn_blocking(move || tap.keep(at, bytes)).await {
             Ok(Ok(())) => {
                 self.bytes.drain(..len);
                 self.at += len as u64;
-                self.since = None;
+                self.failed = None;
+                self.since = (!self.bytes.is_empty()).then(Instant::now);
             }
             Ok(Err(e)) => {
                 warn!(error = %e, bytes = len, "cannot keep step output in the store, trying again");
+                self.failed = Some(len);
                 self.since = Some(Instant::now());
             }
             Err(e) => {
                 warn!(error = %e, "keeping step output in the store failed");
+                self.failed = Some(len);
                 self.since = Some(Instant::now());
             }
         }

@@ -1197,11 +1197,11 @@ async fn run_steps(
                 .map(|(k, v)| (k.clone(), v.expose().to_owned())),
         );
         let log = state.log_path(run.id, number);
-        let output =
-            state
-                .events
-                .output_of(run.id, number)
-                .kept_in(&state.store, run.attempt, config.lease);
+        let output = state.events.output_of(run.id, number).kept_in(
+            &state.store,
+            run.attempt,
+            config.lease / 3,
+        );
         let cmd = StepCommand {
             script: &step.run,
             cwd: workspace,

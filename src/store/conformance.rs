@@ -1355,6 +1355,29 @@ mod shared_database {
     }
 
     #[test]
+    fn a_give_back_that_comes_after_another_instance_took_the_run_over_leaves_it_alone() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        // a's give-back is late: its lease lapsed, b recovered the run and runs it.
+        backend
+            .scratch()
+            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
+            .unwrap();
+        assert_eq!(b.recover_expired(&[]).unwrap().len(), 1);
+        assert_eq!(b.claim_next().unwrap().unwrap().id, id);
+        assert!(b.request_cancel(id, "not a's".into()).is_ok());
+        assert_eq!(a.unclaim(id).unwrap(), None);
+        let run = b.run(id).unwrap().unwrap();
+        assert_eq!(
+            (run.status, run.attempt, run.instance.as_deref()),
+            (RunStatus::Running, 2, Some("b")),
+            "b's attempt runs on, neither queued again nor canceled by a: {run:?}"
+        );
+    }
+
+    #[test]
     fn a_cancel_of_a_run_running_on_another_instance_reaches_its_owner() {
         let backend = Backend::postgres();
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));

@@ -170,31 +170,37 @@ impl Postgres {
     /// A cancel another instance asked for the run while it was claimed here was
     /// answered as applied: the run ends `canceled` rather than queued again.
     pub(super) fn give_back(&self, run_id: i64) -> Result<Option<Run>, StoreError> {
-        self.write(true, move |c, reporter| async move {
-            let Some(found) = query_opt(
-                &*c,
-                "SELECT cancel_requested IS NOT NULL FROM runs
-                 WHERE id = $1 AND status = 'running' FOR UPDATE",
-                &[&run_id],
-            )
-            .await?
-            else {
-                return Ok(None);
-            };
-            let canceled = if found.try_get(0)? {
-                Some(cancel_as_asked(&*c, run_id, reporter.as_deref()).await?)
-            } else {
-                execute(
+        let me = self.instance.clone();
+        self.write(true, move |c, reporter| {
+            let me = me.clone();
+            async move {
+                // Still this instance's: had the give-back waited past the lease, another
+                // instance may hold the run by now, and it is not this one's to queue.
+                let Some(found) = query_opt(
                     &*c,
-                    "UPDATE runs SET status = 'queued', started_at = NULL WHERE id = $1",
-                    &[&run_id],
+                    "SELECT cancel_requested IS NOT NULL FROM runs
+                 WHERE id = $1 AND status = 'running' AND owner = $2 FOR UPDATE",
+                    &[&run_id, &me],
                 )
-                .await?;
-                None
-            };
-            // Queued again, or its group is free: on every instance.
-            notify_runs(&*c).await?;
-            Ok(canceled)
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let canceled = if found.try_get(0)? {
+                    Some(cancel_as_asked(&*c, run_id, reporter.as_deref()).await?)
+                } else {
+                    execute(
+                        &*c,
+                        "UPDATE runs SET status = 'queued', started_at = NULL WHERE id = $1",
+                        &[&run_id],
+                    )
+                    .await?;
+                    None
+                };
+                // Queued again, or its group is free: on every instance.
+                notify_runs(&*c).await?;
+                Ok(canceled)
+            }
         })
     }
 
