@@ -450,6 +450,19 @@ mod tests {
     use crate::git::checkout::{Mirrors, Request, Updated};
     use crate::git::repo::RepoName;
 
+    /// Sets the access and modification times of `path` to `secs`.`nanos`, as a step
+    /// may on a file it owns.
+    fn set_times(path: &Path, secs: i64, nanos: i64) {
+        let t = libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nanos,
+        };
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path and two valid timespecs.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
     /// A mirror fed from a bare origin, and one reused workspace of it.
     struct Fixture {
         dir: tempfile::TempDir,
@@ -518,6 +531,11 @@ mod tests {
                     })
                     .unwrap();
             }
+            self.commit_index(&mut index)
+        }
+
+        /// A commit on `main` of exactly what `index` holds.
+        fn commit_index(&self, index: &mut git2::Index) -> Oid {
             let tree = self
                 .origin
                 .find_tree(index.write_tree_to(&self.origin).unwrap())
@@ -728,20 +746,7 @@ mod tests {
                 entry.path = path.to_vec();
                 index.add(&entry).unwrap();
             }
-            let tree = f
-                .origin
-                .find_tree(index.write_tree_to(&f.origin).unwrap())
-                .unwrap();
-            let sig = git2::Signature::now("t", "t@hookci.invalid").unwrap();
-            let parent = f
-                .origin
-                .find_reference("refs/heads/main")
-                .ok()
-                .and_then(|r| r.peel_to_commit().ok());
-            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
-            f.origin
-                .commit(Some("refs/heads/main"), &sig, &sig, "c", &tree, &parents)
-                .unwrap()
+            f.commit_index(&mut index)
         };
         let c1 = commit_bytes(&[(b"a", b"1"), (latin1, b"bytes")]);
         assert_eq!(f.update(c1), Updated::Fresh);
@@ -779,20 +784,10 @@ mod tests {
             .open(ws.join("a"))
             .and_then(|mut file| file.write_all(b"9999"))
             .unwrap();
-        let at = |(_, s, ns): (u64, i64, i64)| libc::timespec {
-            tv_sec: s,
-            tv_nsec: ns,
-        };
-        let set_times = |path: &Path, t: libc::timespec| {
-            let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-            // SAFETY: a valid path and two valid timespecs.
-            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        };
-        set_times(&ws.join("a"), at(a));
+        set_times(&ws.join("a"), a.1, a.2);
         assert_eq!(stat("a"), a);
         let earliest = std::cmp::min((a.1, a.2), (b.1, b.2));
-        set_times(&index_file, at((0, earliest.0, earliest.1)));
+        set_times(&index_file, earliest.0, earliest.1);
 
         let c3 = commit(&f.origin, "main", &[("d", "new")], "three");
         assert_eq!(f.update(c3), Updated::InPlace);
@@ -818,16 +813,6 @@ mod tests {
         let stat = |p: &str| {
             let m = std::fs::metadata(ws.join(p)).unwrap();
             (m.ino(), m.mtime(), m.mtime_nsec())
-        };
-        let set_times = |path: &Path, s: i64, ns: i64| {
-            let t = libc::timespec {
-                tv_sec: s,
-                tv_nsec: ns,
-            };
-            let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-            // SAFETY: a valid path and two valid timespecs.
-            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
         };
         // No entry is racily clean: the index is younger than every file, so only
         // stat data (and the change time) can tell what a step did.

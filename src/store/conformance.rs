@@ -137,6 +137,25 @@ fn new_run(pipeline: &str, key: &str, group: Option<&str>, supersede: Supersede)
     }
 }
 
+/// Asserts that run `id`, as `store` reads it, ended canceled for `reason` on attempt
+/// 1, with its first step canceled and its second skipped.
+fn assert_canceled_in_its_first_step(store: &dyn Store, id: i64, reason: &str) {
+    let run = store.run(id).unwrap().unwrap();
+    assert_eq!(
+        (run.status, run.attempt, run.reason.as_deref()),
+        (RunStatus::Canceled, 1, Some(reason))
+    );
+    assert_eq!(
+        store
+            .steps(id)
+            .unwrap()
+            .iter()
+            .map(|s| s.status)
+            .collect::<Vec<_>>(),
+        [StepStatus::Canceled, StepStatus::Skipped]
+    );
+}
+
 fn run(pipeline: &str, key: &str) -> NewRun {
     new_run(pipeline, key, None, Supersede::Nothing)
 }
@@ -846,20 +865,7 @@ pub(super) fn a_cancel_of_an_interrupted_run_is_kept_and_its_requeue_ends_it_can
         ends(store.requeue_interrupted().unwrap()),
         vec![(id, 1, RunStatus::Canceled), (other, 1, RunStatus::Queued)]
     );
-    let run = asker.run(id).unwrap().unwrap();
-    assert_eq!(
-        (run.status, run.attempt, run.reason.as_deref()),
-        (RunStatus::Canceled, 1, Some("canceled through the API"))
-    );
-    assert_eq!(
-        store
-            .steps(id)
-            .unwrap()
-            .iter()
-            .map(|s| s.status)
-            .collect::<Vec<_>>(),
-        [StepStatus::Canceled, StepStatus::Skipped]
-    );
+    assert_canceled_in_its_first_step(&*asker, id, "canceled through the API");
     assert!(matches!(
         asker.cancel_queued(id, "again".into()).unwrap(),
         QueuedCancel::NotQueued(RunStatus::Canceled)
@@ -1239,19 +1245,7 @@ mod shared_database {
             ends(b.recover_expired(&[]).unwrap()),
             vec![(id, 1, RunStatus::Canceled)]
         );
-        let run = b.run(id).unwrap().unwrap();
-        assert_eq!(
-            (run.status, run.attempt, run.reason.as_deref()),
-            (RunStatus::Canceled, 1, Some("canceled through b"))
-        );
-        assert_eq!(
-            b.steps(id)
-                .unwrap()
-                .iter()
-                .map(|s| s.status)
-                .collect::<Vec<_>>(),
-            [StepStatus::Canceled, StepStatus::Skipped]
-        );
+        assert_canceled_in_its_first_step(&*b, id, "canceled through b");
         assert!(b.claim_next().unwrap().is_none(), "not queued again");
     }
 
@@ -1278,19 +1272,7 @@ mod shared_database {
             vec![(id, 1, RunStatus::Canceled), (other, 1, RunStatus::Queued)],
             "only the run nobody canceled is built again"
         );
-        let run = b.run(id).unwrap().unwrap();
-        assert_eq!(
-            (run.status, run.attempt, run.reason.as_deref()),
-            (RunStatus::Canceled, 1, Some("canceled through b"))
-        );
-        assert_eq!(
-            b.steps(id)
-                .unwrap()
-                .iter()
-                .map(|s| s.status)
-                .collect::<Vec<_>>(),
-            [StepStatus::Canceled, StepStatus::Skipped]
-        );
+        assert_canceled_in_its_first_step(&*b, id, "canceled through b");
         assert_eq!(b.claim_next().unwrap().unwrap().id, other);
         assert!(b.claim_next().unwrap().is_none(), "not queued again");
     }
