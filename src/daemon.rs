@@ -65,9 +65,15 @@ async fn rejection(err: Rejection) -> Result<Response, std::convert::Infallible>
 
 /// Takes `state_dir/hookci.lock` for as long as the returned file stays open. Without it
 /// a second daemon on the same directory would take the first one's running runs for
-/// a dead daemon's, and kill them in its recovery. The file is close-on-exec (std opens
-/// every file so): a step must not inherit the lock, or one left behind by a crash
-/// would keep the restart that is to kill it from starting.
+/// a dead daemon's, and kill them in its recovery.
+///
+/// The lock is a POSIX record lock, which belongs to this process alone: a child never
+/// holds it, so it ends with the daemon. A `flock` belongs to the open file, which a
+/// forked child shares until its exec closes it (std opens every file close-on-exec):
+/// a step or git worker caught between fork and exec by a crash held the lock on for a
+/// moment after the daemon was gone, and the restart meant to recover its runs found
+/// the directory "in use". In return nothing else in the daemon may open and close this
+/// file, since closing any descriptor of it drops the lock.
 fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
     let dir_err = |source| DaemonError::StateDir {
         path: state_dir.to_path_buf(),
@@ -80,10 +86,9 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
         .mode(0o600)
         .open(state_dir.join("hookci.lock"))
         .map_err(dir_err)?;
-    // SAFETY: flock only takes the descriptor of a file this function holds open.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        return Err(if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    if let Err(error) = lock_whole(file.as_raw_fd()) {
+        let held = matches!(error.raw_os_error(), Some(libc::EACCES | libc::EAGAIN));
+        return Err(if held {
             DaemonError::InUse {
                 path: state_dir.to_path_buf(),
             }
@@ -92,6 +97,23 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
         });
     }
     Ok(file)
+}
+
+/// A write lock on the whole of the file behind `fd`, refused at once if another process
+/// holds one. Async-signal-safe (a test takes it between fork and exit).
+fn lock_whole(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: `flock` is a plain C struct, for which all zeroes is a valid value; start 0
+    // and length 0 mean the whole file, however long it grows.
+    let mut whole: libc::flock = unsafe { std::mem::zeroed() };
+    whole.l_type = libc::F_WRLCK as libc::c_short;
+    whole.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl takes a descriptor the caller holds open and a pointer to a live
+    // `flock` it only reads.
+    if unsafe { libc::fcntl(fd, libc::F_SETLK, &whole) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Opens the store and recovers from the previous daemon's end: runs it left running
@@ -469,4 +491,72 @@ pub async fn run(
     state.cgroups.remove();
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// Runs `child` in a forked copy of this process and returns its exit code. `child`
+    /// must be async-signal-safe: the test binary's other threads are not in the copy.
+    fn in_fork(child: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: the child runs only `child` and `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = child();
+            // SAFETY: ends the forked copy without running the test binary's exit code.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: reaps the child forked just above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// 0 when another process takes the lock on `path`, 1 when it is held, 2 otherwise.
+    fn taken_elsewhere(path: &CString) -> i32 {
+        in_fork(|| {
+            // SAFETY: open on a C string made before the fork.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY) };
+            match lock_whole(fd) {
+                Ok(()) => 0,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) => 1,
+                Err(_) => 2,
+            }
+        })
+    }
+
+    #[test]
+    fn the_state_lock_ends_with_the_daemon_not_with_a_child_forked_before_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = CString::new(dir.path().join("hookci.lock").as_os_str().as_bytes()).unwrap();
+        let lock = lock_state_dir(dir.path()).unwrap();
+        assert_eq!(taken_elsewhere(&path), 1, "the lock keeps others out");
+
+        // A child forked while the daemon holds the lock, as a step's shell is, and not
+        // yet past its exec when the daemon ends.
+        // SAFETY: the child only waits for its signal.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            loop {
+                // SAFETY: async-signal-safe; the parent kills this child.
+                unsafe { libc::pause() };
+            }
+        }
+        drop(lock);
+        let after = taken_elsewhere(&path);
+        // SAFETY: kills and reaps the child forked just above.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        assert_eq!(after, 0, "the daemon's end frees the lock for its restart");
+        let again = lock_state_dir(dir.path());
+        assert!(again.is_ok(), "{:?}", again.err());
+    }
 }
