@@ -975,6 +975,51 @@ mod shared_database {
     }
 
     #[test]
+    fn runs_an_instance_interrupted_as_it_started_are_taken_over_once_it_dies_before_requeuing() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let built = a.create_run(run("ci", "k1")).unwrap().id;
+        let dropped = a.create_run(run("ci", "k2")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, built);
+        assert_eq!(a.claim_next().unwrap().unwrap().id, dropped);
+        // a restarts, interrupts its runs, and dies before it queues them again.
+        drop(a);
+        let a = backend.open_as("a");
+        assert_eq!(a.interrupt_running().unwrap(), vec![built, dropped]);
+        drop(a);
+        assert_eq!(
+            b.cancel_queued(dropped, "canceled through the API".into())
+                .unwrap(),
+            QueuedCancel::Asked
+        );
+        assert!(
+            b.recover_expired(&[]).unwrap().is_empty(),
+            "a holds them for a lease while it kills what they left"
+        );
+
+        backend
+            .scratch()
+            .execute("UPDATE runs SET lease_until = 0")
+            .unwrap();
+        assert_eq!(
+            ends(b.recover_expired(&[]).unwrap()),
+            vec![
+                (built, 1, RunStatus::Queued),
+                (dropped, 1, RunStatus::Canceled)
+            ]
+        );
+        let queued = b.run(built).unwrap().unwrap();
+        assert_eq!((queued.status, queued.attempt), (RunStatus::Queued, 2));
+        assert_eq!(
+            b.run(dropped).unwrap().unwrap().status,
+            RunStatus::Canceled,
+            "the cancel answered as applied holds"
+        );
+        assert!(b.recover_expired(&[]).unwrap().is_empty(), "once");
+        assert_eq!(b.claim_next().unwrap().unwrap().id, built);
+    }
+
+    #[test]
     fn a_lapsed_lease_is_recovered_once_and_its_old_owner_writes_nothing_more() {
         let backend = Backend::postgres();
         let (a, b, c) = (

@@ -93,7 +93,10 @@ impl Postgres {
     /// those their owner is renewing or ending this moment: each lapsed run is
     /// recovered once, by whichever instance locks it first. A run without a lease was
     /// claimed by a hookci that set none: it is another instance's (this one's own
-    /// claims always set one), and taken as lapsed. A lapsed run a cancel was asked of
+    /// claims always set one), and taken as lapsed. So is a run its owner interrupted
+    /// when it started again and then died before queuing it again (its interrupt
+    /// held it for a lease): left alone, it would stay interrupted, and a cancel of
+    /// it answered as applied would never end it. A lapsed run a cancel was asked of
     /// ends canceled (see `requeue_in`).
     pub(super) fn recover(&self, held: &[i64]) -> Result<Vec<Recovered>, StoreError> {
         let me = Arc::new(self.instance.clone());
@@ -103,24 +106,29 @@ impl Postgres {
             async move {
                 let rows = query(
                     &*c,
-                    "SELECT id FROM runs
-                     WHERE status = 'running'
+                    "SELECT id, status = 'running' FROM runs
+                     WHERE status IN ('running', 'interrupted')
                        AND ((owner IS DISTINCT FROM $1 AND COALESCE(lease_until, 0) < hookci_clock_ms())
                          OR (owner = $1 AND lease_until < hookci_clock_ms() AND NOT id = ANY($2)))
                      ORDER BY id FOR UPDATE SKIP LOCKED",
                     &[&*me, &*held],
                 )
                 .await?;
-                let lapsed = rows
-                    .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<Vec<i64>, _>>()?;
+                let mut lapsed = Vec::new();
+                let mut running = Vec::new();
+                for row in &rows {
+                    let id: i64 = row.try_get(0)?;
+                    lapsed.push(id);
+                    if row.try_get::<_, bool>(1)? {
+                        running.push(id);
+                    }
+                }
                 if lapsed.is_empty() {
                     return Ok(Vec::new());
                 }
                 interrupt_in(
                     &*c,
-                    &lapsed,
+                    &running,
                     "its instance stopped renewing its lease (it died or lost the database)",
                 )
                 .await?;

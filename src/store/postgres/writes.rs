@@ -540,14 +540,24 @@ impl Postgres {
     /// instance once their lease expires (`recover_expired`). A cancel another
     /// instance was asked for one of them stays recorded: the requeue that follows
     /// ends that run canceled, once its leftovers are gone.
+    /// The runs are held for a whole lease from now: other instances leave them to this
+    /// one while it kills what they left behind, and take them over (see `recover`)
+    /// only if it dies before it queues them again.
     pub(super) fn interrupt_own(&self) -> Result<Vec<i64>, StoreError> {
         let owner = self.instance.clone();
+        let lease_ms = self.lease_ms();
         self.write(false, move |c, _| {
             let owner = owner.clone();
             async move {
                 let ids = owned_ids(&*c, RunStatus::Running, &owner).await?;
                 interrupt_in(&*c, &ids, "the daemon stopped while this run was running").await?;
                 if !ids.is_empty() {
+                    execute(
+                        &*c,
+                        "UPDATE runs SET lease_until = hookci_clock_ms() + $2 WHERE id = ANY($1)",
+                        &[&ids, &lease_ms],
+                    )
+                    .await?;
                     // Their groups are free now, on every instance.
                     notify_runs(&*c).await?;
                 }
