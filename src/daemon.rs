@@ -156,24 +156,18 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     )?;
     // Before recovery: a run it queues again, or fails, reports that.
     store.set_report_policy(policy);
-    for id in store.interrupt_running()? {
-        let workspace = state_dir.join("workspaces").join(id.to_string());
-        runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", workspace.display()));
-        if let Err(e) = std::fs::remove_dir_all(&workspace) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(run = id, error = %e, "cannot remove the workspace of an interrupted run");
-            }
-        }
-    }
-    // Reused workspaces stay (that is their point); only the processes a step left
-    // running in them go. A workspace an update was cut short in is replaced by the
-    // next run of its slot, never built from.
-    for reused in workspace::reused(&state_dir.join("workspaces")) {
-        runner::kill_leftovers(&format!("HOOKCI_WORKSPACE={}", reused.display()));
-    }
+    // Interrupted, every leftover of this state directory's runs killed (a quick
+    // SIGKILL each), and queued again, in that order and at once: with a shared
+    // database the interrupt holds the runs for a lease, which the slow part, removing
+    // workspaces, must not outlast.
+    store.interrupt_running()?;
+    runner::kill_leftovers(&state_dir.join("workspaces"));
+    let recovered = store.requeue_interrupted()?;
+    // Reused workspaces stay (that is their point). A workspace an update was cut
+    // short in is replaced by the next run of its slot, never built from.
     remove_leftover_workspaces(&state_dir.join("workspaces"));
     remove_leftover_workspaces(&state_dir.join("homes"));
-    for recovered in store.requeue_interrupted()? {
+    for recovered in recovered {
         let (id, attempt, status) = (recovered.run, recovered.attempt, recovered.status);
         // A run that ends here keeps its logs where its last attempt's are read from.
         if status == RunStatus::Queued {
@@ -499,27 +493,62 @@ mod tests {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
 
-    /// Runs `child` in a forked copy of this process and returns its exit code. `child`
-    /// must be async-signal-safe: the test binary's other threads are not in the copy.
-    fn in_fork(child: impl FnOnce() -> i32) -> i32 {
-        // SAFETY: the child runs only `child` and `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-        if pid == 0 {
-            let code = child();
-            // SAFETY: ends the forked copy without running the test binary's exit code.
-            unsafe { libc::_exit(code) };
+    /// A forked copy of this process, killed and reaped when dropped. Tracked, so that
+    /// another test's sweep of untracked children leaves it alone.
+    struct Forked {
+        pid: i32,
+        reaped: bool,
+        _tracked: crate::process::Tracked,
+    }
+
+    impl Forked {
+        /// Runs `child` in the copy, which then exits with the code it returns.
+        /// `child` must be async-signal-safe.
+        fn run(child: impl FnOnce() -> i32) -> Forked {
+            // SAFETY: the child runs only `child`, async-signal-safe, and `_exit`.
+            match unsafe { crate::process::fork_tracked() }.expect("fork") {
+                Some((pid, tracked)) => Forked {
+                    pid,
+                    reaped: false,
+                    _tracked: tracked,
+                },
+                None => {
+                    let code = child();
+                    // SAFETY: ends the copy without running the test binary's exit code.
+                    unsafe { libc::_exit(code) }
+                }
+            }
         }
-        let mut status = 0;
-        // SAFETY: reaps the child forked just above.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(libc::WIFEXITED(status), "child status {status}");
-        libc::WEXITSTATUS(status)
+
+        /// The child's exit code, once it exits.
+        fn exit_code(mut self) -> i32 {
+            let mut status = 0;
+            // SAFETY: reaps the child this value owns.
+            assert_eq!(unsafe { libc::waitpid(self.pid, &mut status, 0) }, self.pid);
+            // Its pid may be another process's from now on: `Drop` must not signal it.
+            self.reaped = true;
+            assert!(libc::WIFEXITED(status), "child status {status}");
+            libc::WEXITSTATUS(status)
+        }
+    }
+
+    impl Drop for Forked {
+        fn drop(&mut self) {
+            if self.reaped {
+                return;
+            }
+            // SAFETY: kills and reaps this value's child, not yet reaped (so its pid
+            // is still its own).
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+            }
+        }
     }
 
     /// 0 when another process takes the lock on `path`, 1 when it is held, 2 otherwise.
     fn taken_elsewhere(path: &CString) -> i32 {
-        in_fork(|| {
+        Forked::run(|| {
             // SAFETY: open on a C string made before the fork.
             let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY) };
             match lock_whole(fd) {
@@ -528,6 +557,7 @@ mod tests {
                 Err(_) => 2,
             }
         })
+        .exit_code()
     }
 
     #[test]
@@ -539,22 +569,12 @@ mod tests {
 
         // A child forked while the daemon holds the lock, as a step's shell is, and not
         // yet past its exec when the daemon ends.
-        // SAFETY: the child only waits for its signal.
-        let child = unsafe { libc::fork() };
-        assert!(child >= 0);
-        if child == 0 {
-            loop {
-                // SAFETY: async-signal-safe; the parent kills this child.
-                unsafe { libc::pause() };
-            }
-        }
+        let _between_fork_and_exec = Forked::run(|| loop {
+            // SAFETY: async-signal-safe; the child waits to be killed.
+            unsafe { libc::pause() };
+        });
         drop(lock);
         let after = taken_elsewhere(&path);
-        // SAFETY: kills and reaps the child forked just above.
-        unsafe {
-            libc::kill(child, libc::SIGKILL);
-            libc::waitpid(child, std::ptr::null_mut(), 0);
-        }
         assert_eq!(after, 0, "the daemon's end frees the lock for its restart");
         let again = lock_state_dir(dir.path());
         assert!(again.is_ok(), "{:?}", again.err());

@@ -69,6 +69,27 @@ pub fn spawn_tracked(
     Ok((child, Tracked(pid)))
 }
 
+/// Forks this process (a test's child that runs async-signal-safe code only, then
+/// `_exit`s) and tracks the child, under the registry's lock as [`spawn_tracked`] does.
+/// The child gets `None`.
+///
+/// # Safety
+/// In the child, only async-signal-safe calls may follow: the test binary's other
+/// threads, and the locks they held, are not in the copy.
+#[cfg(test)]
+pub(crate) unsafe fn fork_tracked() -> std::io::Result<Option<(i32, Tracked)>> {
+    let mut set = tracked();
+    // SAFETY: the caller keeps to async-signal-safe calls in the child.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => {
+            set.get_or_insert_with(HashSet::new).insert(pid);
+            Ok(Some((pid, Tracked(pid))))
+        }
+    }
+}
+
 /// The pids of the children started with [`spawn_tracked`] and not yet dropped.
 pub fn tracked_children() -> HashSet<i32> {
     tracked().clone().unwrap_or_default()

@@ -1,6 +1,7 @@
 //! Nothing lost, nothing twice: crashes (SIGKILL), graceful stops (SIGTERM) and restarts.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -92,6 +93,62 @@ fn a_crash_mid_step_requeues_the_run_once_and_kills_what_it_left() {
         "{run:#}"
     );
     assert_eq!(read_pids(&pids).len(), 2, "no third attempt");
+}
+
+/// Moves `pid` out of its run's cgroup (where hookci makes one: as root) into this
+/// test's own, so that the next start finds it as a daemon without cgroups does: by the
+/// environment the step gave it.
+fn out_of_its_cgroup(pid: i32) {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // mountinfo fields: id parent major:minor root mount-point ... - fstype ...
+    let v2 = mounts.lines().find_map(|l| {
+        let (fields, rest) = l.split_once(" - ")?;
+        (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split(' ').nth(4))?
+    });
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"));
+    if let (Some(mount), Some(own)) = (v2, own) {
+        let procs = Path::new(mount)
+            .join(own.trim_start_matches('/'))
+            .join("cgroup.procs");
+        // Without a writable cgroup v2 hookci made no cgroup either: nothing to leave.
+        let _ = std::fs::write(procs, pid.to_string());
+    }
+}
+
+#[test]
+fn a_start_kills_what_a_run_left_when_an_earlier_start_interrupted_it_and_died_before_that() {
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let sha = origin.commit("main", &[("a", "1")], "x");
+    let pids = b.path().join("pids");
+    let steps = format!(
+        "  - name: long\n    run: sleep 600 & echo $! >> {}; wait\n",
+        pids.display()
+    );
+    let mut d = b.pipeline("ci", &pipeline(&origin, &steps)).start();
+    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+    let id = first_run(&d.deliver("push", "crash-twice", &body));
+    eventually("the step runs", || read_pids(&pids).len() == 1);
+    let leftover = read_pids(&pids)[0];
+    d.signal(libc::SIGKILL);
+    d.wait();
+    out_of_its_cgroup(leftover);
+
+    // A start marked the run interrupted, then died before it killed what the run left.
+    let db = rusqlite::Connection::open(d.state_dir().join("hookci.db")).unwrap();
+    let marked = db
+        .execute("UPDATE runs SET status = 'interrupted' WHERE id = ?1", [id])
+        .unwrap();
+    assert_eq!(marked, 1);
+    drop(db);
+
+    d.spawn();
+    eventually("the leftover step process is killed", || {
+        process_gone(leftover)
+    });
+    eventually("attempt 2 runs", || read_pids(&pids).len() == 2);
+    assert_eq!(d.get_json(&format!("/api/runs/{id}"))["attempt"], 2);
 }
 
 #[test]

@@ -225,13 +225,21 @@ pub async fn run_step(
     let cgroup = cmd.contain.and_then(Containment::cgroup_procs_fd);
     let contained = cmd.contain.is_some();
     let run_as = cmd.run_as.cloned();
+    let daemon = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
     // SAFETY: between fork and exec only async-signal-safe calls run: a write to a
-    // descriptor opened before the fork, then setgroups, setgid, setuid and prctl.
+    // descriptor opened before the fork, getppid, then setgroups, setgid, setuid and
+    // prctl.
     unsafe {
         shell.pre_exec(move || {
             // Joined first, while the child still has the daemon's rights to do so.
             if let Some(fd) = cgroup {
                 contain::join_cgroup(fd)?;
+            }
+            // A daemon that died since the fork (joining a cgroup can take a while)
+            // would leave a step its restart cannot tell from the daemon: not yet
+            // marked by the step's environment, perhaps in a cgroup already ended.
+            if libc::getppid() != daemon {
+                return Err(io::Error::other("the daemon is gone"));
             }
             if contained {
                 contain::subreaper()?;
@@ -387,12 +395,16 @@ pub async fn terminate_group(pgid: i32, grace: Duration) {
     let _ = signal_group(pgid, libc::SIGKILL);
 }
 
-/// Kills every process a previous daemon's step left behind: those whose environment
-/// holds exactly `marker` (`HOOKCI_WORKSPACE=<absolute workspace path>`, unique to one
-/// run of one state directory), with their process groups. Identifying processes by
-/// their environment, not by a remembered pid, means a recycled pid is never hit.
-/// Returns the pids found.
-pub fn kill_leftovers(marker: &str) -> Vec<i32> {
+/// Kills every process a previous daemon's steps left behind: those whose environment
+/// names a workspace inside `workspaces` (`HOOKCI_WORKSPACE=<absolute path>`, fresh
+/// and reused alike, unique to one state directory), with their process groups. Only
+/// at a start, before any step of this daemon runs, under the state directory's lock:
+/// every such process is then a leftover, also of a run an earlier start already
+/// interrupted and died before cleaning up. Identifying processes by their environment,
+/// not by a remembered pid, means a recycled pid is never hit. Returns the pids found.
+pub fn kill_leftovers(workspaces: &Path) -> Vec<i32> {
+    let mut marker = format!("HOOKCI_WORKSPACE={}", workspaces.display()).into_bytes();
+    marker.push(b'/');
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -414,7 +426,7 @@ pub fn kill_leftovers(marker: &str) -> Vec<i32> {
         };
         if !environ
             .split(|b| *b == 0)
-            .any(|var| var == marker.as_bytes())
+            .any(|var| var.starts_with(&marker))
         {
             continue;
         }
@@ -432,7 +444,8 @@ pub fn kill_leftovers(marker: &str) -> Vec<i32> {
     if !found.is_empty() {
         warn!(
             ?found,
-            marker, "killed step processes left over from a previous daemon"
+            workspaces = %workspaces.display(),
+            "killed step processes left over from a previous daemon"
         );
     }
     found

@@ -982,8 +982,16 @@ mod shared_database {
         let dropped = a.create_run(run("ci", "k2")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, built);
         assert_eq!(a.claim_next().unwrap().unwrap().id, dropped);
-        // a restarts, interrupts its runs, and dies before it queues them again.
+        // a dies; when it starts again its claims' leases have lapsed. It interrupts
+        // its runs, and dies before it queues them again.
         drop(a);
+        let lapse = || {
+            backend
+                .scratch()
+                .execute("UPDATE runs SET lease_until = 0")
+                .unwrap()
+        };
+        lapse();
         let a = backend.open_as("a");
         assert_eq!(a.interrupt_running().unwrap(), vec![built, dropped]);
         drop(a);
@@ -997,10 +1005,7 @@ mod shared_database {
             "a holds them for a lease while it kills what they left"
         );
 
-        backend
-            .scratch()
-            .execute("UPDATE runs SET lease_until = 0")
-            .unwrap();
+        lapse();
         assert_eq!(
             ends(b.recover_expired(&[]).unwrap()),
             vec![
@@ -1017,6 +1022,36 @@ mod shared_database {
         );
         assert!(b.recover_expired(&[]).unwrap().is_empty(), "once");
         assert_eq!(b.claim_next().unwrap().unwrap().id, built);
+    }
+
+    #[test]
+    fn a_run_a_stop_interrupted_waits_for_its_own_instance_to_start_again() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        // A stop whose grace ran out cuts the run.
+        a.finish_run(
+            id,
+            RunStatus::Interrupted,
+            Some("the daemon stopped".into()),
+            StepStatus::Interrupted,
+        )
+        .unwrap();
+        drop(a);
+        // Long after the lease its claim had.
+        shift_db_clock(&backend, DAY_MS);
+        assert!(
+            b.recover_expired(&[]).unwrap().is_empty(),
+            "another instance leaves it"
+        );
+        assert_eq!(b.run(id).unwrap().unwrap().status, RunStatus::Interrupted);
+        let a = backend.open_as("a");
+        assert!(a.interrupt_running().unwrap().is_empty());
+        assert_eq!(
+            ends(a.requeue_interrupted().unwrap()),
+            vec![(id, 1, RunStatus::Queued)]
+        );
     }
 
     #[test]

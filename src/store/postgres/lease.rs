@@ -93,11 +93,13 @@ impl Postgres {
     /// those their owner is renewing or ending this moment: each lapsed run is
     /// recovered once, by whichever instance locks it first. A run without a lease was
     /// claimed by a hookci that set none: it is another instance's (this one's own
-    /// claims always set one), and taken as lapsed. So is a run its owner interrupted
-    /// when it started again and then died before queuing it again (its interrupt
-    /// held it for a lease): left alone, it would stay interrupted, and a cancel of
-    /// it answered as applied would never end it. A lapsed run a cancel was asked of
-    /// ends canceled (see `requeue_in`).
+    /// claims always set one), and taken as lapsed. So is an interrupted run whose hold
+    /// lapsed: its owner interrupted it as it started again (which holds it for a
+    /// lease, see `interrupt_own`) and died before queuing it again. Left alone, it
+    /// would stay interrupted, and a cancel of it answered as applied would never end
+    /// it. A run a stop interrupted holds no lease (an end clears it): it waits for
+    /// its own instance's next start. A lapsed run a cancel was asked of ends canceled
+    /// (see `requeue_in`).
     pub(super) fn recover(&self, held: &[i64]) -> Result<Vec<Recovered>, StoreError> {
         let me = Arc::new(self.instance.clone());
         let held = Arc::new(held.to_vec());
@@ -107,9 +109,11 @@ impl Postgres {
                 let rows = query(
                     &*c,
                     "SELECT id, status = 'running' FROM runs
-                     WHERE status IN ('running', 'interrupted')
-                       AND ((owner IS DISTINCT FROM $1 AND COALESCE(lease_until, 0) < hookci_clock_ms())
-                         OR (owner = $1 AND lease_until < hookci_clock_ms() AND NOT id = ANY($2)))
+                     WHERE (status = 'running'
+                            AND ((owner IS DISTINCT FROM $1 AND COALESCE(lease_until, 0) < hookci_clock_ms())
+                              OR (owner = $1 AND lease_until < hookci_clock_ms() AND NOT id = ANY($2))))
+                        OR (status = 'interrupted' AND lease_until < hookci_clock_ms()
+                            AND (owner IS DISTINCT FROM $1 OR NOT id = ANY($2)))
                      ORDER BY id FOR UPDATE SKIP LOCKED",
                     &[&*me, &*held],
                 )

@@ -142,6 +142,13 @@ CREATE TABLE log_chunks (
 CREATE FUNCTION hookci_clock_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
     AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
 "#,
+    // An interrupted run with a lease is one its instance holds while it recovers it
+    // at a start, and others take it over when that hold lapses; one without waits
+    // for its instance's next start. Runs interrupted before this kept the lease of
+    // their last renewal: none of them is being recovered now, so they wait as before.
+    r#"
+UPDATE runs SET lease_until = NULL WHERE status = 'interrupted';
+"#,
 ];
 
 /// Why the schema cannot be used: a newer hookci wrote it.

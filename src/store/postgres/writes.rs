@@ -540,6 +540,7 @@ impl Postgres {
     /// instance once their lease expires (`recover_expired`). A cancel another
     /// instance was asked for one of them stays recorded: the requeue that follows
     /// ends that run canceled, once its leftovers are gone.
+    ///
     /// The runs are held for a whole lease from now: other instances leave them to this
     /// one while it kills what they left behind, and take them over (see `recover`)
     /// only if it dies before it queues them again.
@@ -830,8 +831,8 @@ async fn finish_in<C: GenericClient>(
     let run = query_opt(
         c,
         &format!(
-            "UPDATE runs SET status = $2, reason = $3, finished_at = $4 WHERE id = $1
-             RETURNING {RUN_COLUMNS}"
+            "UPDATE runs SET status = $2, reason = $3, finished_at = $4, lease_until = NULL
+             WHERE id = $1 RETURNING {RUN_COLUMNS}"
         ),
         &[&run_id, &status.as_str(), &reason, &now],
     )
