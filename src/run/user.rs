@@ -5,8 +5,12 @@
 //! switch.
 
 use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use rustix::fs::{chownat, openat, statat, AtFlags, Dir, FileType, Gid, Mode, OFlags, Uid, CWD};
+use rustix::io::Errno;
 
 /// A resolved `run_as` user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,41 +192,121 @@ pub fn is_root() -> bool {
 /// What the user owns already is left as it is: a chown changes a file's ctime even
 /// when it gives nothing, and a reused workspace's `keep:` paths would be touched on
 /// every run.
+///
+/// Steps of other runs, which run as the same user, may change the tree meanwhile
+/// (what is given already is theirs to change, and a reused workspace is theirs
+/// throughout). So below `path` nothing is looked up by a path from the top again:
+/// each directory is opened once, relative to its parent's descriptor and without
+/// following a link, and its entries are examined and changed relative to it. A
+/// directory swapped for a link to `/etc` while the walk goes on is then a link, which
+/// is given, not entered. `path` itself is reached through the state directory, which
+/// is the daemon's.
 pub fn chown_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
-    give(path, &meta, user)?;
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), user)?;
-        }
-    }
-    Ok(())
+    give_tree(CWD, path, user, false)
 }
 
 /// [`chown_tree`] for a reused workspace: everything but its `.git`, which stays the
 /// daemon's (the update checks that it is; see `git::checkout`).
 pub fn chown_work_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    give(path, &std::fs::symlink_metadata(path)?, user)?;
-    for entry in std::fs::read_dir(path)? {
+    give_tree(CWD, path, user, true)
+}
+
+/// Gives `name` (relative to `dir`) and, if it is a directory, what is inside it;
+/// `skip_git`: not the `.git` directly inside it.
+fn give_tree<P: rustix::path::Arg + Copy>(
+    dir: BorrowedFd<'_>,
+    name: P,
+    user: &RunAs,
+    skip_git: bool,
+) -> std::io::Result<()> {
+    let stat = statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if stat.st_uid != user.uid || stat.st_gid != user.gid {
+        chownat(
+            dir,
+            name,
+            Some(Uid::from_raw(user.uid)),
+            Some(Gid::from_raw(user.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+        return Ok(());
+    }
+    let inside = match openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // No longer a directory (swapped for a link or a file since): given above as
+        // what it was, and not followed.
+        Err(Errno::LOOP | Errno::NOTDIR) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in Dir::read_from(&inside)? {
         let entry = entry?;
-        if entry.file_name() != ".git" {
-            chown_tree(&entry.path(), user)?;
+        let child = entry.file_name();
+        let bytes = child.to_bytes();
+        if bytes == b"." || bytes == b".." || (skip_git && bytes == b".git") {
+            continue;
+        }
+        match give_tree(inside.as_fd(), child, user, false) {
+            // Removed by a step meanwhile: nothing left to give.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
         }
     }
     Ok(())
 }
 
-fn give(path: &Path, meta: &std::fs::Metadata, user: &RunAs) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if meta.uid() == user.uid && meta.gid() == user.gid {
-        return Ok(());
-    }
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step of another run (the same user) swaps a directory of the tree being given
+    /// with a link to a directory outside, over and over, while the daemon gives the
+    /// tree away again and again: nothing outside is ever given. Only root may give
+    /// files away (CI runs the tests as root); elsewhere there is nothing to check.
+    #[test]
+    fn giving_a_tree_away_never_follows_a_directory_swapped_for_a_link_meanwhile() {
+        use rustix::fs::{renameat_with, RenameFlags};
+        use std::os::unix::fs::{lchown, symlink};
+        if !is_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (tree, outside) = (tmp.path().join("ws"), tmp.path().join("etc"));
+        std::fs::create_dir_all(tree.join("d/sub")).unwrap();
+        std::fs::write(tree.join("d/sub/shadow"), "mine").unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("shadow"), "root's").unwrap();
+        symlink(&outside, tree.join("d/alt")).unwrap();
+        let user = RunAs::resolve("54321:54321").unwrap();
+
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let d = std::fs::File::open(tree.join("d")).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    renameat_with(&d, "sub", &d, "alt", RenameFlags::EXCHANGE).unwrap();
+                }
+            });
+            for _ in 0..3000 {
+                chown_tree(&tree, &user).unwrap();
+                let owner = std::fs::metadata(outside.join("shadow")).unwrap().uid();
+                if owner != 0 {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("a file outside the tree was given away");
+                }
+                // The tree the daemon's again, so that the next walk gives it all anew.
+                for path in ["", "d", "d/sub", "d/alt", "d/sub/shadow", "d/alt/shadow"] {
+                    let _ = lchown(tree.join(path), Some(0), Some(0));
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
 
     #[test]
     fn numeric_users_resolve_and_root_is_refused() {
