@@ -1,7 +1,7 @@
 //! Nothing lost, nothing twice: crashes (SIGKILL), graceful stops (SIGTERM) and restarts.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -30,9 +30,10 @@ fn read_pids(path: &std::path::Path) -> Vec<i32> {
         .collect()
 }
 
-#[test]
-fn a_crash_mid_step_requeues_the_run_once_and_kills_what_it_left() {
-    let b = Builder::new().config("shutdown_grace: 1s");
+/// A daemon SIGKILLed while its run's one step waits for a background `sleep`, which
+/// writes its pid to the returned file: the daemon (stopped), the run, that file, and
+/// the pid of the `sleep` the crash left running.
+fn crashed_mid_step(b: Builder) -> (Daemon, i64, PathBuf, i32) {
     let origin = Origin::new(b.path());
     let sha = origin.commit("main", &[("a", "1")], "x");
     let pids = b.path().join("pids");
@@ -44,14 +45,20 @@ fn a_crash_mid_step_requeues_the_run_once_and_kills_what_it_left() {
     let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
     let id = first_run(&d.deliver("push", "crash-1", &body));
     eventually("the step runs", || read_pids(&pids).len() == 1);
-    let first_sleep = read_pids(&pids)[0];
-
+    let leftover = read_pids(&pids)[0];
     d.signal(libc::SIGKILL);
     d.wait();
     assert!(
-        !process_gone(first_sleep),
+        !process_gone(leftover),
         "a crashed daemon cannot kill its steps itself"
     );
+    (d, id, pids, leftover)
+}
+
+#[test]
+fn a_crash_mid_step_requeues_the_run_once_and_kills_what_it_left() {
+    let (mut d, id, pids, first_sleep) =
+        crashed_mid_step(Builder::new().config("shutdown_grace: 1s"));
 
     d.spawn();
     eventually("the leftover step process is killed", || {
@@ -118,21 +125,7 @@ fn out_of_its_cgroup(pid: i32) {
 
 #[test]
 fn a_start_kills_what_a_run_left_when_an_earlier_start_interrupted_it_and_died_before_that() {
-    let b = Builder::new();
-    let origin = Origin::new(b.path());
-    let sha = origin.commit("main", &[("a", "1")], "x");
-    let pids = b.path().join("pids");
-    let steps = format!(
-        "  - name: long\n    run: sleep 600 & echo $! >> {}; wait\n",
-        pids.display()
-    );
-    let mut d = b.pipeline("ci", &pipeline(&origin, &steps)).start();
-    let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
-    let id = first_run(&d.deliver("push", "crash-twice", &body));
-    eventually("the step runs", || read_pids(&pids).len() == 1);
-    let leftover = read_pids(&pids)[0];
-    d.signal(libc::SIGKILL);
-    d.wait();
+    let (mut d, id, pids, leftover) = crashed_mid_step(Builder::new());
     out_of_its_cgroup(leftover);
 
     // A start marked the run interrupted, then died before it killed what the run left.
