@@ -163,8 +163,10 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     store.interrupt_running()?;
     runner::kill_leftovers(&state_dir.join("workspaces"));
     let recovered = store.requeue_interrupted()?;
-    // Reused workspaces stay (that is their point). A workspace an update was cut
-    // short in is replaced by the next run of its slot, never built from.
+    // Reused workspaces stay (that is their point), closed to the steps' user until a
+    // run is handed one. A workspace an update was cut short in is replaced by the next
+    // run of its slot, never built from.
+    workspace::close_slots(&state_dir.join("workspaces"));
     remove_leftover_workspaces(&state_dir.join("workspaces"));
     remove_leftover_workspaces(&state_dir.join("homes"));
     for recovered in recovered {

@@ -787,10 +787,17 @@ async fn hand_over(
         return Ok(());
     }
     let path = workspace.path.clone();
+    let open_slot = workspace.slot_opener();
     tokio::task::spawn_blocking(move || {
         crate::git::checkout::mark_handed(&path).map_err(|e| {
             format!(
                 "cannot mark the workspace {} as handed to the steps: {e}",
+                path.display()
+            )
+        })?;
+        open_slot().map_err(|e| {
+            format!(
+                "cannot let the steps through to the workspace {}: {e}",
                 path.display()
             )
         })

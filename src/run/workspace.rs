@@ -11,6 +11,14 @@
 //! Leases are held in this process only: one daemon owns a state directory (its lock
 //! file), and nothing executes before recovery is done. Changes of ownership for a
 //! reused workspace belong in [`Lease`]'s preparation, the one place a run takes it.
+//!
+//! A reused workspace belongs to the steps' user between runs too, and its path can be
+//! worked out: a step of another pipeline (the same `run_as` user) could plant a
+//! poisoned build output in its `keep:` paths, for that pipeline's next run to use
+//! with that pipeline's secrets. So the SLOT directory, the daemon's, lets that user
+//! through (0711) only while a run of the slot has been handed one of its workspaces,
+//! and is closed (0700) otherwise: while no run of it executes, and while its update
+//! runs, before the hand-over.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -53,14 +61,47 @@ impl Lease {
     pub fn is_fresh(&self) -> bool {
         self.reuse.is_none()
     }
+
+    /// What lets the steps' user through to a reused workspace, once it is handed to
+    /// them (blocking: for the blocking pool); closed again when the last lease of its
+    /// slot drops.
+    pub fn slot_opener(&self) -> impl FnOnce() -> std::io::Result<()> + Send + 'static {
+        let held = self.held.clone();
+        let slot = self.path.parent().map(Path::to_path_buf);
+        move || {
+            let (Some(held), Some(slot)) = (held, slot) else {
+                return Ok(());
+            };
+            let _held = held.lock().unwrap_or_else(|e| e.into_inner());
+            set_mode(&slot, OPEN)
+        }
+    }
+}
+
+/// The modes of a SLOT directory: passable but not listable, and closed.
+const OPEN: u32 = 0o711;
+const CLOSED: u32 = 0o700;
+
+fn set_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(held) = &self.held {
-            held.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&self.path);
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            held.remove(&self.path);
+            let Some(slot) = self.path.parent() else {
+                return;
+            };
+            if held.iter().all(|other| other.parent() != Some(slot)) {
+                if let Err(e) = set_mode(slot, CLOSED) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(slot = %slot.display(), error = %e, "cannot close a reused workspace's slot to the steps' user");
+                    }
+                }
+            }
         }
     }
 }
@@ -121,9 +162,9 @@ fn slot_name(group: Group, git_ref: &str) -> String {
     format!("{readable}-{hex}")
 }
 
-/// Every reused workspace under `state_dir/workspaces/reuse` (recovery kills what the
-/// steps of a previous daemon left running in them).
-pub fn reused(workspaces: &Path) -> Vec<PathBuf> {
+/// Closes every SLOT directory under `workspaces/reuse` (a start: a crash left open
+/// those its runs held).
+pub fn close_slots(workspaces: &Path) {
     let list = |dir: &Path| -> Vec<PathBuf> {
         std::fs::read_dir(dir)
             .map(|entries| {
@@ -135,11 +176,14 @@ pub fn reused(workspaces: &Path) -> Vec<PathBuf> {
             })
             .unwrap_or_default()
     };
-    list(&workspaces.join(REUSE_DIR))
+    for slot in list(&workspaces.join(REUSE_DIR))
         .iter()
         .flat_map(|pipeline| list(pipeline))
-        .flat_map(|slot| list(&slot))
-        .collect()
+    {
+        if let Err(e) = set_mode(&slot, CLOSED) {
+            tracing::warn!(slot = %slot.display(), error = %e, "cannot close a reused workspace's slot to the steps' user");
+        }
+    }
 }
 
 #[cfg(test)]

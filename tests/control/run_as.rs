@@ -386,6 +386,76 @@ fn under_the_units_capabilities_run_as_steps_that_time_out_or_are_canceled_are_s
 /// to it again: a `keep:` path and an unchanged tracked file keep their ctime across
 /// runs, and the workspace does not trust ctime, so the chown of a changed file never
 /// makes the next update hash it.
+/// A reused workspace is the steps' user's between runs too, at a path that can be
+/// worked out: a step of another pipeline must not plant a build output in its `keep:`
+/// paths for this pipeline's next run (and its secrets) to use.
+#[test]
+fn with_run_as_a_reused_workspace_is_closed_to_other_pipelines_between_its_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a", "1")], "one");
+    let other = origin.commit("other", &[("a", "1")], "other");
+    let aim = b.path().join("aim");
+    let plant = format!(
+        "p=$(cat {})\n\
+         if ls \"$p\" >/dev/null 2>&1; then echo GOT-listed; fi\n\
+         if echo poison > \"$p/target/planted\" 2>/dev/null; then echo GOT-planted; fi",
+        aim.display()
+    );
+    let b = b.pipeline(
+        "other",
+        &pipeline(
+            &origin,
+            "on:\n  branches: [other]\n",
+            &[step("plant", &plant)],
+        ),
+    );
+    let d = reusing_as_test_user(
+        b,
+        &origin,
+        "on:\n  branches: [main]\nworkspace: reuse\nkeep: [\"target/\"]\n",
+        step(
+            "build",
+            "mkdir -p target && cat target/planted 2>/dev/null; echo built > target/out",
+        ),
+    );
+    let built = |n: u32, before: &str, after: &str| {
+        let id = push(&d, &format!("closed-{n}"), "refs/heads/main", before, after);
+        let run = d.wait_run(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+        d.get(&format!("/api/runs/{id}/log")).text()
+    };
+    built(1, ZERO, &c1);
+    let slot = d
+        .state_dir()
+        .join("workspaces/reuse/ci")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(slot.join("0/target/out").exists());
+    let mode = || std::fs::metadata(&slot).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(), 0o700, "closed once its run ended");
+
+    std::fs::write(&aim, slot.join("0").display().to_string()).unwrap();
+    chmod(&aim, 0o644);
+    let id = push(&d, "closed-plant", "refs/heads/other", ZERO, &other);
+    let run = d.wait_run(id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let log = d.get(&format!("/api/runs/{id}/log")).text();
+    assert!(!log.contains("GOT-"), "{log}");
+    assert!(!slot.join("0/target/planted").exists());
+
+    let c2 = origin.commit("main", &[("a", "2")], "two");
+    let log = built(2, &c1, &c2);
+    assert!(!log.contains("poison"), "{log}");
+    assert_eq!(mode(), 0o700);
+}
+
 #[test]
 fn with_run_as_a_reused_workspace_is_not_chowned_again() {
     use std::os::unix::fs::MetadataExt;
