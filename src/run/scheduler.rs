@@ -782,7 +782,19 @@ async fn hand_over(
     run: i64,
     workspace: &Lease,
 ) -> Result<(), String> {
-    give_away(state, config, run, workspace).await?;
+    if let Err(reason) = give_away(state, config, run, workspace).await {
+        if !workspace.is_fresh() {
+            // Given in part, or not at all: the next run of the slot starts from a
+            // fresh checkout instead of failing on the same tree again.
+            let marker = crate::git::checkout::updating_marker(&workspace.path);
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || std::fs::File::create(marker)).await
+            {
+                tracing::warn!(run, error = %e, "cannot mark a reused workspace to be replaced");
+            }
+        }
+        return Err(reason);
+    }
     if workspace.is_fresh() {
         return Ok(());
     }

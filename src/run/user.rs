@@ -5,7 +5,7 @@
 //! switch.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -202,25 +202,73 @@ pub fn is_root() -> bool {
 /// is given, not entered. `path` itself is reached through the state directory, which
 /// is the daemon's.
 pub fn chown_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    give_tree(CWD, path, user, false)
+    give_tree(path, user, false)
 }
 
 /// [`chown_tree`] for a reused workspace: everything but its `.git`, which stays the
 /// daemon's (the update checks that it is; see `git::checkout`).
 pub fn chown_work_tree(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    give_tree(CWD, path, user, true)
+    give_tree(path, user, true)
 }
 
-/// Gives `name` (relative to `dir`) and, if it is a directory, what is inside it;
-/// `skip_git`: not the `.git` directly inside it.
-fn give_tree<P: rustix::path::Arg + Copy>(
+/// How many directories deep a tree is given away: far more than any checkout or build
+/// holds (paths stop at 4,096 bytes), and a bound on the directories the walk holds
+/// open. A step can nest directories without end in a kept path; such a tree is
+/// refused, not walked.
+const MAX_DEPTH: usize = 512;
+
+/// The walk of [`chown_tree`], on a stack of open directories rather than the call
+/// stack; `skip_git`: not the `.git` directly inside `path`.
+fn give_tree(path: &Path, user: &RunAs, skip_git: bool) -> std::io::Result<()> {
+    let Some(top) = give(CWD, path, user)? else {
+        return Ok(());
+    };
+    let mut open = vec![top];
+    loop {
+        let at_top = open.len() == 1;
+        let Some(dir) = open.last_mut() else {
+            return Ok(());
+        };
+        let Some(entry) = dir.read() else {
+            open.pop();
+            continue;
+        };
+        let entry = entry?;
+        let name = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." || (skip_git && at_top && bytes == b".git") {
+            continue;
+        }
+        let inside = match give(dir.fd()?, name, user) {
+            Ok(inside) => inside,
+            // Removed by a step meanwhile: nothing left to give.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(inside) = inside {
+            if open.len() >= MAX_DEPTH {
+                return Err(std::io::Error::other(format!(
+                    "{} holds directories more than {MAX_DEPTH} deep",
+                    path.display()
+                )));
+            }
+            open.push(inside);
+        }
+    }
+}
+
+/// Gives `name` (relative to `dir`), and opens it if it is a directory, without
+/// following a link either time. A file with other links is left as it is: with
+/// `fs.protected_hardlinks` off, a step can link someone else's file into the tree.
+fn give<P: rustix::path::Arg + Copy>(
     dir: BorrowedFd<'_>,
     name: P,
     user: &RunAs,
-    skip_git: bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<Dir>> {
     let stat = statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    if stat.st_uid != user.uid || stat.st_gid != user.gid {
+    let is_dir = FileType::from_raw_mode(stat.st_mode) == FileType::Directory;
+    let theirs = stat.st_uid == user.uid && stat.st_gid == user.gid;
+    if !theirs && (is_dir || stat.st_nlink <= 1) {
         chownat(
             dir,
             name,
@@ -229,40 +277,53 @@ fn give_tree<P: rustix::path::Arg + Copy>(
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
     }
-    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
-        return Ok(());
+    if !is_dir {
+        return Ok(None);
     }
-    let inside = match openat(
+    match openat(
         dir,
         name,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
-        Ok(fd) => fd,
+        Ok(fd) => Ok(Some(Dir::new(fd)?)),
         // No longer a directory (swapped for a link or a file since): given above as
         // what it was, and not followed.
-        Err(Errno::LOOP | Errno::NOTDIR) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for entry in Dir::read_from(&inside)? {
-        let entry = entry?;
-        let child = entry.file_name();
-        let bytes = child.to_bytes();
-        if bytes == b"." || bytes == b".." || (skip_git && bytes == b".git") {
-            continue;
-        }
-        match give_tree(inside.as_fd(), child, user, false) {
-            // Removed by a step meanwhile: nothing left to give.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            other => other?,
-        }
+        Err(Errno::LOOP | Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step can nest directories without end (in a kept `target/`, say): the walk
+    /// refuses such a tree rather than follow it down (its old recursion overflowed the
+    /// stack of the daemon's thread, and aborted the daemon, at some depth).
+    #[test]
+    fn a_tree_nested_deeper_than_the_bound_is_refused() {
+        assert!(
+            is_root(),
+            "this test needs root (CI runs as root): only root gives files away"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let mut deep = tmp.path().join("ws");
+        for _ in 0..=MAX_DEPTH {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let user = RunAs::resolve("54321:54321").unwrap();
+        let err = chown_tree(&tmp.path().join("ws"), &user).unwrap_err();
+        assert!(err.to_string().contains("deep"), "{err}");
+        let mut shallow = tmp.path().join("shallow");
+        for _ in 0..MAX_DEPTH - 1 {
+            shallow.push("d");
+        }
+        std::fs::create_dir_all(&shallow).unwrap();
+        chown_tree(&tmp.path().join("shallow"), &user).unwrap();
+        assert_eq!(std::fs::metadata(&shallow).unwrap().uid(), 54321);
+    }
 
     /// A step of another run (the same user) swaps a directory of the tree being given
     /// with a link to a directory outside, over and over, while the daemon gives the
@@ -294,8 +355,9 @@ mod tests {
             });
             for _ in 0..3000 {
                 chown_tree(&tree, &user).unwrap();
-                let owner = std::fs::metadata(outside.join("shadow")).unwrap().uid();
-                if owner != 0 {
+                let owners = [&outside, &outside.join("shadow")]
+                    .map(|p| std::fs::metadata(p).unwrap().uid());
+                if owners != [0, 0] {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     panic!("a file outside the tree was given away");
                 }

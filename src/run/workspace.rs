@@ -17,8 +17,9 @@
 //! poisoned build output in its `keep:` paths, for that pipeline's next run to use
 //! with that pipeline's secrets. So the SLOT directory, the daemon's, lets that user
 //! through (0711) only while a run of the slot has been handed one of its workspaces,
-//! and is closed (0700) otherwise: while no run of it executes, and while its update
-//! runs, before the hand-over.
+//! and is closed (0700) otherwise: while no run of it executes, and while an update
+//! runs before the hand-over, unless another run of the same slot (`group: none`)
+//! executes meanwhile.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,15 @@ pub const REUSE_DIR: &str = "reuse";
 /// The reused workspaces held by executing runs.
 #[derive(Default)]
 pub struct Slots {
-    held: Arc<Mutex<HashSet<PathBuf>>>,
+    held: Arc<Mutex<Held>>,
+}
+
+/// The reused workspaces executing runs hold, and of those the ones handed to their
+/// steps: a SLOT directory is open while one of its workspaces is handed.
+#[derive(Default)]
+struct Held {
+    leased: HashSet<PathBuf>,
+    handed: HashSet<PathBuf>,
 }
 
 /// A run's workspace. A reused one is held until the lease drops, after the run ended.
@@ -44,7 +53,7 @@ pub struct Lease {
     pub path: PathBuf,
     /// For `workspace: reuse`: the untracked paths an update keeps.
     pub reuse: Option<Vec<String>>,
-    held: Option<Arc<Mutex<HashSet<PathBuf>>>>,
+    held: Option<Arc<Mutex<Held>>>,
 }
 
 impl Lease {
@@ -63,17 +72,21 @@ impl Lease {
     }
 
     /// What lets the steps' user through to a reused workspace, once it is handed to
-    /// them (blocking: for the blocking pool); closed again when the last lease of its
-    /// slot drops.
+    /// them (blocking: for the blocking pool); closed again when the last handed
+    /// workspace of its slot is let go. A lease already let go opens nothing.
     pub fn slot_opener(&self) -> impl FnOnce() -> std::io::Result<()> + Send + 'static {
         let held = self.held.clone();
-        let slot = self.path.parent().map(Path::to_path_buf);
+        let path = self.path.clone();
         move || {
-            let (Some(held), Some(slot)) = (held, slot) else {
+            let (Some(held), Some(slot)) = (held, path.parent()) else {
                 return Ok(());
             };
-            let _held = held.lock().unwrap_or_else(|e| e.into_inner());
-            set_mode(&slot, OPEN)
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            if !held.leased.contains(&path) {
+                return Ok(());
+            }
+            held.handed.insert(path.clone());
+            set_mode(slot, OPEN)
         }
     }
 }
@@ -91,11 +104,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(held) = &self.held {
             let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-            held.remove(&self.path);
+            held.leased.remove(&self.path);
+            held.handed.remove(&self.path);
             let Some(slot) = self.path.parent() else {
                 return;
             };
-            if held.iter().all(|other| other.parent() != Some(slot)) {
+            if held.handed.iter().all(|other| other.parent() != Some(slot)) {
                 if let Err(e) = set_mode(slot, CLOSED) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         tracing::warn!(slot = %slot.display(), error = %e, "cannot close a reused workspace's slot to the steps' user");
@@ -125,9 +139,9 @@ impl Slots {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let path = (0u32..)
             .map(|n| slot.join(n.to_string()))
-            .find(|p| !held.contains(p))
+            .find(|p| !held.leased.contains(p))
             .unwrap_or_else(|| slot.join("0"));
-        held.insert(path.clone());
+        held.leased.insert(path.clone());
         Lease {
             path,
             reuse: Some(keep.to_vec()),

@@ -382,10 +382,6 @@ fn under_the_units_capabilities_run_as_steps_that_time_out_or_are_canceled_are_s
     );
 }
 
-/// With `run_as`, what the steps' user already owns in a reused workspace is not given
-/// to it again: a `keep:` path and an unchanged tracked file keep their ctime across
-/// runs, and the workspace does not trust ctime, so the chown of a changed file never
-/// makes the next update hash it.
 /// A reused workspace is the steps' user's between runs too, at a path that can be
 /// worked out: a step of another pipeline must not plant a build output in its `keep:`
 /// paths for this pipeline's next run (and its secrets) to use.
@@ -438,8 +434,9 @@ fn with_run_as_a_reused_workspace_is_closed_to_other_pipelines_between_its_runs(
         .unwrap()
         .path();
     assert!(slot.join("0/target/out").exists());
-    let mode = || std::fs::metadata(&slot).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(), 0o700, "closed once its run ended");
+    // Closed once the run let its workspace go, a moment after its end is recorded.
+    let closed = || std::fs::metadata(&slot).unwrap().permissions().mode() & 0o777 == 0o700;
+    eventually("the slot is closed", closed);
 
     std::fs::write(&aim, slot.join("0").display().to_string()).unwrap();
     chmod(&aim, 0o644);
@@ -453,9 +450,54 @@ fn with_run_as_a_reused_workspace_is_closed_to_other_pipelines_between_its_runs(
     let c2 = origin.commit("main", &[("a", "2")], "two");
     let log = built(2, &c1, &c2);
     assert!(!log.contains("poison"), "{log}");
-    assert_eq!(mode(), 0o700);
+    eventually("the slot is closed again", closed);
 }
 
+/// A kept path nested deeper than the hand-over walks fails that run's hand-over, and
+/// the next run of the slot starts from a fresh checkout rather than fail on it again.
+#[test]
+fn with_run_as_a_reused_workspace_the_hand_over_refuses_is_replaced() {
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a", "1"), ("mode", "nest")], "one");
+    let script = "if [ \"$(cat mode)\" = nest ] && [ ! -d target ]; then\n\
+                  p=target; i=0; while [ $i -lt 600 ]; do p=$p/d; i=$((i+1)); done; mkdir -p $p\n\
+                  fi\n\
+                  echo \"target=$(ls -d target 2>/dev/null)\"";
+    let d = reusing_as_test_user(
+        b,
+        &origin,
+        "workspace: reuse\nkeep: [\"target/\"]\n",
+        step("build", script),
+    );
+    let run = |n: u32, before: &str, after: &str| {
+        let id = push(&d, &format!("deep-{n}"), "refs/heads/main", before, after);
+        d.wait_run(id)
+    };
+    let first = run(1, ZERO, &c1);
+    assert_eq!(first["status"], "succeeded", "{first:#}");
+    let c2 = origin.commit("main", &[("mode", "look")], "two");
+    let second = run(2, &c1, &c2);
+    assert_eq!(second["status"], "failed", "{second:#}");
+    assert!(
+        second["reason"].as_str().unwrap().contains("deep"),
+        "{second:#}"
+    );
+    let c3 = origin.commit("main", &[("a", "3")], "three");
+    let third = run(3, &c2, &c3);
+    assert_eq!(third["status"], "succeeded", "{third:#}\n{}", d.log());
+    let log = d.get(&format!("/api/runs/{}/log", third["id"])).text();
+    assert!(
+        log.contains("target=\n") || log.ends_with("target="),
+        "{log}"
+    );
+}
+
+/// With `run_as`, what the steps' user already owns in a reused workspace is not given
+/// to it again: a `keep:` path and an unchanged tracked file keep their ctime across
+/// runs, and the workspace does not trust ctime, so the chown of a changed file never
+/// makes the next update hash it.
 #[test]
 fn with_run_as_a_reused_workspace_is_not_chowned_again() {
     use std::os::unix::fs::MetadataExt;
