@@ -148,9 +148,10 @@ impl Postgres {
         let handle = runtime.handle().clone();
         // A database that stops answering (its packets dropped) fails the pool's calls
         // within a lease, rather than when TCP gives up a quarter of an hour later.
+        let limit = limit_of(lease);
         let mut pooled = target.config.clone();
-        pooled.connect_timeout(lease);
-        pooled.tcp_user_timeout(lease);
+        pooled.connect_timeout(limit);
+        pooled.tcp_user_timeout(limit);
         let manager = Manager::from_config(
             pooled,
             NoTls,
@@ -163,9 +164,9 @@ impl Postgres {
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(lease))
-            .create_timeout(Some(lease))
-            .recycle_timeout(Some(lease))
+            .wait_timeout(Some(limit))
+            .create_timeout(Some(limit))
+            .recycle_timeout(Some(limit))
             .build()
             .map_err(|e| StoreError::Database {
                 url: shown.clone(),
@@ -222,7 +223,9 @@ impl Postgres {
     /// The longest one call waits for the database: a lease, so that no call holds a
     /// run (its permit, its workspace, the daemon's stop) longer than its lease would.
     fn limit(&self) -> Duration {
-        Duration::from_millis(u64::try_from(self.lease_ms()).unwrap_or(1))
+        limit_of(Duration::from_millis(
+            u64::try_from(self.lease_ms()).unwrap_or(0),
+        ))
     }
 
     fn err(&self, e: PgError) -> StoreError {
@@ -271,6 +274,12 @@ impl Postgres {
             .clone()
             .filter(|p| !p.idle())
     }
+}
+
+/// [`Postgres::limit`] for `lease`: never under the shortest lease a config may set,
+/// which shorter leases (the tests') do not make a call's limit.
+fn limit_of(lease: Duration) -> Duration {
+    lease.max(Duration::from_secs(1))
 }
 
 fn lease_ms(lease: Duration) -> i64 {
