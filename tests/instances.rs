@@ -3,7 +3,7 @@
 //! stored once, each commit builds once, both instances build, a concurrency group
 //! never has two running runs across them, the runs of an instance that dies are
 //! built again by the other once its leases lapse, and a cancel sent to either stops
-//! a run on the other.
+//! a run on the other; a daemon whose database stops answering still stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -1148,4 +1148,36 @@ fn a_push_that_supersedes_a_run_its_instance_lost_ends_that_run_canceled() {
         !again.lines().any(|l| l == id),
         "the superseded run was built again: {again}"
     );
+}
+
+#[test]
+fn a_daemon_whose_database_stops_answering_mid_step_still_stops() {
+    let db = test_database();
+    let relay = Relay::to(&db);
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let config = leases_of(&scratch, "3s");
+    let (ready, go) = (scratch.path().join("ready"), scratch.path().join("go"));
+    let steps = format!(
+        "  - name: talk\n    run: |\n      echo first-line\n      touch {ready}\n      while [ ! -e {go} ]; do sleep 0.05; done\n      echo last-line\n",
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let mut d = instance_on(
+        Builder::new().database_through(&relay),
+        &origin,
+        &config,
+        "",
+        &steps,
+    );
+    push_one(&d, &origin, "main", 1);
+    eventually("the step has printed its first line", || ready.exists());
+
+    // The step's last output then waits for a database that never answers.
+    relay.silence();
+    std::fs::write(&go, "").unwrap();
+    d.signal(libc::SIGTERM);
+    // Within the harness's deadline, far above the lease: only a stop that hangs
+    // misses it.
+    assert!(d.wait().is_some(), "it ended on its own:\n{}", d.log());
 }

@@ -1503,92 +1503,14 @@ mod shared_database {
         assert!(!a.request_cancel(id, "late".into()).unwrap(), "it ended");
     }
 
-    /// A TCP relay to the test database that can go silent: from then on it passes
-    /// nothing on and holds every connection open, new ones too, as a database whose
-    /// packets are dropped looks to its clients.
-    struct Relay {
-        port: u16,
-        silent: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl Relay {
-        fn to(upstream: (String, u16)) -> Relay {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let quiet = Arc::clone(&silent);
-            std::thread::spawn(move || {
-                for client in listener.incoming().map_while(Result::ok) {
-                    let (quiet, upstream) = (Arc::clone(&quiet), upstream.clone());
-                    std::thread::spawn(move || Relay::serve(client, upstream, quiet));
-                }
-            });
-            Relay { port, silent }
-        }
-
-        fn silence(&self) {
-            self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-
-        fn serve(
-            client: std::net::TcpStream,
-            upstream: (String, u16),
-            quiet: Arc<std::sync::atomic::AtomicBool>,
-        ) {
-            if quiet.load(std::sync::atomic::Ordering::SeqCst) {
-                Relay::pass(client, None, &quiet);
-                return;
-            }
-            let server = std::net::TcpStream::connect(upstream).unwrap();
-            let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let q = Arc::clone(&quiet);
-            std::thread::spawn(move || Relay::pass(s, Some(c), &q));
-            Relay::pass(client, Some(server), &quiet);
-        }
-
-        /// Passes what `from` sends on to `to` until the relay goes silent; then reads
-        /// and drops it, until `from` closes.
-        fn pass(
-            mut from: std::net::TcpStream,
-            mut to: Option<std::net::TcpStream>,
-            quiet: &std::sync::atomic::AtomicBool,
-        ) {
-            use std::io::{Read, Write};
-            let mut buf = [0u8; 8192];
-            while let Ok(n @ 1..) = from.read(&mut buf) {
-                if quiet.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue;
-                }
-                if let Some(to) = &mut to {
-                    if to.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn a_database_that_stops_answering_fails_each_call_instead_of_hanging_it() {
         let backend = Backend::postgres();
-        let config = &backend.scratch().target().config;
-        let host = match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(host) => host.clone(),
-            other => panic!("the test database is not reached over TCP: {other:?}"),
-        };
-        let relay = Relay::to((host, config.get_ports()[0]));
-        let url = format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            config.get_user().unwrap(),
-            relay.port,
-            config.get_dbname().unwrap()
-        );
-        let target =
-            crate::store::postgres::PgTarget::parse(&url, backend.scratch().password().as_deref())
-                .unwrap();
+        let relay = crate::store::postgres::Relay::to(backend.scratch());
+        let target = relay.target();
         let dir = tempfile::tempdir().unwrap();
         let lease = std::time::Duration::from_secs(1);
-        let store = open(Some(&target), dir.path(), "a", lease).unwrap();
+        let store = open(Some(target), dir.path(), "a", lease).unwrap();
         assert!(
             store.run(1).unwrap().is_none(),
             "answered through the relay"

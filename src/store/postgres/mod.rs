@@ -32,7 +32,7 @@ mod scratch;
 mod target;
 mod writes;
 pub use lease::RENEWER_NAME;
-pub use scratch::{Held, Scratch, ScratchRole, TEST_DATABASE_VAR};
+pub use scratch::{Held, Relay, Scratch, ScratchRole, TEST_DATABASE_VAR};
 pub use target::PgTarget;
 
 /// The first key of every advisory lock hookci takes ("hkci"), so that they never
