@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookci::cli::client::{self, Response};
-pub use hookci::store::postgres::{Scratch, ScratchRole};
+pub use hookci::store::postgres::{Relay, Scratch, ScratchRole};
 use serde_json::{json, Value};
 
 /// A fresh PostgreSQL database on the test server (`scripts/test` starts one), dropped
@@ -122,6 +122,11 @@ impl Builder {
     /// [`Scratch::role`]).
     pub fn database_as(self, role: &ScratchRole) -> Builder {
         self.database_at(&role.url(), Some(role.password()))
+    }
+
+    /// [`Builder::database`], reached through `relay` (made by [`Relay::to`]).
+    pub fn database_through(self, relay: &Relay) -> Builder {
+        self.database_at(&relay.url(), relay.password())
     }
 
     fn database_at(self, url: &str, password: Option<&str>) -> Builder {

@@ -3,7 +3,7 @@
 //! stored once, each commit builds once, both instances build, a concurrency group
 //! never has two running runs across them, the runs of an instance that dies are
 //! built again by the other once its leases lapse, and a cancel sent to either stops
-//! a run on the other.
+//! a run on the other; a daemon whose database stops answering still stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -469,10 +469,15 @@ fn short_leases(scratch: &Builder) -> String {
 /// Config for instances that take API calls and hold their runs for `lease` (at
 /// least 2 s: a shared database wants `step_grace` within a third of it).
 fn leases_of(scratch: &Builder, lease: &str) -> String {
+    leases_and_grace(scratch, lease, "500ms")
+}
+
+/// [`leases_of`], steps given `grace` (at most a third of `lease`) to stop.
+fn leases_and_grace(scratch: &Builder, lease: &str, grace: &str) -> String {
     let token = scratch.path().join("api-token");
     std::fs::write(&token, TOKEN).unwrap();
     format!(
-        "lease: {lease}\nstep_grace: 500ms\napi_token_file: {}",
+        "lease: {lease}\nstep_grace: {grace}\napi_token_file: {}",
         token.display()
     )
 }
@@ -1044,4 +1049,135 @@ fn a_log_is_served_live_and_whole_by_the_instance_not_running_the_step() {
         assert!(events.contains(line), "{line}: {events}");
     }
     assert!(events.contains("run_finished"), "{events}");
+}
+
+/// A run whose instance lost it (its renewals cut, it fenced itself) while its step,
+/// which ignores SIGTERM, still runs out its grace; `cancel` then asks that instance
+/// to cancel it, and the run, as the other instance ends it, is returned, with the ids
+/// of the runs whose step was built again.
+fn lost_then(cancel: impl FnOnce(&Daemon, &Origin, i64), extra: &str) -> (Value, String) {
+    let db = test_database();
+    let role = db.role().unwrap();
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    // A grace long enough that the cancel surely comes while the lost run's step runs.
+    let config = leases_and_grace(&scratch, "12s", "4s");
+    let (pids, marker, termed, again) = (
+        scratch.path().join("pids"),
+        scratch.path().join("tried"),
+        scratch.path().join("termed"),
+        scratch.path().join("again"),
+    );
+    let steps = format!(
+        "  - name: long\n    run: |\n      if [ -e {marker} ]; then echo $HOOKCI_RUN_ID >> {again}; exit 0; fi\n      touch {marker}\n      trap 'touch {termed}' TERM\n      echo $$ >> {pids}\n      while true; do sleep 0.05; done\n",
+        marker = marker.display(),
+        again = again.display(),
+        termed = termed.display(),
+        pids = pids.display(),
+    );
+    let cut = instance_on(
+        Builder::new().database_as(&role),
+        &origin,
+        &config,
+        extra,
+        &steps,
+    );
+    let (id, owner) = start_long_run(&cut, &origin, &pids);
+    assert_eq!(owner, the_instance(&cut));
+    let other = instance_with(&db, &origin, &config, extra, &steps);
+
+    // Its pool still works (it takes the cancel), its renewals do not.
+    db.cut_renewals(&role).unwrap();
+    eventually("the lost run's step is told to stop", || termed.exists());
+    cancel(&cut, &origin, id);
+    let run = other.wait_run(id);
+    kill_all(&read_pids(&pids));
+    assert!(
+        cut.log().contains("this instance lost its lease on it"),
+        "the run was lost, not ended by its instance:\n{}",
+        cut.log()
+    );
+    (run, std::fs::read_to_string(&again).unwrap_or_default())
+}
+
+#[test]
+fn a_cancel_sent_to_the_instance_that_lost_the_run_ends_it_canceled_where_it_is_recovered() {
+    let (run, again) = lost_then(
+        |cut, _, id| {
+            let r = cut.post(
+                &format!("/api/runs/{id}/cancel"),
+                &[
+                    ("authorization", &format!("Bearer {TOKEN}")),
+                    ("content-type", "application/json"),
+                ],
+                b"{}",
+            );
+            assert_eq!(r.status, 202, "{}", r.text());
+        },
+        "",
+    );
+    assert_eq!(run["status"], "canceled", "{run:#}");
+    assert_eq!(run["reason"], "canceled through the API", "{run:#}");
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    assert!(again.is_empty(), "built again: {again}");
+}
+
+#[test]
+fn a_push_that_supersedes_a_run_its_instance_lost_ends_that_run_canceled() {
+    let mut newer = None;
+    let (run, again) = lost_then(
+        |cut, origin, _| {
+            let sha = origin.commit("main", &[("b", "2")], "newer");
+            let body = PushPayload::new(REPO, "refs/heads/main", ZERO, &sha, "x").bytes();
+            let r = cut.deliver("push", "newer-1", &body);
+            assert_eq!(r.status, 202, "{}", r.text());
+            newer = r.json()["runs"][0]["id"].as_i64();
+        },
+        "concurrency: { cancel: running }\n",
+    );
+    let newer = newer.expect("the push made a run");
+    assert_eq!(run["status"], "canceled", "{run:#}");
+    assert_eq!(
+        run["reason"],
+        format!("superseded by run {newer}").as_str(),
+        "{run:#}"
+    );
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    let id = run["id"].as_i64().unwrap().to_string();
+    assert!(
+        !again.lines().any(|l| l == id),
+        "the superseded run was built again: {again}"
+    );
+}
+
+#[test]
+fn a_daemon_whose_database_stops_answering_mid_step_still_stops() {
+    let db = test_database();
+    let relay = Relay::to(&db);
+    let scratch = Builder::new();
+    let origin = Origin::new(scratch.path());
+    let config = leases_of(&scratch, "3s");
+    let (ready, go) = (scratch.path().join("ready"), scratch.path().join("go"));
+    let steps = format!(
+        "  - name: talk\n    run: |\n      echo first-line\n      touch {ready}\n      while [ ! -e {go} ]; do sleep 0.05; done\n      echo last-line\n",
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let mut d = instance_on(
+        Builder::new().database_through(&relay),
+        &origin,
+        &config,
+        "",
+        &steps,
+    );
+    push_one(&d, &origin, "main", 1);
+    eventually("the step has printed its first line", || ready.exists());
+
+    // The step's last output then waits for a database that never answers.
+    relay.silence();
+    std::fs::write(&go, "").unwrap();
+    d.signal(libc::SIGTERM);
+    // Within the harness's deadline, far above the lease: only a stop that hangs
+    // misses it.
+    assert!(d.wait().is_some(), "it ended on its own:\n{}", d.log());
 }

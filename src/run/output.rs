@@ -18,12 +18,14 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 
 use crate::run::events::OutputTap;
 use crate::run::mask::Masker;
 use crate::run::runner::LogBudget;
+use crate::store::StoreError;
 
 /// What one read of a pipe may take. A fast step fills its pipe while the daemon writes
 /// the previous batch; taking it all at once keeps the reads (and the pieces written
@@ -276,7 +278,7 @@ pub async fn keep_batches(tap: OutputTap, mut rx: mpsc::Receiver<Bytes>) {
             kept.since = Some(Instant::now());
         }
         kept.bytes.extend_from_slice(&piece);
-        if kept.bytes.len() >= KEEP_BYTES {
+        if kept.full() {
             kept.keep(&tap).await;
         }
     }
@@ -315,11 +317,20 @@ struct Kept {
     since: Option<Instant>,
     /// How many bytes the last try, which failed, sent: the next sends the same.
     failed: Option<usize>,
+    /// A try given up while the store still had it: the next try waits for its
+    /// answer rather than send the batch again beside it.
+    pending: Option<JoinHandle<Result<(), StoreError>>>,
 }
 
 impl Kept {
     fn due(&self) -> Option<Instant> {
         self.since.map(|since| since + KEEP_AFTER)
+    }
+
+    /// Whether the batch is big enough to go before it is due. Not after a failure:
+    /// the failed batch goes again when due, not at every piece that comes meanwhile.
+    fn full(&self) -> bool {
+        self.failed.is_none() && self.bytes.len() >= KEEP_BYTES
     }
 
     /// Keeps the batch in the store. A failure is logged and the batch kept for the next
@@ -333,9 +344,29 @@ impl Kept {
         // only the answer lost, and the store keeps the first piece at an offset (a
         // longer one there would be dropped, bytes and all).
         let len = self.failed.unwrap_or(self.bytes.len());
-        let (at, bytes) = (self.at, self.bytes[..len].to_vec());
-        let tap = tap.clone();
-        match tokio::task::spawn_blocking(move || tap.keep(at, bytes)).await {
+        let mut job = match self.pending.take() {
+            Some(job) => job,
+            None => {
+                let (at, bytes) = (self.at, self.bytes[..len].to_vec());
+                let tap = tap.clone();
+                tokio::task::spawn_blocking(move || tap.keep(at, bytes))
+            }
+        };
+        // A store that does not answer must not hold the step's output, and with it
+        // the run's end, past the patience.
+        let limit = tap.patience();
+        let Ok(answer) = tokio::time::timeout(limit, &mut job).await else {
+            warn!(
+                bytes = len,
+                ?limit,
+                "the store does not answer to keep step output, trying again"
+            );
+            self.pending = Some(job);
+            self.failed = Some(len);
+            self.since = Some(Instant::now());
+            return;
+        };
+        match answer {
             Ok(Ok(())) => {
                 self.bytes.drain(..len);
                 self.at += len as u64;
@@ -361,6 +392,20 @@ impl Kept {
 mod tests {
     use super::*;
     use crate::run::RunEvent;
+
+    #[test]
+    fn a_failed_batch_waits_until_due_however_much_output_comes_meanwhile() {
+        let mut kept = Kept {
+            bytes: vec![b'x'; KEEP_BYTES],
+            since: Some(Instant::now()),
+            ..Kept::default()
+        };
+        assert!(kept.full(), "a full batch goes at once");
+        kept.failed = Some(KEEP_BYTES);
+        kept.bytes.extend_from_slice(&[b'y'; KEEP_BYTES]);
+        assert!(!kept.full(), "after a failure it goes again only when due");
+        assert_eq!(kept.due(), kept.since.map(|since| since + KEEP_AFTER));
+    }
 
     #[test]
     fn a_batch_keeps_the_order_and_joins_only_small_neighbours() {

@@ -73,7 +73,9 @@ pub enum Cancel {
     Stopping,
     /// Too late: its end is decided, with this status.
     Ended(RunStatus),
-    /// Not executing here: queued, claimed but not registered yet, or ended and stored.
+    /// Not executing here: queued, claimed but not registered yet, ended and stored, or
+    /// lost (its steps are stopping, and its end is left to whoever recovers it: a
+    /// cancel must go through the store to reach that one).
     NotHere,
 }
 
@@ -125,6 +127,11 @@ impl Running {
     /// adds a slot: see [`cancel`] for a run that is not executing here.
     pub fn cancel(&self, id: i64, reason: &str) -> Cancel {
         match self.lock().get(&id) {
+            // Stopping it here would record nothing: the instance that recovers it
+            // would build it again.
+            Some(Slot::Executing(control)) if control.lost.load(Ordering::Relaxed) => {
+                Cancel::NotHere
+            }
             Some(Slot::Executing(control)) => {
                 lock(&control.canceled).get_or_insert_with(|| reason.to_owned());
                 control.stop.send_replace(true);
@@ -249,7 +256,10 @@ pub async fn cancel(state: &AppState, id: i64, reason: String) -> Result<Cancele
             QueuedCancel::NotQueued(done) => return Ok(Canceled::TooLate(done)),
         }
         // Running on another instance sharing the store: its owner stops it, told
-        // through the store. Running here: claimed, about to register.
+        // through the store. Running here and lost: whoever recovers it ends it
+        // canceled, told through the store too. Running here otherwise: claimed, about
+        // to register (the cancel recorded reaches it at the next look for cancels
+        // passed on, and its end honours it).
         let r = reason.clone();
         let elsewhere = blocking(&state.store, move |s| s.request_cancel(id, r))
             .await

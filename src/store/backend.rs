@@ -138,9 +138,10 @@ pub trait Store: Send + Sync {
         let _ = held;
         Ok(Vec::new())
     }
-    /// Asks the instance running run `run_id`, when it is another one, to cancel it;
-    /// `false` when the run is not running on another instance. The run then ends
-    /// `canceled` unless it had already failed or timed out.
+    /// Asks the instance running run `run_id` to cancel it, recorded on the run: its
+    /// owner applies it, or whoever recovers the run ends it `canceled`; `false` when
+    /// the run is not running (always, on a store no other instance shares). The run then ends `canceled` unless it had already
+    /// failed or timed out.
     fn request_cancel(&self, _run_id: i64, _reason: String) -> Result<bool, StoreError> {
         Ok(false)
     }

@@ -1450,10 +1450,6 @@ mod shared_database {
         );
         let id = queued;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
-        assert!(
-            !a.request_cancel(id, "no".into()).unwrap(),
-            "the owner cancels its own runs"
-        );
         let heard = a.cancel_wakeups();
         let notified = heard.notified();
         let mut notified = std::pin::pin!(notified);
@@ -1477,6 +1473,67 @@ mod shared_database {
         assert_eq!(ended.status, RunStatus::Canceled);
         assert_eq!(ended.reason.as_deref(), Some("canceled through b"));
         assert!(!b.request_cancel(id, "late".into()).unwrap(), "it ended");
+    }
+
+    #[test]
+    fn a_cancel_the_owner_asked_of_a_run_it_lost_ends_the_run_canceled_where_it_is_recovered() {
+        let backend = Backend::postgres();
+        let (a, b) = (backend.open_as("a"), backend.open_as("b"));
+        let id = a.create_run(run("ci", "k1")).unwrap().id;
+        assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        a.step_started(id, 1).unwrap();
+        // a stopped the run's steps, its lease on it lost, and left its end to b.
+        assert!(a.request_cancel(id, "canceled through a".into()).unwrap());
+        assert_eq!(
+            a.cancel_requests().unwrap(),
+            vec![(id, "canceled through a".to_owned())]
+        );
+        backend
+            .scratch()
+            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
+            .unwrap();
+        assert_eq!(
+            ends(b.recover_expired(&[]).unwrap()),
+            vec![(id, 1, RunStatus::Canceled)]
+        );
+        assert_canceled_in_its_first_step(&*b, id, "canceled through a");
+        assert!(b.claim_next().unwrap().is_none(), "not queued again");
+        assert!(!a.request_cancel(id, "late".into()).unwrap(), "it ended");
+    }
+
+    #[test]
+    fn a_database_that_stops_answering_fails_each_call_instead_of_hanging_it() {
+        let backend = Backend::postgres();
+        let relay = crate::store::postgres::Relay::to(backend.scratch());
+        let target = relay.target();
+        let dir = tempfile::tempdir().unwrap();
+        let lease = std::time::Duration::from_secs(1);
+        let store = open(Some(target), dir.path(), "a", lease).unwrap();
+        assert!(
+            store.run(1).unwrap().is_none(),
+            "answered through the relay"
+        );
+
+        relay.silence();
+        // A read on the pooled connection, a write on it, then one on a new connection.
+        for what in ["read", "write", "write on a new connection"] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let _ = tx.send(match what {
+                    "read" => store.run(1).map(drop),
+                    _ => store.create_run(run("ci", what)).map(drop),
+                });
+            });
+            // A deadline far above the lease: only a call that hangs misses it.
+            let answer = rx.recv_timeout(std::time::Duration::from_secs(60));
+            let err = answer
+                .unwrap_or_else(|_| panic!("the {what} hung"))
+                .expect_err("no database answered");
+            assert!(err.to_string().contains("127.0.0.1"), "{what}: {err}");
+        }
     }
 
     #[test]

@@ -145,18 +145,19 @@ impl Postgres {
     }
 
     /// Recorded on the run, so that the owner finds it even if it missed the
-    /// notification (it looks again at each renewal).
+    /// notification (it looks again at each renewal). Whoever owns it, this instance
+    /// included: a run this instance lost is ended by the one that recovers it, which
+    /// finds the cancel here.
     pub(super) fn ask_cancel(&self, run_id: i64, reason: String) -> Result<bool, StoreError> {
-        let me = Arc::new(self.instance.clone());
         let reason = Arc::new(reason);
         self.write(false, move |c, _| {
-            let (me, reason) = (Arc::clone(&me), Arc::clone(&reason));
+            let reason = Arc::clone(&reason);
             async move {
                 let asked = execute(
                     &*c,
-                    "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $3)
-                     WHERE id = $1 AND status = 'running' AND owner IS DISTINCT FROM $2",
-                    &[&run_id, &*me, &*reason],
+                    "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $2)
+                     WHERE id = $1 AND status = 'running'",
+                    &[&run_id, &*reason],
                 )
                 .await?;
                 if asked > 0 {

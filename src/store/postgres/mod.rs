@@ -32,7 +32,7 @@ mod scratch;
 mod target;
 mod writes;
 pub use lease::RENEWER_NAME;
-pub use scratch::{Held, Scratch, ScratchRole, TEST_DATABASE_VAR};
+pub use scratch::{Held, Relay, Scratch, ScratchRole, TEST_DATABASE_VAR};
 pub use target::PgTarget;
 
 /// The first key of every advisory lock hookci takes ("hkci"), so that they never
@@ -146,15 +146,27 @@ impl Postgres {
                 source,
             })?;
         let handle = runtime.handle().clone();
+        // A database that stops answering (its packets dropped) fails the pool's calls
+        // within a lease, rather than when TCP gives up a quarter of an hour later.
+        let limit = limit_of(lease);
+        let mut pooled = target.config.clone();
+        pooled.connect_timeout(limit);
+        pooled.tcp_user_timeout(limit);
         let manager = Manager::from_config(
-            target.config.clone(),
+            pooled,
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // Waiting for a free connection, making one (its handshake included) and
+        // checking one given back: none longer than a lease.
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(limit))
+            .create_timeout(Some(limit))
+            .recycle_timeout(Some(limit))
             .build()
             .map_err(|e| StoreError::Database {
                 url: shown.clone(),
@@ -208,6 +220,14 @@ impl Postgres {
         self.lease_ms.load(Ordering::Relaxed)
     }
 
+    /// The longest one call waits for the database: a lease, so that no call holds a
+    /// run (its permit, its workspace, the daemon's stop) longer than its lease would.
+    fn limit(&self) -> Duration {
+        limit_of(Duration::from_millis(
+            u64::try_from(self.lease_ms()).unwrap_or(0),
+        ))
+    }
+
     fn err(&self, e: PgError) -> StoreError {
         match e {
             PgError::Db(source) => StoreError::Postgres {
@@ -256,15 +276,25 @@ impl Postgres {
     }
 }
 
+/// [`Postgres::limit`] for `lease`: never under the shortest lease a config may set,
+/// which shorter leases (the tests') do not make a call's limit.
+fn limit_of(lease: Duration) -> Duration {
+    lease.max(Duration::from_secs(1))
+}
+
 fn lease_ms(lease: Duration) -> i64 {
     i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
 /// Runs `work` in a transaction, again if it lost a race with another instance
 /// (deadlock, serialization failure), and tells the policy once it has committed.
+/// Each try has `limit`: the server cuts its statements off then (`statement_timeout`),
+/// and hookci gives up on a server that does not answer at all, dropping the
+/// connection, whose transaction is in an unknown state.
 async fn transaction<T, W, Fut>(
     pool: &Pool,
     policy: Option<Arc<dyn ReportPolicy>>,
+    limit: Duration,
     work: W,
 ) -> PgResult<T>
 where
@@ -275,15 +305,23 @@ where
     loop {
         tries += 1;
         let client = Arc::new(pool.get().await?);
-        client.batch_execute("BEGIN").await?;
-        let result = work(Arc::clone(&client), policy.clone()).await;
-        let result = match result {
-            Ok(v) => client
-                .batch_execute("COMMIT")
-                .await
-                .map(|()| v)
-                .map_err(PgError::from),
-            Err(e) => Err(e),
+        let begin = format!(
+            "BEGIN; SET LOCAL statement_timeout = {}",
+            limit.as_millis().max(1)
+        );
+        // Made here, awaited only after BEGIN.
+        let worked = work(Arc::clone(&client), policy.clone());
+        let attempt = async {
+            client.batch_execute(&begin).await?;
+            let v = worked.await?;
+            client.batch_execute("COMMIT").await?;
+            Ok::<T, PgError>(v)
+        };
+        let Ok(result) = tokio::time::timeout(limit, attempt).await else {
+            if let Ok(object) = Arc::try_unwrap(client) {
+                drop(deadpool_postgres::Object::take(object));
+            }
+            return Err(PgError::Unanswered(limit));
         };
         match result {
             Ok(v) => {
@@ -294,7 +332,8 @@ where
             }
             Err(e) => {
                 // The connection goes back to the pool clean, or not at all.
-                if client.batch_execute("ROLLBACK").await.is_err() {
+                let rollback = tokio::time::timeout(limit, client.batch_execute("ROLLBACK"));
+                if !matches!(rollback.await, Ok(Ok(()))) {
                     if let Ok(object) = Arc::try_unwrap(client) {
                         drop(deadpool_postgres::Object::take(object));
                     }

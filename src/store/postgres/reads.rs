@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::{query, query_opt, PgResult, Postgres};
+use super::{query, query_opt, PgError, PgResult, Postgres};
 use crate::store::outbox::ReportKind;
 use crate::store::{
     repo_key, Decision, Delivery, ReconcileView, Report, ReportView, Run, RunFilter, RunStatus,
@@ -94,7 +94,9 @@ fn refs(values: &Values) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 impl Postgres {
-    /// Runs a read on a pooled connection.
+    /// Runs a read on a pooled connection, given up after the store's limit. The
+    /// connection of a read given up goes back to the pool: outside a transaction it
+    /// holds no state, and the answer it missed is discarded when it comes.
     fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -102,7 +104,12 @@ impl Postgres {
         Fut: std::future::Future<Output = PgResult<T>> + Send,
     {
         let pool = self.pool.clone();
-        self.block(async move { f(pool.get().await?).await })
+        let limit = self.limit();
+        self.block(async move {
+            tokio::time::timeout(limit, async move { f(pool.get().await?).await })
+                .await
+                .unwrap_or(Err(PgError::Unanswered(limit)))
+        })
     }
 
     pub(super) fn ref_heads_of(&self, repo: &str) -> Result<HashMap<String, String>, StoreError> {

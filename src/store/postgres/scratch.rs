@@ -1,8 +1,12 @@
 //! Throwaway databases for tests and trials: each made empty on the server that
 //! `$HOOKCI_TEST_DATABASE_URL` names (`scripts/test` starts one), and dropped again
-//! when its handle is. Callable from any thread, inside a runtime or not.
+//! when its handle is. Callable from any thread, inside a runtime or not. And a relay
+//! in front of one that can go silent, for tests of a database that stops answering.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio_postgres::NoTls;
 
@@ -304,4 +308,96 @@ where
         .join()
         .unwrap_or_else(|_| Err("the database helper thread panicked".into()))
     })
+}
+
+/// A TCP relay in front of a test database that can go silent: from then on it passes
+/// nothing on and holds every connection open, new ones too, as a database whose
+/// packets are dropped looks to its clients.
+pub struct Relay {
+    target: PgTarget,
+    password: Option<String>,
+    silent: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Relays to `db`'s server, which must be reached over TCP.
+    pub fn to(db: &Scratch) -> Relay {
+        let config = &db.target.config;
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(host) => host.clone(),
+            other => panic!("the test database is not reached over TCP: {other:?}"),
+        };
+        let upstream = (host, config.get_ports()[0]);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a relay port");
+        let port = listener.local_addr().expect("the relay's port").port();
+        let silent = Arc::new(AtomicBool::new(false));
+        let quiet = Arc::clone(&silent);
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let (quiet, upstream) = (Arc::clone(&quiet), upstream.clone());
+                std::thread::spawn(move || serve(client, upstream, &quiet));
+            }
+        });
+        let password = db.password();
+        let url = format!(
+            "postgres://{}@127.0.0.1:{port}/{}",
+            config.get_user().unwrap_or_default(),
+            config.get_dbname().unwrap_or_default()
+        );
+        let target = PgTarget::parse(&url, password.as_deref()).expect("the relay's URL");
+        Relay {
+            target,
+            password,
+            silent,
+        }
+    }
+
+    /// `db` through the relay.
+    pub fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
+    /// The URL a daemon's config names the relayed database by: its password apart.
+    pub fn url(&self) -> String {
+        self.target.shown().to_owned()
+    }
+
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// From now on nothing gets through, either way.
+    pub fn silence(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve(client: TcpStream, upstream: (String, u16), quiet: &Arc<AtomicBool>) {
+    let server = match quiet.load(Ordering::SeqCst) {
+        true => None,
+        false => TcpStream::connect(upstream).ok(),
+    };
+    if let Some(server) = &server {
+        if let (Ok(from), Ok(to)) = (server.try_clone(), client.try_clone()) {
+            let quiet = Arc::clone(quiet);
+            std::thread::spawn(move || pass(from, Some(to), &quiet));
+        }
+    }
+    pass(client, server, quiet);
+}
+
+/// Passes what `from` sends on to `to` until the relay goes silent; then reads and
+/// drops it, until `from` closes.
+fn pass(mut from: TcpStream, mut to: Option<TcpStream>, quiet: &AtomicBool) {
+    let mut buf = [0u8; 8192];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if quiet.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(to) = &mut to {
+            if to.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    }
 }

@@ -55,7 +55,8 @@ impl Postgres {
         } else {
             None
         };
-        self.block(async move { transaction(&pool, policy, work).await })
+        let limit = self.limit();
+        self.block(async move { transaction(&pool, policy, limit, work).await })
     }
 
     pub(super) fn record(&self, d: NewDelivery) -> Result<DeliveryOutcome, StoreError> {
@@ -72,8 +73,9 @@ impl Postgres {
         let pool = self.pool.clone();
         let policy = self.active_policy();
         let d = Arc::new(d);
+        let limit = self.limit();
         let job = self.handle.spawn(async move {
-            transaction(&pool, policy, move |c, policy| {
+            transaction(&pool, policy, limit, move |c, policy| {
                 let d = Arc::clone(&d);
                 async move { record_in(&c, &d, policy.as_deref()).await }
             })
