@@ -760,13 +760,10 @@ mod tests {
             p == "target/"
         };
         let c2 = f.commit_exactly(&[("src/a.c", "a 2", regular)]);
-        assert_eq!(f.update_keeping(c2, &keep), Updated::InPlace);
+        let updated = f.update_keeping(c2, &keep);
         assert!(swapped.get(), "the walk asked about junk");
-        assert_eq!(
-            std::fs::read_to_string(outside.join("precious")).unwrap(),
-            "not hookci's",
-            "removed through a link"
-        );
+        assert!(outside.join("precious").exists(), "removed through a link");
+        assert_eq!(updated, Updated::InPlace);
         assert_eq!(f.listing(), owned(&[("src/a.c", "a 2")]));
     }
 
