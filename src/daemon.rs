@@ -324,7 +324,7 @@ fn remove_leftover_workspaces(dir: &Path) {
             continue;
         }
         let path = entry.path();
-        if let Err(e) = std::fs::remove_dir_all(&path) {
+        if let Err(e) = crate::fsx::remove_all(&path) {
             tracing::warn!(workspace = %path.display(), error = %e, "cannot remove a leftover workspace");
         }
     }

@@ -7,13 +7,16 @@
 //! holds the command line's own work.
 //! `config`, `yaml`, `duration` and `clock` serve every stage; `reload` swaps in a new
 //! config and pipelines while the daemon runs; `systemd` speaks to the service manager;
-//! `process` hardens the hookci process itself.
+//! `process` hardens the hookci process itself; `fsx` does file operations in trees
+//! steps may change meanwhile (workspaces) without following their links, for `git` and
+//! `run`.
 
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod duration;
+pub mod fsx;
 pub mod git;
 pub mod intake;
 pub mod pipeline;

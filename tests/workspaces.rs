@@ -335,3 +335,90 @@ fn an_update_undoes_commits_staging_links_and_directories_a_step_left() {
         "not the workspace's"
     );
 }
+
+/// Leaves what a Go module cache or `chmod -R a-w` leaves: a directory tree no one may
+/// write to, which only its owner's chmod makes removable again.
+const READ_ONLY: &str = r#"  - name: read-only
+    run: |
+      echo "ws=$HOOKCI_WORKSPACE"
+      echo "files=$(ls -A | grep -vx .git | sort | tr '\n' ' ')"
+      mkdir -p ro/sub target/ro && echo x > ro/sub/f && echo y > target/ro/f
+      chmod -R a-w ro target/ro
+"#;
+
+/// A directory a step left without write permission wedges nothing when the daemon is
+/// not root (no override of file permissions): the next run of a reused slot is
+/// updated in place without it (a kept one stays), and a fresh workspace holding one
+/// is removed when its run ends.
+#[test]
+fn read_only_directories_a_step_leaves_are_removed_by_an_unprivileged_daemon() {
+    let b = Builder::new().daemon_as(test_user());
+    let origin = Origin::new(b.path());
+    let reuse = format!(
+        "repo: {REPO}\nclone_url: {}\nworkspace: reuse\nkeep: [\"target/\"]\nsteps:\n{READ_ONLY}",
+        origin.url()
+    );
+    let fresh = format!(
+        "repo: {REPO}\nclone_url: {}\nsteps:\n{READ_ONLY}",
+        origin.url()
+    );
+    let d = b
+        .pipeline("reuse", &reuse)
+        .pipeline("fresh", &fresh)
+        .start();
+    let push = |n: u32, before: &str, after: &str| -> Vec<i64> {
+        let payload = PushPayload::new(
+            REPO,
+            "refs/heads/main",
+            before,
+            after,
+            "https://example.invalid/x.git",
+        );
+        let r = d.deliver("push", &format!("ro-{n}"), &payload.bytes());
+        assert_eq!(r.status, 202, "{}", r.text());
+        let runs = r.json()["runs"].as_array().unwrap().clone();
+        runs.iter().map(|run| run["id"].as_i64().unwrap()).collect()
+    };
+    let ended = |ids: &[i64]| -> HashMap<String, HashMap<String, String>> {
+        ids.iter()
+            .map(|&id| {
+                let run = d.wait_run(id);
+                assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
+                let name = run["pipeline"].as_str().unwrap().to_owned();
+                (name, printed(&d, id))
+            })
+            .collect()
+    };
+
+    let c1 = origin.commit("main", &[("a.txt", "1")], "one");
+    let first = ended(&push(1, &"0".repeat(40), &c1));
+    assert_eq!(first.len(), 2, "{first:?}");
+    let fresh_ws = std::path::PathBuf::from(&first["fresh"]["ws"]);
+    eventually(
+        "the fresh workspace with a read-only tree is removed",
+        || !fresh_ws.exists(),
+    );
+
+    let c2 = origin.commit("main", &[("b.txt", "2")], "two");
+    let second = ended(&push(2, &c1, &c2));
+    assert_eq!(
+        second["reuse"]["ws"], first["reuse"]["ws"],
+        "the slot's workspace is reused"
+    );
+    assert_eq!(
+        second["reuse"]["files"], "a.txt b.txt target",
+        "ro/ gone, the kept target/ stays: {second:?}"
+    );
+    let ws = std::path::Path::new(&second["reuse"]["ws"]);
+    assert!(ws.join("target/ro/f").exists(), "kept");
+    assert!(!std::path::Path::new(&format!("{}.updating", ws.display())).exists());
+    assert!(
+        !d.log().contains("replacing it"),
+        "updated in place, not replaced: {}",
+        d.log()
+    );
+    let fresh_ws = std::path::PathBuf::from(&second["fresh"]["ws"]);
+    eventually("the second fresh workspace is removed", || {
+        !fresh_ws.exists()
+    });
+}

@@ -353,9 +353,9 @@ impl Mirrors {
             path: dest.to_path_buf(),
             reason,
         };
-        if dest.exists() {
-            std::fs::remove_dir_all(dest).map_err(|e| ws_err(e.to_string()))?;
-        }
+        // What a step left there (links, directories it made read-only) goes without
+        // being followed or wedging the slot.
+        crate::fsx::remove_all(dest).map_err(|e| ws_err(e.to_string()))?;
         let repo = Repository::init(dest).map_err(|e| ws_err(e.to_string()))?;
         let objects =
             std::fs::canonicalize(mirror.join("objects")).map_err(|e| ws_err(e.to_string()))?;

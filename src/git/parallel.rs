@@ -6,7 +6,9 @@
 //! detached HEAD. Trees that need content filters (`.gitattributes`, `core.autocrlf`)
 //! are left to libgit2, which applies them. Blocks; run in the git worker.
 
+use std::ffi::OsStr;
 use std::io::Write;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
@@ -168,18 +170,38 @@ pub(crate) fn write_blob(
         std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(data), dest)?;
         return std::fs::symlink_metadata(dest);
     }
-    let perm = if mode == u32::from(FileMode::BlobExecutable) {
-        0o777
-    } else {
-        0o666
-    };
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(perm)
+        .mode(file_perm(mode))
         .open(dest)?;
     out.write_all(data)?;
     out.metadata()
+}
+
+/// [`write_blob`] as `name` in the open directory `dir`: nothing on the way to it is
+/// looked up by path, and a link in its place makes it fail, never followed.
+pub(crate) fn write_blob_at(
+    data: &[u8],
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    mode: u32,
+) -> std::io::Result<std::fs::Metadata> {
+    if mode == u32::from(FileMode::Link) {
+        return crate::fsx::symlink_at(dir, name, OsStr::from_bytes(data));
+    }
+    let mut out = crate::fsx::create_new_at(dir, name, file_perm(mode))?;
+    out.write_all(data)?;
+    out.metadata()
+}
+
+/// The permissions a blob of `mode` is created with (less the umask).
+fn file_perm(mode: u32) -> u32 {
+    if mode == u32::from(FileMode::BlobExecutable) {
+        0o777
+    } else {
+        0o666
+    }
 }
 
 pub(crate) fn index_entry(path: &str, id: Oid, mode: u32, meta: &std::fs::Metadata) -> IndexEntry {

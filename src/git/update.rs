@@ -8,6 +8,8 @@
 //! names it would refuse) are left to it. Blocks; run in the git worker.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -15,6 +17,7 @@ use std::path::Path;
 use git2::build::CheckoutBuilder;
 use git2::{Delta, FileMode, IndexEntry, Oid, Repository};
 
+use crate::fsx;
 use crate::git::parallel;
 
 /// A gitlink (a submodule's commit) in a tree or an index.
@@ -65,13 +68,18 @@ pub fn update_in_place(
             .map(|(path, _)| *path)
             .chain(plan.written.keys().map(String::as_str)),
     );
-    clean(dest, "", &tracked, keep, false)
+    // Every file operation below is relative to this descriptor, and no link in the
+    // tree is followed: a step of another run may swap a directory for a link while
+    // the update walks it (see `fsx`).
+    let root = fsx::open_dir(dest).map_err(|e| io_err("opening", ".", &e))?;
+    clean_root(&root, &tracked, keep)
         .map_err(|e| io_err("removing untracked files in", ".", &e))?;
     // What the new commit no longer has goes even where `keep` matches it, as a
     // checkout would remove it; after the walk, so that no link a step left stands
     // between the workspace and what is removed.
     for path in &plan.removed {
-        remove_inside(dest, path).map_err(|e| io_err("removing", path, &e))?;
+        fsx::remove_inside(root.as_fd(), OsStr::new(path))
+            .map_err(|e| io_err("removing", path, &e))?;
     }
     // The walk removed whatever stood in the place of a tracked directory (a link, a
     // file), so checking a tracked file's stat data never follows a link out.
@@ -100,7 +108,7 @@ pub fn update_in_place(
     }
     let odb = repo.odb()?;
     for (path, id, mode) in writes {
-        index.add(&write_file(&odb, dest, path, id, mode)?)?;
+        index.add(&write_file(&odb, root.as_fd(), path, id, mode)?)?;
     }
     for path in &plan.removed {
         index.remove_path(Path::new(path))?;
@@ -243,65 +251,31 @@ fn content_id(path: &Path, mode: u32) -> Result<Oid, git2::Error> {
     }
 }
 
-/// Writes blob `id` at `path` below `dest` with `mode`, replacing whatever is there, and
+/// Writes blob `id` at `path` below `root` with `mode`, replacing whatever is there, and
 /// returns its index entry. Missing parent directories are made; one in the way that is
-/// not a directory (a link, a file) is replaced, so the write never leaves `dest`.
+/// not a directory (a link, a file) is replaced, so the write never leaves `root`.
 fn write_file(
     odb: &git2::Odb<'_>,
-    dest: &Path,
+    root: BorrowedFd<'_>,
     path: &str,
     id: Oid,
     mode: u32,
 ) -> Result<IndexEntry, git2::Error> {
     let object = odb.read(id)?;
-    if let Some((parent, _)) = path.rsplit_once('/') {
-        let mut dir = dest.to_path_buf();
-        for part in parent.split('/') {
-            dir.push(part);
-            match std::fs::symlink_metadata(&dir) {
-                Ok(meta) if meta.is_dir() => continue,
-                Ok(_) => remove_any(&dir).map_err(|e| io_err("removing", path, &e))?,
-                Err(_) => {}
-            }
-            std::fs::create_dir(&dir).map_err(|e| io_err("creating the directory of", path, &e))?;
+    let parent_fd;
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((parent, name)) => {
+            parent_fd = fsx::make_dirs_at(root, parent)
+                .map_err(|e| io_err("creating the directory of", path, &e))?;
+            (parent_fd.as_fd(), name)
         }
-    }
-    let file = dest.join(path);
-    remove_any(&file).map_err(|e| io_err("replacing", path, &e))?;
-    let meta = parallel::write_blob(object.data(), &file, mode)
+        None => (root, path),
+    };
+    let name = OsStr::new(name);
+    fsx::remove_at(dir, name).map_err(|e| io_err("replacing", path, &e))?;
+    let meta = parallel::write_blob_at(object.data(), dir, name, mode)
         .map_err(|e| io_err("writing", path, &e))?;
     Ok(parallel::index_entry(path, id, mode, &meta))
-}
-
-/// Removes what is at `path` below `dest`, if every directory on the way there is a
-/// real one: behind a link or a file there is nothing of the workspace to remove.
-fn remove_inside(dest: &Path, path: impl AsRef<Path>) -> std::io::Result<()> {
-    let path = path.as_ref();
-    let mut at = dest.to_path_buf();
-    if let Some(parent) = path.parent() {
-        for part in parent.components() {
-            at.push(part);
-            match std::fs::symlink_metadata(&at) {
-                Ok(meta) if meta.is_dir() => {}
-                _ => return Ok(()),
-            }
-        }
-    }
-    remove_any(&dest.join(path))
-}
-
-/// Removes the file, link or directory tree at `path` (a link is removed, not
-/// followed); nothing there is fine.
-fn remove_any(path: &Path) -> std::io::Result<()> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
 }
 
 fn io_err(what: &str, path: &str, e: &std::io::Error) -> git2::Error {
@@ -323,6 +297,7 @@ fn update_with_libgit2(
     // each run's chown changes them): a tracked file changed since, or in its tick, is
     // removed first, so the checkout below writes it again.
     // A submodule's directory is its own checkout's, not a file of this tree.
+    let root = fsx::open_dir(dest).map_err(|e| io_err("opening", ".", &e))?;
     for entry in index.iter().filter(|e| e.mode != GITLINK) {
         let path = Path::new(std::ffi::OsStr::from_bytes(&entry.path));
         let changed_at = std::fs::symlink_metadata(dest.join(path))
@@ -330,7 +305,7 @@ fn update_with_libgit2(
             .filter(|m| !m.is_dir())
             .map(|m| (m.ctime(), m.ctime_nsec()));
         if changed_at.is_some_and(|at| handed.is_none_or(|handed| at >= handed)) {
-            remove_inside(dest, path)
+            fsx::remove_inside(root.as_fd(), path.as_os_str())
                 .map_err(|e| io_err("removing", &path.to_string_lossy(), &e))?;
         }
     }
@@ -344,8 +319,7 @@ fn update_with_libgit2(
         .map(|e| String::from_utf8_lossy(&e.path).into_owned())
         .collect();
     let tracked = Tracked::new(paths.iter().map(String::as_str));
-    clean(dest, "", &tracked, keep, false)
-        .map(drop)
+    clean_root(&root, &tracked, keep)
         .map_err(|e| git2::Error::from_str(&format!("removing untracked files: {e}")))
 }
 
@@ -376,12 +350,22 @@ impl<'a> Tracked<'a> {
     }
 }
 
-/// Removes from `dir` (at `rel` below the workspace) every path neither tracked nor
-/// kept; returns whether `dir` is left empty. A kept directory (`target/`) is entered
-/// only where it holds tracked directories, and only to remove what stands in their
-/// place (a link, a file): `kept_above` says `dir` is inside a kept one.
+/// [`clean`] of the whole work tree open at `root`.
+fn clean_root(
+    root: &OwnedFd,
+    tracked: &Tracked,
+    keep: &dyn Fn(&str) -> bool,
+) -> std::io::Result<()> {
+    clean(root.try_clone()?, "", tracked, keep, false).map(drop)
+}
+
+/// Removes from the directory open at `dir` (at `rel` below the workspace) every path
+/// neither tracked nor kept; returns whether `dir` is left empty. A kept directory
+/// (`target/`) is entered only where it holds tracked directories, and only to remove
+/// what stands in their place (a link, a file): `kept_above` says `dir` is inside a
+/// kept one. Entries are worked on relative to `dir` and never followed.
 fn clean(
-    dir: &Path,
+    dir: OwnedFd,
     rel: &str,
     tracked: &Tracked,
     keep: &dyn Fn(&str) -> bool,
@@ -389,10 +373,16 @@ fn clean(
 ) -> std::io::Result<bool> {
     let mut empty = true;
     let mut path = String::with_capacity(rel.len() + 64);
-    for entry in std::fs::read_dir(dir)? {
+    let mut entries = rustix::fs::Dir::new(dir)?;
+    while let Some(entry) = entries.read() {
         let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+        let raw = entry.file_name().to_bytes();
+        if raw == b"." || raw == b".." {
+            continue;
+        }
+        let name = String::from_utf8_lossy(raw);
+        let os_name = OsStr::from_bytes(raw);
+        let dir = entries.fd()?;
         if rel.is_empty() && name == ".git" {
             empty = false;
             continue;
@@ -404,12 +394,16 @@ fn clean(
         }
         path.push_str(&name);
         // Not followed: a symbolic link is removed or kept as the link itself.
-        let is_dir = entry.file_type()?.is_dir();
+        let is_dir = match entry.file_type() {
+            rustix::fs::FileType::Directory => true,
+            rustix::fs::FileType::Unknown => fsx::is_dir_at(dir, os_name)?.unwrap_or(false),
+            _ => false,
+        };
         let tracked_dir = tracked.dirs.contains(path.as_str());
         if tracked_dir && !is_dir {
             // Whatever `keep` says: tracked files are checked through this path, which
             // must not lead out of the workspace.
-            std::fs::remove_file(entry.path())?;
+            fsx::remove_file_at(dir, os_name)?;
             continue;
         }
         let kept = kept_above || tracked.files.contains(path.as_str()) || keep(&path) || {
@@ -423,17 +417,34 @@ fn clean(
         if kept {
             empty = false;
             if tracked_dir {
-                clean(&entry.path(), &path, tracked, keep, true)?;
+                match fsx::open_dir_at(dir, os_name) {
+                    Ok(inner) => {
+                        clean(inner, &path, tracked, keep, true)?;
+                    }
+                    // Swapped for a link since it was listed: not entered, and gone.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                        fsx::remove_at(dir, os_name)?;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         } else if is_dir {
-            let left_empty = clean(&entry.path(), &path, tracked, keep, false)?;
+            let inner = match fsx::open_dir_at(dir, os_name) {
+                Ok(inner) => inner,
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                    fsx::remove_at(dir, os_name)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let left_empty = clean(inner, &path, tracked, keep, false)?;
             if left_empty && !tracked.dirs.contains(path.as_str()) {
-                std::fs::remove_dir(entry.path())?;
+                fsx::remove_empty_dir_at(dir, os_name)?;
             } else {
                 empty = false;
             }
         } else {
-            std::fs::remove_file(entry.path())?;
+            fsx::remove_file_at(dir, os_name)?;
         }
     }
     Ok(empty)
@@ -722,6 +733,38 @@ mod tests {
             ])
         );
         assert!(outside.join("deep/b").exists(), "removed through a link");
+    }
+
+    /// A step swaps an untracked directory for a link to a directory outside just
+    /// after the walk found it to be a directory (`keep` is asked about it in between,
+    /// and does the swap): the walk does not enter the link, and what it points to
+    /// stays, while the workspace ends up as the commit.
+    #[test]
+    fn a_directory_swapped_for_a_link_during_the_walk_is_not_entered() {
+        let f = Fixture::new();
+        let regular = 0o100644;
+        let c1 = f.commit_exactly(&[("src/a.c", "a", regular)]);
+        assert_eq!(f.update(c1), Updated::Fresh);
+        let ws = f.ws();
+        let outside = f.dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), "not hookci's").unwrap();
+        std::fs::create_dir_all(ws.join("junk")).unwrap();
+        std::fs::write(ws.join("junk/stray"), "untracked").unwrap();
+        let swapped = std::cell::Cell::new(false);
+        let keep = |p: &str| {
+            if p == "junk" && !swapped.replace(true) {
+                std::fs::remove_dir_all(ws.join("junk")).unwrap();
+                std::os::unix::fs::symlink(&outside, ws.join("junk")).unwrap();
+            }
+            p == "target/"
+        };
+        let c2 = f.commit_exactly(&[("src/a.c", "a 2", regular)]);
+        let updated = f.update_keeping(c2, &keep);
+        assert!(swapped.get(), "the walk asked about junk");
+        assert!(outside.join("precious").exists(), "removed through a link");
+        assert_eq!(updated, Updated::InPlace);
+        assert_eq!(f.listing(), owned(&[("src/a.c", "a 2")]));
     }
 
     /// A tracked file whose name is not UTF-8 stays through an update that does not

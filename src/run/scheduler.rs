@@ -776,11 +776,10 @@ pub async fn prune_every(state: Arc<AppState>, mut stop: watch::Receiver<bool>) 
     }
 }
 
+/// Removes a run's directory, through whatever read-only directories its steps left
+/// (see `fsx`).
 fn remove_dir(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    crate::fsx::remove_all(path)
 }
 
 /// Readies the checkout for the run's steps: gives it to `run_as` (see [`give_away`]),
