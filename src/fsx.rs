@@ -10,14 +10,14 @@
 //! stage (a run's workspace and `HOME` at its end, leftovers at startup). Knows nothing
 //! of git, runs or the store. Blocks: call it off the async runtime.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 /// A directory opened to be read and worked in; a link in its place is refused.
@@ -139,42 +139,108 @@ pub fn remove_all(path: &Path) -> io::Result<()> {
     remove_at(dir.as_fd(), name)
 }
 
+/// How many directories one removal holds open at once.
+const MAX_OPEN: usize = 256;
+
 /// Removes `name` in `dir`, a directory with everything in it; a link is removed, not
 /// followed; nothing there is fine.
+///
+/// The walk keeps its open directories on a stack of its own, not the call stack: a
+/// step can nest directories without end (`mkdir d && cd d` in a loop), and the daemon
+/// removes what a run left. Past [`MAX_OPEN`] levels a directory is moved up to the top
+/// of the removal and emptied from there, so no depth costs more descriptors or stack.
 pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    // Unlinked at once when it is not a directory: no stat first that a swap could
-    // outdate.
-    match with_access(dir, || rustix::fs::unlinkat(dir, name, AtFlags::empty())) {
-        Err(e) if e.raw_os_error() == Some(Errno::ISDIR.raw_os_error()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        other => return other,
+    let Some(top) = open_to_remove(dir, name)? else {
+        return Ok(());
+    };
+    let mut open = vec![top];
+    let mut moved = 0u64;
+    loop {
+        let depth = open.len();
+        let Some(child) = open.last_mut().and_then(|level| level.left.pop()) else {
+            let Some(done) = open.pop() else {
+                return Ok(());
+            };
+            drop(done.fd);
+            let parent = open.last().map_or(dir, |level| level.fd.as_fd());
+            match remove_empty_dir_at(parent, &done.name) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+            continue;
+        };
+        let at = open[depth - 1].fd.as_fd();
+        if depth < MAX_OPEN {
+            if let Some(inner) = open_to_remove(at, &child)? {
+                open.push(inner);
+            }
+            continue;
+        }
+        if unlink_unless_dir(at, &child)? {
+            continue;
+        }
+        // A directory too deep to hold open as well: under a new name at the top.
+        let up = loop {
+            moved += 1;
+            let up = OsString::from(format!(".hookci-removing-{moved}"));
+            let top = open[0].fd.as_fd();
+            match rustix::fs::renameat_with(at, &child, top, &up, RenameFlags::NOREPLACE) {
+                Ok(()) => break Some(up),
+                Err(e) if e == Errno::EXIST || e == Errno::NOTEMPTY => continue,
+                Err(e) if e == Errno::NOENT => break None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        open[0].left.extend(up);
     }
-    match open_dir_at(dir, name) {
-        Ok(inner) => empty(inner)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        // Swapped for something else since: that is unlinked, never entered.
-        Err(e) if e.kind() == io::ErrorKind::NotADirectory => return remove_file_at(dir, name),
-        Err(e) => return Err(e),
-    }
-    remove_empty_dir_at(dir, name)
 }
 
-/// Removes everything in the directory `fd`.
-fn empty(fd: OwnedFd) -> io::Result<()> {
-    let mut entries = Dir::new(fd)?;
-    let mut names = Vec::new();
-    while let Some(entry) = entries.read() {
+/// A directory being removed: its name in its parent, and the names in it left to remove.
+struct Level {
+    name: OsString,
+    fd: OwnedFd,
+    left: Vec<OsString>,
+}
+
+/// Unlinks `name` in `dir` unless it is a directory, which is opened and listed.
+fn open_to_remove(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Level>> {
+    if unlink_unless_dir(dir, name)? {
+        return Ok(None);
+    }
+    let fd = match open_dir_at(dir, name) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // Swapped for something else since: that is unlinked, never entered.
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            remove_file_at(dir, name)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut left = Vec::new();
+    for entry in Dir::read_from(&fd)? {
         let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
+        let child = entry.file_name().to_bytes();
+        if child != b"." && child != b".." {
+            left.push(OsStr::from_bytes(child).to_os_string());
         }
     }
-    let fd = entries.fd()?;
-    for name in names {
-        remove_at(fd, OsStr::from_bytes(&name))?;
+    Ok(Some(Level {
+        name: name.to_os_string(),
+        fd,
+        left,
+    }))
+}
+
+/// Unlinks `name` in `dir` at once when it is not a directory (no stat first, that a
+/// swap could outdate); whether nothing is there now.
+fn unlink_unless_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    match with_access(dir, || rustix::fs::unlinkat(dir, name, AtFlags::empty())) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(Errno::ISDIR.raw_os_error()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
 /// Unlinks the file or link `name` in `dir`.
@@ -276,6 +342,28 @@ fn not_a_dir(e: Errno) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Directories nested far deeper than a removal holds open (and than a path can
+    /// name), with a file at every level: all gone, on a bounded stack of descriptors.
+    #[test]
+    fn a_tree_nested_without_end_is_removed_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("deep")).unwrap();
+        let mut at = open_dir(&tmp.path().join("deep")).unwrap();
+        for level in 0..3000 {
+            let file = create_new_at(at.as_fd(), OsStr::new("f"), 0o644).unwrap();
+            drop(file);
+            if level % 7 == 0 {
+                // Left without write permission, as a step may leave it.
+                rustix::fs::mkdirat(at.as_fd(), "ro", Mode::from_raw_mode(0o555)).unwrap();
+            }
+            rustix::fs::mkdirat(at.as_fd(), "d", Mode::from_raw_mode(0o755)).unwrap();
+            at = open_dir_at(at.as_fd(), OsStr::new("d")).unwrap();
+        }
+        drop(at);
+        remove_all(&tmp.path().join("deep")).unwrap();
+        assert!(!tmp.path().join("deep").exists());
+    }
 
     /// A tree, and a directory outside it holding a file, which nothing here may touch.
     struct Fixture {
