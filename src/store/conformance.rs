@@ -1262,6 +1262,34 @@ mod shared_database {
         );
     }
 
+    /// Upkeep may take longer than a lease (a retention pass deleting large logs, the
+    /// first reconcile of a repository with many refs): a wait longer than the lease
+    /// does not cut it off, as it would a run's write.
+    #[test]
+    fn retention_waits_out_a_lock_held_longer_than_the_lease() {
+        let backend = Backend::postgres();
+        let a = backend.open_with_lease("a", std::time::Duration::from_secs(1));
+        let old = a.create_run(run("ci", "k1")).unwrap().id;
+        let new = a.create_run(run("ci", "k2")).unwrap().id;
+        for id in [old, new] {
+            assert_eq!(a.claim_next().unwrap().unwrap().id, id);
+            a.finish_run(id, RunStatus::Succeeded, None, StepStatus::Skipped)
+                .unwrap();
+        }
+        let held = backend
+            .scratch()
+            .hold(&format!("SELECT 1 FROM runs WHERE id = {old} FOR UPDATE"))
+            .unwrap();
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            drop(held);
+        });
+        let pruned = a.prune(1, 0).unwrap();
+        released.join().unwrap();
+        assert_eq!(pruned.runs, vec![old]);
+        assert!(a.run(old).unwrap().is_none());
+    }
+
     #[test]
     fn a_renewal_the_database_does_not_answer_fails_within_the_lease() {
         let backend = Backend::postgres();

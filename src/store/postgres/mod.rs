@@ -276,6 +276,12 @@ impl Postgres {
     }
 }
 
+/// The limit of upkeep that may legitimately take long: the first reconcile of a
+/// repository with tens of thousands of refs, a retention pass deleting large logs.
+/// A database that stops answering still fails it within a lease: the pool's
+/// connections give up on unacknowledged data then (`tcp_user_timeout`).
+const UPKEEP_LIMIT: Duration = Duration::from_secs(600);
+
 /// [`Postgres::limit`] for `lease`: never under the shortest lease a config may set,
 /// which shorter leases (the tests') do not make a call's limit.
 fn limit_of(lease: Duration) -> Duration {
@@ -305,9 +311,12 @@ where
     loop {
         tries += 1;
         let client = Arc::new(pool.get().await?);
+        // A session whose client vanished without closing it (its host died, the
+        // network parted) is ended by the server after the same limit, and with it the
+        // transaction's locks, which recovery (`SKIP LOCKED`) would pass over for hours.
+        let ms = limit.as_millis().max(1);
         let begin = format!(
-            "BEGIN; SET LOCAL statement_timeout = {}",
-            limit.as_millis().max(1)
+            "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL idle_in_transaction_session_timeout = {ms}"
         );
         // Made here, awaited only after BEGIN.
         let worked = work(Arc::clone(&client), policy.clone());

@@ -5,12 +5,14 @@
 //! compare-and-set is a conditional write.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Object};
 
 use super::reads::{run_from_row, runs_from, step_from_row, steps_in};
 use super::{
     execute, notify_log, notify_runs, query, query_opt, transaction, PgResult, Postgres, LOCKS,
+    UPKEEP_LIMIT,
 };
 use crate::clock::now_ms;
 use crate::store::outbox::{NewReport, ReportPolicy, Transition};
@@ -49,13 +51,36 @@ impl Postgres {
         W: Fn(Arc<Object>, Option<Arc<dyn ReportPolicy>>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = PgResult<T>> + Send,
     {
+        self.write_within(self.limit(), reporting, work)
+    }
+
+    /// [`Postgres::write`] for upkeep that may take long (see [`UPKEEP_LIMIT`]).
+    fn write_upkeep<T, W, Fut>(&self, reporting: bool, work: W) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        W: Fn(Arc<Object>, Option<Arc<dyn ReportPolicy>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = PgResult<T>> + Send,
+    {
+        self.write_within(self.limit().max(UPKEEP_LIMIT), reporting, work)
+    }
+
+    fn write_within<T, W, Fut>(
+        &self,
+        limit: Duration,
+        reporting: bool,
+        work: W,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        W: Fn(Arc<Object>, Option<Arc<dyn ReportPolicy>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = PgResult<T>> + Send,
+    {
         let pool = self.pool.clone();
         let policy = if reporting {
             self.active_policy()
         } else {
             None
         };
-        let limit = self.limit();
         self.block(async move { transaction(&pool, policy, limit, work).await })
     }
 
@@ -588,7 +613,7 @@ impl Postgres {
         changes: Vec<RefChange>,
     ) -> Result<Reconciled, StoreError> {
         let input = Arc::new((repo, changes));
-        self.write(true, move |c, policy| {
+        self.write_upkeep(true, move |c, policy| {
             let input = Arc::clone(&input);
             async move {
                 let (repo, changes) = &*input;
@@ -635,7 +660,7 @@ impl Postgres {
 
     pub(super) fn prune_old(&self, keep: u64, cutoff_ms: i64) -> Result<Pruned, StoreError> {
         let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
-        self.write(false, move |c, _| async move {
+        self.write_upkeep(false, move |c, _| async move {
             let runs = prune_runs(&*c, keep, cutoff_ms).await?;
             let deliveries = prune_deliveries(&*c, keep, cutoff_ms).await?;
             Ok(Pruned {
