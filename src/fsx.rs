@@ -184,11 +184,14 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
             moved += 1;
             let up = OsString::from(format!(".hookci-removing-{moved}"));
             let top = open[0].fd.as_fd();
-            match rustix::fs::renameat_with(at, &child, top, &up, RenameFlags::NOREPLACE) {
+            let rename = || rustix::fs::renameat_with(at, &child, top, &up, RenameFlags::NOREPLACE);
+            match with_access(at, rename) {
                 Ok(()) => break Some(up),
-                Err(e) if e == Errno::EXIST || e == Errno::NOTEMPTY => continue,
-                Err(e) if e == Errno::NOENT => break None,
-                Err(e) => return Err(e.into()),
+                Err(e) => match e.raw_os_error().map(Errno::from_raw_os_error) {
+                    Some(Errno::EXIST | Errno::NOTEMPTY) => continue,
+                    Some(Errno::NOENT) => break None,
+                    _ => return Err(e),
+                },
             }
         };
         open[0].left.extend(up);
@@ -218,7 +221,9 @@ fn open_to_remove(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Level>
         Err(e) => return Err(e),
     };
     let mut left = Vec::new();
-    for entry in Dir::read_from(&fd)? {
+    // Listed through a duplicate of this descriptor, not a new open of ".", which would
+    // need search permission a step may have taken away (`chmod 644 dir`).
+    for entry in Dir::new(rustix::io::dup(&fd)?)? {
         let entry = entry?;
         let child = entry.file_name().to_bytes();
         if child != b"." && child != b".." {

@@ -239,6 +239,20 @@ impl Daemon {
         self.dir.path().join("state")
     }
 
+    /// The directory of the one slot `pipeline` reuses workspaces in
+    /// (`workspaces/reuse/PIPELINE/SLOT`), once a run made it.
+    pub fn reuse_slot(&self, pipeline: &str) -> PathBuf {
+        self.state_dir()
+            .join("workspaces/reuse")
+            .join(pipeline)
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+    }
+
     /// Starts (or restarts) the process and waits for its `listening` line.
     pub fn spawn(&mut self) {
         let mut cmd = match (self.user, &self.caps) {

@@ -25,16 +25,7 @@ const INSPECT: &str = r#"  - name: inspect
 /// Pushes `after` (on main, after `before`) and returns what the run's step printed,
 /// and its id as `run`.
 fn build(d: &Daemon, n: u32, before: &str, after: &str) -> HashMap<String, String> {
-    let payload = PushPayload::new(
-        REPO,
-        "refs/heads/main",
-        before,
-        after,
-        "https://example.invalid/x.git",
-    );
-    let r = d.deliver("push", &format!("delivery-{n}"), &payload.bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["runs"][0]["id"].as_i64().unwrap();
+    let id = push_runs(d, &format!("delivery-{n}"), before, after)[0];
     let run = d.wait_run(id);
     assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
     let mut printed: HashMap<String, String> = d
@@ -136,6 +127,11 @@ const DAMAGE: &str = r#"  - name: inspect
 "#;
 
 fn push_main(d: &Daemon, n: u32, before: &str, after: &str) -> i64 {
+    push_runs(d, &format!("damage-{n}"), before, after)[0]
+}
+
+/// Delivers a push of `after` on main (after `before`); the ids of the runs it made.
+fn push_runs(d: &Daemon, delivery: &str, before: &str, after: &str) -> Vec<i64> {
     let payload = PushPayload::new(
         REPO,
         "refs/heads/main",
@@ -143,9 +139,10 @@ fn push_main(d: &Daemon, n: u32, before: &str, after: &str) -> i64 {
         after,
         "https://example.invalid/x.git",
     );
-    let r = d.deliver("push", &format!("damage-{n}"), &payload.bytes());
+    let r = d.deliver("push", delivery, &payload.bytes());
     assert_eq!(r.status, 202, "{}", r.text());
-    r.json()["runs"][0]["id"].as_i64().unwrap()
+    let runs = r.json()["runs"].as_array().unwrap().clone();
+    runs.iter().map(|run| run["id"].as_i64().unwrap()).collect()
 }
 
 fn printed(d: &Daemon, id: i64) -> HashMap<String, String> {
@@ -177,16 +174,7 @@ fn a_workspace_whose_update_failed_is_replaced_never_built_from() {
     let c1 = origin.commit("main", &[("a.txt", "1"), ("mode", "corrupt")], "one");
     let first = ok(push_main(&d, 1, &"0".repeat(40), &c1));
     assert_eq!(first["head"], c1);
-    let ws = d
-        .state_dir()
-        .join("workspaces/reuse/ci")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("0");
+    let ws = d.reuse_slot("ci").join("0");
     let marker = format!("{}.updating", ws.display());
 
     // Its run still builds, from a fresh checkout: nothing of the old workspace,
@@ -234,16 +222,7 @@ fn a_reused_update_writes_only_the_changed_files() {
         assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
     };
     ok(push_main(&d, 1, &"0".repeat(40), &c1));
-    let ws = d
-        .state_dir()
-        .join("workspaces/reuse/ci")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("0");
+    let ws = d.reuse_slot("ci").join("0");
     let stat = |p: &str| {
         let m = std::fs::metadata(ws.join(p)).unwrap();
         (m.ino(), m.mtime(), m.mtime_nsec())
@@ -342,12 +321,14 @@ const READ_ONLY: &str = r#"  - name: read-only
     run: |
       echo "ws=$HOOKCI_WORKSPACE"
       echo "files=$(ls -A | grep -vx .git | sort | tr '\n' ' ')"
-      mkdir -p ro/sub target/ro && echo x > ro/sub/f && echo y > target/ro/f
+      mkdir -p ro/sub target/ro ns && echo x > ro/sub/f && echo y > target/ro/f && echo z > ns/f
       chmod -R a-w ro target/ro
+      chmod 644 ns
 "#;
 
-/// A directory a step left without write permission wedges nothing when the daemon is
-/// not root (no override of file permissions): the next run of a reused slot is
+/// A directory a step left without write permission (or one it can no longer enter,
+/// `ns/`) wedges nothing when the daemon is not root (no override of file
+/// permissions): the next run of a reused slot is
 /// updated in place without it (a kept one stays), and a fresh workspace holding one
 /// is removed when its run ends.
 #[test]
@@ -366,19 +347,7 @@ fn read_only_directories_a_step_leaves_are_removed_by_an_unprivileged_daemon() {
         .pipeline("reuse", &reuse)
         .pipeline("fresh", &fresh)
         .start();
-    let push = |n: u32, before: &str, after: &str| -> Vec<i64> {
-        let payload = PushPayload::new(
-            REPO,
-            "refs/heads/main",
-            before,
-            after,
-            "https://example.invalid/x.git",
-        );
-        let r = d.deliver("push", &format!("ro-{n}"), &payload.bytes());
-        assert_eq!(r.status, 202, "{}", r.text());
-        let runs = r.json()["runs"].as_array().unwrap().clone();
-        runs.iter().map(|run| run["id"].as_i64().unwrap()).collect()
-    };
+    let push = |n: u32, before: &str, after: &str| push_runs(&d, &format!("ro-{n}"), before, after);
     let ended = |ids: &[i64]| -> HashMap<String, HashMap<String, String>> {
         ids.iter()
             .map(|&id| {

@@ -424,15 +424,7 @@ fn with_run_as_a_reused_workspace_is_closed_to_other_pipelines_between_its_runs(
         d.get(&format!("/api/runs/{id}/log")).text()
     };
     built(1, ZERO, &c1);
-    let slot = d
-        .state_dir()
-        .join("workspaces/reuse/ci")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let slot = d.reuse_slot("ci");
     assert!(slot.join("0/target/out").exists());
     // Closed once the run let its workspace go, a moment after its end is recorded.
     let closed = || std::fs::metadata(&slot).unwrap().permissions().mode() & 0o777 == 0o700;
@@ -524,16 +516,7 @@ fn with_run_as_a_reused_workspace_is_not_chowned_again() {
         assert_eq!(run["status"], "succeeded", "{run:#}\n{}", d.log());
     };
     run(1, ZERO, &c1);
-    let ws = d
-        .state_dir()
-        .join("workspaces/reuse/ci")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("0");
+    let ws = d.reuse_slot("ci").join("0");
     let ctime = |p: &str| {
         let m = std::fs::symlink_metadata(ws.join(p)).unwrap();
         (m.ctime(), m.ctime_nsec())
