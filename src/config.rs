@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::run::uids::UidRange;
 use crate::run::user::RunAs;
 use crate::store::postgres::PgTarget;
 use crate::yaml::{self, SourceError};
@@ -147,6 +148,9 @@ pub struct Config {
     pub github: GithubConfig,
     /// The user every step runs as; `None`: the daemon's own.
     pub run_as: Option<RunAs>,
+    /// With `run_as`: each run at once gets a uid of its own from this range, with
+    /// `run_as`'s groups (see `run::uids`).
+    pub run_as_uids: Option<UidRange>,
     /// Per run; zero: no limit.
     pub max_log_bytes: u64,
     /// Below this much free space in the state directory's file system no run starts.
@@ -182,6 +186,7 @@ const RESTART_ONLY: &[&str] = &[
     "pipelines",
     "watch_pipelines",
     "run_as",
+    "run_as_uids",
     "max_connections",
     "max_unverified_bytes",
     "max_body_bytes",
@@ -209,6 +214,7 @@ impl Config {
                 "pipelines" => !same_dir(&self.pipelines, &new.pipelines),
                 "watch_pipelines" => self.watch_pipelines != new.watch_pipelines,
                 "run_as" => self.run_as != new.run_as,
+                "run_as_uids" => self.run_as_uids != new.run_as_uids,
                 "max_connections" => self.max_connections != new.max_connections,
                 "max_unverified_bytes" => self.max_unverified_bytes != new.max_unverified_bytes,
                 "max_body_bytes" => self.max_body_bytes != new.max_body_bytes,
@@ -226,6 +232,7 @@ impl Config {
         self.pipelines.clone_from(&running.pipelines);
         self.watch_pipelines = running.watch_pipelines;
         self.run_as.clone_from(&running.run_as);
+        self.run_as_uids = running.run_as_uids;
         self.max_connections = running.max_connections;
         self.max_unverified_bytes = running.max_unverified_bytes;
         self.max_body_bytes = running.max_body_bytes;
@@ -362,6 +369,7 @@ pub struct FileConfig {
     pub retention: Option<FileRetention>,
     pub github: Option<FileGithub>,
     pub run_as: Option<String>,
+    pub run_as_uids: Option<String>,
     pub max_log_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub max_connections: Option<usize>,
@@ -705,6 +713,13 @@ impl Config {
                 ),
                 None => None,
             },
+            run_as_uids: match file.run_as_uids {
+                Some(range) => Some(
+                    UidRange::parse(&range)
+                        .map_err(|message| ConfigError::invalid("run_as_uids", message))?,
+                ),
+                None => None,
+            },
             max_log_bytes: file.max_log_bytes.unwrap_or(100 * 1024 * 1024),
             min_free_bytes: file.min_free_bytes.unwrap_or(1024 * 1024 * 1024),
             max_connections: file.max_connections.unwrap_or(1024),
@@ -765,6 +780,25 @@ impl Config {
                 "max_parallel_runs",
                 "max_parallel_runs must be at least 1",
             ));
+        }
+        if let Some(range) = &config.run_as_uids {
+            if config.run_as.is_none() {
+                return Err(ConfigError::invalid(
+                    "run_as_uids",
+                    "run_as_uids needs run_as: the user whose name and groups the steps get",
+                ));
+            }
+            if range.count() < config.max_parallel_runs {
+                return Err(ConfigError::invalid(
+                    "run_as_uids",
+                    format!(
+                        "run_as_uids holds {} uids, fewer than max_parallel_runs ({}): runs at \
+                         once would have to share one",
+                        range.count(),
+                        config.max_parallel_runs
+                    ),
+                ));
+            }
         }
         if config.retention.runs == 0 {
             return Err(ConfigError::invalid(
@@ -1218,6 +1252,7 @@ mod tests {
         assert!(running.restart_only_changes(&swapped).is_empty());
         let limits = FileConfig {
             run_as: Some("65534:65534".into()),
+            run_as_uids: Some("2000000000-2000000001".into()),
             max_connections: Some(7),
             max_body_bytes: Some(1024),
             ..FileConfig::default()
@@ -1225,16 +1260,17 @@ mod tests {
         let new = Config::build(limits, Overrides::default(), &env).unwrap();
         assert_eq!(
             running.restart_only_changes(&new),
-            ["run_as", "max_connections", "max_body_bytes"]
+            ["run_as", "run_as_uids", "max_connections", "max_body_bytes"]
         );
         let swapped = new.with_restart_only_of(&running);
         assert_eq!(
             (
                 swapped.run_as,
+                swapped.run_as_uids,
                 swapped.max_connections,
                 swapped.max_body_bytes
             ),
-            (None, running.max_connections, running.max_body_bytes)
+            (None, None, running.max_connections, running.max_body_bytes)
         );
     }
 
@@ -1288,6 +1324,22 @@ mod tests {
                 "retention.runs must be at least 1",
             ),
             ("run_as: 0:0\n".to_owned(), "1:1", "must not run as root"),
+            (
+                "run_as_uids: 2000000000-2000000003\n".to_owned(),
+                "1:1",
+                "run_as_uids needs run_as",
+            ),
+            (
+                "run_as: 64000:64000\nmax_parallel_runs: 3\nrun_as_uids: 2000000000-2000000001\n"
+                    .to_owned(),
+                "3:1",
+                "holds 2 uids, fewer than max_parallel_runs (3)",
+            ),
+            (
+                "run_as: 64000:64000\nrun_as_uids: 2000000003-2000000000\n".to_owned(),
+                "2:1",
+                "the last uid is below the first",
+            ),
             (
                 format!("\nwebhook_secret_file: {}\n", missing.display()),
                 "2:1",

@@ -137,9 +137,16 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     // Before recovery: the cgroups of crashed daemons' runs are ended on the way.
     let cgroups = Cgroups::setup();
     if let Some(who) = &config.run_as {
+        // A uid of `run_as_uids` owns no file but what runs made: what is closed to one
+        // of them is closed to all.
+        let any_uid = config.run_as_uids.map(|range| RunAs {
+            uid: range.first,
+            ..who.clone()
+        });
         let checked = can_switch(who)
             .and_then(|()| secure_state_dir(&state_dir, who))
-            .and_then(|()| check_protected(&config.protected, who));
+            .and_then(|()| check_protected(&config.protected, who))
+            .and_then(|()| any_uid.map_or(Ok(()), |u| check_protected(&config.protected, &u)));
         if let Err(e) = checked {
             cgroups.remove();
             return Err(e);

@@ -14,6 +14,7 @@ use crate::git::worker::GitWorker;
 use crate::intake::budget::BodyBudget;
 use crate::pipeline::PipelineSet;
 use crate::run::contain::Cgroups;
+use crate::run::uids::BuildUids;
 use crate::run::{scheduler, workspace, Events};
 use crate::store::Store;
 use crate::web::follow::Followers;
@@ -67,11 +68,17 @@ pub struct AppState {
     paused: Mutex<Option<String>>,
     /// `max_unverified_bytes`: what webhook bodies not yet verified may hold.
     pub unverified: BodyBudget,
+    /// `run_as_uids`: the uids runs take one each of (`run_as` and it are restart-only).
+    pub build_uids: Option<BuildUids>,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Arc<dyn Store>, pipelines: PipelineSet) -> AppState {
         let unverified = BodyBudget::new(config.max_unverified_bytes, config.max_body_bytes);
+        let build_uids = match (&config.run_as, config.run_as_uids) {
+            (Some(base), Some(range)) => Some(BuildUids::new(base.clone(), range)),
+            _ => None,
+        };
         AppState {
             git: GitWorker::new(&config.state_dir, config.github.clone_token()),
             model: watch::Sender::new(Model {
@@ -95,6 +102,7 @@ impl AppState {
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),
             unverified,
+            build_uids,
         }
     }
 

@@ -61,6 +61,7 @@ pub async fn run(
     // A trial in the foreground: its steps run as whoever runs it, in a scratch
     // directory private to that user, which another user could not even enter.
     config.run_as = None;
+    config.run_as_uids = None;
     run_in(
         config,
         pipelines.clone(),

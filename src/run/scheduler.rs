@@ -23,6 +23,7 @@ use crate::run::events::RunEvent;
 use crate::run::heartbeat::Heartbeat;
 use crate::run::mask::Masker;
 use crate::run::runner::{self, LogBudget, StepCommand, StepEnd};
+use crate::run::uids::BuildUid;
 use crate::run::user::{self, RunAs};
 use crate::run::workspace::Lease;
 use crate::state::AppState;
@@ -320,6 +321,17 @@ async fn room_to_run(state: &Arc<AppState>) -> bool {
     ok
 }
 
+/// How many runs may execute at once: `max_parallel_runs`, and no more than there are
+/// uids in `run_as_uids` (a reload may raise the one, never the other, which is
+/// restart-only).
+fn parallel_runs(state: &AppState) -> usize {
+    let wanted = state.config().max_parallel_runs;
+    state
+        .build_uids
+        .as_ref()
+        .map_or(wanted, |uids| wanted.min(uids.count()))
+}
+
 /// The run permits, resized when a reload changes `max_parallel_runs`. Shrinking
 /// never stops a running run: permits in use are forgotten as their runs return them.
 struct Permits {
@@ -369,7 +381,7 @@ impl Permits {
 /// loop keeps the service manager's watchdog fed and its status line current, so a
 /// scheduler that hangs gets the service restarted.
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let mut permits = Permits::new(state.config().max_parallel_runs);
+    let mut permits = Permits::new(parallel_runs(&state));
     let mut model = state.model_changes();
     let mut heartbeat = Heartbeat::new();
     let mut tasks = JoinSet::new();
@@ -378,7 +390,7 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         if *stop.borrow() {
             break;
         }
-        permits.resize(state.config().max_parallel_runs);
+        permits.resize(parallel_runs(&state));
         let permit = tokio::select! {
             p = permits.acquire() => match p { Some(p) => p, None => break },
             _ = stop.changed() => break,
@@ -562,12 +574,22 @@ async fn execute(
     let lease = workspace_of(&state, &run, pipeline.as_deref());
     let workspace = lease.path.clone();
     let contain = state.cgroups.for_run(run.id);
-    let ending = match pipeline {
-        None => Ending {
+    // Held until every process of the run is gone, as the workspace is.
+    let uid = take_uid(&state, &lease);
+    let who = match &uid {
+        Ok(Some(held)) => Some(held.user().clone()),
+        _ => config.run_as.clone(),
+    };
+    let ending = match (pipeline, &uid) {
+        (_, Err(reason)) => Ending {
+            status: RunStatus::Failed,
+            reason: Some(reason.clone()),
+        },
+        (None, _) => Ending {
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
         },
-        Some(pipeline) => match secrets_of(&config, &pipeline) {
+        (Some(pipeline), Ok(_)) => match secrets_of(&config, &pipeline) {
             Err(reason) => Ending {
                 status: RunStatus::Failed,
                 reason: Some(reason),
@@ -578,7 +600,7 @@ async fn execute(
                     reason: Some(skip),
                 },
                 Ok(Prepared::Ready(phases)) => {
-                    match hand_over(&state, &config, run.id, &lease).await {
+                    match hand_over(&state, who.as_ref(), run.id, &lease).await {
                         Err(reason) => Ending {
                             status: RunStatus::Failed,
                             reason: Some(reason),
@@ -586,6 +608,7 @@ async fn execute(
                         Ok(()) => {
                             let ctx = StepsContext {
                                 workspace: &workspace,
+                                run_as: who.as_ref(),
                                 phases,
                                 secrets: &secrets,
                                 control: &control,
@@ -626,8 +649,10 @@ async fn execute(
     if let Ok(Err(e)) = removed {
         tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
     }
-    // Held until every process of the run is gone: the next run of the slot may start.
+    // Held until every process of the run is gone: the next run of the slot may start,
+    // and another run may take the uid.
     drop(lease);
+    drop(uid);
     // Not while the daemon stops: the stop waits for this task, and the next start
     // prunes anyway.
     if !*state.stopping().borrow() {
@@ -787,11 +812,11 @@ fn remove_dir(path: &Path) -> std::io::Result<()> {
 /// changed after this moment was changed by a step (`git::checkout::handed_stamp`).
 async fn hand_over(
     state: &Arc<AppState>,
-    config: &Config,
+    who: Option<&RunAs>,
     run: i64,
     workspace: &Lease,
 ) -> Result<(), String> {
-    if let Err(reason) = give_away(state, config, run, workspace).await {
+    if let Err(reason) = give_away(state, who, run, workspace).await {
         if !workspace.is_fresh() {
             // Given in part, or not at all: the next run of the slot starts from a
             // fresh checkout instead of failing on the same tree again.
@@ -827,17 +852,18 @@ async fn hand_over(
     .map_err(|e| e.to_string())?
 }
 
-/// With `run_as`: gives the checkout to that user and makes the run's `HOME`, owned by
-/// it. The folders above them let it through but not look (see `daemon`). A reused
-/// workspace's `.git` stays the daemon's: the daemon updates that workspace again, and
-/// a step must not be able to point that update anywhere else.
+/// With `run_as`: gives the checkout to the run's user and makes the run's `HOME`,
+/// owned by it; both closed to everyone else (0700), which keeps them from the runs of
+/// the other uids of `run_as_uids`. The folders above them let it through but not look
+/// (see `daemon`). A reused workspace's `.git` stays the daemon's: the daemon updates
+/// that workspace again, and a step must not be able to point that update anywhere else.
 async fn give_away(
     state: &Arc<AppState>,
-    config: &Config,
+    who: Option<&RunAs>,
     run: i64,
     workspace: &Lease,
 ) -> Result<(), String> {
-    let Some(who) = config.run_as.clone() else {
+    let Some(who) = who.cloned() else {
         return Ok(());
     };
     let (reused, workspace, home) = (
@@ -846,12 +872,14 @@ async fn give_away(
         state.home(run),
     );
     let done = tokio::task::spawn_blocking(move || {
-        let given = if reused {
-            user::chown_work_tree(&workspace, &who)
-        } else {
-            user::chown_tree(&workspace, &who)
+        let give = || {
+            if reused {
+                user::chown_work_tree(&workspace, &who)
+            } else {
+                user::chown_tree(&workspace, &who)
+            }
         };
-        given.map_err(|e| {
+        private(&workspace).and_then(|()| give()).map_err(|e| {
             format!(
                 "cannot give the workspace {} to run_as user {}: {e}",
                 workspace.display(),
@@ -866,6 +894,7 @@ async fn give_away(
                     Ok(())
                 }
             })
+            .and_then(|()| private(&home))
             .and_then(|()| user::chown_tree(&home, &who))
             .map_err(|e| {
                 format!(
@@ -877,6 +906,39 @@ async fn give_away(
     })
     .await;
     done.map_err(|e| e.to_string())?
+}
+
+/// Closes a directory about to be given to the run's user to everyone but its owner,
+/// while it is still hookci's (changing the mode of another's file takes more than the
+/// capabilities `run_as` needs). A reused workspace given before was closed then.
+fn private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if std::fs::symlink_metadata(dir)?.uid() != me {
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// With `run_as_uids`: the uid `run` takes for as long as a process of it may live,
+/// the one its reused workspace belongs to if that is free (then the workspace need not
+/// be given away again). `Ok(None)` without `run_as_uids`.
+fn take_uid(state: &AppState, workspace: &Lease) -> Result<Option<BuildUid>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(uids) = &state.build_uids else {
+        return Ok(None);
+    };
+    let owner = (!workspace.is_fresh())
+        .then(|| std::fs::symlink_metadata(&workspace.path).ok())
+        .flatten()
+        .map(|meta| meta.uid());
+    uids.take(owner).map(Some).ok_or_else(|| {
+        format!(
+            "every uid of run_as_uids ({}) is held by a running run",
+            uids.count()
+        )
+    })
 }
 
 /// Lets git in the steps read a reused workspace whose `.git` is hookci's, not theirs:
@@ -1104,6 +1166,8 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// What the steps of one run share.
 struct StepsContext<'a> {
     workspace: &'a Path,
+    /// The user the steps run as: `run_as`, or the uid the run took of `run_as_uids`.
+    run_as: Option<&'a RunAs>,
     /// How long the fetch and checkout took, recorded with the first step's start.
     phases: Phases,
     secrets: &'a [(String, Secret)],
@@ -1121,6 +1185,7 @@ async fn run_steps(
 ) -> Ending {
     let StepsContext {
         workspace,
+        run_as,
         phases,
         secrets,
         control,
@@ -1129,7 +1194,6 @@ async fn run_steps(
     let mask = Masker::new(secrets.iter().map(|(_, v)| v.expose()));
     let budget = Arc::new(LogBudget::new(config.max_log_bytes));
     let home = state.home(run.id);
-    let run_as = config.run_as.as_ref();
     // A timeout too large for the clock to represent is no limit at all.
     let deadline = pipeline.timeout.and_then(|t| Instant::now().checked_add(t));
     let halt = control.halt.subscribe();

@@ -534,3 +534,145 @@ fn with_run_as_a_reused_workspace_is_not_chowned_again() {
     let config = std::fs::read_to_string(ws.join(".git/config")).unwrap();
     assert!(config.contains("trustctime = false"), "{config}");
 }
+
+/// The uids [`TEST_USER`]'s runs take with `run_as_uids` in the tests below: no account
+/// has them.
+const FIRST_UID: u32 = 2_000_000_000;
+
+/// With `run_as_uids`, two runs at once run with uids of their own: a step of one cannot
+/// read the environment of the other's step (its pipeline's secret), signal it, or look
+/// into its workspace or `HOME`, which it could all do as the one `run_as` user.
+#[test]
+fn with_run_as_uids_runs_at_once_cannot_reach_each_others_secrets_processes_or_files() {
+    let (_, gid) = test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c_alpha = origin.commit("alpha", &[("a", "alpha's file")], "alpha");
+    let c_beta = origin.commit("beta", &[("a", "beta's file")], "beta");
+    let meet = b.path().join("meet");
+    std::fs::create_dir(&meet).unwrap();
+    chmod(&meet, 0o1777);
+    let m = meet.display();
+    let wait_for = |file: &str| {
+        format!(
+            "n=0; while [ ! -e {m}/{file} ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done\n\
+             [ -e {m}/{file} ] || {{ echo never-came-{file}; touch {m}/beta.done; exit 1; }}\n"
+        )
+    };
+    let alpha = format!(
+        "echo \"uid=$(id -u) gid=$(id -g)\"\n\
+         echo $$ > {m}/alpha.pid; pwd > {m}/alpha.ws; echo \"$HOME\" > {m}/alpha.home\n\
+         touch \"$HOME/mine\" {m}/alpha.ready\n{}",
+        wait_for("beta.done")
+    );
+    let beta = format!(
+        "{}echo \"uid=$(id -u) gid=$(id -g)\"\n\
+         pid=$(cat {m}/alpha.pid)\n\
+         if tr '\\0' '\\n' < /proc/$pid/environ 2>/dev/null | grep -q ALPHA_TOKEN; then echo GOT-environ; fi\n\
+         if kill -0 $pid 2>/dev/null; then echo GOT-signal; fi\n\
+         if ls \"$(cat {m}/alpha.ws)\" >/dev/null 2>&1; then echo GOT-workspace; fi\n\
+         if cat \"$(cat {m}/alpha.ws)/a\" >/dev/null 2>&1; then echo GOT-file; fi\n\
+         if ls \"$(cat {m}/alpha.home)\" >/dev/null 2>&1; then echo GOT-home; fi\n\
+         if tr '\\0' '\\n' < /proc/$$/environ | grep -q BETA_TOKEN; then echo own-environ-readable; fi\n\
+         touch {m}/beta.done",
+        wait_for("alpha.ready")
+    );
+    let b = b
+        .pipeline(
+            "alpha",
+            &pipeline(
+                &origin,
+                "on:\n  branches: [alpha]\nsecrets: [ALPHA_TOKEN]\n",
+                &[step("alpha", &alpha)],
+            ),
+        )
+        .pipeline(
+            "beta",
+            &pipeline(
+                &origin,
+                "on:\n  branches: [beta]\nsecrets: [BETA_TOKEN]\n",
+                &[step("beta", &beta)],
+            ),
+        )
+        .config(&format!("run_as: {TEST_USER}"))
+        .config(&format!("run_as_uids: {FIRST_UID}-{}", FIRST_UID + 1))
+        .config("max_parallel_runs: 2")
+        .env("HOOKCI_SECRET_ALPHA_TOKEN", "alpha-token-5e0b2d")
+        .env("HOOKCI_SECRET_BETA_TOKEN", "beta-token-77a9c4");
+    chmod(b.path(), 0o711);
+    b.write_config();
+    for path in ["secret", "hookci.yml"] {
+        chmod(&b.path().join(path), 0o600);
+    }
+    let d = b.start();
+    let a = push(&d, "uids-alpha", "refs/heads/alpha", ZERO, &c_alpha);
+    let b = push(&d, "uids-beta", "refs/heads/beta", ZERO, &c_beta);
+    let (run_a, run_b) = (d.wait_run(a), d.wait_run(b));
+    let (log_a, log_b) = (d.run_log(a), d.run_log(b));
+    assert_eq!(run_a["status"], "succeeded", "{run_a:#}\n{log_a}");
+    assert_eq!(run_b["status"], "succeeded", "{run_b:#}\n{log_b}");
+    let uid_of = |log: &str| -> u32 {
+        let line = log.lines().find(|l| l.starts_with("uid=")).unwrap();
+        assert!(line.ends_with(&format!(" gid={gid}")), "{line}");
+        line["uid=".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (uid_a, uid_b) = (uid_of(&log_a), uid_of(&log_b));
+    assert_ne!(uid_a, uid_b, "two runs at once shared a uid");
+    for uid in [uid_a, uid_b] {
+        assert!((FIRST_UID..=FIRST_UID + 1).contains(&uid), "{uid}");
+    }
+    assert!(log_b.contains("own-environ-readable"), "{log_b}");
+    assert!(!log_b.contains("GOT-"), "beta reached alpha: {log_b}");
+}
+
+/// A reused workspace's next run gets the uid its last run had, free the longest or
+/// not, so its files are not given away again.
+#[test]
+fn with_run_as_uids_a_reused_workspace_keeps_its_uid_from_run_to_run() {
+    use std::os::unix::fs::MetadataExt;
+    test_user();
+    let b = Builder::new();
+    let origin = Origin::new(b.path());
+    let c1 = origin.commit("main", &[("a", "1")], "one");
+    let script = "echo \"uid=$(id -u)\"\nmkdir -p target && { [ -e target/kept ] || echo once > target/kept; }";
+    let b = b.config(&format!("run_as_uids: {FIRST_UID}-{}", FIRST_UID + 2));
+    let d = reusing_as_test_user(
+        b,
+        &origin,
+        "workspace: reuse\nkeep: [\"target/\"]\n",
+        step("build", script),
+    );
+    let run = |n: u32, before: &str, after: &str| {
+        let id = push(&d, &format!("uid-{n}"), "refs/heads/main", before, after);
+        let run = d.wait_run(id);
+        let log = d.run_log(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{log}");
+        log.lines()
+            .find(|l| l.starts_with("uid="))
+            .unwrap()
+            .to_owned()
+    };
+    let first = run(1, ZERO, &c1);
+    assert_eq!(first, format!("uid={FIRST_UID}"));
+    let kept = d.reuse_slot("ci").join("0/target/kept");
+    let meta = std::fs::symlink_metadata(&kept).unwrap();
+    assert_eq!(meta.uid(), FIRST_UID);
+    let ctime = (meta.ctime(), meta.ctime_nsec());
+    let c2 = origin.commit("main", &[("a", "2")], "two");
+    assert_eq!(
+        run(2, &c1, &c2),
+        first,
+        "the workspace's uid was not given again"
+    );
+    let meta = std::fs::symlink_metadata(&kept).unwrap();
+    assert_eq!(
+        (meta.ctime(), meta.ctime_nsec()),
+        ctime,
+        "the kept file was given away again"
+    );
+}
