@@ -788,6 +788,15 @@ impl Config {
                     "run_as_uids needs run_as: the user whose name and groups the steps get",
                 ));
             }
+            if let Some(who) = config.run_as.as_ref().filter(|w| range.holds(w.uid)) {
+                return Err(ConfigError::invalid(
+                    "run_as_uids",
+                    format!(
+                        "run_as_uids holds uid {}, run_as's own: its runs would share it",
+                        who.uid
+                    ),
+                ));
+            }
             if range.count() < config.max_parallel_runs {
                 return Err(ConfigError::invalid(
                     "run_as_uids",
@@ -1334,6 +1343,11 @@ mod tests {
                     .to_owned(),
                 "3:1",
                 "holds 2 uids, fewer than max_parallel_runs (3)",
+            ),
+            (
+                "run_as: 2000000001:64000\nrun_as_uids: 2000000000-2000000003\n".to_owned(),
+                "2:1",
+                "holds uid 2000000001, run_as's own",
             ),
             (
                 "run_as: 64000:64000\nrun_as_uids: 2000000003-2000000000\n".to_owned(),

@@ -146,7 +146,12 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
         let checked = can_switch(who)
             .and_then(|()| secure_state_dir(&state_dir, who))
             .and_then(|()| check_protected(&config.protected, who))
-            .and_then(|()| any_uid.map_or(Ok(()), |u| check_protected(&config.protected, &u)));
+            .and_then(|()| {
+                any_uid.map_or(Ok(()), |u| {
+                    reachable_state_dir(&state_dir, &u)
+                        .and_then(|()| check_protected(&config.protected, &u))
+                })
+            });
         if let Err(e) = checked {
             cgroups.remove();
             return Err(e);
@@ -169,6 +174,11 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     // workspaces, must not outlast.
     store.interrupt_running()?;
     runner::kill_leftovers(&state_dir.join("workspaces"));
+    if let Some(range) = config.run_as_uids {
+        // What escaped both (no cgroup held it, and it left the tree) is still its
+        // uid's: no process of a uid outlives the daemon that gave it out.
+        crate::run::uids::end_leftovers(range);
+    }
     let recovered = store.requeue_interrupted()?;
     // Reused workspaces stay (that is their point), closed to the steps' user until a
     // run is handed one. A workspace an update was cut short in is replaced by the next
@@ -276,6 +286,11 @@ fn secure_state_dir(state_dir: &Path, who: &RunAs) -> Result<(), DaemonError> {
             )?;
         }
     }
+    reachable_state_dir(state_dir, who)
+}
+
+/// With `run_as`: `who` can reach its workspaces and nothing else of the state directory.
+fn reachable_state_dir(state_dir: &Path, who: &RunAs) -> Result<(), DaemonError> {
     if who.can_read(&state_dir.join("workspaces")).is_none() {
         return Err(DaemonError::RunAs(format!(
             "{} cannot reach its workspaces in {}: a folder above it keeps it out (it needs \

@@ -649,10 +649,15 @@ async fn execute(
     if let Ok(Err(e)) = removed {
         tracing::warn!(workspace = %workspace.display(), error = %e, "cannot remove workspace");
     }
-    // Held until every process of the run is gone: the next run of the slot may start,
-    // and another run may take the uid.
+    // Held until every process of the run is gone: another run may take the uid (once
+    // nothing of it is left, which its drop makes sure of), and the next run of the
+    // slot may start, and find the uid its workspace belongs to free.
+    if let Ok(Some(held)) = uid {
+        if let Err(e) = tokio::task::spawn_blocking(move || drop(held)).await {
+            tracing::error!(error = %e, "cannot give the run's uid back");
+        }
+    }
     drop(lease);
-    drop(uid);
     // Not while the daemon stops: the stop waits for this task, and the next start
     // prunes anyway.
     if !*state.stopping().borrow() {
@@ -886,7 +891,9 @@ async fn give_away(
                 who.name
             )
         })?;
-        std::fs::create_dir_all(&home)
+        home.parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| closed_dir(&home))
             .and_then(|()| {
                 if reused {
                     trust_work_tree(&home, &workspace)
@@ -894,7 +901,6 @@ async fn give_away(
                     Ok(())
                 }
             })
-            .and_then(|()| private(&home))
             .and_then(|()| user::chown_tree(&home, &who))
             .map_err(|e| {
                 format!(
@@ -908,17 +914,32 @@ async fn give_away(
     done.map_err(|e| e.to_string())?
 }
 
-/// Closes a directory about to be given to the run's user to everyone but its owner,
-/// while it is still hookci's (changing the mode of another's file takes more than the
-/// capabilities `run_as` needs). A reused workspace given before was closed then.
+/// Closes a directory about to be given to the run's user to everyone but its owner.
+/// Its mode is changed while it is hookci's (changing the mode of another's file takes
+/// more than the capabilities `run_as` needs): a reused workspace of an earlier run's
+/// user that is open to others (a step opened it, or it predates `run_as_uids`) is
+/// taken back first, and given away again with the rest.
 fn private(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    // SAFETY: geteuid cannot fail and touches no memory.
-    let me = unsafe { libc::geteuid() };
-    if std::fs::symlink_metadata(dir)?.uid() != me {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.mode() & 0o077 == 0 {
         return Ok(());
     }
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if meta.uid() != me {
+        std::os::unix::fs::lchown(dir, Some(me), Some(my_group))?;
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Makes a run's `HOME`, closed to everyone but hookci until it is given away.
+fn closed_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => private(dir),
+        done => done,
+    }
 }
 
 /// With `run_as_uids`: the uid `run` takes for as long as a process of it may live,

@@ -536,8 +536,10 @@ fn with_run_as_a_reused_workspace_is_not_chowned_again() {
 }
 
 /// The uids [`TEST_USER`]'s runs take with `run_as_uids` in the tests below: no account
-/// has them.
+/// has them. Each test has a range of its own (a daemon ends every process of its
+/// range's uids as their runs give them back, and tests run side by side).
 const FIRST_UID: u32 = 2_000_000_000;
+const REUSE_FIRST_UID: u32 = 2_000_000_010;
 
 /// With `run_as_uids`, two runs at once run with uids of their own: a step of one cannot
 /// read the environment of the other's step (its pipeline's secret), signal it, or look
@@ -631,7 +633,8 @@ fn with_run_as_uids_runs_at_once_cannot_reach_each_others_secrets_processes_or_f
 }
 
 /// A reused workspace's next run gets the uid its last run had, free the longest or
-/// not, so its files are not given away again.
+/// not, so its files are not given away again; and the workspace, which a step had
+/// opened to everyone, is closed again before the next run's steps get it.
 #[test]
 fn with_run_as_uids_a_reused_workspace_keeps_its_uid_from_run_to_run() {
     use std::os::unix::fs::MetadataExt;
@@ -639,8 +642,16 @@ fn with_run_as_uids_a_reused_workspace_keeps_its_uid_from_run_to_run() {
     let b = Builder::new();
     let origin = Origin::new(b.path());
     let c1 = origin.commit("main", &[("a", "1")], "one");
-    let script = "echo \"uid=$(id -u)\"\nmkdir -p target && { [ -e target/kept ] || echo once > target/kept; }";
-    let b = b.config(&format!("run_as_uids: {FIRST_UID}-{}", FIRST_UID + 2));
+    let script = "echo \"uid=$(id -u)\"\necho \"modes=$(stat -c %a . \"$HOME\" | tr '\\n' ' ')\"\n\
+                  mkdir -p target && { [ -e target/kept ] || echo once > target/kept; }\n\
+                  chmod 755 .";
+    // One run at a time: the second starts once the first has given its uid back.
+    let b = b
+        .config(&format!(
+            "run_as_uids: {REUSE_FIRST_UID}-{}",
+            REUSE_FIRST_UID + 2
+        ))
+        .config("max_parallel_runs: 1");
     let d = reusing_as_test_user(
         b,
         &origin,
@@ -652,16 +663,18 @@ fn with_run_as_uids_a_reused_workspace_keeps_its_uid_from_run_to_run() {
         let run = d.wait_run(id);
         let log = d.run_log(id);
         assert_eq!(run["status"], "succeeded", "{run:#}\n{log}");
+        let modes = log.lines().find(|l| l.starts_with("modes=")).unwrap();
+        assert_eq!(modes.trim(), "modes=700 700", "{log}");
         log.lines()
             .find(|l| l.starts_with("uid="))
             .unwrap()
             .to_owned()
     };
     let first = run(1, ZERO, &c1);
-    assert_eq!(first, format!("uid={FIRST_UID}"));
+    assert_eq!(first, format!("uid={REUSE_FIRST_UID}"));
     let kept = d.reuse_slot("ci").join("0/target/kept");
     let meta = std::fs::symlink_metadata(&kept).unwrap();
-    assert_eq!(meta.uid(), FIRST_UID);
+    assert_eq!(meta.uid(), REUSE_FIRST_UID);
     let ctime = (meta.ctime(), meta.ctime_nsec());
     let c2 = origin.commit("main", &[("a", "2")], "two");
     assert_eq!(
