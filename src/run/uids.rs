@@ -468,11 +468,16 @@ mod tests {
 
     #[test]
     fn runs_at_once_hold_distinct_uids_and_a_freed_one_goes_last() {
-        let uids = BuildUids::new(base(), range(100, 102));
+        // No account's: a uid given back has its processes ended.
+        const U: u32 = 2_000_000_200;
+        let uids = BuildUids::new(base(), range(U, U + 2));
         let a = uids.take(None).unwrap();
         let b = uids.take(None).unwrap();
         let c = uids.take(None).unwrap();
-        assert_eq!([a.user().uid, b.user().uid, c.user().uid], [100, 101, 102]);
+        assert_eq!(
+            [a.user().uid, b.user().uid, c.user().uid],
+            [U, U + 1, U + 2]
+        );
         assert!(uids.take(None).is_none(), "every uid is held");
         assert_eq!(
             (a.user().gid, a.user().name.as_str()),
@@ -480,14 +485,14 @@ mod tests {
         );
         drop(b);
         drop(a);
-        // 101 has been free the longest; 100 is kept for whoever asks for it.
+        // U + 1 has been free the longest; U is kept for whoever asks for it.
         let next = uids.take(None).unwrap();
-        assert_eq!(next.user().uid, 101);
-        let asked = uids.take(Some(100)).unwrap();
-        assert_eq!(asked.user().uid, 100);
+        assert_eq!(next.user().uid, U + 1);
+        let asked = uids.take(Some(U)).unwrap();
+        assert_eq!(asked.user().uid, U);
         drop(next);
         // A uid another run holds, or one not of the range, is not given: a free one is.
-        assert_eq!(uids.take(Some(102)).unwrap().user().uid, 101);
-        assert_eq!(uids.take(Some(7)).unwrap().user().uid, 101);
+        assert_eq!(uids.take(Some(U + 2)).unwrap().user().uid, U + 1);
+        assert_eq!(uids.take(Some(7)).unwrap().user().uid, U + 1);
     }
 }
