@@ -174,11 +174,6 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
     // workspaces, must not outlast.
     store.interrupt_running()?;
     runner::kill_leftovers(&state_dir.join("workspaces"));
-    if let Some(range) = config.run_as_uids {
-        // What escaped both (no cgroup held it, and it left the tree) is still its
-        // uid's: no process of a uid outlives the daemon that gave it out.
-        crate::run::uids::end_leftovers(range);
-    }
     let recovered = store.requeue_interrupted()?;
     // Reused workspaces stay (that is their point), closed to the steps' user until a
     // run is handed one. A workspace an update was cut short in is replaced by the next

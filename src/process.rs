@@ -69,14 +69,13 @@ pub fn spawn_tracked(
     Ok((child, Tracked(pid)))
 }
 
-/// Forks this process (a test's child that runs async-signal-safe code only, then
-/// `_exit`s) and tracks the child, under the registry's lock as [`spawn_tracked`] does.
-/// The child gets `None`.
+/// Forks this process (a child that runs async-signal-safe code only, then `_exit`s)
+/// and tracks the child, under the registry's lock as [`spawn_tracked`] does. The
+/// child gets `None`.
 ///
 /// # Safety
-/// In the child, only async-signal-safe calls may follow: the test binary's other
-/// threads, and the locks they held, are not in the copy.
-#[cfg(test)]
+/// In the child, only async-signal-safe calls may follow: the other threads, and the
+/// locks they held (this registry's among them), are not in the copy.
 pub(crate) unsafe fn fork_tracked() -> std::io::Result<Option<(i32, Tracked)>> {
     let mut set = tracked();
     // SAFETY: the caller keeps to async-signal-safe calls in the child.

@@ -463,6 +463,12 @@ fn handed_at(dest: &Path) -> Option<(i64, i64)> {
     (at <= (meta.ctime(), meta.ctime_nsec())).then_some(at)
 }
 
+/// The file beside a reused workspace that names the uid of `run_as_uids` its last run
+/// had: the next run asks for that uid, whose files the workspace's are.
+pub fn uid_stamp(dest: &Path) -> PathBuf {
+    beside(dest, ".uid")
+}
+
 fn beside(dest: &Path, suffix: &str) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
     name.push(suffix);

@@ -575,16 +575,13 @@ async fn execute(
     let workspace = lease.path.clone();
     let contain = state.cgroups.for_run(run.id);
     // Held until every process of the run is gone, as the workspace is.
-    let uid = take_uid(&state, &lease);
+    let uid = take_uid(&state, &lease, &stop).await;
     let who = match &uid {
         Ok(Some(held)) => Some(held.user().clone()),
         _ => config.run_as.clone(),
     };
     let ending = match (pipeline, &uid) {
-        (_, Err(reason)) => Ending {
-            status: RunStatus::Failed,
-            reason: Some(reason.clone()),
-        },
+        (_, Err(())) => stopped(&control, "waiting for a uid of run_as_uids"),
         (None, _) => Ending {
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
@@ -653,8 +650,19 @@ async fn execute(
     // nothing of it is left, which its drop makes sure of), and the next run of the
     // slot may start, and find the uid its workspace belongs to free.
     if let Ok(Some(held)) = uid {
-        if let Err(e) = tokio::task::spawn_blocking(move || drop(held)).await {
-            tracing::error!(error = %e, "cannot give the run's uid back");
+        let reused = (!lease.is_fresh()).then(|| workspace.clone());
+        let given = tokio::task::spawn_blocking(move || {
+            let taken = reused.map(|ws| take_back(&ws, held.user().uid).map_err(|e| (ws, e)));
+            drop(held);
+            taken
+        })
+        .await;
+        match given {
+            Err(e) => tracing::error!(error = %e, "cannot give the run's uid back"),
+            Ok(Some(Err((ws, e)))) => {
+                tracing::warn!(workspace = %ws.display(), error = %e, "cannot take the reused workspace back from the run's uid")
+            }
+            Ok(_) => {}
         }
     }
     drop(lease);
@@ -942,24 +950,61 @@ fn closed_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// With `run_as_uids`: the uid `run` takes for as long as a process of it may live,
+/// With `run_as_uids`: the uid a run takes for as long as a process of it may live,
 /// the one its reused workspace belongs to if that is free (then the workspace need not
-/// be given away again). `Ok(None)` without `run_as_uids`.
-fn take_uid(state: &AppState, workspace: &Lease) -> Result<Option<BuildUid>, String> {
-    use std::os::unix::fs::MetadataExt;
+/// be given away again). `Ok(None)` without `run_as_uids`. Each uid is held by one run,
+/// and there are no fewer than runs at once, but a uid kept out (see `run::uids`) can
+/// leave a run waiting here for one; `Err` when the run was stopped meanwhile.
+async fn take_uid(
+    state: &AppState,
+    workspace: &Lease,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<BuildUid>, ()> {
     let Some(uids) = &state.build_uids else {
         return Ok(None);
     };
-    let owner = (!workspace.is_fresh())
-        .then(|| std::fs::symlink_metadata(&workspace.path).ok())
-        .flatten()
-        .map(|meta| meta.uid());
-    uids.take(owner).map(Some).ok_or_else(|| {
-        format!(
-            "every uid of run_as_uids ({}) is held by a running run",
-            uids.count()
-        )
-    })
+    let last = (!workspace.is_fresh())
+        .then(|| {
+            let stamp = crate::git::checkout::uid_stamp(&workspace.path);
+            std::fs::read_to_string(stamp)
+                .ok()?
+                .trim()
+                .parse::<u32>()
+                .ok()
+        })
+        .flatten();
+    let mut told = false;
+    loop {
+        if let Some(held) = uids.take(last) {
+            return Ok(Some(held));
+        }
+        if !told {
+            tracing::warn!("waiting for a uid of run_as_uids: each is held by a run or kept out");
+            told = true;
+        }
+        if *stop.borrow() {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// At the end of a run of a reused workspace with `run_as_uids`: the workspace's top
+/// folder goes back to hookci (0700), so that no run that takes its uid next can enter
+/// it while the slot's folder lets another run of the pipeline through; the uid is
+/// written beside it for the slot's next run to ask for. The files inside stay the
+/// uid's, and the next hand-over gives the folder back.
+fn take_back(workspace: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
+    std::os::unix::fs::lchown(workspace, Some(me), Some(my_group))?;
+    // Its owner now, hookci may change its mode: a step may have opened it.
+    std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::write(
+        crate::git::checkout::uid_stamp(workspace),
+        format!("{uid}\n"),
+    )
 }
 
 /// Lets git in the steps read a reused workspace whose `.git` is hookci's, not theirs:

@@ -5,10 +5,10 @@
 //! keeps it until its last process is gone, and its steps run with that uid and
 //! `run_as`'s groups; the uids need no account, and the range must hold none.
 //!
-//! A uid goes back to the range only once no process of it is left: its run's cgroup
-//! or sweep ends what the run started, and then a process that takes the uid signals
-//! everything else of it (`end_all_of`); a uid something of which survives even that
-//! is kept out until the next start, which ends every process of the range first.
+//! A uid goes back to the range only once no process of it can run on: its run's
+//! cgroup or sweep ends what the run started, and then a process that takes the uid
+//! SIGKILLs everything else of it (`end_all_of`); a uid that could not be swept so is
+//! kept out, and tried again later. The range is swept so when the daemon starts.
 //!
 //! A reused workspace belongs to the uid its last run had, and asks for it again: it
 //! is then not given away anew (every file of a big tree, a `target/` included). A run
@@ -146,13 +146,19 @@ pub struct BuildUids {
 }
 
 impl BuildUids {
-    /// Steps get `base`'s name (as `USER`) and groups, and a uid of `range`.
+    /// Steps get `base`'s name (as `USER`) and groups, and a uid of `range`. Every
+    /// process of the range's uids is ended first (a crash's leftovers, where no
+    /// cgroup held them): a uid only joins the free ones once nothing of it lives.
     pub fn new(base: RunAs, range: UidRange) -> BuildUids {
-        BuildUids {
+        let uids = BuildUids {
             base,
             range,
-            free: Arc::new(Mutex::new((range.first..=range.last).collect())),
+            free: Arc::new(Mutex::new(VecDeque::new())),
+        };
+        for uid in range.first..=range.last {
+            give_back(uid, Arc::clone(&uids.free));
         }
+        uids
     }
 
     /// How many runs can hold a uid at once.
@@ -168,7 +174,7 @@ impl BuildUids {
     }
 
     /// A uid for a run: `prefer` if it is of the range and free, else the one free the
-    /// longest; `None` when every uid is held.
+    /// longest; `None` while every uid is held (or kept out, see [`give_back`]).
     pub fn take(&self, prefer: Option<u32>) -> Option<BuildUid> {
         let mut free = lock(&self.free);
         let at = prefer
@@ -186,8 +192,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A uid held by one run; free again when dropped, which is once the run's last
-/// process is gone.
+/// A uid held by one run; given back when dropped, which is once the run's cgroup or
+/// sweep has ended what it started.
 #[derive(Debug)]
 pub struct BuildUid {
     user: RunAs,
@@ -201,124 +207,105 @@ impl BuildUid {
 }
 
 impl Drop for BuildUid {
-    /// Blocks for as long as ending the uid's processes takes (a fork, a signal and a
-    /// look at `/proc`; longer only when something of it survives).
+    /// Blocks for as long as ending the uid's processes takes: a fork and a signal,
+    /// when the run left nothing.
     fn drop(&mut self) {
-        let uid = self.user.uid;
-        if end_all_of(uid) {
-            lock(&self.free).push_back(uid);
-        } else {
-            tracing::error!(
-                uid,
-                "a process of this run_as_uids uid survived its run and a SIGKILL: the uid is kept out of the range until hookci starts again"
-            );
-        }
+        give_back(self.user.uid, Arc::clone(&self.free));
     }
 }
 
-/// At start, before any run: ends every process of a uid of `range` (a crash's
-/// leftovers, where no cgroup held them).
-pub fn end_leftovers(range: UidRange) {
-    for uid in holders(|u| range.holds(u)) {
-        tracing::warn!(uid, "ending the processes a run of run_as_uids left");
-        if !end_all_of(uid) {
-            // Only a process inside a system call outlives SIGKILL, until it returns.
-            tracing::error!(
-                uid,
-                "a process of this run_as_uids uid has not ended yet on SIGKILL"
-            );
+/// Ends every process of `uid` and puts it among the free ones, last. A uid whose
+/// processes could not be signalled (no fork was possible, say) is kept out, and tried
+/// again from a thread of its own, at growing intervals, until they are.
+fn give_back(uid: u32, free: Arc<Mutex<VecDeque<u32>>>) {
+    let why = match end_all_of(uid) {
+        Ok(()) => {
+            lock(&free).push_back(uid);
+            return;
         }
-    }
-}
-
-/// Ends every process of `uid` and says whether none is left (zombies, which hold
-/// nothing, aside). A child of the daemon takes the uid, gives up every capability and
-/// signals all it may, which is exactly the uid's processes (`kill(-1)`): a process
-/// forking meanwhile cannot slip between a look and a kill, as the kernel signals them
-/// all at once.
-fn end_all_of(uid: u32) -> bool {
-    for _ in 0..3 {
-        if let Err(e) = kill_as(uid) {
-            tracing::error!(uid, error = %e, "cannot end the processes of a run_as_uids uid");
-            return false;
-        }
-        if holders(|u| u == uid).is_empty() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    false
-}
-
-/// The uids (real, effective or saved) that `wanted` picks and that a live process
-/// (not a zombie) has, from `/proc`.
-fn holders(wanted: impl Fn(u32) -> bool) -> Vec<u32> {
-    let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
+        Err(why) => why,
     };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        if !name
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        {
-            continue;
-        }
-        // Gone meanwhile: nothing to end.
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let zombie = status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains('Z'));
-        let uids = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|l| {
-                l.split_whitespace()
-                    .take(3)
-                    .filter_map(|v| v.parse::<u32>().ok())
-            });
-        for uid in uids.into_iter().flatten() {
-            if !zombie && wanted(uid) && !found.contains(&uid) {
-                found.push(uid);
+    tracing::error!(uid, error = %why, "a uid of run_as_uids is kept out until nothing of it is left");
+    let retried = std::thread::Builder::new()
+        .name("hookci-uid".into())
+        .spawn(move || {
+            let mut pause = std::time::Duration::from_secs(1);
+            loop {
+                std::thread::sleep(pause);
+                match end_all_of(uid) {
+                    Ok(()) => {
+                        tracing::info!(uid, "a uid of run_as_uids kept out is free again");
+                        lock(&free).push_back(uid);
+                        return;
+                    }
+                    Err(_) => pause = (pause * 2).min(std::time::Duration::from_secs(60)),
+                }
             }
-        }
+        });
+    if let Err(e) = retried {
+        tracing::error!(uid, error = %e, "cannot try the uid again: kept out until hookci starts again");
     }
-    found
 }
 
-/// `kill(-1, SIGKILL)` as `uid` alone, from a child: with no capability left, that
-/// signals every process of the uid and nothing else.
-fn kill_as(uid: u32) -> std::io::Result<()> {
+/// Ends every process of `uid`. A child of the daemon takes the uid, gives up every
+/// capability and signals all it may, which is exactly the uid's processes
+/// (`kill(-1, SIGKILL)`). The kernel signals them all in one pass, and a process with a
+/// SIGKILL pending can fork no more: so once the call returns, no process of the uid
+/// runs another instruction of its own (one inside a system call ends when that
+/// returns), whatever it did to hide, and without a look at `/proc`, which a unit's
+/// `ProtectProc=` may hide from the daemon.
+fn end_all_of(uid: u32) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match kill_as(uid) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(last)
+}
+
+/// The exit statuses of [`signal_all_as`].
+const SIGNALLED: i32 = 0;
+const NO_SWITCH: i32 = 1;
+const CAPABILITIES_KEPT: i32 = 2;
+const SIGNAL_FAILED: i32 = 3;
+
+/// One child of [`end_all_of`]; `Ok` once every process of `uid` has been signalled.
+fn kill_as(uid: u32) -> Result<(), String> {
     // SAFETY: the child makes plain system calls on its own stack and exits; nothing
     // in it allocates or takes a lock another thread may have held at the fork.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if pid == 0 {
+    // Tracked, so that no run's sweep kills or reaps it meanwhile.
+    let forked = unsafe { crate::process::fork_tracked() };
+    let (pid, _tracked) = match forked {
+        Err(e) => return Err(format!("cannot fork to end the uid's processes: {e}")),
         // SAFETY: as above; `_exit` never returns.
-        unsafe { libc::_exit(signal_all_as(uid)) }
-    }
+        Ok(None) => unsafe { libc::_exit(signal_all_as(uid)) },
+        Ok(Some(child)) => child,
+    };
     let mut status = 0;
     // SAFETY: waits for the child forked above, writing its status to a local.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+            return Err(format!(
+                "cannot wait for the child ending the uid's processes: {e}"
+            ));
         }
     }
     match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
-        Some(0) => Ok(()),
-        _ => Err(std::io::Error::other(format!(
-            "the child that was to take uid {uid} and signal its processes failed (status {status:#x})"
-        ))),
+        Some(SIGNALLED) => Ok(()),
+        Some(NO_SWITCH) => Err("the child could not take the uid".into()),
+        Some(CAPABILITIES_KEPT) => Err("the child could not give up its capabilities".into()),
+        Some(SIGNAL_FAILED) => Err("the child's kill(-1) failed".into()),
+        _ => Err(format!(
+            "the child ending the uid's processes ended with status {status:#x}"
+        )),
     }
 }
 
-/// The child's part of [`kill_as`]; its exit status (0: signalled, or nothing to).
+/// The child's part of [`kill_as`]: its exit status.
 fn signal_all_as(uid: u32) -> libc::c_int {
     const VERSION_3: u32 = 0x2008_0522;
     #[repr(C)]
@@ -343,27 +330,37 @@ fn signal_all_as(uid: u32) -> libc::c_int {
         pid: 0,
     };
     let mut data = [none; 2];
-    // SAFETY: raw system calls on locals. The uid first (it needs CAP_SETUID), then
-    // every capability given up: a non-root daemon keeps its capabilities across the
-    // change, and with CAP_KILL `kill(-1)` would reach every process of the machine.
+    let (mut real, mut effective, mut saved) = (0, 0, 0);
+    // SAFETY: system calls on locals. The uid first (it needs CAP_SETUID) and checked
+    // (a uid the call could not represent must not leave the child root or hookci),
+    // then not dumpable (a process of the uid must not read the daemon's memory in
+    // it), then every capability given up: a non-root daemon keeps its capabilities
+    // across the change, and with CAP_KILL `kill(-1)` would reach every process of
+    // the machine.
     unsafe {
-        if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+        if libc::setresuid(uid, uid, uid) != 0
+            || libc::getresuid(&mut real, &mut effective, &mut saved) != 0
+            || [real, effective, saved] != [uid; 3]
+        {
+            return NO_SWITCH;
+        }
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
             || libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0
         {
-            return 1;
+            return CAPABILITIES_KEPT;
         }
         header.version = VERSION_3;
         if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0
             || data.iter().any(|d| d.effective != 0 || d.permitted != 0)
         {
-            return 2;
+            return CAPABILITIES_KEPT;
         }
-        // ESRCH: no process of the uid to signal.
+        // Processes it may not signal are passed over; ESRCH: no other process at all.
         if libc::kill(-1, libc::SIGKILL) != 0 && *libc::__errno_location() != libc::ESRCH {
-            return 3;
+            return SIGNAL_FAILED;
         }
     }
-    0
+    SIGNALLED
 }
 
 #[cfg(test)]
@@ -407,10 +404,10 @@ mod tests {
         assert!(e.contains(why), "{e}");
     }
 
-    /// `sleep 600` as `uid`, in a session of its own (as an escaped process would be).
-    fn sleeper(uid: u32) -> std::process::Child {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new("sleep");
+    /// `sleep 600` as `uid`, in a session of its own (as an escaped process would be),
+    /// tracked as the daemon's steps are, so no other test's sweep ends it.
+    fn sleeper(uid: u32) -> (tokio::process::Child, crate::process::Tracked) {
+        let mut cmd = tokio::process::Command::new("sleep");
         cmd.arg("600");
         // SAFETY: setsid and setuid are plain system calls, fine between fork and exec.
         unsafe {
@@ -421,54 +418,77 @@ mod tests {
                 Ok(())
             });
         }
-        cmd.spawn().unwrap()
+        crate::process::spawn_tracked(&mut cmd).unwrap()
     }
 
-    fn alive(child: &mut std::process::Child) -> bool {
-        child.try_wait().unwrap().is_none()
+    /// Whether `pid` has uid `uid` yet (it takes it between fork and exec).
+    fn has_uid(pid: u32, uid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines().any(|l| {
+                l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+            })
+        })
     }
 
-    #[test]
-    fn a_uid_given_back_has_every_process_of_it_ended_and_no_other() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_uid_given_back_has_every_process_of_it_ended_and_no_other() {
         assert!(
             crate::run::user::is_root(),
             "this test needs root (CI runs as root): it starts processes as other uids"
         );
         let (uid, other) = (2_000_000_100, 2_000_000_101);
-        let mut theirs = [sleeper(uid), sleeper(uid)];
-        let mut bystander = sleeper(other);
         let uids = BuildUids::new(base(), range(uid, uid));
         let held = uids.take(None).unwrap();
-        // The /proc walk sees the processes once they have their uid.
+        let theirs = [sleeper(uid), sleeper(uid)];
+        let (mut bystander, _tracked) = sleeper(other);
+        let pids: Vec<u32> = theirs.iter().map(|(c, _)| c.id().unwrap()).collect();
         for _ in 0..200 {
-            if holders(|u| u == uid).len() == 1 && holders(|u| u == other).len() == 1 {
+            if pids.iter().all(|&p| has_uid(p, uid)) && has_uid(bystander.id().unwrap(), other) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(holders(|u| u == uid), [uid]);
-        drop(held);
-        for child in &mut theirs {
-            let status = child.wait().unwrap();
+        // Waited for meanwhile, as the daemon waits for its children: the killed ones
+        // do not stay zombies.
+        let waits: Vec<_> = theirs
+            .into_iter()
+            .map(|(mut child, tracked)| {
+                tokio::spawn(async move {
+                    let status = child.wait().await.unwrap();
+                    drop(tracked);
+                    status
+                })
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || drop(held))
+            .await
+            .unwrap();
+        for wait in waits {
+            let status = wait.await.unwrap();
             assert_eq!(
                 std::os::unix::process::ExitStatusExt::signal(&status),
                 Some(libc::SIGKILL)
             );
         }
-        assert!(alive(&mut bystander), "a process of another uid was ended");
-        assert!(holders(|u| u == uid).is_empty());
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "a process of another uid was ended"
+        );
         assert_eq!(
             uids.take(None).unwrap().user().uid,
             uid,
             "the uid is free again"
         );
-        bystander.kill().unwrap();
-        bystander.wait().unwrap();
+        bystander.kill().await.unwrap();
     }
 
     #[test]
     fn runs_at_once_hold_distinct_uids_and_a_freed_one_goes_last() {
-        // No account's: a uid given back has its processes ended.
+        assert!(
+            crate::run::user::is_root(),
+            "this test needs root (CI runs as root): a uid given back has its processes ended as that uid"
+        );
+        // No account's.
         const U: u32 = 2_000_000_200;
         let uids = BuildUids::new(base(), range(U, U + 2));
         let a = uids.take(None).unwrap();

@@ -672,7 +672,16 @@ fn with_run_as_uids_a_reused_workspace_keeps_its_uid_from_run_to_run() {
     };
     let first = run(1, ZERO, &c1);
     assert_eq!(first, format!("uid={REUSE_FIRST_UID}"));
-    let kept = d.reuse_slot("ci").join("0/target/kept");
+    // Between runs its top folder is hookci's again, and closed (the step opened it),
+    // and the uid it asks for is written beside it.
+    let ws = d.reuse_slot("ci").join("0");
+    eventually("the workspace is taken back from the run's uid", || {
+        let meta = std::fs::symlink_metadata(&ws).unwrap();
+        meta.uid() == 0 && meta.mode() & 0o777 == 0o700
+    });
+    let stamp = std::fs::read_to_string(d.reuse_slot("ci").join("0.uid")).unwrap();
+    assert_eq!(stamp.trim(), REUSE_FIRST_UID.to_string());
+    let kept = ws.join("target/kept");
     let meta = std::fs::symlink_metadata(&kept).unwrap();
     assert_eq!(meta.uid(), REUSE_FIRST_UID);
     let ctime = (meta.ctime(), meta.ctime_nsec());
