@@ -22,6 +22,7 @@ use crate::pipeline::PipelineSet;
 use crate::reload;
 use crate::report::{self, policy::Policy};
 use crate::run::contain::{self, Cgroups};
+use crate::run::uids::BuildUids;
 use crate::run::user::{self, RunAs};
 use crate::run::{lease, runner, scheduler, workspace};
 use crate::state::AppState;
@@ -203,11 +204,21 @@ fn open_and_recover(config: &Config, policy: Arc<Policy>) -> Result<Recovered, D
             );
         }
     }
+    // Every process of the range's uids ended before any run takes one: what escaped
+    // a crashed daemon's runs (no cgroup held it, and it left their tree) is still its
+    // uid's.
+    let build_uids = match (&config.run_as, config.run_as_uids) {
+        (Some(base), Some(range)) => {
+            Some(BuildUids::start(base.clone(), range).map_err(DaemonError::RunAs)?)
+        }
+        _ => None,
+    };
     Ok(Recovered {
         store,
         state_dir,
         lock,
         cgroups,
+        build_uids,
     })
 }
 
@@ -229,6 +240,7 @@ struct Recovered {
     state_dir: PathBuf,
     lock: std::fs::File,
     cgroups: Cgroups,
+    build_uids: Option<BuildUids>,
 }
 
 /// Whether the daemon may switch users (root, or the capabilities), said with what
@@ -398,6 +410,7 @@ pub async fn run(
         state_dir,
         lock: _lock,
         cgroups,
+        build_uids,
     } = loop {
         tokio::select! {
             recovered = &mut recovery => break recovered??,
@@ -432,6 +445,7 @@ pub async fn run(
     let watch_pipelines = config.watch_pipelines;
     let state = Arc::new(
         AppState::new(config, store, pipelines)
+            .with_build_uids(build_uids)
             .with_cgroups(cgroups)
             .with_source(source),
     );

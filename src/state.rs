@@ -75,10 +75,6 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: Config, store: Arc<dyn Store>, pipelines: PipelineSet) -> AppState {
         let unverified = BodyBudget::new(config.max_unverified_bytes, config.max_body_bytes);
-        let build_uids = match (&config.run_as, config.run_as_uids) {
-            (Some(base), Some(range)) => Some(BuildUids::new(base.clone(), range)),
-            _ => None,
-        };
         AppState {
             git: GitWorker::new(&config.state_dir, config.github.clone_token()),
             model: watch::Sender::new(Model {
@@ -102,8 +98,14 @@ impl AppState {
             cgroups: Cgroups::none(),
             paused: Mutex::new(None),
             unverified,
-            build_uids,
+            build_uids: None,
         }
+    }
+
+    /// With the uids of `run_as_uids` (the daemon's, swept at its start).
+    pub fn with_build_uids(mut self, uids: Option<BuildUids>) -> AppState {
+        self.build_uids = uids;
+        self
     }
 
     /// With the run cgroups of `cgroups` (the daemon's; `hookci run` makes none).

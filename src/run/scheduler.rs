@@ -575,13 +575,25 @@ async fn execute(
     let workspace = lease.path.clone();
     let contain = state.cgroups.for_run(run.id);
     // Held until every process of the run is gone, as the workspace is.
-    let uid = take_uid(&state, &lease, &stop).await;
+    let uid = match take_uid(&state, &lease, &stop).await {
+        Err(UidWait::DaemonStopping) => {
+            // Not started: back in the queue, as a run claimed as the stop began is,
+            // rather than started now to be killed at the end of the grace.
+            contain.remove();
+            state.running.remove(run.id);
+            give_back(&state, run.id).await;
+            return;
+        }
+        taken => taken,
+    };
+    // Whether the steps were handed the workspace (and it was given to the run's uid).
+    let mut handed = false;
     let who = match &uid {
         Ok(Some(held)) => Some(held.user().clone()),
         _ => config.run_as.clone(),
     };
     let ending = match (pipeline, &uid) {
-        (_, Err(())) => stopped(&control, "waiting for a uid of run_as_uids"),
+        (_, Err(_)) => stopped(&control, "waiting for a uid of run_as_uids"),
         (None, _) => Ending {
             status: RunStatus::Failed,
             reason: Some(format!("pipeline {:?} no longer exists", run.pipeline)),
@@ -603,6 +615,7 @@ async fn execute(
                             reason: Some(reason),
                         },
                         Ok(()) => {
+                            handed = true;
                             let ctx = StepsContext {
                                 workspace: &workspace,
                                 run_as: who.as_ref(),
@@ -650,18 +663,27 @@ async fn execute(
     // nothing of it is left, which its drop makes sure of), and the next run of the
     // slot may start, and find the uid its workspace belongs to free.
     if let Ok(Some(held)) = uid {
-        let reused = (!lease.is_fresh()).then(|| workspace.clone());
+        let reused = (handed && !lease.is_fresh()).then(|| workspace.clone());
         let given = tokio::task::spawn_blocking(move || {
-            let taken = reused.map(|ws| take_back(&ws, held.user().uid).map_err(|e| (ws, e)));
+            let taken = reused.map(|ws| {
+                take_back(&ws, held.user().uid).map_err(|e| {
+                    // Still the uid's, which another run may take now: not kept.
+                    let removed = crate::fsx::remove_all(&ws);
+                    (ws, e, removed)
+                })
+            });
             drop(held);
             taken
         })
         .await;
         match given {
             Err(e) => tracing::error!(error = %e, "cannot give the run's uid back"),
-            Ok(Some(Err((ws, e)))) => {
-                tracing::warn!(workspace = %ws.display(), error = %e, "cannot take the reused workspace back from the run's uid")
-            }
+            Ok(Some(Err((ws, e, removed)))) => tracing::warn!(
+                workspace = %ws.display(),
+                error = %e,
+                removed = removed.is_ok(),
+                "cannot take the reused workspace back from the run's uid: it is removed, and its slot's next run starts from a fresh checkout"
+            ),
             Ok(_) => {}
         }
     }
@@ -959,7 +981,7 @@ async fn take_uid(
     state: &AppState,
     workspace: &Lease,
     stop: &watch::Receiver<bool>,
-) -> Result<Option<BuildUid>, ()> {
+) -> Result<Option<BuildUid>, UidWait> {
     let Some(uids) = &state.build_uids else {
         return Ok(None);
     };
@@ -982,11 +1004,22 @@ async fn take_uid(
             tracing::warn!("waiting for a uid of run_as_uids: each is held by a run or kept out");
             told = true;
         }
+        if *state.stopping().borrow() {
+            return Err(UidWait::DaemonStopping);
+        }
         if *stop.borrow() {
-            return Err(());
+            return Err(UidWait::Stopped);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Why a run waiting for a uid stopped waiting.
+enum UidWait {
+    /// It was stopped (canceled, say).
+    Stopped,
+    /// The daemon began to stop: the run goes back to the queue, unstarted.
+    DaemonStopping,
 }
 
 /// At the end of a run of a reused workspace with `run_as_uids`: the workspace's top
@@ -998,13 +1031,13 @@ fn take_back(workspace: &Path, uid: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid and getegid cannot fail and touch no memory.
     let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
-    std::os::unix::fs::lchown(workspace, Some(me), Some(my_group))?;
-    // Its owner now, hookci may change its mode: a step may have opened it.
-    std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))?;
     std::fs::write(
         crate::git::checkout::uid_stamp(workspace),
         format!("{uid}\n"),
-    )
+    )?;
+    std::os::unix::fs::lchown(workspace, Some(me), Some(my_group))?;
+    // Its owner now, hookci may change its mode: a step may have opened it.
+    std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Lets git in the steps read a reused workspace whose `.git` is hookci's, not theirs:

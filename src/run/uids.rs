@@ -148,17 +148,27 @@ pub struct BuildUids {
 impl BuildUids {
     /// Steps get `base`'s name (as `USER`) and groups, and a uid of `range`. Every
     /// process of the range's uids is ended first (a crash's leftovers, where no
-    /// cgroup held them): a uid only joins the free ones once nothing of it lives.
-    pub fn new(base: RunAs, range: UidRange) -> BuildUids {
+    /// cgroup held them): a uid only joins the free ones once nothing of it can run on.
+    /// `Err` when that cannot be done at all (the daemon cannot take the uids, or give
+    /// up its capabilities): runs would wait for ever. Blocks for a fork per uid.
+    pub fn start(base: RunAs, range: UidRange) -> Result<BuildUids, String> {
         let uids = BuildUids {
-            base,
+            base: RunAs {
+                no_new_privs: true,
+                ..base
+            },
             range,
             free: Arc::new(Mutex::new(VecDeque::new())),
         };
         for uid in range.first..=range.last {
+            if let Err(Sweep::Refused(why)) = kill_as(uid) {
+                return Err(format!(
+                    "run_as_uids: cannot end the processes of uid {uid}: {why}"
+                ));
+            }
             give_back(uid, Arc::clone(&uids.free));
         }
-        uids
+        Ok(uids)
     }
 
     /// How many runs can hold a uid at once.
@@ -259,12 +269,24 @@ fn end_all_of(uid: u32) -> Result<(), String> {
     for _ in 0..3 {
         match kill_as(uid) {
             Ok(()) => return Ok(()),
-            Err(e) => last = e,
+            Err(Sweep::Refused(e) | Sweep::Failed(e)) => last = e,
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Err(last)
 }
+
+/// Why a sweep of one uid did not happen.
+#[derive(Debug)]
+enum Sweep {
+    /// It never can: the daemon cannot take the uid or give up its capabilities.
+    Refused(String),
+    /// Not this time (no fork was possible, or the child was held up).
+    Failed(String),
+}
+
+/// How long the child of [`kill_as`] may take: a few system calls.
+const SWEEP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The exit statuses of [`signal_all_as`].
 const SIGNALLED: i32 = 0;
@@ -273,35 +295,64 @@ const CAPABILITIES_KEPT: i32 = 2;
 const SIGNAL_FAILED: i32 = 3;
 
 /// One child of [`end_all_of`]; `Ok` once every process of `uid` has been signalled.
-fn kill_as(uid: u32) -> Result<(), String> {
+/// Once the child has the uid, the uid's processes may signal it too: one that stops it
+/// is answered with SIGCONT, and a child that has not ended within [`SWEEP_LIMIT`] is
+/// killed and the sweep counted as failed.
+fn kill_as(uid: u32) -> Result<(), Sweep> {
     // SAFETY: the child makes plain system calls on its own stack and exits; nothing
     // in it allocates or takes a lock another thread may have held at the fork.
     // Tracked, so that no run's sweep kills or reaps it meanwhile.
     let forked = unsafe { crate::process::fork_tracked() };
     let (pid, _tracked) = match forked {
-        Err(e) => return Err(format!("cannot fork to end the uid's processes: {e}")),
+        Err(e) => {
+            return Err(Sweep::Failed(format!(
+                "cannot fork to end the uid's processes: {e}"
+            )))
+        }
         // SAFETY: as above; `_exit` never returns.
         Ok(None) => unsafe { libc::_exit(signal_all_as(uid)) },
         Ok(Some(child)) => child,
     };
+    let deadline = std::time::Instant::now() + SWEEP_LIMIT;
     let mut status = 0;
-    // SAFETY: waits for the child forked above, writing its status to a local.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(format!(
-                "cannot wait for the child ending the uid's processes: {e}"
-            ));
+    let ended = loop {
+        // SAFETY: waits for the child forked above, writing its status to a local.
+        let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::WUNTRACED) };
+        if got == pid && libc::WIFSTOPPED(status) {
+            // SAFETY: signals the child forked above, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        } else if got == pid {
+            break true;
+        } else if got < 0
+            && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+        {
+            break false;
         }
+        if std::time::Instant::now() >= deadline {
+            // SAFETY: as above; then reaped, whatever it was doing.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    };
+    if !ended {
+        return Err(Sweep::Failed(
+            "the child ending the uid's processes did not end in time".into(),
+        ));
     }
     match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
         Some(SIGNALLED) => Ok(()),
-        Some(NO_SWITCH) => Err("the child could not take the uid".into()),
-        Some(CAPABILITIES_KEPT) => Err("the child could not give up its capabilities".into()),
-        Some(SIGNAL_FAILED) => Err("the child's kill(-1) failed".into()),
-        _ => Err(format!(
-            "the child ending the uid's processes ended with status {status:#x}"
+        Some(NO_SWITCH) => Err(Sweep::Refused("the daemon cannot take the uid".into())),
+        Some(CAPABILITIES_KEPT) => Err(Sweep::Refused(
+            "the daemon cannot give up its capabilities as the uid".into(),
         )),
+        Some(SIGNAL_FAILED) => Err(Sweep::Refused("kill(-1) failed as the uid".into())),
+        _ => Err(Sweep::Failed(format!(
+            "the child ending the uid's processes ended with status {status:#x}"
+        ))),
     }
 }
 
@@ -437,17 +488,25 @@ mod tests {
             "this test needs root (CI runs as root): it starts processes as other uids"
         );
         let (uid, other) = (2_000_000_100, 2_000_000_101);
-        let uids = BuildUids::new(base(), range(uid, uid));
+        let uids = BuildUids::start(base(), range(uid, uid)).unwrap();
         let held = uids.take(None).unwrap();
+        assert!(
+            held.user().no_new_privs,
+            "a step could run a setuid file of the uid"
+        );
         let theirs = [sleeper(uid), sleeper(uid)];
         let (mut bystander, _tracked) = sleeper(other);
         let pids: Vec<u32> = theirs.iter().map(|(c, _)| c.id().unwrap()).collect();
+        let switched = |b: &tokio::process::Child| {
+            pids.iter().all(|&p| has_uid(p, uid)) && has_uid(b.id().unwrap(), other)
+        };
         for _ in 0..200 {
-            if pids.iter().all(|&p| has_uid(p, uid)) && has_uid(bystander.id().unwrap(), other) {
+            if switched(&bystander) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        assert!(switched(&bystander), "the sleepers did not take their uids");
         // Waited for meanwhile, as the daemon waits for its children: the killed ones
         // do not stay zombies.
         let waits: Vec<_> = theirs
@@ -490,7 +549,7 @@ mod tests {
         );
         // No account's.
         const U: u32 = 2_000_000_200;
-        let uids = BuildUids::new(base(), range(U, U + 2));
+        let uids = BuildUids::start(base(), range(U, U + 2)).unwrap();
         let a = uids.take(None).unwrap();
         let b = uids.take(None).unwrap();
         let c = uids.take(None).unwrap();

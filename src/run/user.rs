@@ -21,6 +21,11 @@ pub struct RunAs {
     pub gid: libc::gid_t,
     /// The supplementary groups, the primary one included.
     pub groups: Vec<libc::gid_t>,
+    /// Steps get `PR_SET_NO_NEW_PRIVS`: a setuid or setgid file, or one with file
+    /// capabilities, runs without them. Set for the uids of `run_as_uids`, which one
+    /// run after another has: a setuid file one run left must not give a later run
+    /// (or any other user) the uid while another run holds it.
+    pub no_new_privs: bool,
 }
 
 impl RunAs {
@@ -41,6 +46,7 @@ impl RunAs {
                 uid,
                 gid,
                 groups: vec![gid],
+                no_new_privs: false,
             });
         }
         let cname = CString::new(name).map_err(|_| format!("run_as {name:?}: not a user name"))?;
@@ -54,6 +60,7 @@ impl RunAs {
             uid,
             gid,
             groups: group_list(&cname, gid),
+            no_new_privs: false,
         })
     }
 
@@ -108,6 +115,9 @@ impl RunAs {
                 || libc::setgid(self.gid) != 0
                 || libc::setuid(self.uid) != 0
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }

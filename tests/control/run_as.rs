@@ -576,6 +576,7 @@ fn with_run_as_uids_runs_at_once_cannot_reach_each_others_secrets_processes_or_f
          if cat \"$(cat {m}/alpha.ws)/a\" >/dev/null 2>&1; then echo GOT-file; fi\n\
          if ls \"$(cat {m}/alpha.home)\" >/dev/null 2>&1; then echo GOT-home; fi\n\
          if tr '\\0' '\\n' < /proc/$$/environ | grep -q BETA_TOKEN; then echo own-environ-readable; fi\n\
+         if grep -q '^NoNewPrivs:[[:space:]]*1' /proc/$$/status; then echo no-new-privs; fi\n\
          touch {m}/beta.done",
         wait_for("alpha.ready")
     );
@@ -629,6 +630,7 @@ fn with_run_as_uids_runs_at_once_cannot_reach_each_others_secrets_processes_or_f
         assert!((FIRST_UID..=FIRST_UID + 1).contains(&uid), "{uid}");
     }
     assert!(log_b.contains("own-environ-readable"), "{log_b}");
+    assert!(log_b.contains("no-new-privs"), "{log_b}");
     assert!(!log_b.contains("GOT-"), "beta reached alpha: {log_b}");
 }
 
