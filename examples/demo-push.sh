@@ -9,7 +9,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 demo=${HOOKCI_DEMO_DIR:-/tmp/hookci-demo}
 hookci=${HOOKCI_BIN:-$root/target/release/hookci}
 
-if [ ! -d "$demo/work/.git" ]; then
+# Made anew unless both halves are there (a clone without its remote cannot push).
+if [ ! -d "$demo/work/.git" ] || [ ! -d "$demo/hello.git" ]; then
+  rm -rf "$demo/work" "$demo/hello.git"
   mkdir -p "$demo"
   git init -q --bare "$demo/hello.git"
   git init -q -b main "$demo/work"
