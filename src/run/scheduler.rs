@@ -114,6 +114,20 @@ impl Running {
         ending
     }
 
+    /// Takes a run that has not started out again, unless a cancel was applied to it
+    /// (then it must end canceled): `true` when it was taken out.
+    fn withdraw(&self, id: i64) -> bool {
+        let mut slots = self.lock();
+        let uncanceled = matches!(
+            slots.get(&id),
+            Some(Slot::Executing(control)) if lock(&control.canceled).is_none()
+        );
+        if uncanceled {
+            slots.remove(&id);
+        }
+        uncanceled
+    }
+
     /// Once the run's end is stored (or the daemon gave up storing it).
     fn remove(&self, id: i64) {
         self.lock().remove(&id);
@@ -576,11 +590,11 @@ async fn execute(
     let contain = state.cgroups.for_run(run.id);
     // Held until every process of the run is gone, as the workspace is.
     let uid = match take_uid(&state, &lease, &stop).await {
-        Err(UidWait::DaemonStopping) => {
-            // Not started: back in the queue, as a run claimed as the stop began is,
-            // rather than started now to be killed at the end of the grace.
+        // Not started: back in the queue, as a run claimed as the stop began is, rather
+        // than started now to be killed at the end of the grace; unless a cancel came
+        // first, which then ends it.
+        Err(UidWait::DaemonStopping) if state.running.withdraw(run.id) => {
             contain.remove();
-            state.running.remove(run.id);
             give_back(&state, run.id).await;
             return;
         }
@@ -663,12 +677,18 @@ async fn execute(
     // nothing of it is left, which its drop makes sure of), and the next run of the
     // slot may start, and find the uid its workspace belongs to free.
     if let Ok(Some(held)) = uid {
-        let reused = (handed && !lease.is_fresh()).then(|| workspace.clone());
+        // Whatever of it was given away: a hand-over that failed may have given its top
+        // folder already (and then marked it to be replaced).
+        let reused = (!lease.is_fresh()).then(|| workspace.clone());
         let given = tokio::task::spawn_blocking(move || {
             let taken = reused.map(|ws| {
-                take_back(&ws, held.user().uid).map_err(|e| {
+                take_back(&ws, handed.then_some(held.user().uid)).map_err(|e| {
                     // Still the uid's, which another run may take now: not kept.
-                    let removed = crate::fsx::remove_all(&ws);
+                    let removed = crate::fsx::remove_all(&ws).or_else(|e| {
+                        std::fs::File::create(crate::git::checkout::updating_marker(&ws))
+                            .map(drop)
+                            .and(Err(e))
+                    });
                     (ws, e, removed)
                 })
             });
@@ -851,22 +871,26 @@ async fn hand_over(
     run: i64,
     workspace: &Lease,
 ) -> Result<(), String> {
-    if let Err(reason) = give_away(state, who, run, workspace).await {
-        if !workspace.is_fresh() {
-            // Given in part, or not at all: the next run of the slot starts from a
-            // fresh checkout instead of failing on the same tree again.
-            let marker = crate::git::checkout::updating_marker(&workspace.path);
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || std::fs::File::create(marker)).await
-            {
-                tracing::warn!(run, error = %e, "cannot mark a reused workspace to be replaced");
-            }
+    let handed = match give_away(state, who, run, workspace).await {
+        Ok(()) if !workspace.is_fresh() => mark_and_open(workspace).await,
+        done => done,
+    };
+    if handed.is_err() && !workspace.is_fresh() {
+        // Given in part, or not marked as handed: the next run of the slot starts from
+        // a fresh checkout instead of failing on the same tree again, or building on
+        // one whose changes it cannot tell.
+        let marker = crate::git::checkout::updating_marker(&workspace.path);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || std::fs::File::create(marker)).await
+        {
+            tracing::warn!(run, error = %e, "cannot mark a reused workspace to be replaced");
         }
-        return Err(reason);
     }
-    if workspace.is_fresh() {
-        return Ok(());
-    }
+    handed
+}
+
+/// The second half of [`hand_over`] for a reused workspace: marked as handed, and its
+/// slot's folder opened to the steps.
+async fn mark_and_open(workspace: &Lease) -> Result<(), String> {
     let path = workspace.path.clone();
     let open_slot = workspace.slot_opener();
     tokio::task::spawn_blocking(move || {
@@ -995,22 +1019,23 @@ async fn take_uid(
                 .ok()
         })
         .flatten();
-    let mut told = false;
+    if let Some(held) = uids.take(last) {
+        return Ok(Some(held));
+    }
+    tracing::warn!("waiting for a uid of run_as_uids: each is held by a run or kept out");
     loop {
-        if let Some(held) = uids.take(last) {
-            return Ok(Some(held));
-        }
-        if !told {
-            tracing::warn!("waiting for a uid of run_as_uids: each is held by a run or kept out");
-            told = true;
-        }
-        if *state.stopping().borrow() {
-            return Err(UidWait::DaemonStopping);
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A cancel first: it was answered as applied, and must not be requeued away.
         if *stop.borrow() {
             return Err(UidWait::Stopped);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Before a uid freed during the stop's grace starts a run, to be killed at its end.
+        if *state.stopping().borrow() {
+            return Err(UidWait::DaemonStopping);
+        }
+        if let Some(held) = uids.take(last) {
+            return Ok(Some(held));
+        }
     }
 }
 
@@ -1024,17 +1049,25 @@ enum UidWait {
 
 /// At the end of a run of a reused workspace with `run_as_uids`: the workspace's top
 /// folder goes back to hookci (0700), so that no run that takes its uid next can enter
-/// it while the slot's folder lets another run of the pipeline through; the uid is
-/// written beside it for the slot's next run to ask for. The files inside stay the
-/// uid's, and the next hand-over gives the folder back.
-fn take_back(workspace: &Path, uid: u32) -> std::io::Result<()> {
+/// it while the slot's folder lets another run of the pipeline through; the uid whose
+/// files it holds (`handed`: the steps had it) is written beside it for the slot's next
+/// run to ask for. The files inside stay the uid's, and the next hand-over gives the
+/// folder back. A workspace missing (never checked out) is left as it is.
+fn take_back(workspace: &Path, handed: Option<u32>) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid and getegid cannot fail and touch no memory.
     let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
-    std::fs::write(
-        crate::git::checkout::uid_stamp(workspace),
-        format!("{uid}\n"),
-    )?;
+    match std::fs::symlink_metadata(workspace) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    if let Some(uid) = handed {
+        std::fs::write(
+            crate::git::checkout::uid_stamp(workspace),
+            format!("{uid}\n"),
+        )?;
+    }
     std::os::unix::fs::lchown(workspace, Some(me), Some(my_group))?;
     // Its owner now, hookci may change its mode: a step may have opened it.
     std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))
@@ -1542,6 +1575,20 @@ mod tests {
             status,
             reason: None,
         }
+    }
+
+    #[test]
+    fn a_run_waiting_to_start_is_withdrawn_unless_a_cancel_came_first() {
+        let running = Running::default();
+        let (tx, _rx) = watch::channel(false);
+        running.register(1, tx);
+        assert!(running.withdraw(1));
+        assert_eq!(running.cancel(1, "late"), Cancel::NotHere);
+        let (tx, _rx) = watch::channel(false);
+        running.register(2, tx);
+        assert_eq!(running.cancel(2, "asked"), Cancel::Stopping);
+        assert!(!running.withdraw(2), "a canceled run was withdrawn");
+        assert_eq!(running.executing(), [2]);
     }
 
     #[test]

@@ -161,12 +161,15 @@ impl BuildUids {
             free: Arc::new(Mutex::new(VecDeque::new())),
         };
         for uid in range.first..=range.last {
-            if let Err(Sweep::Refused(why)) = kill_as(uid) {
-                return Err(format!(
-                    "run_as_uids: cannot end the processes of uid {uid}: {why}"
-                ));
+            match kill_as(uid) {
+                Ok(()) => lock(&uids.free).push_back(uid),
+                Err(Sweep::Refused(why)) => {
+                    return Err(format!(
+                        "run_as_uids: cannot end the processes of uid {uid}: {why}"
+                    ))
+                }
+                Err(Sweep::Failed(_)) => give_back(uid, Arc::clone(&uids.free)),
             }
-            give_back(uid, Arc::clone(&uids.free));
         }
         Ok(uids)
     }
@@ -330,9 +333,11 @@ fn kill_as(uid: u32) -> Result<(), Sweep> {
         }
         if std::time::Instant::now() >= deadline {
             // SAFETY: as above; then reaped, whatever it was doing.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above.
+            while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+            {
             }
             break false;
         }
