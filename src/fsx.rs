@@ -344,6 +344,33 @@ fn not_a_dir(e: Errno) -> io::Error {
     }
 }
 
+/// Makes the directory `path` (its parent as usual), open to hookci alone (0700); one
+/// already there is taken back ([`reclaim_dir`]). For what hookci is about to give to a
+/// run's user: nothing of another run can enter it meanwhile.
+pub fn closed_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => reclaim_dir(path),
+        done => done,
+    }
+}
+
+/// Makes the directory `path` (itself, not what it holds) hookci's and closed to
+/// everyone else (0700). Its mode is changed once it is hookci's: changing the mode of
+/// another's file takes more than the capabilities `run_as` needs (CAP_CHOWN does).
+pub fn reclaim_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if std::fs::symlink_metadata(path)?.uid() != me {
+        std::os::unix::fs::lchown(path, Some(me), Some(my_group))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

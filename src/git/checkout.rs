@@ -358,7 +358,7 @@ impl Mirrors {
         crate::fsx::remove_all(dest).map_err(|e| ws_err(e.to_string()))?;
         // Closed from the start (the steps' user gets it whole, later): with `run_as`,
         // no step of another run enters it while it is filled.
-        closed_dir(dest).map_err(|e| ws_err(e.to_string()))?;
+        crate::fsx::closed_dir(dest).map_err(|e| ws_err(e.to_string()))?;
         let repo = Repository::init(dest).map_err(|e| ws_err(e.to_string()))?;
         let objects =
             std::fs::canonicalize(mirror.join("objects")).map_err(|e| ws_err(e.to_string()))?;
@@ -392,20 +392,6 @@ pub enum Updated {
     Fresh,
     /// It was damaged (an update cut short, or not a workspace of this mirror): replaced.
     Replaced,
-}
-
-/// Makes `dir` (its parent made as usual), open to hookci alone.
-fn closed_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        }
-        done => done,
-    }
 }
 
 /// The marker beside a reused workspace while it is being updated: written before the

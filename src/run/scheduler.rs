@@ -945,9 +945,7 @@ async fn give_away(
                 who.name
             )
         })?;
-        home.parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| closed_dir(&home))
+        crate::fsx::closed_dir(&home)
             .and_then(|()| {
                 if reused {
                     trust_work_tree(&home, &workspace)
@@ -968,32 +966,15 @@ async fn give_away(
     done.map_err(|e| e.to_string())?
 }
 
-/// Closes a directory about to be given to the run's user to everyone but its owner.
-/// Its mode is changed while it is hookci's (changing the mode of another's file takes
-/// more than the capabilities `run_as` needs): a reused workspace of an earlier run's
-/// user that is open to others (a step opened it, or it predates `run_as_uids`) is
-/// taken back first, and given away again with the rest.
+/// Closes a directory about to be given to the run's user, if it is open to others: a
+/// reused workspace a step opened, or one made before `run_as_uids`, is taken back
+/// ([`crate::fsx::reclaim_dir`]) and given away again with the rest.
 fn private(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::symlink_metadata(dir)?;
-    if meta.mode() & 0o077 == 0 {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(dir)?.mode() & 0o077 == 0 {
         return Ok(());
     }
-    // SAFETY: geteuid and getegid cannot fail and touch no memory.
-    let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
-    if meta.uid() != me {
-        std::os::unix::fs::lchown(dir, Some(me), Some(my_group))?;
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Makes a run's `HOME`, closed to everyone but hookci until it is given away.
-fn closed_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => private(dir),
-        done => done,
-    }
+    crate::fsx::reclaim_dir(dir)
 }
 
 /// With `run_as_uids`: the uid a run takes for as long as a process of it may live,
@@ -1054,9 +1035,6 @@ enum UidWait {
 /// run to ask for. The files inside stay the uid's, and the next hand-over gives the
 /// folder back. A workspace missing (never checked out) is left as it is.
 fn take_back(workspace: &Path, handed: Option<u32>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    // SAFETY: geteuid and getegid cannot fail and touch no memory.
-    let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
     match std::fs::symlink_metadata(workspace) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
@@ -1068,9 +1046,8 @@ fn take_back(workspace: &Path, handed: Option<u32>) -> std::io::Result<()> {
             format!("{uid}\n"),
         )?;
     }
-    std::os::unix::fs::lchown(workspace, Some(me), Some(my_group))?;
-    // Its owner now, hookci may change its mode: a step may have opened it.
-    std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))
+    // Closed again too: a step may have opened it.
+    crate::fsx::reclaim_dir(workspace)
 }
 
 /// Lets git in the steps read a reused workspace whose `.git` is hookci's, not theirs:

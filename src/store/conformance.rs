@@ -56,6 +56,13 @@ impl Backend {
         self.scratch.as_ref().expect("a PostgreSQL backend")
     }
 
+    /// Lets the lease on run `id` lapse, as if its owner had stopped renewing it.
+    fn lapse_lease(&self, id: i64) {
+        self.scratch()
+            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
+            .unwrap();
+    }
+
     /// How many rows `table` holds, where no read shows it.
     fn count_rows(&self, table: &str) -> i64 {
         match &self.scratch {
@@ -878,6 +885,14 @@ pub(super) fn a_cancel_of_an_interrupted_run_is_kept_and_its_requeue_ends_it_can
 mod shared_database {
     use super::*;
 
+    /// Plans two steps of run `id`, claimed by `owner`, and starts the first.
+    fn mid_step(owner: &dyn Store, id: i64) {
+        owner
+            .plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
+            .unwrap();
+        owner.step_started(id, 1).unwrap();
+    }
+
     #[test]
     fn a_run_queued_by_one_instance_wakes_the_other() {
         let backend = Backend::postgres();
@@ -1065,17 +1080,12 @@ mod shared_database {
         let id = a.create_run(run("ci", "k1")).unwrap().id;
         a.set_lease(std::time::Duration::from_secs(3600));
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
-        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
-            .unwrap();
-        a.step_started(id, 1).unwrap();
+        mid_step(&*a, id);
         assert!(b.recover_expired(&[]).unwrap().is_empty(), "a holds it");
         assert_eq!(a.renew_leases(&[id]).unwrap(), vec![id]);
 
         // a stops renewing: its lease lapses, and b and c look at once.
-        backend
-            .scratch()
-            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
-            .unwrap();
+        backend.lapse_lease(id);
         let recovered: Vec<_> = std::thread::scope(|s| {
             let looks: Vec<_> = [&b, &c]
                 .into_iter()
@@ -1339,16 +1349,11 @@ mod shared_database {
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));
         let id = a.create_run(run("ci", "k1")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
-        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
-            .unwrap();
-        a.step_started(id, 1).unwrap();
+        mid_step(&*a, id);
         assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
         // a dies before it applies the cancel; its lease lapses.
         drop(a);
-        backend
-            .scratch()
-            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
-            .unwrap();
+        backend.lapse_lease(id);
         assert_eq!(
             ends(b.recover_expired(&[]).unwrap()),
             vec![(id, 1, RunStatus::Canceled)]
@@ -1365,9 +1370,7 @@ mod shared_database {
         let other = a.create_run(run("ci", "k2")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
         assert_eq!(a.claim_next().unwrap().unwrap().id, other);
-        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
-            .unwrap();
-        a.step_started(id, 1).unwrap();
+        mid_step(&*a, id);
         // a dies; the cancel comes through b before a restarts, within a's lease.
         drop(a);
         assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
@@ -1391,9 +1394,7 @@ mod shared_database {
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));
         let id = a.create_run(run("ci", "k1")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
-        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
-            .unwrap();
-        a.step_started(id, 1).unwrap();
+        mid_step(&*a, id);
         assert!(b.request_cancel(id, "canceled through b".into()).unwrap());
         // a stops and its grace cuts the run before it heard of the cancel.
         a.finish_run(
@@ -1451,10 +1452,7 @@ mod shared_database {
         let id = a.create_run(run("ci", "k1")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
         // a's give-back is late: its lease lapsed, b recovered the run and runs it.
-        backend
-            .scratch()
-            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
-            .unwrap();
+        backend.lapse_lease(id);
         assert_eq!(b.recover_expired(&[]).unwrap().len(), 1);
         assert_eq!(b.claim_next().unwrap().unwrap().id, id);
         assert!(b.request_cancel(id, "not a's".into()).is_ok());
@@ -1509,19 +1507,14 @@ mod shared_database {
         let (a, b) = (backend.open_as("a"), backend.open_as("b"));
         let id = a.create_run(run("ci", "k1")).unwrap().id;
         assert_eq!(a.claim_next().unwrap().unwrap().id, id);
-        a.plan_steps(id, vec!["build".into(), "test".into()], OnInterrupt::Retry)
-            .unwrap();
-        a.step_started(id, 1).unwrap();
+        mid_step(&*a, id);
         // a stopped the run's steps, its lease on it lost, and left its end to b.
         assert!(a.request_cancel(id, "canceled through a".into()).unwrap());
         assert_eq!(
             a.cancel_requests().unwrap(),
             vec![(id, "canceled through a".to_owned())]
         );
-        backend
-            .scratch()
-            .execute(&format!("UPDATE runs SET lease_until = 0 WHERE id = {id}"))
-            .unwrap();
+        backend.lapse_lease(id);
         assert_eq!(
             ends(b.recover_expired(&[]).unwrap()),
             vec![(id, 1, RunStatus::Canceled)]
